@@ -1,0 +1,50 @@
+# The README's two commands:
+#   make figures   regenerate every figure, table and report/report.md (trains what is missing)
+#   make test      the test suite + every notebook under nbval (smoke profile), as CI runs it
+# Both create .venv (unless a virtual environment is active) and install into it once.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ddpm-installed
+FRUITS360_DIR ?= ../shared/fruits-360-subset
+export FRUITS360_DIR
+NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
+
+.PHONY: figures test env data train notebooks report bench clean
+
+figures: env data train notebooks report
+
+env: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+data: env data/index.csv
+data/index.csv:
+	$(PY) -m ddpm_lib data --from "$(FRUITS360_DIR)"
+
+# every model the notebooks need, resumed where a run stopped, skipped when finished
+train: env data
+	$(PY) -m ddpm_lib train-all
+
+notebooks: env data
+	for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; \
+	  $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; \
+	done
+
+report: env
+	$(PY) -m ddpm_lib report
+
+bench: env
+	$(PY) -m ddpm_lib bench
+
+test: env
+	DDPM_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	  --nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -q
+
+clean:
+	rm -rf runs/smoke

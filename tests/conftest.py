@@ -1,0 +1,29 @@
+"""Shared test set-up. The notebooks' kernels are separate processes: they get the repository on
+PYTHONPATH and the smoke profile through the environment (a sys.path insert would not reach
+them), and every test runs on one CPU thread so that seeded numbers are reproducible."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    os.environ.setdefault("DDPM_PROFILE", "smoke")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+    torch.set_num_threads(1)
+    yield
+
+
+def real_subset() -> Path:
+    """The real Fruits-360 subset (FRUITS360_DIR, else ../shared/fruits-360-subset)."""
+    return Path(os.environ.get("FRUITS360_DIR", ROOT.parent / "shared" / "fruits-360-subset"))
