@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
-import json
 import math
 import os
 import random
@@ -35,8 +33,9 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -210,13 +209,24 @@ def _find_split_dirs(root: Path) -> dict[str, Path]:
                     f"rename the folders (names are case-sensitive) or point --from at the right one")
 
 
+def _decode(path: Path) -> torch.Tensor:
+    """The one image decoder of the library (torchvision): any mode → uint8 RGB (3, H, W); a
+    16-bit image keeps its high byte."""
+    from torchvision.io import ImageReadMode, decode_image
+    with warnings.catch_warnings():         # torchvision 0.29 announces a move of its decoders
+        warnings.simplefilter("ignore", DeprecationWarning)
+        img = decode_image(str(path), mode=ImageReadMode.RGB)
+    if img.dtype == torch.uint16:
+        img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    return img
+
+
 def check_image(path: Path) -> None:
-    """Decode the whole image (catches truncated and non-image files) or raise DataError."""
-    from PIL import Image
+    """Decode the whole image with the loader's decoder (catches truncated, non-image and
+    undecodable files) or raise DataError."""
     try:
-        with Image.open(path) as im:
-            im.load()
-    except Exception as e:  # PIL raises several types for bad files
+        _decode(path)
+    except Exception as e:  # the decoder raises several types for bad files
         raise DataError(f"cannot read image {path}: {e}. Replace or delete the file, or rerun "
                         f"with --skip-bad to leave unreadable files out of the index") from e
 
@@ -337,27 +347,61 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
 
 def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
     """Download with a progress bar, resuming a partial file (HTTP Range), then check the size."""
+    import urllib.error
     import urllib.request
     from tqdm.auto import tqdm
     part = dest.with_suffix(dest.suffix + ".part")
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        if have and r.status != 206:        # the server ignored the range: start again
-            have = 0
-        total = r.headers.get("Content-Length")
-        total = int(total) + have if total is not None else None
-        with open(part, "ab" if have else "wb") as f, \
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
+    total = None
+    try:
+        r = urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        if not (have and e.code == 416):    # 416: nothing past `have`, the .part is complete
+            raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+        r = None
+    if r is not None:
+        with r:
+            if have and r.status != 206:    # the server ignored the range: start again
+                have = 0
+            total = r.headers.get("Content-Length")
+            total = int(total) + have if total is not None else None
+            with open(part, "ab" if have else "wb") as f, \
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
     size = part.stat().st_size
     want = expected_size or total
     if want is not None and size != want:
         raise DataError(f"download of {url} is {size} bytes, expected {want}: rerun the same "
                         f"command to resume it, or delete {part} to start over")
     os.replace(part, dest)
+    return dest
+
+
+def _unpack(src: Path, dest: Path) -> Path:
+    """Unpack a zip into dest (via a temporary folder), unless dest already holds this very zip
+    (its size and mtime are stamped in dest/.source)."""
+    stamp = f"{src.stat().st_size} {src.stat().st_mtime_ns}"
+    if (dest / ".source").is_file() and (dest / ".source").read_text() == stamp:
+        return dest
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".unzip-"))
+    try:
+        with zipfile.ZipFile(src) as z:
+            bad = z.testzip()
+            if bad is not None:
+                raise DataError(f"{src} is damaged (member {bad} fails its CRC check): download "
+                                f"it again")
+            z.extractall(tmp)
+        (tmp / ".source").write_text(stamp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except zipfile.BadZipFile as e:
+        raise DataError(f"{src} is damaged ({e}): download it again") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -379,29 +423,23 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     if src.suffix.lower() == ".zip":
         if not zipfile.is_zipfile(src):
             raise DataError(f"{src} is not a valid zip file: download it again")
-        dest = out / (src.stem + "-unpacked")
-        if not dest.exists():
-            tmp = Path(tempfile.mkdtemp(dir=out, prefix=".unzip-"))
-            try:
-                with zipfile.ZipFile(src) as z:
-                    z.extractall(tmp)
-                os.replace(tmp, dest)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        src = dest
+        src = _unpack(src, out / (src.stem + "-unpacked"))
     root = _find_split_dirs(src)["Training"].parent
     if classes is None and root.resolve() == SHARED_SUBSET.resolve():
         classes = SUBSET_CLASSES
+    if link.exists() and not link.is_symlink() and link.resolve() != root.resolve():
+        raise DataError(f"{link} is a real folder, not a link this command made: move it away "
+                        f"(or pass --from {link}) — it is not deleted")
     index, bad = build_index(root, classes, split=split, seed=seed, skip_bad=skip_bad)
     if bad:
         print(f"skipped {len(bad)} unreadable files:\n  " + "\n  ".join(bad))
-    if link.is_symlink() or link.exists():
-        if link.is_symlink() or link.is_file():
-            link.unlink()
-        else:
-            shutil.rmtree(link)
-    link.symlink_to(root, target_is_directory=True)
+    if index.empty:
+        raise DataError(f"no readable image in {root}: nothing indexed")
     write_csv(index, out / "index.csv")
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    if not link.exists():                   # a real folder at out/fruits-360 is the source itself
+        link.symlink_to(root, target_is_directory=True)
     return index
 
 
@@ -412,7 +450,8 @@ def make_synthetic(root: Path | str, n_classes: int = 3, frames: int = 40, size:
     never real results."""
     from PIL import Image, ImageDraw
     root = Path(root)
-    if (root / ".complete").exists():
+    settings = f"n_classes={n_classes} frames={frames} size={size} seed={seed}"
+    if (root / ".complete").is_file() and (root / ".complete").read_text() == settings:
         return root
     rng = np.random.default_rng(seed)
     tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None,
@@ -437,7 +476,7 @@ def make_synthetic(root: Path | str, n_classes: int = 3, frames: int = 40, size:
                                  fill=tuple(min(255, v + 60) for v in colour))
                     name = f"{video + '_' if video else ''}{f}_100.jpg"
                     im.save(d / name, quality=95)
-        (tmp / ".complete").touch()
+        (tmp / ".complete").write_text(settings)
         if root.exists():
             shutil.rmtree(root)
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -464,10 +503,9 @@ def load_index(cfg: Config) -> pd.DataFrame:
 
 def read_image(path: Path, size: int) -> torch.Tensor:
     """One image → uint8 (3, size, size): any mode converted to RGB, resized with antialiasing."""
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2.functional import resize
     try:
-        img = decode_image(str(path), mode=ImageReadMode.RGB)        # (3, H, W) uint8
+        img = _decode(path)                                          # (3, H, W) uint8
     except Exception as e:
         raise DataError(f"cannot decode {path}: {e}. Rebuild the index with `python -m ddpm_lib "
                         f"data … --skip-bad`, or replace the file") from e
@@ -975,9 +1013,11 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
 
 def planned_runs() -> list[tuple[dict, object]]:
     """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
-    report-faithful target and the report's random split on fold 0, and the generation model."""
-    return [({}, k) for k in range(5)] + [(dict(target="scaled_eps"), 0),
-                                          (dict(split="random"), 0), ({}, "all")]
+    generation model (on every training image), and on fold 0 the report-faithful target and
+    the report's random split. Fold 0 and the generation model come first: they are what the
+    later notebooks need most when a CPU run is cut short."""
+    return ([({}, 0), ({}, "all")] + [({}, k) for k in range(1, 5)]
+            + [(dict(target="scaled_eps"), 0), (dict(split="random"), 0)])
 
 
 def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:

@@ -2,8 +2,7 @@
 
 Most tests run on small synthetic sets (ddpm_lib.make_synthetic); the ones marked "real" use the
 Fruits-360 subset at FRUITS360_DIR (default: ../shared/fruits-360-subset next to the repository)
-and are skipped, with the reason, when it is absent. Tests marked xfail(strict=True) document
-bugs of ddpm_lib.py: they fail now and will report XPASS (a failure) once the bug is fixed.
+and are skipped, with the reason, when it is absent.
 """
 from __future__ import annotations
 
@@ -381,9 +380,6 @@ def test_image_modes_load_as_rgb(tmp_path, mode, ext):
     assert np.abs(img.numpy().astype(int) - rgb_of(path)).max() <= 2
 
 
-@pytest.mark.xfail(reason="BUG: read_image returns torchvision's uint16 tensor for 16-bit PNGs; "
-                          "Fruits.images keeps its low byte (value % 256) instead of value >> 8",
-                   raises=AssertionError, strict=True)
 def test_16bit_png_loads_as_8bit_rgb(tmp_path):
     """A 16-bit grayscale PNG loads as uint8 RGB with the high byte of each pixel."""
     root = synthetic(tmp_path / "s")
@@ -398,10 +394,6 @@ def test_16bit_png_loads_as_8bit_rgb(tmp_path):
     assert np.abs(img.numpy().astype(int) - expected).max() <= 1
 
 
-@pytest.mark.xfail(reason="BUG: check_image decodes with PIL but read_image with torchvision, "
-                          "so BMP/TIFF content in a .jpg/.png passes build_index (even with "
-                          "skip_bad) and only fails later, when Fruits loads it",
-                   raises=DataError, strict=True)
 def test_every_indexed_file_loads(tmp_path):
     """Whatever build_index accepts, Fruits can load (a BMP saved as .jpg is either rejected by
     the index check or decoded)."""
@@ -513,9 +505,6 @@ def test_failed_csv_write_is_atomic(tmp_path, monkeypatch):
     assert temp_leftovers(out) == []
 
 
-@pytest.mark.xfail(reason="BUG: prepare_data deletes out/fruits-360 with shutil.rmtree when it is "
-                          "a real folder, even when it is the source being indexed (data loss)",
-                   raises=AssertionError, strict=True)
 def test_prepare_data_keeps_images_already_at_out(tmp_path):
     """Indexing images that already live at out/fruits-360 (a real folder, not a link) keeps
     them: the images are still there after prepare_data, and the index points at them."""
@@ -563,9 +552,6 @@ def test_make_synthetic_is_deterministic(tmp_path):
     assert not all(np.array_equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.xfail(reason="BUG: make_synthetic returns an existing root (.complete marker) "
-                          "whatever its seed/size, so prepare_data(synthetic=True) reuses a set "
-                          "made with other settings", raises=AssertionError, strict=True)
 def test_make_synthetic_same_root_new_settings(tmp_path):
     """A second make_synthetic at the same root with another seed makes that seed's set."""
     root = tmp_path / "s"
@@ -595,9 +581,6 @@ def test_prepare_data_from_zip(tmp_path, prefix):
     assert temp_leftovers(out) == []
 
 
-@pytest.mark.xfail(reason="BUG: a .zip member with bad data (CRC error) raises "
-                          "zipfile.BadZipFile, not DataError naming the zip",
-                   raises=zipfile.BadZipFile, strict=True)
 def test_corrupt_zip_member(tmp_path):
     """A zip whose member data is corrupted: DataError naming the zip, no temp folder left."""
     zip_path = zip_folder(synthetic(tmp_path / "s"), tmp_path / "fruits.zip")
@@ -613,9 +596,6 @@ def test_corrupt_zip_member(tmp_path):
     assert temp_leftovers(out) == []
 
 
-@pytest.mark.xfail(reason="BUG: prepare_data reuses out/<stem>-unpacked whenever it exists, so a "
-                          "replaced zip of the same name is never unpacked again",
-                   raises=AssertionError, strict=True)
 def test_prepare_data_from_replaced_zip(tmp_path):
     """After the zip is replaced by a different one (same name), prepare_data indexes the new
     contents, not the previous unpack."""
@@ -651,11 +631,11 @@ def server(monkeypatch):
             m = re.fullmatch(r"bytes=(\d+)-", rng or "")
             start, status = (int(m.group(1)), 206) if m and not state["ignore_range"] else (0, 200)
             if start >= len(data) and status == 206:
+                state["log"].append((self.path, rng, 416, 0))
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(data)}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                state["log"].append((self.path, rng, 416, 0))
                 return
             body = data[start:]
             self.send_response(status)
@@ -664,8 +644,9 @@ def server(monkeypatch):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             sent = body[: len(body) - state["cut"]]
-            self.wfile.write(sent)
+            # logged before the write: the client may assert on the log as soon as it has the bytes
             state["log"].append((self.path, rng, status, len(sent)))
+            self.wfile.write(sent)
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -729,10 +710,6 @@ def test_fetch_url_size_mismatch_then_resume(server, tmp_path):
     assert not (tmp_path / "b.bin").exists()
 
 
-@pytest.mark.xfail(reason="BUG: when the .part file is already complete (e.g. the process was "
-                          "killed before os.replace), the Range request gets HTTP 416 and "
-                          "_fetch_url raises urllib's HTTPError instead of finishing",
-                   raises=urllib.error.HTTPError, strict=True)
 def test_fetch_url_complete_part(server, tmp_path):
     """A .part that already holds the whole file is accepted (size checked) and renamed."""
     server["files"]["/a.bin"] = PAYLOAD
