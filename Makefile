@@ -40,7 +40,7 @@ report: env
 	$(PY) -m ddpm_lib report
 
 bench: env
-	$(PY) -m ddpm_lib bench
+	$(PY) tests/bench.py
 
 test: env
 	DDPM_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \

@@ -1478,7 +1478,7 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
         rows.append(dict(sampler=name, **quality(clf, x, real_test, train_imgs, len(classes)),
                          seconds_per_image=secs))
     df = pd.DataFrame(rows)
-    df.attrs["classifier_test_acc"] = acc
+    df["classifier_test_acc"] = acc          # the feature extractor's own accuracy on Test/
     out = ROOT / "runs" / cfg.profile / "samples.pt"
     save_checkpoint(samples, out)
     return df, samples
@@ -1530,6 +1530,76 @@ def save_fig(fig, name: str, cfg: Config) -> Path:
 
 
 # -----------------------------------------------------------------------------------------------
+# report: report/template.md filled from the tables in figures/
+
+
+def _report_fields(figs: Path) -> dict:
+    """Named pieces of the report (markdown tables and headline numbers) from figures/*.csv;
+    a piece whose table is not there yet is left out (write_report marks it missing)."""
+    def csv(name):
+        p = figs / f"{name}.csv"
+        return pd.read_csv(p) if p.exists() else None
+
+    f = {}
+    if (t1 := csv("table1_ssim")) is not None:
+        mean = t1.groupby(["method", "t"]).ssim_mean.mean()
+        for method, key in (("corrected", "corrected"), ("report-faithful", "report")):
+            if method in t1.method.values:
+                f[f"table1_{key}"] = to_markdown(table1_wide(t1, method))
+                for t in (50, 500, 1000):
+                    f[f"ssim{t}_{key}"] = f"{mean[method, t]:.3f}"
+                f[f"folds_{key}"] = str(t1[t1.method == method].fold.nunique())
+        f["n_eval"] = str(int(t1.n.iloc[0]))
+        psnr = t1.groupby(["method", "t"]).psnr_mean.mean().unstack("method")
+        f["table1_psnr"] = to_markdown(psnr.loc[[50, 100, 200, 500, 1000]].round(2).reset_index())
+    if (g := csv("generation_metrics")) is not None:
+        cols = ["sampler", "n", "ffd", "kid", "recognizability", "classes_covered",
+                "nn_ssim_mean", "nn_ssim_max", "seconds_per_image"]
+        f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
+        row = g.set_index("sampler")
+        for name, key in (("DDIM-50", "ddim50"), ("DDPM-1000", "ddpm"),
+                          ("report's method (T=1000)", "reportgen"), ("real: test images", "real"),
+                          ("real: training images", "floor")):
+            if name in row.index:
+                for col in ("ffd", "recognizability", "classes_covered", "nn_ssim_max"):
+                    v = row.loc[name, col]
+                    f[f"{key}_{col}"] = "n/a" if pd.isna(v) else f"{v:.3g}"
+        if "classifier_test_acc" in g:
+            f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
+    if (h := csv("training_summary")) is not None:
+        f["training_table"] = to_markdown(h)
+    if (b := csv("bench")) is not None:
+        f["bench_table"] = to_markdown(b)
+    return f
+
+
+def write_report(cfg: Config, template: Path | str | None = None, figs: Path | str | None = None,
+                 out: Path | str | None = None) -> Path:
+    """report/report.md from report/template.md: `${name}` fields come from _report_fields,
+    figure links to ../figures/*.png are kept when the figure exists. Anything not produced yet
+    is marked as missing in the text (never made up). The smoke profile writes to runs/smoke."""
+    import string
+    figs = Path(figs) if figs else cfg.fig_dir()
+    template = Path(template) if template else ROOT / "report" / "template.md"
+    out = Path(out) if out else (ROOT / "report" / "report.md" if cfg.profile != "smoke"
+                                 else figs.parent / "report.md")
+    text = string.Template(template.read_text()).safe_substitute(_report_fields(figs))
+    text = re.sub(r"\$\{(\w+)\}", r"*(\1: not produced yet, run `make figures`)*", text)
+    rel = os.path.relpath(figs, out.parent)
+
+    def fig(m):
+        name = m.group(2)
+        if (figs / name).exists():
+            return f"![{m.group(1)}]({Path(rel, name).as_posix()})"
+        return f"*(figure {name} not produced yet, run `make figures`)*"
+
+    text = re.sub(r"!\[([^\]]*)\]\(\.\./figures/([^)]+)\)", fig, text)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
 # command line
 
 
@@ -1567,6 +1637,14 @@ def main(argv=None) -> None:
     p = sub.add_parser("evaluate", help="Table 1 (one-step SSIM/PSNR) and generation metrics")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
     p.add_argument("--what", choices=["table1", "generation", "both"], default="both")
+
+    p = sub.add_parser("export", help="write a run's best EMA weights in half precision "
+                       "(the committed generation model)")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    p.add_argument("--fold", default="all")
+
+    p = sub.add_parser("report", help="report/report.md from report/template.md and figures/")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
 
     p = sub.add_parser("sample", help="draw samples from the generation model into figures/")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
@@ -1619,6 +1697,14 @@ def _run(a) -> None:
             df, _ = generation_metrics(cfg, generation_model(cfg))
             print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
             print(df.to_string(index=False))
+    elif a.cmd == "export":
+        fold = a.fold if a.fold == "all" else int(a.fold)
+        cfg = get_config(a.profile, generation=fold == "all")
+        path = export_ema(cfg, fold, shipped_checkpoint(cfg) if fold == "all" else
+                          cfg.run_dir(fold) / "ema_fp16.pt")
+        print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+    elif a.cmd == "report":
+        print(f"report → {write_report(get_config(a.profile))}")
     elif a.cmd == "sample":
         import matplotlib
         matplotlib.use("Agg")

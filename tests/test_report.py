@@ -1,0 +1,46 @@
+"""The report is filled from the tables in figures/, and says so when a piece is missing."""
+import numpy as np
+import pandas as pd
+
+import ddpm_lib as dl
+
+
+def _table1(tmp_path):
+    rows = []
+    for method, base in (("corrected", 0.9), ("report-faithful", 0.6)):
+        for fold in range(2):
+            for t in dl.TABLE1_T:
+                rows.append(dict(method=method, fold=fold, t=t, ssim_mean=base - t / 2000 + fold / 100,
+                                 ssim_std=0.01, psnr_mean=30 - t / 100, psnr_std=1.0, n=8))
+    df = pd.DataFrame(rows)
+    dl.write_csv(df, tmp_path / "table1_ssim.csv")
+    return df
+
+
+def test_report_fills_fields_and_marks_missing(tmp_path):
+    df = _table1(tmp_path)
+    (tmp_path / "02_schedules.png").write_bytes(b"png")
+    tpl = tmp_path / "t.md"
+    tpl.write_text("A ${ssim50_corrected} B ${ssim50_report} C ${generation_table}\n"
+                   "![x](../figures/02_schedules.png) ![y](../figures/nope.png)\n${table1_corrected}")
+    out = dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path, out=tmp_path / "r" / "r.md")
+    text = out.read_text()
+    want = df[(df.method == "corrected") & (df.t == 50)].ssim_mean.mean()
+    assert f"A {want:.3f} B" in text
+    assert f"B {df[(df.method == 'report-faithful') & (df.t == 50)].ssim_mean.mean():.3f}" in text
+    assert "generation_table: not produced yet" in text
+    assert "![x](../02_schedules.png)" in text            # relative to the report's folder
+    assert "figure nope.png not produced yet" in text
+    assert "| t | fold 0 | fold 1 | mean over folds |" in text
+    assert "$" not in text
+
+
+def test_table1_wide_mean_over_folds(tmp_path):
+    df = _table1(tmp_path)
+    wide = dl.table1_wide(df, "corrected")
+    assert list(wide.columns) == ["t", "fold 0", "fold 1", "mean over folds"]
+    m = df[(df.method == "corrected") & (df.t == 100)].ssim_mean
+    got = wide.set_index("t").loc[100, "mean over folds"]
+    assert got == f"{m.mean():.3f} ± {m.std():.3f}"
+    assert np.isclose(float(wide.set_index("t").loc[50, "fold 1"].split(" ± ")[0]),
+                      0.9 - 50 / 2000 + 0.01, atol=1e-3)
