@@ -1169,10 +1169,10 @@ def table1_wide(df: pd.DataFrame, method: str = "corrected") -> pd.DataFrame:
     """The report's layout: one row per t, one column per fold ('mean ± std'), and the mean."""
     d = df[df.method == method]
     wide = d.pivot(index="t", columns="fold", values="ssim_mean")
+    std = d.pivot(index="t", columns="fold", values="ssim_std")
     out = pd.DataFrame(index=wide.index)
     for k in wide.columns:
-        r = d[d.fold == k].set_index("t")
-        out[f"fold {k}"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(r.ssim_mean, r.ssim_std)]
+        out[f"fold {k}"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(wide[k], std[k])]
     out["mean over folds"] = [f"{m:.3f} ± {s:.3f}" if np.isfinite(s) else f"{m:.3f}"
                               for m, s in zip(wide.mean(axis=1), wide.std(axis=1))]
     return out.reset_index()
@@ -1221,6 +1221,8 @@ def p_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, var: str = "
     σ_t² = β_t ('beta') or β̃_t ('beta_tilde'). μ̃ from the posterior (Eq. 7) equals Algorithm 2's
     (x_t − β_t/sqrt(1-ᾱ_t)·ε̂)/sqrt(α_t) when x̂0 is not clipped."""
     from tqdm.auto import tqdm
+    if var not in ("beta", "beta_tilde"):
+        raise ValueError(f"var must be 'beta' or 'beta_tilde', not {var!r}")
     traj = {}
     for t_val in tqdm(range(fp.T, 0, -1), desc="DDPM", disable=not progress, leave=False):
         t, eps = _eps(model, fp, x, t_val)

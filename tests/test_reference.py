@@ -7,8 +7,8 @@ Weights are copied from a seeded ddpm_lib.UNet into the reference, then:
       ddpm_lib.autocast / ddpm_lib.to_device) agrees with the fp32 reference to a relative error
       ‖Δ‖/‖ref‖ ≤ 3e-2 and max |Δ| ≤ 0.1 (measured: ≈ 0.8–1.2e-2 and ≈ 0.03, bf16's 8-bit
       mantissa through ~20 layers);
-  (c) the diffusion loss of one seeded batch under bf16 autocast is within 1 % (relative) of the
-      fp32 loss (measured: well under 0.1 %; see the test).
+  (c) the diffusion loss of one seeded batch under bf16 autocast is within 0.3 % (relative) of
+      the fp32 loss (measured: 1–3e-4 over three seeds).
 One CPU thread (conftest); the whole file runs in a few seconds.
 """
 import dataclasses
@@ -30,7 +30,7 @@ SIZES = [pytest.param(8, 32, 2, 16, id="smoke-w8-16px"), pytest.param(32, 256, 4
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 BF16_REL_TOL = 3e-2
 BF16_ABS_TOL = 0.1
-LOSS_REL_TOL = 1e-2
+LOSS_REL_TOL = 3e-3
 
 
 def _pair(width, time_dim, heads, seed=0):

@@ -1,0 +1,467 @@
+"""Speed benchmark of ddpm_lib's U-Net on the CPU (not a test: pytest does not collect it).
+
+    python tests/bench.py [--quick] [--out figures]
+
+One run measures, with warm-up and repeats (medians are quoted):
+  * training images/s (forward + backward + clip + Adam + EMA, the step of ddpm_lib.train, on
+    synthetic batches) and sampling images/s (one no-grad network evaluation, the cost of one
+    denoising step) at 32×32 and 100×100, for
+      (a) ddpm_lib.UNet as training runs it: the cpu profile's bf16 autocast + channels_last;
+      (b) the plain reference (tests/reference_unet.py): fp32, NCHW, nn.MultiheadAttention;
+      (c) diffusers' UNet2DModel of similar size (block_out_channels (32, 64, 128, 128), one
+          ResNet layer per block, attention only in the mid block at the lowest resolution), in
+          fp32 and in bf16 autocast + channels_last; sizes not divisible by 8 are zero-padded
+          (100 → 104) and cropped back. Skipped with a message if diffusers is not installed
+          (`pip install -e .[bench]`);
+      (a') torch.compile of (a): compile time and steady-state speed;
+  * FLOPs per image (torch.utils.flop_counter), the achieved FLOP/s and the MFU against this
+    machine's matmul peak, measured in the same run (2048² matmul, fp32 and bf16);
+  * seconds per generated image of DDPM-1000 and DDIM-50 with ddpm_lib.sample (random weights:
+    the cost does not depend on them).
+Writes <out>/bench.csv (atomically) and <out>/bench.png, and prints markdown tables.
+Threads: OMP_NUM_THREADS if set, else every core (os.cpu_count()).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# torch.compile's time is measured cold: inductor gets a fresh cache folder (removed at exit),
+# so neither an earlier run's cache nor this one's is reused or left behind
+if __name__ == "__main__" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import ddpm_lib as dl  # noqa: E402
+import reference_unet  # noqa: E402
+
+CPU = torch.device("cpu")
+T0 = time.perf_counter()
+LIB, REF, DIFF, COMPILED = "ddpm_lib", "reference", "diffusers", "ddpm_lib compiled"
+
+
+# -----------------------------------------------------------------------------------------------
+# settings
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(warmup=1, repeats=2, batch={32: 16, 100: 4}, sampler_n=8, ddim_repeats=1,
+                    ddpm_steps=50, compile_sizes=(32,), peak_repeats=3)
+    return dict(warmup=3, repeats=7, batch={32: 32, 100: 8}, sampler_n=16, ddim_repeats=3,
+                ddpm_steps=1000, compile_sizes=(32, 100), peak_repeats=5)
+
+
+def timed(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
+    """(median seconds of one call, every timing) after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
+    """GFLOP/s of an n×n @ n×n matmul (2n³ FLOPs): the best of `repeats` (a peak, so the
+    fastest run, not the median)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    _, ts = timed(lambda: torch.mm(a, b), 1, repeats)
+    return 2 * n ** 3 / min(ts) / 1e9
+
+
+def measure_peak(repeats: int, threads: int, when: str = "") -> dict:
+    peak = {"fp32": matmul_peak(torch.float32, repeats),
+            "bf16": matmul_peak(torch.bfloat16, repeats)}
+    print(f"matmul peak{' ' + when if when else ''} (2048², best of {repeats}, {threads} "
+          f"threads): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s", flush=True)
+    return peak
+
+
+# -----------------------------------------------------------------------------------------------
+# models
+
+
+class DiffusersEps(nn.Module):
+    """diffusers' UNet2DModel as an ε-network with ddpm_lib's call signature model(x, t): pads
+    H and W up to a multiple of 8 (its three stride-2 downsamplings need it) and crops back."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        H, W = x.shape[-2:]
+        ph, pw = (-H) % 8, (-W) % 8
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        return self.unet(x, t).sample[..., :H, :W]
+
+
+def diffusers_model():
+    """UNet2DModel near our parameter count, or None (with a message) without diffusers."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import diffusers
+            from diffusers import UNet2DModel
+        diffusers.utils.logging.set_verbosity_error()
+    except Exception as e:  # ImportError, or a broken install
+        print(f"diffusers is not importable ({type(e).__name__}: {e}): skipping its columns "
+              f"(install with `pip install -e .[bench]`)")
+        return None, None
+    unet = UNet2DModel(in_channels=3, out_channels=3, block_out_channels=(32, 64, 128, 128),
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 4,
+                       up_block_types=("UpBlock2D",) * 4, norm_num_groups=32,
+                       attention_head_dim=32, add_attention=True)
+    return DiffusersEps(unet), diffusers.__version__
+
+
+# -----------------------------------------------------------------------------------------------
+# one training step and one sampling step, as ddpm_lib does them
+
+
+def synthetic_batches(cfg, fp, size: int, bs: int, n: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.rand(bs, 3, size, size, generator=g) * 2 - 1, fp.sample_t(bs, g),
+             torch.randn(bs, 3, size, size, generator=g)) for _ in range(n)]
+
+
+def make_train_step(net: nn.Module, fwd, cfg: dl.Config, size: int, bs: int):
+    """The inner loop of ddpm_lib.train: to_device → autocast → diffusion_loss → zero_grad →
+    backward → clip_grad_norm_ → Adam step → EMA update → loss.item(). `fwd` is what is called
+    (net itself, or its torch.compile), `net` owns the parameters."""
+    fp = dl.ForwardProcess.from_config(cfg)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = dl.EMA(net, cfg.ema_decay)
+    batches = synthetic_batches(cfg, fp, size, bs)
+    it = [0]
+
+    def step():
+        x0, t, eps = batches[it[0] % len(batches)]
+        it[0] += 1
+        x0, t, eps = dl.to_device(x0, cfg, CPU), t, eps
+        with dl.autocast(cfg, CPU):
+            loss = dl.diffusion_loss(fwd, fp, x0, t, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        ema.update(net)
+        return loss.item()
+    return step
+
+
+def make_sample_step(fwd, cfg: dl.Config, size: int, bs: int, library: bool):
+    """One denoising step's network call, no grad. library=True: exactly ddpm_lib's samplers'
+    call (ddpm_lib._eps: bf16 autocast, NCHW noise into the model); else the column's own
+    precision and memory format."""
+    fp = dl.ForwardProcess.from_config(cfg)
+    x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(1))
+    if library:
+        return lambda: dl._eps(fwd, fp, x, 500)
+    x = dl.to_device(x, cfg, CPU)
+    t = torch.full((bs,), 500, dtype=torch.long)
+
+    def step():
+        with torch.no_grad(), dl.autocast(cfg, CPU):
+            return fwd(x, t).float()
+    return step
+
+
+def count_flops(net: nn.Module, size: int, bs: int = 2) -> tuple[float, float]:
+    """(FLOPs per image of forward + backward of the loss, FLOPs per image of a forward), fp32."""
+    m = copy.deepcopy(net).float().train()
+    if hasattr(m, "unet"):          # diffusers: its classic bmm attention, which is counted
+        from diffusers.models.attention_processor import Attention, AttnProcessor
+        for mod in m.modules():
+            if isinstance(mod, Attention):
+                mod.set_processor(AttnProcessor())
+    x, t = torch.randn(bs, 3, size, size), torch.randint(1, 1001, (bs,))
+    with FlopCounterMode(display=False) as fc:
+        F.mse_loss(m(x, t), torch.zeros_like(x)).backward()
+    train = fc.get_total_flops() / bs
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m.eval()(x, t)
+    return train, fc.get_total_flops() / bs
+
+
+# -----------------------------------------------------------------------------------------------
+# the benchmark
+
+
+def bench_column(name, mode, net, cfg, size, bs, S, flops, library=False, fwd=None,
+                 note="") -> dict:
+    fwd = net if fwd is None else fwd
+    net.train()
+    train_s, train_all = timed(make_train_step(net, fwd, cfg, size, bs), S["warmup"], S["repeats"])
+    net.eval()
+    samp_s, _ = timed(make_sample_step(fwd, cfg, size, bs, library), S["warmup"], S["repeats"])
+    train_img_s, sample_img_s = bs / train_s, bs / samp_s
+    row = dict(model=name, size=size, batch=bs, mode=mode, n_params=dl.n_params(net),
+               train_img_s=train_img_s, train_ms_step=1e3 * train_s,
+               train_spread=(max(train_all) - min(train_all)) / train_s,
+               sample_img_s=sample_img_s,
+               gflop_per_img=flops[0] / 1e9, gflop_fwd_per_img=flops[1] / 1e9,
+               achieved_gflops=flops[0] * train_img_s / 1e9,
+               sample_gflops=flops[1] * sample_img_s / 1e9, precision="bf16" if cfg.bf16 else
+               "fp32", s_per_img=np.nan, compile_s=np.nan, note=note)
+    print(f"  [{time.perf_counter() - T0:4.0f} s] {name:17s} {mode:16s} {size:3d}px b{bs:<3d} "
+          f"train {train_img_s:7.1f} img/s  sample {sample_img_s:7.1f} img/s  "
+          f"({row['achieved_gflops']:.0f} GFLOP/s training)", flush=True)
+    return row
+
+
+def bench_compiled(cfg, size, bs, S, flops, eager_row) -> dict | None:
+    """torch.compile of (a): compile time (first training step + first sampling call) and
+    steady-state speed; None (with a message) if it fails."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = dl.build_model(cfg, CPU, verbose=False)
+    try:
+        fwd = torch.compile(net, dynamic=False)
+        step = make_train_step(net, fwd, cfg, size, bs)
+        net.train()
+        t0 = time.perf_counter()
+        step()
+        c_train = time.perf_counter() - t0
+        net.eval()
+        sstep = make_sample_step(fwd, cfg, size, bs, library=True)
+        t0 = time.perf_counter()
+        sstep()
+        c_sample = time.perf_counter() - t0
+    except Exception as e:  # inductor needs a C++ compiler; any failure just skips the column
+        print(f"  torch.compile failed at {size}px ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+              f": no compiled column")
+        return None
+    row = bench_column(COMPILED, "bf16+CL compiled", net, cfg, size, bs, S, flops,
+                       library=True, fwd=fwd, note=f"compile: train {c_train:.0f} s + sample "
+                                                   f"{c_sample:.0f} s")
+    row["compile_s"] = c_train + c_sample
+    gain = 1 / row["train_ms_step"] - 1 / eager_row["train_ms_step"]         # steps/ms gained
+    if gain > 0:
+        saved_per_step = eager_row["train_ms_step"] - row["train_ms_step"]
+        verdict = (f"pays: {row['train_img_s'] / eager_row['train_img_s']:.2f}× training speed; "
+                   f"the compile time is repaid after ~{1e3 * c_train / saved_per_step:.0f} steps")
+    else:
+        verdict = (f"does not pay: {row['train_img_s'] / eager_row['train_img_s']:.2f}× training "
+                   f"speed (slower than eager) after {c_train:.0f} s of compiling")
+    print(f"  [{time.perf_counter() - T0:4.0f} s] torch.compile at {size}px {verdict}")
+    row["note"] += f"; {verdict}"
+    return row
+
+
+def bench_samplers(S) -> list[dict]:
+    """Seconds per image of DDPM-1000 and DDIM-50 (ddpm_lib.sample, 32×32, the cpu profile's
+    model in eval mode, random weights). In --quick mode DDPM-1000 is estimated from a 50-step
+    run of the same loop (ForwardProcess with T=50) × 20, and says so."""
+    cfg = dl.get_config("cpu")
+    torch.manual_seed(0)
+    model = dl.build_model(cfg, CPU, verbose=False).eval().requires_grad_(False)
+    n, rows = S["sampler_n"], []
+    fp = dl.ForwardProcess.from_config(cfg)
+    steps = S["ddpm_steps"]
+    fp_run = fp if steps == cfg.T else dl.ForwardProcess(steps, cfg.schedule, cfg.beta_1,
+                                                          cfg.beta_T, cfg.target)
+    dl.sample(model, fp, "ddim", n, cfg.image_size, progress=False, steps=5)        # warm-up
+    t0 = time.perf_counter()
+    dl.sample(model, fp_run, "ddpm", n, cfg.image_size, progress=False)
+    sec = (time.perf_counter() - t0) * cfg.T / steps
+    note = "measured" if steps == cfg.T else f"estimated: {steps}-step run × {cfg.T // steps}"
+    rows.append(("DDPM-1000", sec / n, note))
+    ddim, _ = timed(lambda: dl.sample(model, fp, "ddim", n, cfg.image_size, progress=False,
+                                      steps=50), 0, S["ddim_repeats"])
+    rows.append(("DDIM-50", ddim / n, f"measured, median of {S['ddim_repeats']}"))
+    out = []
+    for name, spi, note in rows:
+        print(f"  [{time.perf_counter() - T0:4.0f} s] {name}: {spi:.3f} s per image ({n} images at 32×32, {note})", flush=True)
+        out.append(dict(model=LIB, size=cfg.image_size, batch=n, mode=f"sampler {name}",
+                        n_params=dl.n_params(model), s_per_img=spi, note=note))
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 repeats, small batches")
+    ap.add_argument("--out", default=str(ROOT / "figures"), help="folder for bench.csv/.png")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers' UNet2DModel")
+    a = ap.parse_args(argv)
+    S = settings(a.quick)
+    threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") \
+        else os.cpu_count()
+    torch.set_num_threads(threads)
+    print(f"# ddpm_lib speed benchmark ({'quick' if a.quick else 'full'}): torch "
+          f"{torch.__version__}, {platform.processor() or platform.machine()}, {threads} threads, "
+          f"warm-up {S['warmup']}, median of {S['repeats']}")
+
+    peak = measure_peak(S["peak_repeats"], threads)
+
+    diff, diff_version = (None, None) if a.no_diffusers else diffusers_model()
+    if a.no_diffusers:
+        print("diffusers skipped (--no-diffusers)")
+    rows = []
+    for size in (32, 100):
+        bs = S["batch"][size]
+        cfg = dl.get_config("cpu", image_size=size, batch_size=bs)          # bf16 + channels_last
+        cfg32 = dataclasses.replace(cfg, bf16=False, channels_last=False)
+        print(f"{size}×{size}, batch {bs}:", flush=True)
+        torch.manual_seed(0)
+        lib = dl.build_model(cfg, CPU, verbose=False)
+        ref = reference_unet.load_from_library(lib)
+        # FlopCounterMode does not count the CPU's fused attention kernel: the reference (the
+        # same architecture, attention as bmm) gives the count for both.
+        f_ref = count_flops(ref, size)
+        rows.append(row_a := bench_column(LIB, "bf16+CL", lib, cfg, size, bs, S, f_ref,
+                                          library=True))
+        rows.append(bench_column(REF, "fp32", ref, cfg32, size, bs, S, f_ref))
+        del ref
+        if diff is not None:
+            f_d = count_flops(diff, size)
+            pad = "" if size % 8 == 0 else f"padded to {size + (-size) % 8}"
+            for c, mode in ((cfg32, "fp32"), (cfg, "bf16+CL")):
+                torch.manual_seed(0)
+                net = copy.deepcopy(diff)
+                net = net.to(memory_format=torch.channels_last) if c.channels_last else net
+                rows.append(bench_column(DIFF, mode, net, c, size, bs, S, f_d, note=pad))
+                del net
+        if not a.no_compile and size in S["compile_sizes"]:
+            r = bench_compiled(cfg, size, bs, S, f_ref, row_a)
+            if r is not None:
+                rows.append(r)
+        del lib
+        gc.collect()
+    print("samplers:", flush=True)
+    rows += bench_samplers(S)
+
+    # the peak once more at the end (the best of both is kept: a peak, not a typical speed)
+    end = measure_peak(S["peak_repeats"], threads, "at the end")
+    peak = {k: max(v, end[k]) for k, v in peak.items()}
+    df = pd.DataFrame(rows)
+    df["peak_gflops"] = [peak.get(p, np.nan) for p in df.precision.fillna("")]
+    df.insert(df.columns.get_loc("achieved_gflops") + 1, "mfu", df.achieved_gflops / df.peak_gflops)
+    df.insert(df.columns.get_loc("sample_gflops") + 1, "sample_mfu",
+              df.sample_gflops / df.peak_gflops)
+    df.insert(0, "threads", threads)
+    df["quick"] = a.quick
+    df["torch"] = torch.__version__
+    df["diffusers"] = diff_version or ""
+    out = Path(a.out)
+    dl.write_csv(df, out / "bench.csv")
+    png = plot(df, out / "bench.png")
+    report(df, peak, threads, a.quick)
+    print(f"\n→ {out / 'bench.csv'}, {png}  ({time.perf_counter() - T0:.0f} s in all)")
+
+
+# -----------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(v, spec):
+    return "–" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
+    speed = df[df.train_img_s.notna()]
+    tab = pd.DataFrame({
+        "model": speed.model, "size": speed["size"].map(lambda s: f"{s}×{s}"),
+        "batch": speed.batch, "mode": speed["mode"],
+        "params": speed.n_params.map(lambda n: f"{n / 1e6:.2f} M"),
+        "train img/s": speed.train_img_s.map(lambda v: _fmt(v, ".1f")),
+        "sample img/s": speed.sample_img_s.map(lambda v: _fmt(v, ".1f")),
+        "GFLOP/img (f+b)": speed.gflop_per_img.map(lambda v: _fmt(v, ".2f")),
+        "achieved GFLOP/s": speed.achieved_gflops.map(lambda v: _fmt(v, ".0f")),
+        "MFU": speed.mfu.map(lambda v: _fmt(100 * v, ".1f") + " %"),
+        "sample MFU": speed.sample_mfu.map(lambda v: _fmt(100 * v, ".1f") + " %"),
+    })
+    print(f"\n## Results ({threads} threads{', --quick' if quick else ''}; MFU against the "
+          f"measured 2048² matmul peak: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s)\n")
+    print(dl.to_markdown(tab))
+    notes = speed[speed.note.astype(bool)]
+    for _, r in notes.iterrows():
+        print(f"- {r.model} {r['mode']} {r['size']}px: {r.note}")
+
+    def get(model, mode, size, col):
+        s = speed[(speed.model == model) & (speed["mode"] == mode) & (speed["size"] == size)]
+        return s[col].iloc[0] if len(s) else np.nan
+
+    ratios = []
+    pairs = [(f"(a) {LIB} bf16+CL / (b) reference fp32", (LIB, "bf16+CL"), (REF, "fp32")),
+             (f"(a) {LIB} bf16+CL / (c) diffusers fp32", (LIB, "bf16+CL"), (DIFF, "fp32")),
+             (f"(a) {LIB} bf16+CL / (c) diffusers bf16+CL", (LIB, "bf16+CL"), (DIFF, "bf16+CL")),
+             ("(a') compiled / (a) eager", (COMPILED, "bf16+CL compiled"), (LIB, "bf16+CL"))]
+    for size in sorted(speed["size"].unique()):
+        for label, num, den in pairs:
+            tr = get(*num, size, "train_img_s") / get(*den, size, "train_img_s")
+            sa = get(*num, size, "sample_img_s") / get(*den, size, "sample_img_s")
+            if math.isfinite(tr):
+                ratios.append({"ratio (speed-up, >1: numerator faster)": label,
+                               "size": f"{size}×{size}", "training": f"{tr:.2f}×",
+                               "sampling step": f"{sa:.2f}×"})
+    if ratios:
+        print("\n## Ratios\n")
+        print(dl.to_markdown(pd.DataFrame(ratios)))
+    samp = df[df.s_per_img.notna()]
+    if len(samp):
+        print("## Sampling (ddpm_lib.sample, 32×32, bf16 autocast)\n")
+        print(dl.to_markdown(pd.DataFrame({
+            "sampler": samp["mode"].str.replace("sampler ", "", regex=False),
+            "images": samp.batch, "s / image": samp.s_per_img.map(lambda v: f"{v:.3f}"),
+            "how": samp.note})))
+
+
+def plot(df: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    speed = df[df.train_img_s.notna()]
+    labels = list(dict.fromkeys(f"{m}\n{mode}" for m, mode in zip(speed.model, speed["mode"])))
+    sizes = sorted(speed["size"].unique())
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        s = speed[speed["size"] == size]
+        lab = [f"{m}\n{mode}" for m, mode in zip(s.model, s["mode"])]
+        colours = [f"C{labels.index(x)}" for x in lab]
+        bars = ax.bar(range(len(s)), s.train_img_s, color=colours)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(s)), lab, fontsize=7)
+        ax.set(title=f"{size}×{size}, batch {int(s.batch.iloc[0])}", ylabel="training images / s")
+    fig.suptitle(f"training throughput (fwd+bwd+Adam), {int(df.threads.iloc[0])} CPU threads"
+                 + (" — quick run" if bool(df["quick"].iloc[0]) else ""))
+    fig.tight_layout()
+    with dl.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,494 @@
+"""Tests of ddpm_lib's core: the noise schedule and forward process, the report's Eq. 5 scaler,
+the U-Net, training (overfitting, early stopping, EMA, checkpoints, resume after SIGKILL,
+refusals), the profiles and the command line's errors.
+
+Everything runs on the CPU, on one thread, with tiny models (the smoke profile: width 8, 16×16
+synthetic fruit in runs/smoke/data, made by the data pipeline on first use). Training output
+goes to pytest's tmp_path, never to runs/. Reference values are computed independently here
+(float64 numpy), never copied from a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+import ddpm_lib as dl
+
+REPO = Path(__file__).resolve().parents[1]
+T = 1000
+
+
+def np_linear_alpha_bar(T: int = T, b1: float = 1e-3, bT: float = 0.02):
+    """(β, ᾱ, ᾱ_prev) of the linear schedule in float64 numpy, t = 1..T at index t-1."""
+    b = np.linspace(b1, bT, T)
+    ab = np.cumprod(1.0 - b)
+    return b, ab, np.concatenate([[1.0], ab[:-1]])
+
+
+def smoke_cfg(**kw) -> dl.Config:
+    return dl.get_config("smoke", **kw)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def smoke_data():
+    """The smoke profile's synthetic set exists before any training (and any subprocess) runs."""
+    index = dl.load_index(smoke_cfg())
+    assert len(index) > 0
+    return index
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, DDPM_PROFILE="smoke", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "ddpm_lib", *args]
+
+
+# -----------------------------------------------------------------------------------------------
+# 1. schedule and forward process
+
+
+def test_linear_betas_exactly_T_values():
+    b = dl.make_betas(T, "linear", 1e-3, 0.02)
+    assert b.dtype == torch.float64 and b.shape == (T,)
+    assert b[0].item() == pytest.approx(0.001, abs=1e-15)
+    assert b[-1].item() == pytest.approx(0.02, abs=1e-15)
+    np.testing.assert_allclose(b.numpy(), np.linspace(0.001, 0.02, T), rtol=0, atol=1e-15)
+    assert (b.diff() > 0).all()
+    # the report's torch.arange could give T+1 values: other T too
+    for n in (50, 999, 1001):
+        assert len(dl.make_betas(n)) == n
+
+
+def test_alpha_bar_is_cumulative_product():
+    fp = dl.ForwardProcess(T)
+    b, ab, ab_prev = np_linear_alpha_bar()
+    np.testing.assert_allclose(fp.betas.double().numpy(), b, rtol=1e-6)
+    np.testing.assert_allclose(fp.alphas.double().numpy(), 1 - b, rtol=1e-6)
+    np.testing.assert_allclose(fp.alpha_bar.double().numpy(), ab, rtol=1e-5)
+    np.testing.assert_allclose(fp.alpha_bar_prev.double().numpy(), ab_prev, rtol=1e-5)
+    # and the buffer itself is the running product of its alphas
+    np.testing.assert_allclose(fp.alpha_bar.double().numpy(),
+                               np.cumprod(fp.alphas.double().numpy()), rtol=1e-5)
+
+
+def test_cosine_schedule():
+    b = dl.make_betas(T, "cosine")
+    assert b.shape == (T,)
+    assert ((b > 0) & (b < 1)).all()
+    fp = dl.ForwardProcess(T, "cosine")
+    ab = fp.alpha_bar
+    assert ((ab > 0) & (ab < 1)).all()
+    assert (ab.diff() < 0).all(), "ᾱ_t must decrease"
+    # IDDPM Eq. 17: ᾱ_t = f(t)/f(0), f(t) = cos²((t/T + s)/(1+s)·π/2) (up to the 0.999 clamp)
+    s, t = 0.008, np.arange(T + 1)
+    f = np.cos((t / T + s) / (1 + s) * np.pi / 2) ** 2
+    np.testing.assert_allclose(ab[:900].double().numpy(), (f[1:] / f[0])[:900], rtol=1e-5)
+    with pytest.raises(ValueError, match="schedule"):
+        dl.make_betas(10, "quadratic")
+
+
+def test_schedule_tensors_are_buffers_and_follow_to():
+    fp = dl.ForwardProcess(50)
+    names = {"betas", "alphas", "alpha_bar", "alpha_bar_prev", "beta_tilde", "post_c0", "post_ct"}
+    assert names <= dict(fp.named_buffers()).keys()
+    assert list(fp.parameters()) == []
+    fp64 = fp.to(torch.float64)
+    assert all(getattr(fp64, n).dtype == torch.float64 for n in names)
+    meta = dl.ForwardProcess(50).to("meta")          # a device move, without needing a GPU
+    assert all(getattr(meta, n).device.type == "meta" for n in names)
+
+
+def test_one_based_t_convention():
+    fp = dl.ForwardProcess(T)
+    b, ab, _ = np_linear_alpha_bar()
+    t = torch.tensor([1, 2, T])
+    assert fp.at(fp.betas, t).shape == (3, 1, 1, 1)
+    np.testing.assert_allclose(fp.at(fp.betas, t).flatten().double().numpy(),
+                               [b[0], b[1], b[T - 1]], rtol=1e-6)
+    assert fp.at(fp.betas, torch.tensor([1])).item() == pytest.approx(0.001, rel=1e-6)
+    assert fp.at(fp.alpha_bar_prev, torch.tensor([1])).item() == 1.0        # ᾱ_0 = 1
+    assert fp.at(fp.beta_tilde, torch.tensor([1])).item() == 0.0            # β̃_1 = 0
+    # q_sample at t = 1 is one step of noise: sqrt(1-β_1)·x0 + sqrt(β_1)·ε
+    x0, eps = torch.full((1, 3, 2, 2), 0.5), torch.ones(1, 3, 2, 2)
+    xt = fp.q_sample(x0, torch.tensor([1]), eps)
+    torch.testing.assert_close(xt, torch.full_like(x0, 0.5 * math.sqrt(1 - b[0]) + math.sqrt(b[0])))
+    ts = fp.sample_t(20000, torch.Generator().manual_seed(0))
+    assert ts.min().item() == 1 and ts.max().item() == T
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. q_sample / forward / predict_x0 / q_posterior
+
+
+def test_forward_eps_target_is_unscaled_standard_normal():
+    fp = dl.ForwardProcess(T)
+    torch.manual_seed(0)
+    x0 = torch.rand(256, 3, 8, 8) * 2 - 1
+    t = fp.sample_t(256, torch.Generator().manual_seed(1))
+    xt, target = fp(x0, t)
+    assert xt.shape == target.shape == x0.shape
+    # 49 152 values: the standard error of the mean is 0.0045, of the std ≈ 0.0032
+    assert abs(target.mean().item()) < 0.02
+    assert abs(target.std().item() - 1) < 0.02
+    ab = fp.alpha_bar[t - 1].view(-1, 1, 1, 1)
+    torch.testing.assert_close(xt, ab.sqrt() * x0 + (1 - ab).sqrt() * target, rtol=0, atol=1e-6)
+
+
+def test_q_sample_is_eq4_exactly():
+    fp = dl.ForwardProcess(T)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(5, 3, 4, 4, generator=g) * 2 - 1, torch.randn(5, 3, 4, 4, generator=g)
+    t = torch.tensor([1, 10, 300, 999, 1000])
+    _, ab, _ = np_linear_alpha_bar()
+    a = ab[t.numpy() - 1].reshape(-1, 1, 1, 1)
+    want = np.sqrt(a) * x0.double().numpy() + np.sqrt(1 - a) * eps.double().numpy()
+    np.testing.assert_allclose(fp.q_sample(x0, t, eps).double().numpy(), want, atol=2e-6)
+    xt, target = fp(x0, t, eps)
+    assert torch.equal(target, eps)
+    assert torch.equal(xt, fp.q_sample(x0, t, eps))
+
+
+def test_scaled_eps_target_is_report_faithful():
+    fp = dl.ForwardProcess(T, target="scaled_eps")
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, torch.randn(4, 3, 4, 4, generator=g)
+    t = torch.tensor([1, 50, 500, 1000])
+    xt, target = fp(x0, t, eps)
+    _, ab, _ = np_linear_alpha_bar()
+    a = ab[t.numpy() - 1].reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(target.double().numpy(), np.sqrt(1 - a) * eps.double().numpy(),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(xt, dl.ForwardProcess(T).q_sample(x0, t, eps))   # same x_t
+    torch.testing.assert_close(fp.eps_from_output(xt, t, target), eps, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="target"):
+        dl.ForwardProcess(10, target="x0")
+
+
+def test_predict_x0_inverts_q_sample():
+    fp = dl.ForwardProcess(T)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1, torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([1, 2, 100, 500, 900, 1000])
+    rec = fp.predict_x0(fp.q_sample(x0, t, eps), t, eps)
+    # 1/sqrt(ᾱ_1000) ≈ 156 amplifies float32 rounding at large t
+    torch.testing.assert_close(rec, x0, rtol=0, atol=2e-4)
+    torch.testing.assert_close(rec[:4], x0[:4], rtol=0, atol=1e-5)
+
+
+def test_q_posterior_matches_closed_form():
+    """Ho et al. Eqs. 6-7, in float64:
+    μ̃ = sqrt(ᾱ_{t-1})β_t/(1-ᾱ_t)·x0 + sqrt(α_t)(1-ᾱ_{t-1})/(1-ᾱ_t)·x_t,
+    β̃ = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t."""
+    fp = dl.ForwardProcess(T)
+    b, ab, abp = np_linear_alpha_bar()
+    g = torch.Generator().manual_seed(0)
+    x0, xt = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1, torch.randn(6, 3, 4, 4, generator=g)
+    t = torch.tensor([1, 2, 10, 500, 999, 1000])
+    mean, var = fp.q_posterior(x0, xt, t)
+    i = t.numpy() - 1
+    r = lambda v: v[i].reshape(-1, 1, 1, 1)
+    want_mean = (np.sqrt(r(abp)) * r(b) / (1 - r(ab)) * x0.double().numpy()
+                 + np.sqrt(1 - r(b)) * (1 - r(abp)) / (1 - r(ab)) * xt.double().numpy())
+    want_var = (1 - r(abp)) / (1 - r(ab)) * r(b)
+    np.testing.assert_allclose(mean.double().numpy(), want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var.double().numpy(), np.broadcast_to(want_var, var.shape),
+                               rtol=1e-5, atol=1e-12)
+
+
+def test_report_scaler_is_eq5():
+    _, ab, _ = np_linear_alpha_bar()
+    t = np.array([1, 50, 100, 250, 500, 750, 1000])
+    want = (1 / np.sqrt(ab[t - 1]) - 1) * 8 * (t / 50) ** 2 + 1
+    got = dl.ForwardProcess.report_scaler(torch.tensor(t)).double().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    assert got[0] == pytest.approx(1.0, abs=1e-5)     # t = 1: almost no scaling
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. the U-Net
+
+
+@pytest.mark.parametrize("size,width", [(100, 8), (32, 32), (16, 8)])
+def test_unet_output_shape(size, width):
+    torch.manual_seed(0)
+    model = dl.UNet(width, 32, 2).eval()
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        y = model(x, torch.tensor([1, 1000]))
+    assert y.shape == x.shape
+    assert torch.isfinite(y).all()
+
+
+def test_build_model_prints_parameter_count(capsys):
+    cfg = dl.get_config("cpu", width=32, channels_last=False)
+    model = dl.build_model(cfg, torch.device("cpu"))
+    out = capsys.readouterr().out
+    m = re.search(r"UNet\(width=32\): ([\d,]+) parameters", out)
+    assert m, out
+    printed = int(m.group(1).replace(",", ""))
+    assert printed == sum(p.numel() for p in model.parameters()) == dl.n_params(model)
+    assert printed > 100_000
+    dl.build_model(cfg, torch.device("cpu"), verbose=False)
+    assert capsys.readouterr().out == ""
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. training pieces
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = dl.UNet(8, 32, 2)
+    opt = torch.optim.Adam(model.parameters(), 2e-3)
+    fp = dl.ForwardProcess(T)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    t, eps = torch.tensor([10, 100, 400, 800]), torch.randn(x0.shape, generator=g)
+    losses = []
+    for _ in range(150):
+        loss = dl.diffusion_loss(model, fp, x0, t, eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.5                            # ≈ Var(ε) = 1 at the start
+    assert np.mean(losses[-10:]) < losses[0] / 10, (losses[0], losses[-10:])
+
+
+def test_early_stopping_script():
+    es = dl.EarlyStopping(patience=2)
+    assert es.step(1.0) is True and not es.stop
+    assert es.step(0.8) is True and es.best == 0.8 and es.bad_epochs == 0
+    assert es.step(0.9) is False and es.bad_epochs == 1 and not es.stop
+    assert es.step(0.8) is False and es.bad_epochs == 2 and es.stop    # equal is no decrease
+    es = dl.EarlyStopping(patience=3)
+    for v in (1.0, 1.1, 1.2):
+        es.step(v)
+    assert es.bad_epochs == 2 and not es.stop
+    assert es.step(0.5) is True and es.bad_epochs == 0 and es.best == 0.5   # improvement resets
+    for v in (0.6, 0.7, 0.5):
+        es.step(v)
+    assert es.stop and es.best == 0.5
+
+
+def test_training_stops_early(tmp_path, monkeypatch):
+    """train() stops after `patience` epochs without a new best, and best.pt holds the best."""
+    vals = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])
+    monkeypatch.setattr(dl, "validation_loss", lambda *a, **k: next(vals))
+    h = dl.train(smoke_cfg(max_epochs=6, patience=2), 0, out=tmp_path / "run", progress=False)
+    assert list(h.epoch) == [1, 2, 3, 4]
+    assert list(h.best) == [True, True, False, False]
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["epoch"] == 2
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+
+
+def test_ema_warmup_decay_and_buffers():
+    model = _bn_model()
+    ema = dl.EMA(model, decay=0.9)
+    assert ema.model is not model and ema.n == 0
+    assert not ema.model.training
+    assert all(not p.requires_grad for p in ema.model.parameters())
+    start = [p.detach().clone() for p in ema.model.parameters()]
+    for n in range(1, 41):
+        old = [p.clone() for p in ema.model.parameters()]
+        with torch.no_grad():                       # the "training" step: move every weight
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+            model[1].running_mean.copy_(torch.randn(4) * 10)
+            model[1].num_batches_tracked += 7
+        ema.update(model)
+        d = min(0.9, (1 + n) / (10 + n))            # warm-up, then the decay
+        for e, o, p in zip(ema.model.parameters(), old, model.parameters()):
+            torch.testing.assert_close(e, d * o + (1 - d) * p, rtol=1e-5, atol=1e-6)
+        # buffers are copied from the model, not averaged
+        assert torch.equal(ema.model[1].running_mean, model[1].running_mean)
+        assert torch.equal(ema.model[1].num_batches_tracked, model[1].num_batches_tracked)
+    assert ema.n == 40
+    # the EMA lags the model: it is neither the start nor the current weights
+    w_ema, w_model = ema.model[0].weight, model[0].weight
+    assert not torch.allclose(w_ema, w_model) and not torch.allclose(w_ema, start[0])
+    # state_dict round trip keeps weights and the step count (so warm-up resumes right)
+    other = dl.EMA(_bn_model(), 0.9)
+    other.load_state_dict(ema.state_dict())
+    assert other.n == 40
+    for a, b in zip(other.model.state_dict().values(), ema.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. checkpoints: resume after SIGKILL, refusals, NaN
+
+
+def _ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
+    """Kill a CLI training run (SIGKILL) right after its first checkpoint, resume it to the end:
+    every weight, EMA weight and optimizer moment equals an unbroken run's, bit for bit."""
+    n_epochs = 8
+    args = ["train", "--profile", "smoke", "--fold", "0", "--max-epochs", str(n_epochs),
+            "--patience", "1000"]
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    kw = dict(cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p_full = subprocess.Popen(cli(*args, "--out", str(full)), **kw)      # runs alongside
+    p_broken = subprocess.Popen(cli(*args, "--out", str(broken)), **kw)
+    p_resume = None
+    try:
+        deadline = time.monotonic() + 120
+        while not (broken / "checkpoint.pt").exists():
+            assert p_broken.poll() is None, p_broken.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.005)
+        p_broken.send_signal(signal.SIGKILL)
+        p_broken.wait(30)
+        assert p_broken.returncode == -signal.SIGKILL
+        killed_at = _ckpt(broken / "checkpoint.pt")["epoch"]
+        assert 1 <= killed_at < n_epochs, "the kill came too late to test a resume"
+        p_resume = subprocess.Popen(cli(*args, "--out", str(broken), "--resume"), **kw)
+        for p in (p_full, p_resume):
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err.decode()[-2000:]
+    finally:
+        for p in (p_full, p_broken, p_resume):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    a, b = _ckpt(full / "checkpoint.pt"), _ckpt(broken / "checkpoint.pt")
+    assert a["epoch"] == b["epoch"] == n_epochs
+    _assert_same_state(a["model"], b["model"])
+    _assert_same_state(a["ema"]["model"], b["ema"]["model"])
+    assert a["ema"]["n"] == b["ema"]["n"]
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), k
+    _assert_same_state(_ckpt(full / "best.pt")["ema"], _ckpt(broken / "best.pt")["ema"])
+    cols = ["epoch", "train_loss", "val_loss", "best"]
+    ha, hb = pd.read_csv(full / "history.csv"), pd.read_csv(broken / "history.csv")
+    pd.testing.assert_frame_equal(ha[cols], hb[cols])
+    assert len(hb) == n_epochs
+
+
+def test_resume_with_other_config_is_refused(tmp_path):
+    out = tmp_path / "run"
+    dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"\blr\b"):
+        dl.train(smoke_cfg(max_epochs=2, lr=1e-3), 0, out=out, resume=True, progress=False)
+    with pytest.raises(ValueError, match="width"):
+        dl.train(smoke_cfg(max_epochs=2, width=16), 0, out=out, resume=True, progress=False)
+    assert (out / "checkpoint.pt").read_bytes() == before
+    # the resumable keys may differ: a longer run continues the same one
+    h = dl.train(smoke_cfg(max_epochs=2, patience=9), 0, out=out, resume=True, progress=False)
+    assert list(h.epoch) == [1, 2]
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    out = tmp_path / "run"
+    dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
+    before = (out / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="resume"):
+        dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_history_csv_columns(tmp_path):
+    out = tmp_path / "run"
+    h = dl.train(smoke_cfg(max_epochs=2, patience=5), 0, out=out, progress=False)
+    csv = pd.read_csv(out / "history.csv")
+    assert list(csv.columns[:5]) == ["epoch", "train_loss", "val_loss", "seconds", "lr"]
+    assert list(csv.epoch) == [1, 2]
+    assert (csv.lr == smoke_cfg().lr).all()
+    assert np.isfinite(csv[["train_loss", "val_loss", "seconds"]].to_numpy()).all()
+    pd.testing.assert_frame_equal(csv, h, check_dtype=False)
+    ck = _ckpt(out / "checkpoint.pt")
+    assert ck["epoch"] == 2 and ck["config"] == dataclasses.asdict(smoke_cfg(max_epochs=2,
+                                                                             patience=5))
+
+
+def test_nan_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = smoke_cfg(max_epochs=3, patience=5)
+    real_loss, calls, saved = dl.diffusion_loss, [0], {}
+
+    def loss_nan_in_epoch_2(*a, **k):
+        calls[0] += 1
+        if calls[0] <= cfg.steps_per_epoch:
+            return real_loss(*a, **k)
+        saved.setdefault("bytes", (out / "checkpoint.pt").read_bytes())   # epoch 1's file
+        return real_loss(*a, **k) * float("nan")
+
+    monkeypatch.setattr(dl, "diffusion_loss", loss_nan_in_epoch_2)
+    with pytest.raises(FloatingPointError, match="epoch 2") as e:
+        dl.train(cfg, 0, out=out, progress=False)
+    assert "resume" in str(e.value)
+    assert calls[0] == cfg.steps_per_epoch + 1        # stopped at the first bad step
+    assert (out / "checkpoint.pt").read_bytes() == saved["bytes"]
+    ck = _ckpt(out / "checkpoint.pt")
+    assert ck["epoch"] == 1 and all(torch.isfinite(v).all() for v in ck["model"].values())
+    assert len(pd.read_csv(out / "history.csv")) == 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. profiles and the command line
+
+
+def test_profiles(monkeypatch):
+    smoke, cpu, full = (dl.get_config(p) for p in ("smoke", "cpu", "full"))
+    assert (smoke.profile, cpu.profile, full.profile) == ("smoke", "cpu", "full")
+    assert cpu.image_size == 32 and full.image_size == 100 and smoke.image_size == 16
+    assert full.width == cpu.width == 32 and full.T == 1000
+    assert dl.get_config("cpu", lr=1e-3).lr == 1e-3
+    gen = dl.get_config("cpu", generation=True)
+    assert gen.max_epochs == dl.GENERATION["cpu"]["max_epochs"] != cpu.max_epochs
+    monkeypatch.setenv("DDPM_PROFILE", "cpu")
+    assert dl.get_config().profile == "cpu" and dl.default_profile() == "cpu"
+    monkeypatch.setenv("DDPM_PROFILE", "smoke")
+    assert dl.get_config().profile == "smoke"
+    with pytest.raises(ValueError, match="nope"):
+        dl.get_config("nope")
+    monkeypatch.setenv("DDPM_PROFILE", "bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        dl.get_config()
+    with pytest.raises(SystemExit) as e:           # the CLI turns it into an "error:" exit
+        dl.main(["train", "--fold", "0", "--out", "/nonexistent/never-written"])
+    assert str(e.value.code).startswith("error:") and "bogus" in str(e.value.code)
+
+
+def test_cli_second_train_into_same_run_is_an_error(tmp_path):
+    out = tmp_path / "run"
+    dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)     # the first run
+    r = subprocess.run(cli("train", "--profile", "smoke", "--fold", "0", "--out", str(out)),
+                       cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert any(line.startswith("error:") for line in r.stderr.splitlines()), r.stderr
+    assert "--resume" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout

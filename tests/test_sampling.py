@@ -1,0 +1,417 @@
+"""Tests of ddpm_lib's samplers, one-step evaluation and sample-quality metrics.
+
+The samplers are checked two ways: on an untrained tiny U-Net for shape, range, seeding and the
+intermediate steps they keep; and on a case with a known answer. If the data is N(μ, s²) per
+pixel, x_t ~ N(sqrt(ᾱ)μ, ᾱs² + 1 - ᾱ) and the optimal noise predictor is the closed form
+
+    ε*(x_t, t) = sqrt(1-ᾱ_t)·(x_t - sqrt(ᾱ_t)·μ) / (ᾱ_t·s² + 1 - ᾱ_t),
+
+so with ε* in place of the network a correct sampler must return N(μ, s²) (up to its own
+discretisation error), and every sampler is a linear Gaussian recursion whose output moments are
+computed exactly here, in float64, independently of the library.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn as nn
+
+import ddpm_lib as dl
+
+MU, S2 = 0.3, 0.04
+T = 1000
+
+
+# -----------------------------------------------------------------------------------------------
+# helpers
+
+
+class OptimalEps(nn.Module):
+    """ε*(x_t, t) of N(μ, s²) data, called like the U-Net: model(x (B, C, H, W), t (B,) long,
+    1-based). Works in float64 inside and returns float32 (autocast leaves elementwise ops
+    alone)."""
+
+    def __init__(self, mu: float = MU, s2: float = S2, T: int = T):
+        super().__init__()
+        b = np.linspace(1e-3, 0.02, T)
+        self.register_buffer("ab", torch.tensor(np.cumprod(1 - b)))       # float64, own copy
+        self.mu, self.s2 = mu, s2
+
+    def forward(self, x, t):
+        ab = self.ab[t - 1].view(-1, 1, 1, 1)
+        xd = x.double()
+        return ((1 - ab).sqrt() * (xd - ab.sqrt() * self.mu) / (ab * self.s2 + 1 - ab)).float()
+
+
+def linear_alpha_bar(T: int = T) -> tuple[np.ndarray, np.ndarray]:
+    b = np.linspace(1e-3, 0.02, T)
+    return b, np.cumprod(1 - b)
+
+
+def exact_moments(kind: str, mu=MU, s2=S2, T: int = T) -> tuple[float, float]:
+    """Mean and variance of a sampler's output when x_T ~ N(0, 1) and the model is ε*: every
+    step is x' = A·x + B + σ·z, so M' = A·M + B, V' = A²·V + σ² (float64, no library code).
+    kind: 'beta' / 'beta_tilde' (DDPM, Algorithm 2 with the posterior mean) or 'report'."""
+    b, ab = linear_alpha_bar(T)
+    M, V = 0.0, 1.0
+    for t in range(T, 0, -1):
+        a, ap, bt = ab[t - 1], (ab[t - 2] if t > 1 else 1.0), b[t - 1]
+        c = np.sqrt(1 - a) / (a * s2 + 1 - a)                 # ε* = c·(x - sqrt(a)·μ)
+        a0, b0 = (1 - np.sqrt(1 - a) * c) / np.sqrt(a), np.sqrt(1 - a) * c * mu  # x̂0=a0·x+b0
+        if kind == "report":                        # x' = sqrt(ᾱ')·x̂0 + sqrt(1-ᾱ')·z
+            A, B, var = np.sqrt(ap) * a0, np.sqrt(ap) * b0, 1 - ap
+        else:                                                # x' = μ̃(x̂0, x) + σ·z
+            c0, ct = np.sqrt(ap) * bt / (1 - a), np.sqrt(1 - bt) * (1 - ap) / (1 - a)
+            A, B = c0 * a0 + ct, c0 * b0
+            var = bt if kind == "beta" else bt * (1 - ap) / (1 - a)
+        M, V = A * M + B, A * A * V + (var if t > 1 else 0.0)
+    return M, V
+
+
+def ddim_reference(xT: np.ndarray, steps: int, mu=MU, s2=S2, T: int = T) -> np.ndarray:
+    """Deterministic DDIM (Song et al. Eq. 12, η = 0) in float64 with ε*, over `steps` timesteps
+    evenly spaced from T down to 1 (rounded), the last one going to ᾱ_0 = 1."""
+    _, ab = linear_alpha_bar(T)
+    taus = np.rint(np.linspace(T, 1, steps)).astype(int)
+    x = xT.astype(np.float64)
+    for i, t in enumerate(taus):
+        a = ab[t - 1]
+        ap = ab[taus[i + 1] - 1] if i + 1 < len(taus) else 1.0
+        eps = np.sqrt(1 - a) * (x - np.sqrt(a) * mu) / (a * s2 + 1 - a)
+        x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
+        x = np.sqrt(ap) * x0 + np.sqrt(1 - ap) * eps
+    return x
+
+
+def gaussian_run(loop, n_side: int = 128, seed: int = 0, **kw) -> torch.Tensor:
+    """A sampler loop with ε*, on 16 384 independent 1-pixel chains (one (1, 1, 128, 128) batch:
+    ε* acts per pixel), no clipping."""
+    fp = dl.ForwardProcess(T)
+    g = torch.Generator().manual_seed(seed)
+    xT = torch.randn(1, 1, n_side, n_side, generator=g)
+    x, _ = loop(OptimalEps(), fp, xT, g, clip=False, **kw)
+    return xT, x
+
+
+def check_moments(x: torch.Tensor, mean: float, var: float, n_se: float = 5.0):
+    """x's sample mean and variance agree with (mean, var) within n_se standard errors
+    (Gaussian output: SE of the mean sqrt(var/n), of the variance var·sqrt(2/(n-1)))."""
+    n = x.numel()
+    m, v = x.double().mean().item(), x.double().var().item()
+    assert abs(m - mean) < n_se * np.sqrt(var / n), (m, mean)
+    assert abs(v - var) < n_se * var * np.sqrt(2 / (n - 1)), (v, var)
+
+
+# -----------------------------------------------------------------------------------------------
+# 1. every sampler on an untrained tiny U-Net
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = dl.UNet(8, 32, 2).eval().requires_grad_(False)
+    return model, dl.ForwardProcess(50)
+
+
+SAMPLER_KW = {"ddpm": dict(var="beta"), "ddim": dict(steps=10), "report": {}}
+
+
+def test_samplers_table():
+    assert set(dl.SAMPLERS) == {"ddpm", "ddim", "report"}
+    with pytest.raises(ValueError, match="method"):
+        dl.sample(nn.Linear(1, 1), dl.ForwardProcess(5), "euler", n=1, size=8, progress=False)
+
+
+@pytest.mark.parametrize("method,kw", [("ddpm", dict(var="beta")),
+                                       ("ddpm", dict(var="beta_tilde")),
+                                       ("ddim", dict(steps=10)),
+                                       ("ddim", dict(steps=10, eta=1.0)),
+                                       ("report", {})])
+def test_sampler_shape_range_and_seed(tiny, method, kw):
+    model, fp = tiny
+    run = lambda seed: dl.sample(model, fp, method, n=3, size=16, seed=seed, batch=2,
+                                 progress=False, **kw)[0]
+    a, b, c = run(0), run(0), run(1)
+    assert a.shape == (3, 3, 16, 16) and a.dtype == torch.float32 and a.device.type == "cpu"
+    assert torch.isfinite(a).all() and a.min() >= -1 and a.max() <= 1
+    assert a.std() > 0.01
+    assert torch.equal(a, b), "same seed, different samples"
+    assert not torch.allclose(a, c), "different seeds, same samples"
+    assert not torch.allclose(a[0], a[1])            # images of one batch differ too
+
+
+class Recorder(nn.Module):
+    """Wraps a model and records every (t, x_t) it is called with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, t):
+        self.calls.append((int(t[0]), x.detach().clone()))
+        return self.model(x, t)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim", "report"])
+def test_keep_returns_the_intermediate_steps(tiny, method):
+    """traj[k] is x_k: the very input the model is called with next (at t = k, or for DDIM at
+    the first of its timesteps at or below k); traj[0] is the output before sample's clamp."""
+    model, fp = tiny
+    rec = Recorder(model)
+    keep = (0, 7, 25, 49)
+    x, traj = dl.sample(rec, fp, method, n=2, size=16, seed=3, keep=keep, progress=False,
+                        **SAMPLER_KW[method])
+    assert sorted(traj) == sorted(keep)
+    assert all(v.shape == (2, 3, 16, 16) for v in traj.values())
+    assert torch.equal(x, traj[0].clamp(-1, 1))
+    called = dict(rec.calls)
+    assert len(called) == len(rec.calls)             # one call per timestep
+    for k in (7, 25, 49):
+        nxt = max(t for t in called if t <= k)
+        if method != "ddim":
+            assert nxt == k
+        assert torch.equal(traj[k], called[nxt]), k
+    if method != "ddim":
+        assert sorted(called) == list(range(1, fp.T + 1))
+    # keeping nothing changes nothing
+    x2, traj2 = dl.sample(model, fp, method, n=2, size=16, seed=3, progress=False,
+                          **SAMPLER_KW[method])
+    assert traj2 == {} and torch.equal(x, x2)
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. the exact Gaussian test
+
+
+def test_optimal_eps_is_the_posterior_mean_of_eps():
+    """The oracle itself: at a fixed t, ε* = E[ε | x_t], i.e. regressing ε on x_t by least
+    squares over many (x0, ε) pairs gives ε*'s slope, and its MSE beats ε* scaled by ±5 %."""
+    fp = dl.ForwardProcess(T)
+    g = torch.Generator().manual_seed(0)
+    n, t = 200_000, torch.tensor([300])
+    x0 = MU + np.sqrt(S2) * torch.randn(n, 1, 1, 1, generator=g)
+    eps = torch.randn(n, 1, 1, 1, generator=g)
+    xt = fp.q_sample(x0, t.expand(n), eps)
+    pred = OptimalEps()(xt, t.expand(n))
+    slope = np.polyfit(xt.flatten().double().numpy(), eps.flatten().double().numpy(), 1)[0]
+    assert pred.flatten()[:2].diff().item() / xt.flatten()[:2].diff().item() == \
+        pytest.approx(slope, rel=0.01)
+    mse = (pred - eps).pow(2).mean()
+    assert mse < (1.05 * pred - eps).pow(2).mean() and mse < (0.95 * pred - eps).pow(2).mean()
+
+
+@pytest.mark.parametrize("var,data_tol", [("beta", 0.05), ("beta_tilde", 0.15)])
+def test_ddpm_samples_the_gaussian(var, data_tol):
+    _, x = gaussian_run(dl.p_sample_loop, var=var)
+    n = x.numel()
+    m_exact, v_exact = exact_moments(var)
+    check_moments(x, m_exact, v_exact)               # the sampler is the recursion it claims
+    assert abs(x.mean().item() - MU) < 4 * np.sqrt(S2 / n) + 1e-3
+    assert abs(x.var().item() - S2) < data_tol * S2, x.var().item()
+
+
+def test_ddim_eta0_is_eq12_exactly():
+    xT, x = gaussian_run(dl.ddim_sample_loop, steps=50, eta=0.0)
+    ref = ddim_reference(xT.double().numpy(), 50)
+    np.testing.assert_allclose(x.double().numpy(), ref, rtol=0, atol=1e-4)
+    assert abs(x.mean().item() - MU) < 0.01
+    # 50 deterministic steps: known to under-disperse (discretisation), not a sampling error
+    assert x.var().item() < 0.9 * S2
+    # deterministic: another generator state does not matter at η = 0
+    fp, g = dl.ForwardProcess(T), torch.Generator().manual_seed(123)
+    x2, _ = dl.ddim_sample_loop(OptimalEps(), fp, xT, g, steps=50, eta=0.0, clip=False)
+    assert torch.equal(x, x2)
+
+
+def test_ddim_many_steps_samples_the_gaussian():
+    xT, x = gaussian_run(dl.ddim_sample_loop, steps=1000, eta=0.0)
+    n = x.numel()
+    assert abs(x.mean().item() - MU) < 4 * np.sqrt(S2 / n) + 1e-3
+    assert abs(x.var().item() - S2) < 0.10 * S2, x.var().item()
+    np.testing.assert_allclose(x.double().numpy(), ddim_reference(xT.double().numpy(), 1000),
+                               rtol=0, atol=1e-4)
+
+
+def test_report_method_does_not_sample_the_gaussian():
+    _, x = gaussian_run(dl.report_sample_loop)
+    m_exact, v_exact = exact_moments("report")
+    check_moments(x, m_exact, v_exact)               # it is the method its docstring describes
+    assert x.var().item() < 0.6 * S2, x.var().item()  # … and that method collapses the variance
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. SSIM, PSNR, Fréchet distance, KID, nearest-neighbour SSIM
+
+
+def _structured(n: int, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Smooth images with edges: gradients plus a disc, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    out = []
+    for _ in range(n):
+        c = torch.rand(3, 4, generator=g)
+        disc = ((xx - c[0, 0]) ** 2 + (yy - c[0, 1]) ** 2 < 0.1).float()
+        out.append(torch.stack([(c[i, 2] * xx + c[i, 3] * yy) / 2 + 0.4 * disc for i in range(3)]))
+    return torch.stack(out).clamp(0, 1)
+
+
+def test_ssim_matches_skimage():
+    """ddpm_lib.ssim mimics skimage's structural_similarity(channel_axis=0, data_range=1) with its
+    defaults: 7×7 uniform window, sample covariance, K1 = 0.01, K2 = 0.03, border cropped."""
+    from skimage.metrics import structural_similarity
+    g = torch.Generator().manual_seed(0)
+    rand_a, rand_b = torch.rand(3, 3, 24, 24, generator=g), torch.rand(3, 3, 24, 24, generator=g)
+    st_a = _structured(3)
+    st_b = (st_a + 0.1 * torch.randn(st_a.shape, generator=g)).clamp(0, 1)
+    st_c = _structured(3, seed=1)
+    for a, b in ((rand_a, rand_b), (st_a, st_b), (st_a, st_c), (rand_a, st_a[:, :, :24, :24])):
+        got = dl.ssim(a, b)
+        want = [structural_similarity(x.double().numpy(), y.double().numpy(), channel_axis=0,
+                                      data_range=1.0) for x, y in zip(a, b)]
+        assert got.shape == (len(a),)
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-3)
+    assert torch.allclose(dl.ssim(st_a, st_a), torch.ones(3))
+    assert (dl.ssim(st_a, st_b) > dl.ssim(st_a, st_c)).all()
+
+
+def test_psnr_is_10_log10_one_over_mse():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(4, 3, 16, 16, generator=g)
+    b = (a + 0.05 * torch.randn(a.shape, generator=g)).clamp(0, 1)
+    mse = ((a.double() - b.double()) ** 2).mean(dim=(1, 2, 3)).numpy()
+    np.testing.assert_allclose(dl.psnr(a, b).numpy(), 10 * np.log10(1 / mse), rtol=1e-5)
+    np.testing.assert_allclose(dl.psnr(a * 2, b * 2, data_range=2.0).numpy(),
+                               10 * np.log10(1 / mse), rtol=1e-5)
+
+
+def _features(n: int = 600, d: int = 8, seed: int = 0) -> tuple[torch.Tensor, np.random.Generator]:
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(size=(d, d))
+    return torch.tensor(rng.normal(size=(n, d)) @ mix + rng.normal(size=d)), rng
+
+
+def test_frechet_distance():
+    f, rng = _features()
+    assert abs(dl.frechet_distance(f, f)) < 1e-3
+    noise = torch.tensor(rng.normal(size=f.shape))
+    d = [dl.frechet_distance(f, f + s * noise) for s in (0.3, 1.0, 3.0)]
+    assert 0 < d[0] < d[1] < d[2], d
+    # a pure mean shift adds exactly ‖Δμ‖²
+    shift = torch.arange(8, dtype=torch.float64) / 4
+    assert dl.frechet_distance(f, f + shift) == pytest.approx(float((shift ** 2).sum()), rel=1e-3)
+
+
+def test_kid():
+    rng = np.random.default_rng(0)
+    f, f2 = (torch.tensor(rng.normal(size=(600, 32))) for _ in range(2))
+    same, same_std = dl.kid(f, f, subsets=20)
+    other, _ = dl.kid(f, f2, subsets=20)              # another sample of the same distribution
+    small, _ = dl.kid(f, f + 0.5, subsets=20)
+    large, _ = dl.kid(f, f + 1.0, subsets=20)
+    assert abs(same) < 0.05 and abs(other) < 0.05 and same_std > 0
+    assert 0.5 < small < large, (small, large)
+    assert dl.kid(f, f + 1.0, subsets=20) == (large, dl.kid(f, f + 1.0, subsets=20)[1])  # seeded
+
+
+def test_nearest_ssim_finds_a_copy():
+    g = torch.Generator().manual_seed(0)
+    train = (_structured(12, 16, seed=2) * 255).round().to(torch.uint8)
+    copies = dl.to_float(train[[3, 8]])
+    s = dl.nearest_ssim(copies, train, batch=1)
+    torch.testing.assert_close(s, torch.ones(2), rtol=0, atol=1e-5)
+    new = dl.to_float((_structured(2, 16, seed=5) * 255).round().to(torch.uint8))
+    assert (dl.nearest_ssim(new, train) < 0.999).all()
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. one-step evaluation and Table 1's layout
+
+
+class Oracle(nn.Module):
+    """Returns the true ε of x_t for known clean images: ε = (x_t - sqrt(ᾱ)·x0)/sqrt(1-ᾱ)."""
+
+    def __init__(self, x0: torch.Tensor, fp: dl.ForwardProcess):
+        super().__init__()
+        self.x0, self.fp = x0, fp
+        self.dummy = nn.Parameter(torch.zeros(()))   # one_step_eval reads the model's device
+
+    def forward(self, x, t):
+        ab = self.fp.at(self.fp.alpha_bar, t).double()
+        return ((x.double() - ab.sqrt() * self.x0.double()) / (1 - ab).sqrt()).float()
+
+
+def test_one_step_eval_rows_and_perfect_predictor():
+    images = (_structured(4, 16, seed=3) * 255).round().to(torch.uint8)
+    fp = dl.ForwardProcess(T)
+    ts = (1, 50, 1000)
+    df = dl.one_step_eval(Oracle(dl.to_float(images), fp), fp, images, ts=ts, batch=4)
+    assert list(df.columns[:3]) == ["t", "ssim", "psnr"]
+    assert len(df) == len(images) * len(ts)
+    assert df.groupby("t").size().to_dict() == {t: len(images) for t in ts}
+    assert (df.ssim > 0.999).all(), df            # the true ε reconstructs x0 at every t
+    assert (df.psnr > 50).all(), df
+    # an untrained network: same layout, finite, and far worse at large t than the oracle
+    torch.manual_seed(0)
+    net = dl.UNet(8, 32, 2).eval().requires_grad_(False)
+    bad = dl.one_step_eval(net, fp, images, ts=(50, 1000), batch=2)
+    assert len(bad) == 2 * len(images) and np.isfinite(bad[["ssim", "psnr"]].to_numpy()).all()
+    assert (bad.ssim <= 1).all()
+    assert bad[bad.t == 1000].ssim.mean() < 0.5
+    # the report-faithful reconstruction runs on the same rows
+    rep = dl.one_step_eval(net, dl.ForwardProcess(T, target="scaled_eps"), images, ts=(50,),
+                           report=True, batch=4)
+    assert len(rep) == len(images) and ((rep.ssim >= -1) & (rep.ssim <= 1)).all()
+
+
+def _long_table(ts=(50, 100, 150), folds=(0, 1, 2)) -> pd.DataFrame:
+    rows = []
+    for method, off in (("corrected", 0.0), ("report-faithful", 0.3)):
+        for k in folds:
+            for t in ts:
+                rows.append(dict(method=method, fold=k, t=t, ssim_mean=0.9 - t / 1000 - 0.01 * k
+                                 - off, ssim_std=0.01 + 0.002 * k + t / 1e4, psnr_mean=20.0,
+                                 psnr_std=1.0, n=10))
+    return pd.DataFrame(rows)
+
+
+def _expected_wide(long: pd.DataFrame, method: str = "corrected") -> pd.DataFrame:
+    d = long[long.method == method]
+    out = {"t": sorted(d.t.unique())}
+    folds = sorted(d.fold.unique())
+    for k in folds:
+        out[f"fold {k}"] = [f"{r.ssim_mean.item():.3f} ± {r.ssim_std.item():.3f}"
+                            for t in out["t"] for r in [d[(d.fold == k) & (d.t == t)]]]
+    means = [[d[(d.fold == k) & (d.t == t)].ssim_mean.item() for k in folds] for t in out["t"]]
+    out["mean over folds"] = [f"{np.mean(m):.3f} ± {np.std(m, ddof=1):.3f}" if len(m) > 1
+                              else f"{np.mean(m):.3f}" for m in means]
+    return pd.DataFrame(out)
+
+
+def test_table1_wide_layout():
+    long = _long_table()
+    wide = dl.table1_wide(long)
+    assert list(wide.columns) == ["t", "fold 0", "fold 1", "fold 2", "mean over folds"]
+    assert list(wide.t) == [50, 100, 150]
+    pd.testing.assert_frame_equal(wide, _expected_wide(long), check_dtype=False)
+    assert wide.loc[0, "fold 1"] == "0.840 ± 0.017"      # 0.9 - 0.05 - 0.01, 0.01 + 0.002 + 0.005
+    rep = dl.table1_wide(long, "report-faithful")
+    pd.testing.assert_frame_equal(rep, _expected_wide(long, "report-faithful"), check_dtype=False)
+    one = dl.table1_wide(_long_table(folds=(3,)))
+    assert list(one.columns) == ["t", "fold 3", "mean over folds"]
+    assert all("±" not in v for v in one["mean over folds"])
+
+
+def test_table1_wide_does_not_depend_on_row_order():
+    long = _long_table()
+    shuffled = long.sample(frac=1.0, random_state=0)
+    pd.testing.assert_frame_equal(dl.table1_wide(shuffled), _expected_wide(long),
+                                  check_dtype=False)
+
+
+def test_ddpm_rejects_unknown_variance():
+    """A typo in var must not silently fall back to β̃."""
+    with pytest.raises(ValueError, match="beta_tilde"):
+        dl.p_sample_loop(None, dl.ForwardProcess(T=10), torch.zeros(1, 3, 4, 4),
+                         torch.Generator(), var="betta")
