@@ -1571,7 +1571,10 @@ def _report_fields(figs: Path) -> dict:
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
     if (b := csv("bench")) is not None:
-        f["bench_table"] = to_markdown(b)
+        cols = ["model", "size", "batch", "mode", "n_params", "train_img_s", "sample_img_s",
+                "achieved_gflops", "mfu"]
+        f["bench_table"] = "Speed on this machine (`make bench`):\n\n" + to_markdown(
+            b[[c for c in cols if c in b]])
     return f
 
 

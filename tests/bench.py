@@ -13,7 +13,9 @@ One run measures, with warm-up and repeats (medians are quoted):
           fp32 and in bf16 autocast + channels_last; sizes not divisible by 8 are zero-padded
           (100 → 104) and cropped back. Skipped with a message if diffusers is not installed
           (`pip install -e .[bench]`);
-      (a') torch.compile of (a): compile time and steady-state speed;
+      (a') torch.compile of (a): cold compile time and steady-state speed, at 32×32 (the cpu
+          profile's training size; --compile-sizes to change; not in --quick: a cold compile
+          of the training and sampling graphs takes minutes on 2 cores);
   * FLOPs per image (torch.utils.flop_counter), the achieved FLOP/s and the MFU against this
     machine's matmul peak, measured in the same run (2048² matmul, fp32 and bf16);
   * seconds per generated image of DDPM-1000 and DDIM-50 with ddpm_lib.sample (random weights:
@@ -70,9 +72,9 @@ LIB, REF, DIFF, COMPILED = "ddpm_lib", "reference", "diffusers", "ddpm_lib compi
 def settings(quick: bool) -> dict:
     if quick:
         return dict(warmup=1, repeats=2, batch={32: 16, 100: 4}, sampler_n=8, ddim_repeats=1,
-                    ddpm_steps=50, compile_sizes=(32,), peak_repeats=3)
+                    ddpm_steps=50, compile_sizes=(), peak_repeats=3)
     return dict(warmup=3, repeats=7, batch={32: 32, 100: 8}, sampler_n=16, ddim_repeats=3,
-                ddpm_steps=1000, compile_sizes=(32, 100), peak_repeats=5)
+                ddpm_steps=1000, compile_sizes=(32,), peak_repeats=5)
 
 
 def timed(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
@@ -101,7 +103,7 @@ def measure_peak(repeats: int, threads: int, when: str = "") -> dict:
     peak = {"fp32": matmul_peak(torch.float32, repeats),
             "bf16": matmul_peak(torch.bfloat16, repeats)}
     print(f"matmul peak{' ' + when if when else ''} (2048², best of {repeats}, {threads} "
-          f"threads): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s", flush=True)
+          f"thread{'s' if threads > 1 else ''}): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s", flush=True)
     return peak
 
 
@@ -258,13 +260,13 @@ def bench_compiled(cfg, size, bs, S, flops, eager_row) -> dict | None:
         t0 = time.perf_counter()
         sstep()
         c_sample = time.perf_counter() - t0
+        row = bench_column(COMPILED, "bf16+CL compiled", net, cfg, size, bs, S, flops,
+                           library=True, fwd=fwd, note=f"compile: train {c_train:.0f} s + "
+                                                       f"sample {c_sample:.0f} s")
     except Exception as e:  # inductor needs a C++ compiler; any failure just skips the column
-        print(f"  torch.compile failed at {size}px ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-              f": no compiled column")
+        msg = (str(e).splitlines() or [""])[0][:200]
+        print(f"  torch.compile failed at {size}px ({type(e).__name__}: {msg}): no compiled column")
         return None
-    row = bench_column(COMPILED, "bf16+CL compiled", net, cfg, size, bs, S, flops,
-                       library=True, fwd=fwd, note=f"compile: train {c_train:.0f} s + sample "
-                                                   f"{c_sample:.0f} s")
     row["compile_s"] = c_train + c_sample
     gain = 1 / row["train_ms_step"] - 1 / eager_row["train_ms_step"]         # steps/ms gained
     if gain > 0:
@@ -312,15 +314,19 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 repeats, small batches")
     ap.add_argument("--out", default=str(ROOT / "figures"), help="folder for bench.csv/.png")
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    ap.add_argument("--compile-sizes", type=int, nargs="*", choices=[32, 100], default=None,
+                    help="sizes to time torch.compile at (default: 32, the cpu profile's "
+                    "training size; none with --quick: a cold compile takes minutes on 2 cores)")
     ap.add_argument("--no-diffusers", action="store_true", help="skip diffusers' UNet2DModel")
     a = ap.parse_args(argv)
     S = settings(a.quick)
+    if a.compile_sizes is not None:
+        S["compile_sizes"] = tuple(a.compile_sizes)
     threads = int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS") \
         else os.cpu_count()
     torch.set_num_threads(threads)
     print(f"# ddpm_lib speed benchmark ({'quick' if a.quick else 'full'}): torch "
-          f"{torch.__version__}, {platform.processor() or platform.machine()}, {threads} threads, "
+          f"{torch.__version__}, {platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}, "
           f"warm-up {S['warmup']}, median of {S['repeats']}")
 
     peak = measure_peak(S["peak_repeats"], threads)
@@ -353,13 +359,16 @@ def main(argv=None) -> None:
                 net = net.to(memory_format=torch.channels_last) if c.channels_last else net
                 rows.append(bench_column(DIFF, mode, net, c, size, bs, S, f_d, note=pad))
                 del net
-        if not a.no_compile and size in S["compile_sizes"]:
+        if size in S["compile_sizes"]:
             r = bench_compiled(cfg, size, bs, S, f_ref, row_a)
             if r is not None:
                 rows.append(r)
         del lib
         gc.collect()
     print("samplers:", flush=True)
+    if not S["compile_sizes"]:
+        print("torch.compile not timed (--quick, or --compile-sizes with no size): pass "
+              "--compile-sizes 32 to time it")
     rows += bench_samplers(S)
 
     # the peak once more at the end (the best of both is kept: a peak, not a typical speed)
@@ -402,7 +411,7 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
         "MFU": speed.mfu.map(lambda v: _fmt(100 * v, ".1f") + " %"),
         "sample MFU": speed.sample_mfu.map(lambda v: _fmt(100 * v, ".1f") + " %"),
     })
-    print(f"\n## Results ({threads} threads{', --quick' if quick else ''}; MFU against the "
+    print(f"\n## Results ({threads} thread{'s' if threads > 1 else ''}{', --quick' if quick else ''}; MFU against the "
           f"measured 2048² matmul peak: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s)\n")
     print(dl.to_markdown(tab))
     notes = speed[speed.note.astype(bool)]
@@ -454,7 +463,8 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(range(len(s)), lab, fontsize=7)
         ax.set(title=f"{size}×{size}, batch {int(s.batch.iloc[0])}", ylabel="training images / s")
-    fig.suptitle(f"training throughput (fwd+bwd+Adam), {int(df.threads.iloc[0])} CPU threads"
+    n = int(df.threads.iloc[0])
+    fig.suptitle(f"training throughput (fwd+bwd+Adam), {n} CPU thread{'s' if n > 1 else ''}"
                  + (" — quick run" if bool(df["quick"].iloc[0]) else ""))
     fig.tight_layout()
     with dl.atomic_path(path) as tmp:
