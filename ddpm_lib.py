@@ -1073,16 +1073,23 @@ def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0) -> torch.Ten
     return (10 * torch.log10(data_range ** 2 / mse)).float()
 
 
-def nearest_ssim(x: torch.Tensor, train: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """For each image (N, 3, H, W) in [-1, 1]: the SSIM to its nearest training image (uint8),
-    nearest by pixel L2 distance. Near 1 means a copy; compare with real test images."""
+def nearest_train(x: torch.Tensor, train: torch.Tensor, batch: int = 64):
+    """For each image (N, 3, H, W) in [-1, 1]: its nearest training image (uint8 (M, 3, H, W)),
+    nearest by pixel L2 distance → (SSIM to it (N,), its index in train (N,)). SSIM near 1
+    means a copy; compare with real test images."""
     tr = to_float(train).flatten(1)                                    # (M, D)
-    out = []
+    sims, idx = [], []
     for i in range(0, len(x), batch):
         q = x[i:i + batch].float()
         j = torch.cdist(q.flatten(1), tr).argmin(1)
-        out.append(ssim(to_unit(q), to_unit(tr[j].view_as(q))))
-    return torch.cat(out)
+        sims.append(ssim(to_unit(q), to_unit(tr[j].view_as(q))))
+        idx.append(j)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def nearest_ssim(x: torch.Tensor, train: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """The SSIM of each image to its nearest training image (see nearest_train)."""
+    return nearest_train(x, train, batch)[0]
 
 
 @torch.no_grad()
@@ -1447,6 +1454,11 @@ def shipped_checkpoint(cfg: Config) -> Path:
     return ROOT / "data" / "checkpoints" / f"ddpm_{cfg.profile}_all_ema_fp16.pt"
 
 
+# The rows of generation_metrics: name → (method, sampler settings).
+GEN_SAMPLERS = {"report's method (T=1000)": ("report", {}), "DDPM-1000": ("ddpm", dict(var="beta")),
+                "DDIM-50": ("ddim", dict(steps=50)), "DDIM-20": ("ddim", dict(steps=20))}
+
+
 def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Sample with every sampler and score each set (and real images, as the reference).
     Returns (one row per sampler, {name: samples}); samples are also saved to runs/."""
@@ -1458,10 +1470,6 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
     test_imgs = Fruits(index[index.split == "test"], root, cfg.image_size).images
     clf, _, acc = train_classifier(cfg, progress)
     fp = ForwardProcess.from_config(cfg).to(next(model.parameters()).device)
-    runs = [("report's method (T=1000)", "report", ev["n_ddpm"], {}),
-            ("DDPM-1000", "ddpm", ev["n_ddpm"], {}),
-            ("DDIM-50", "ddim", ev["n_samples"], dict(steps=50)),
-            ("DDIM-20", "ddim", ev["n_samples"], dict(steps=20))]
     rows, samples = [], {}
     g = torch.Generator().manual_seed(cfg.seed)
     real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:ev["n_samples"]]])
@@ -1472,7 +1480,8 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
                      **quality(clf, real_train, real_test, None, len(classes))))
     rows.append(dict(sampler="real: test images", seconds_per_image=np.nan,
                      **quality(clf, real_test, None, train_imgs, len(classes))))
-    for name, method, n, kw in runs:
+    for name, (method, kw) in GEN_SAMPLERS.items():
+        n = ev["n_ddpm"] if method != "ddim" else ev["n_samples"]       # 1000-step ones: fewer
         t0 = time.perf_counter()
         x, _ = sample(model, fp, method, n, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
         secs = (time.perf_counter() - t0) / n
