@@ -33,7 +33,7 @@ train: env data
 notebooks: env data
 	for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \
-	  $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=-1 "$$nb" || exit 1; \
+	  $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=7200 "$$nb" || exit 1; \
 	done
 
 report: env

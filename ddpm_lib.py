@@ -742,6 +742,8 @@ class ForwardProcess(nn.Module):
 
     def at(self, buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """buf at timesteps t (1-based), shaped (B, 1, 1, 1) to broadcast over images."""
+        if t.min() < 1 or t.max() > self.T:
+            raise IndexError(f"timesteps run from 1 to {self.T}, got {t.min().item()}..{t.max().item()}")
         return buf[t - 1].view(-1, 1, 1, 1)
 
     def sample_t(self, n: int, generator=None, device=None) -> torch.Tensor:
@@ -875,8 +877,8 @@ def epoch_batches(images: torch.Tensor, cfg: Config, fp: ForwardProcess, g: torc
 @torch.no_grad()
 def validation_loss(model, fp: ForwardProcess, images: torch.Tensor, cfg: Config,
                     device: torch.device, batch: int = 256) -> float:
-    """Mean ε-MSE over the validation images with fixed, seeded noise and timesteps, so that
-    epochs are comparable."""
+    """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps') over the validation
+    images, with fixed, seeded noise and timesteps so that epochs are comparable."""
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     total, count = 0.0, 0
     for i in range(0, len(images), batch):
@@ -1130,17 +1132,19 @@ def eval_images(cfg: Config, n: int | None = None) -> torch.Tensor:
 def split_leakage(cfg: Config, fold: int = 0) -> pd.DataFrame:
     """For every validation image of a fold: the SSIM of its nearest training image under the
     report's random split and under the grouped split. High under 'random' means near-copies of
-    validation images were trained on (leakage)."""
+    validation images were trained on (leakage). One row per split and validation image:
+    split, path, ssim (the two splits' validation sets differ in size)."""
     index = load_index(cfg)
     root = ROOT / cfg.data_dir / "fruits-360"
-    out = {}
+    parts = []
     for split in ("random", "grouped"):
         idx = index if split == "grouped" else assign_folds(index, split="random", seed=cfg.seed)
         tr, val = fold_rows(idx, fold, PURGE_K if split == "grouped" else 0)
         val = val.sort_values("path")
         x = to_float(Fruits(val, root, cfg.image_size).images)
-        out[split] = nearest_ssim(x, Fruits(tr, root, cfg.image_size).images).numpy()
-    return pd.DataFrame(out)
+        sims = nearest_ssim(x, Fruits(tr, root, cfg.image_size).images).numpy()
+        parts.append(pd.DataFrame(dict(split=split, path=val.path.to_numpy(), ssim=sims)))
+    return pd.concat(parts, ignore_index=True)
 
 
 def summarise(per_image: pd.DataFrame, by=("t",)) -> pd.DataFrame:

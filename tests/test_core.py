@@ -492,3 +492,12 @@ def test_cli_second_train_into_same_run_is_an_error(tmp_path):
     assert any(line.startswith("error:") for line in r.stderr.splitlines()), r.stderr
     assert "--resume" in r.stderr
     assert "Traceback" not in r.stderr + r.stdout
+
+
+def test_timestep_out_of_range_raises():
+    """t is 1-based: t = 0 or t > T must not wrap around to another step's ᾱ."""
+    fp = dl.ForwardProcess(T=10)
+    x = torch.zeros(1, 3, 4, 4)
+    for bad in (0, 11):
+        with pytest.raises(IndexError, match="from 1 to 10"):
+            fp.q_sample(x, torch.tensor([bad]), x)
