@@ -1520,6 +1520,25 @@ def show_grid(x: torch.Tensor, nrow: int = 8, ax=None, title: str | None = None)
     return ax
 
 
+def plot_xt(fp: ForwardProcess, x0: torch.Tensor, eps: torch.Tensor, ts, fig=None):
+    """One image x0 (1, 3, H, W) in [-1, 1] noised to each t (0: x0 itself) with the noise eps
+    (Eq. 4), above the histogram of its pixels against N(0, 1)."""
+    import matplotlib.pyplot as plt
+    fig = fig or plt.figure(figsize=(2.4 * len(ts), 4.4))
+    axes = fig.subplots(2, len(ts), squeeze=False, gridspec_kw=dict(height_ratios=[1.2, 1]))
+    grid = np.linspace(-4, 4, 200)
+    for j, tv in enumerate(ts):
+        x = x0 if tv == 0 else fp.q_sample(x0, torch.tensor([tv]), eps)
+        ab = 1.0 if tv == 0 else fp.alpha_bar[tv - 1].item()
+        axes[0, j].imshow(image_grid(x, nrow=1))
+        axes[0, j].set_title(f"t = {tv}, ᾱ_t = {ab:.3f}", fontsize=9)
+        axes[0, j].set_axis_off()
+        axes[1, j].hist(x.flatten().numpy(), bins=50, range=(-4, 4), density=True, alpha=0.7)
+        axes[1, j].plot(grid, np.exp(-grid ** 2 / 2) / np.sqrt(2 * np.pi), "k-", lw=1)
+        axes[1, j].set_yticks([])
+    return fig
+
+
 def plot_history(histories: dict, ax=None, title: str = "loss per epoch"):
     """The report's Figure 3: training (dashed) and validation (solid) loss per fold, with the
     best (early-stopping) epoch marked."""
