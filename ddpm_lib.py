@@ -1013,6 +1013,17 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
     return pd.DataFrame(history)
 
 
+def run_summary(cfg: Config, fold, history: pd.DataFrame) -> dict:
+    """One row of the training table: the run, its epochs, its best epoch (whose EMA weights are
+    kept in best.pt), whether early stopping ended it, and its time."""
+    best = history.loc[history.val_loss.idxmin()]
+    return dict(run=str(cfg.run_dir(fold).relative_to(ROOT / "runs" / cfg.profile)),
+                epochs=len(history), best_epoch=int(best.epoch), best_val_loss=best.val_loss,
+                final_train_loss=history.train_loss.iloc[-1],
+                early_stopped=len(history) < cfg.max_epochs, minutes=history.seconds.sum() / 60,
+                images_per_s=history.images_per_s.median())
+
+
 def planned_runs() -> list[tuple[dict, object]]:
     """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
     generation model (on every training image), and on fold 0 the report-faithful target and
@@ -1539,9 +1550,10 @@ def plot_xt(fp: ForwardProcess, x0: torch.Tensor, eps: torch.Tensor, ts, fig=Non
     return fig
 
 
-def plot_history(histories: dict, ax=None, title: str = "loss per epoch"):
-    """The report's Figure 3: training (dashed) and validation (solid) loss per fold, with the
-    best (early-stopping) epoch marked."""
+def plot_history(histories: dict, ax=None, title: str = "loss per epoch",
+                 max_epochs: int | None = None):
+    """The report's Figure 3: training (dashed) and validation (solid) loss per fold, the best
+    epoch marked ● and, when a run ended before max_epochs, its early stop ×."""
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(7, 4))[1]
     for i, (name, h) in enumerate(histories.items()):
@@ -1550,6 +1562,8 @@ def plot_history(histories: dict, ax=None, title: str = "loss per epoch"):
         ax.plot(h.epoch, h.val_loss, "-", color=c, label=f"{name} (val)")
         b = h.loc[h.val_loss.idxmin()]
         ax.plot([b.epoch], [b.val_loss], "o", color=c)
+        if max_epochs and len(h) < max_epochs:
+            ax.plot(h.epoch.iloc[-1], h.val_loss.iloc[-1], "x", color=c, ms=9, mew=2)
     ax.set(xlabel="epoch", ylabel="ε-MSE", yscale="log", title=title)
     ax.legend(fontsize=8)
     return ax
