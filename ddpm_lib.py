@@ -1405,8 +1405,9 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     a, b = f1.double().numpy(), f2.double().numpy()
     m1, m2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    eye = np.eye(len(s1)) * 1e-6                    # keeps sqrtm stable for small sample sets
-    covmean = linalg.sqrtm((s1 + eye) @ (s2 + eye)).real
+    eye = np.eye(len(s1)) * 1e-6                    # keeps sqrtm stable for small sample sets,
+    s1, s2 = s1 + eye, s2 + eye                     # on both sides of the trace (else it is < 0)
+    covmean = linalg.sqrtm(s1 @ s2).real
     return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
