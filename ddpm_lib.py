@@ -794,11 +794,6 @@ class ForwardProcess(nn.Module):
         s = self.report_scaler(t).float().view(-1, 1, 1, 1)
         return (s * to_unit(x0)).clamp(0, 1)
 
-    def x0_hat(self, model, xt, t):
-        """One-step x̂0 in [-1, 1] from the model; the corrected method for either target."""
-        out = model(xt, t).float()
-        return self.predict_x0(xt, t, self.eps_from_output(xt, t, out)).clamp(-1, 1)
-
 
 # -----------------------------------------------------------------------------------------------
 # training
@@ -1106,6 +1101,19 @@ def nearest_ssim(x: torch.Tensor, train: torch.Tensor, batch: int = 64) -> torch
 
 
 @torch.no_grad()
+def reconstruct(model, fp: ForwardProcess, xt: torch.Tensor, t: torch.Tensor,
+                report: bool = False) -> torch.Tensor:
+    """The one-step x̂0 of Table 1, in [0, 1]: the network's output read as ε (the scaled target
+    divided back out) and Eq. 4 solved for x0 (Eq. 15); report=True: the report's decoding
+    with its Eq. 5 scaler (ForwardProcess.report_x0)."""
+    with torch.autocast(xt.device.type, torch.bfloat16):
+        out = model(xt, t).float()
+    if report:
+        return fp.report_x0(xt, t, out)
+    return to_unit(fp.predict_x0(xt, t, fp.eps_from_output(xt, t, out)))
+
+
+@torch.no_grad()
 def one_step_eval(model, fp: ForwardProcess, images: torch.Tensor, ts=TABLE1_T, seed: int = 0,
                   report: bool = False, batch: int = 250) -> pd.DataFrame:
     """The report's Table 1 protocol for one model: noise the images (uint8) to each t with fixed
@@ -1120,11 +1128,7 @@ def one_step_eval(model, fp: ForwardProcess, images: torch.Tensor, ts=TABLE1_T, 
             x0 = to_float(images[i:i + batch])
             t = torch.full((len(x0),), t_val, dtype=torch.long)
             xt = fp.q_sample(x0, t, torch.randn(x0.shape, generator=g)).to(device)
-            t = t.to(device)
-            with torch.autocast(device.type, torch.bfloat16):
-                out = model(xt, t).float()
-            rec = fp.report_x0(xt, t, out) if report else \
-                to_unit(fp.predict_x0(xt, t, fp.eps_from_output(xt, t, out)))
+            rec = reconstruct(model, fp, xt, t.to(device), report)
             gt = to_unit(x0)
             rows += [dict(t=t_val, ssim=a, psnr=b) for a, b in
                      zip(ssim(rec.cpu(), gt).tolist(), psnr(rec.cpu(), gt).tolist())]
