@@ -80,7 +80,7 @@ class Config:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     flip: bool = True               # random horizontal flips
-    bf16: bool = True               # bf16 autocast (CPU with avx512_bf16, or CUDA)
+    bf16: bool = True               # bf16 autocast in training (where fast: see autocast())
     channels_last: bool = True
     seed: int = 0
 
@@ -114,7 +114,7 @@ PROFILES = {
 # and (on the CPU's short budget) with a larger learning rate than the report's per-fold runs.
 GENERATION = {
     "smoke": dict(max_epochs=2),
-    "cpu": dict(lr=5e-4, ema_decay=0.9995, max_epochs=45, patience=45),
+    "cpu": dict(lr=5e-4, ema_decay=0.9995, max_epochs=140, patience=140),
     "full": dict(max_epochs=40, patience=40),
 }
 
@@ -147,9 +147,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def autocast(cfg: Config, device: torch.device):
-    """bf16 autocast where the config asks for it, a no-op otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast when `enabled` and fast on `device` (CUDA, or a CPU with native bf16:
+    AVX512-BF16/AMX); a no-op otherwise, since bf16 emulated on an older CPU is slower than fp32.
+    Training passes Config.bf16; evaluation and sampling always ask for it."""
+    fast = device.type == "cuda" or (device.type == "cpu"
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and fast)
 
 
 @contextlib.contextmanager
@@ -741,8 +745,11 @@ class ForwardProcess(nn.Module):
         return cls(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.target)
 
     def at(self, buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """buf at timesteps t (1-based), shaped (B, 1, 1, 1) to broadcast over images."""
-        if t.min() < 1 or t.max() > self.T:
+        """buf at timesteps t (1-based), shaped (B, 1, 1, 1) to broadcast over images.
+        t is range-checked on the CPU only: on CUDA the check would cost a host sync per call
+        (several per sampling step), and an index out of range fails there anyway (device-side
+        assert), just with a less helpful message."""
+        if t.device.type == "cpu" and (t.min() < 1 or t.max() > self.T):
             raise IndexError(f"timesteps run from 1 to {self.T}, got {t.min().item()}..{t.max().item()}")
         return buf[t - 1].view(-1, 1, 1, 1)
 
@@ -851,6 +858,13 @@ def diffusion_loss(model, fp: ForwardProcess, x0, t, eps) -> torch.Tensor:
     return F.mse_loss(model(xt, t).float(), target)
 
 
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Adam:
+    """The report's Adam, as the fused kernel (one pass over all parameters; on this CPU
+    6.4 ms a step against 11.5 ms for the default foreach form, clip included)."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=True)
+
+
 def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
@@ -880,7 +894,7 @@ def validation_loss(model, fp: ForwardProcess, images: torch.Tensor, cfg: Config
         x0 = to_float(images[i:i + batch])
         t, eps = fp.sample_t(len(x0), g), torch.randn(x0.shape, generator=g)
         x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
-        with autocast(cfg, device):
+        with autocast(device, cfg.bf16):
             xt, target = fp(x0, t, eps)
             out = model(xt, t).float()
         total += F.mse_loss(out, target, reduction="sum").item()
@@ -930,7 +944,7 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
     seed_everything(cfg.seed)
     model = build_model(cfg, device, verbose=progress)
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model, cfg)
     fp = ForwardProcess.from_config(cfg).to(device)
     stopper, history, start = EarlyStopping(cfg.patience), [], 0
     if resume and ckpt_path.exists():
@@ -962,7 +976,7 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
                    desc=f"fold {fold} epoch {epoch + 1}/{cfg.max_epochs}", unit="step")
         for x0, t, eps in bar:
             x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
-            with autocast(cfg, device):
+            with autocast(device, cfg.bf16):
                 loss = diffusion_loss(model, fp, x0, t, eps)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -978,6 +992,7 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
             losses.append(loss.item())
             rate = len(losses) * len(x0) / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{rate:.0f}")
+        train_secs = time.perf_counter() - t0
         model.eval()
         val = validation_loss(ema.model, fp, val_images, cfg, device)
         if not math.isfinite(val):
@@ -987,7 +1002,8 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
         secs = time.perf_counter() - t0
         history.append(dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_loss=val,
                             seconds=secs, lr=opt.param_groups[0]["lr"],
-                            images_per_s=len(losses) * cfg.batch_size / secs, best=improved))
+                            images_per_s=len(losses) * cfg.batch_size / train_secs,
+                            best=improved))
         if progress:
             left = (cfg.max_epochs - epoch - 1) * np.mean([h["seconds"] for h in history[start:]])
             print(f"fold {fold} epoch {epoch + 1}: train {history[-1]['train_loss']:.4f} "
@@ -1052,11 +1068,12 @@ def export_ema(cfg: Config, fold, path: Path | str) -> Path:
 # -----------------------------------------------------------------------------------------------
 # evaluation
 
-# How much each profile evaluates: test images for Table 1, samples per sampler, classifier epochs.
+# How much each profile evaluates: test images for Table 1, samples per sampler (DDPM, DDIM),
+# samples of the report's method (1000 steps and only the baseline: fewer), classifier epochs.
 EVAL = {
-    "smoke": dict(n_eval=32, n_samples=16, n_ddpm=8, clf_epochs=1),
-    "cpu": dict(n_eval=500, n_samples=500, n_ddpm=100, clf_epochs=6),
-    "full": dict(n_eval=1000, n_samples=1000, n_ddpm=500, clf_epochs=10),
+    "smoke": dict(n_eval=32, n_samples=16, n_report=8, clf_epochs=1),
+    "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=6),
+    "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=10),
 }
 TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timesteps
 
@@ -1106,7 +1123,7 @@ def reconstruct(model, fp: ForwardProcess, xt: torch.Tensor, t: torch.Tensor,
     """The one-step x̂0 of Table 1, in [0, 1]: the network's output read as ε (the scaled target
     divided back out) and Eq. 4 solved for x0 (Eq. 15); report=True: the report's decoding
     with its Eq. 5 scaler (ForwardProcess.report_x0)."""
-    with torch.autocast(xt.device.type, torch.bfloat16):
+    with autocast(xt.device):
         out = model(xt, t).float()
     if report:
         return fp.report_x0(xt, t, out)
@@ -1233,9 +1250,9 @@ def _noise(shape, g: torch.Generator, device) -> torch.Tensor:
 
 @torch.no_grad()
 def _eps(model, fp: ForwardProcess, x, t_val: int):
-    """ε̂ = net(x_t, t) under bf16 autocast (the scaled target divided back out)."""
+    """ε̂ = net(x_t, t) under autocast() (bf16 where fast; the scaled target divided back out)."""
     t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
-    with torch.autocast(x.device.type, torch.bfloat16):
+    with autocast(x.device):
         out = model(x, t).float()
     return t, fp.eps_from_output(x, t, out)
 
@@ -1432,6 +1449,18 @@ def kid(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 50, subset_size: int 
     return float(np.mean(vals)), float(np.std(vals))
 
 
+def ffd_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor, n: int,
+              repeats: int = 5, seed: int = 0) -> float:
+    """The FFD of n real training images (uint8) against real_test, mean over `repeats` random
+    subsets: what a perfect generator scores with n samples. Like FID, FFD is biased upward for
+    small n (measured here: ~4.6 at n = 100, ~1.9 at n = 500), so a sample set is compared with
+    the floor at its own n."""
+    g = torch.Generator().manual_seed(seed)
+    fr, _ = classify(clf, real_test)
+    return float(np.mean([frechet_distance(classify(clf, to_float(train[torch.randperm(
+        len(train), generator=g)[:n]]))[0], fr) for _ in range(repeats)]))
+
+
 def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | None,
             train: torch.Tensor | None, n_classes: int, seed: int = 0) -> dict:
     """The sample-quality numbers of one set x (in [-1, 1]): FFD and KID against real_test,
@@ -1476,7 +1505,8 @@ def shipped_checkpoint(cfg: Config) -> Path:
 
 # The rows of generation_metrics: name → (method, sampler settings).
 GEN_SAMPLERS = {"report's method (T=1000)": ("report", {}), "DDPM-1000": ("ddpm", dict(var="beta")),
-                "DDIM-50": ("ddim", dict(steps=50)), "DDIM-20": ("ddim", dict(steps=20))}
+                "DDIM-50": ("ddim", dict(steps=50)), "DDIM-20": ("ddim", dict(steps=20)),
+                "DDIM-50, η=1": ("ddim", dict(steps=50, eta=1.0))}
 
 
 def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple[pd.DataFrame, dict]:
@@ -1501,7 +1531,7 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
     rows.append(dict(sampler="real: test images", seconds_per_image=np.nan,
                      **quality(clf, real_test, None, train_imgs, len(classes))))
     for name, (method, kw) in GEN_SAMPLERS.items():
-        n = ev["n_ddpm"] if method != "ddim" else ev["n_samples"]       # 1000-step ones: fewer
+        n = ev["n_report"] if method == "report" else ev["n_samples"]
         t0 = time.perf_counter()
         x, _ = sample(model, fp, method, n, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
         secs = (time.perf_counter() - t0) / n
@@ -1509,6 +1539,14 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
         rows.append(dict(sampler=name, **quality(clf, x, real_test, train_imgs, len(classes)),
                          seconds_per_image=secs))
     df = pd.DataFrame(rows)
+    # FFD against the floor at the same n (real training images, mean of 5 subsets)
+    floors = {n: ffd_floor(clf, train_imgs, real_test, n, seed=cfg.seed)
+              for n in df[df.ffd.notna()].n.unique()}
+    df.insert(df.columns.get_loc("ffd") + 1, "ffd_floor", df.n.map(floors))
+    df.insert(df.columns.get_loc("ffd") + 2, "ffd_ratio", df.ffd / df.ffd_floor)
+    real_rec = df.set_index("sampler").recognizability["real: test images"]
+    df.insert(df.columns.get_loc("recognizability") + 1, "recognizability_ratio",
+              df.recognizability / real_rec)            # against real test images
     df["classifier_test_acc"] = acc          # the feature extractor's own accuracy on Test/
     out = ROOT / "runs" / cfg.profile / "samples.pt"
     save_checkpoint(samples, out)
@@ -1606,21 +1644,28 @@ def _report_fields(figs: Path) -> dict:
         psnr = t1.groupby(["method", "t"]).psnr_mean.mean().unstack("method")
         f["table1_psnr"] = to_markdown(psnr.loc[[50, 100, 200, 500, 1000]].round(2).reset_index())
     if (g := csv("generation_metrics")) is not None:
-        cols = ["sampler", "n", "ffd", "kid", "recognizability", "classes_covered",
-                "nn_ssim_mean", "nn_ssim_max", "seconds_per_image"]
+        cols = ["sampler", "n", "ffd", "ffd_floor", "ffd_ratio", "kid", "recognizability",
+                "recognizability_ratio", "classes_covered", "nn_ssim_mean", "nn_ssim_max",
+                "seconds_per_image"]
         f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
         row = g.set_index("sampler")
-        for name, key in (("DDIM-50", "ddim50"), ("DDPM-1000", "ddpm"),
-                          ("report's method (T=1000)", "reportgen"), ("real: test images", "real"),
-                          ("real: training images", "floor")):
+        for name, key in (("DDIM-50", "ddim50"), ("DDIM-50, η=1", "ddim50eta1"),
+                          ("DDPM-1000", "ddpm"), ("report's method (T=1000)", "reportgen"),
+                          ("real: test images", "real"), ("real: training images", "floor")):
             if name in row.index:
-                for col in ("ffd", "recognizability", "classes_covered", "nn_ssim_max"):
+                for col in ("ffd", "ffd_floor", "ffd_ratio", "recognizability",
+                            "recognizability_ratio", "classes_covered", "nn_ssim_max", "n"):
+                    if col not in row:
+                        continue
                     v = row.loc[name, col]
                     f[f"{key}_{col}"] = "n/a" if pd.isna(v) else f"{v:.3g}"
         if "classifier_test_acc" in g:
             f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
+        gen = h[h.run.str.endswith("/all")]
+        if len(gen):
+            f["gen_epochs"] = str(int(gen.epochs.iloc[0]))
     if (b := csv("bench")) is not None:
         cols = ["model", "size", "batch", "mode", "n_params", "train_img_s", "sample_img_s",
                 "achieved_gflops", "mfu"]

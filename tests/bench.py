@@ -13,6 +13,7 @@ One run measures, with warm-up and repeats (medians are quoted):
           fp32 and in bf16 autocast + channels_last; sizes not divisible by 8 are zero-padded
           (100 → 104) and cropped back. Skipped with a message if diffusers is not installed
           (`pip install -e .[bench]`);
+      (a), (b) once more at 32×32 with batch 64, to show how the ratio moves with the batch;
       (a') torch.compile of (a): cold compile time and steady-state speed, at 32×32 (the cpu
           profile's training size; --compile-sizes to change; not in --quick: a cold compile
           of the training and sampling graphs takes minutes on 2 cores);
@@ -71,10 +72,11 @@ LIB, REF, DIFF, COMPILED = "ddpm_lib", "reference", "diffusers", "ddpm_lib compi
 
 def settings(quick: bool) -> dict:
     if quick:
-        return dict(warmup=1, repeats=2, batch={32: 16, 100: 4}, sampler_n=8, ddim_repeats=1,
-                    ddpm_steps=50, compile_sizes=(), peak_repeats=3)
-    return dict(warmup=3, repeats=7, batch={32: 32, 100: 8}, sampler_n=16, ddim_repeats=3,
-                ddpm_steps=1000, compile_sizes=(32,), peak_repeats=5)
+        return dict(warmup=1, repeats=2, batch={32: 16, 100: 4}, more_batch={32: (32,)},
+                    sampler_n=8, ddim_repeats=1, ddpm_steps=50, compile_sizes=(), peak_repeats=3)
+    # batch: the cpu profile's (32 at 32×32); more_batch: (a) and (b) once more at a larger one
+    return dict(warmup=3, repeats=7, batch={32: 32, 100: 8}, more_batch={32: (64,)},
+                sampler_n=16, ddim_repeats=3, ddpm_steps=1000, compile_sizes=(32,), peak_repeats=5)
 
 
 def timed(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
@@ -156,12 +158,14 @@ def synthetic_batches(cfg, fp, size: int, bs: int, n: int = 2, seed: int = 0):
              torch.randn(bs, 3, size, size, generator=g)) for _ in range(n)]
 
 
-def make_train_step(net: nn.Module, fwd, cfg: dl.Config, size: int, bs: int):
+def make_train_step(net: nn.Module, fwd, cfg: dl.Config, size: int, bs: int, library: bool):
     """The inner loop of ddpm_lib.train: to_device → autocast → diffusion_loss → zero_grad →
     backward → clip_grad_norm_ → Adam step → EMA update → loss.item(). `fwd` is what is called
-    (net itself, or its torch.compile), `net` owns the parameters."""
+    (net itself, or its torch.compile), `net` owns the parameters. library=True: ddpm_lib's
+    optimizer (fused Adam); else plain torch.optim.Adam, as the report's code had it."""
     fp = dl.ForwardProcess.from_config(cfg)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = dl.make_optimizer(net, cfg) if library else \
+        torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = dl.EMA(net, cfg.ema_decay)
     batches = synthetic_batches(cfg, fp, size, bs)
     it = [0]
@@ -170,7 +174,7 @@ def make_train_step(net: nn.Module, fwd, cfg: dl.Config, size: int, bs: int):
         x0, t, eps = batches[it[0] % len(batches)]
         it[0] += 1
         x0, t, eps = dl.to_device(x0, cfg, CPU), t, eps
-        with dl.autocast(cfg, CPU):
+        with dl.autocast(CPU, cfg.bf16):
             loss = dl.diffusion_loss(fwd, fp, x0, t, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -193,7 +197,7 @@ def make_sample_step(fwd, cfg: dl.Config, size: int, bs: int, library: bool):
     t = torch.full((bs,), 500, dtype=torch.long)
 
     def step():
-        with torch.no_grad(), dl.autocast(cfg, CPU):
+        with torch.no_grad(), dl.autocast(CPU, cfg.bf16):
             return fwd(x, t).float()
     return step
 
@@ -223,7 +227,8 @@ def bench_column(name, mode, net, cfg, size, bs, S, flops, library=False, fwd=No
                  note="") -> dict:
     fwd = net if fwd is None else fwd
     net.train()
-    train_s, train_all = timed(make_train_step(net, fwd, cfg, size, bs), S["warmup"], S["repeats"])
+    train_s, train_all = timed(make_train_step(net, fwd, cfg, size, bs, library), S["warmup"],
+                               S["repeats"])
     net.eval()
     samp_s, _ = timed(make_sample_step(fwd, cfg, size, bs, library), S["warmup"], S["repeats"])
     train_img_s, sample_img_s = bs / train_s, bs / samp_s
@@ -250,7 +255,7 @@ def bench_compiled(cfg, size, bs, S, flops, eager_row) -> dict | None:
     net = dl.build_model(cfg, CPU, verbose=False)
     try:
         fwd = torch.compile(net, dynamic=False)
-        step = make_train_step(net, fwd, cfg, size, bs)
+        step = make_train_step(net, fwd, cfg, size, bs, library=True)
         net.train()
         t0 = time.perf_counter()
         step()
@@ -363,6 +368,13 @@ def main(argv=None) -> None:
             r = bench_compiled(cfg, size, bs, S, f_ref, row_a)
             if r is not None:
                 rows.append(r)
+        for b in S["more_batch"].get(size, ()):          # how the ratio moves with the batch
+            print(f"{size}×{size}, batch {b}:", flush=True)
+            c, c32 = (dataclasses.replace(x, batch_size=b) for x in (cfg, cfg32))
+            rows.append(bench_column(LIB, "bf16+CL", lib, c, size, b, S, f_ref, library=True))
+            ref = reference_unet.load_from_library(lib)
+            rows.append(bench_column(REF, "fp32", ref, c32, size, b, S, f_ref))
+            del ref
         del lib
         gc.collect()
     print("samplers:", flush=True)
@@ -418,8 +430,9 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
     for _, r in notes.iterrows():
         print(f"- {r.model} {r['mode']} {r['size']}px: {r.note}")
 
-    def get(model, mode, size, col):
-        s = speed[(speed.model == model) & (speed["mode"] == mode) & (speed["size"] == size)]
+    def get(model, mode, size, batch, col):
+        s = speed[(speed.model == model) & (speed["mode"] == mode) & (speed["size"] == size)
+                  & (speed.batch == batch)]
         return s[col].iloc[0] if len(s) else np.nan
 
     ratios = []
@@ -427,14 +440,14 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
              (f"(a) {LIB} bf16+CL / (c) diffusers fp32", (LIB, "bf16+CL"), (DIFF, "fp32")),
              (f"(a) {LIB} bf16+CL / (c) diffusers bf16+CL", (LIB, "bf16+CL"), (DIFF, "bf16+CL")),
              ("(a') compiled / (a) eager", (COMPILED, "bf16+CL compiled"), (LIB, "bf16+CL"))]
-    for size in sorted(speed["size"].unique()):
+    for size, batch in speed[["size", "batch"]].drop_duplicates().itertuples(index=False):
         for label, num, den in pairs:
-            tr = get(*num, size, "train_img_s") / get(*den, size, "train_img_s")
-            sa = get(*num, size, "sample_img_s") / get(*den, size, "sample_img_s")
+            tr = get(*num, size, batch, "train_img_s") / get(*den, size, batch, "train_img_s")
+            sa = get(*num, size, batch, "sample_img_s") / get(*den, size, batch, "sample_img_s")
             if math.isfinite(tr):
                 ratios.append({"ratio (speed-up, >1: numerator faster)": label,
-                               "size": f"{size}×{size}", "training": f"{tr:.2f}×",
-                               "sampling step": f"{sa:.2f}×"})
+                               "size": f"{size}×{size}", "batch": batch,
+                               "training": f"{tr:.2f}×", "sampling step": f"{sa:.2f}×"})
     if ratios:
         print("\n## Ratios\n")
         print(dl.to_markdown(pd.DataFrame(ratios)))
@@ -453,16 +466,16 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
     import matplotlib.pyplot as plt
     speed = df[df.train_img_s.notna()]
     labels = list(dict.fromkeys(f"{m}\n{mode}" for m, mode in zip(speed.model, speed["mode"])))
-    sizes = sorted(speed["size"].unique())
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        s = speed[speed["size"] == size]
+    panels = list(speed[["size", "batch"]].drop_duplicates().itertuples(index=False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (size, batch) in zip(axes[0], panels):
+        s = speed[(speed["size"] == size) & (speed.batch == batch)]
         lab = [f"{m}\n{mode}" for m, mode in zip(s.model, s["mode"])]
         colours = [f"C{labels.index(x)}" for x in lab]
         bars = ax.bar(range(len(s)), s.train_img_s, color=colours)
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
         ax.set_xticks(range(len(s)), lab, fontsize=7)
-        ax.set(title=f"{size}×{size}, batch {int(s.batch.iloc[0])}", ylabel="training images / s")
+        ax.set(title=f"{size}×{size}, batch {batch}", ylabel="training images / s")
     n = int(df.threads.iloc[0])
     fig.suptitle(f"training throughput (fwd+bwd+Adam), {n} CPU thread{'s' if n > 1 else ''}"
                  + (" — quick run" if bool(df["quick"].iloc[0]) else ""))

@@ -44,3 +44,15 @@ def test_table1_wide_mean_over_folds(tmp_path):
     assert got == f"{m.mean():.3f} ± {m.std():.3f}"
     assert np.isclose(float(wide.set_index("t").loc[50, "fold 1"].split(" ± ")[0]),
                       0.9 - 50 / 2000 + 0.01, atol=1e-3)
+
+
+def test_report_generation_epochs_from_training_summary(tmp_path):
+    summary = pd.DataFrame(dict(run=["eps-grouped/fold0", "eps-grouped/all"], epochs=[3, 7],
+                                best_val_loss=[0.02, 0.01]))
+    dl.write_csv(summary, tmp_path / "training_summary.csv")
+    tpl = tmp_path / "t.md"
+    tpl.write_text("trained ${gen_epochs} epochs\n${training_table}")
+    text = dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
+                           out=tmp_path / "r" / "r.md").read_text()
+    assert "trained 7 epochs" in text
+    assert "| eps-grouped/all | 7 | 0.01 |" in text

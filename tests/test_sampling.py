@@ -303,6 +303,19 @@ def test_frechet_distance():
     assert dl.frechet_distance(f, f + shift) == pytest.approx(float((shift ** 2).sum()), rel=1e-3)
 
 
+def test_ffd_floor_is_larger_for_fewer_samples():
+    """FFD, like FID, is biased upward for small sets: the floor (real vs real) at n = 20 is above
+    the floor at n = 300, which is why a sample set is compared with the floor at its own n."""
+    torch.manual_seed(0)
+    clf = dl.FruitClassifier(3, width=4).eval()                 # 16-d features
+    g = torch.Generator().manual_seed(1)
+    train = torch.randint(0, 256, (400, 3, 16, 16), dtype=torch.uint8, generator=g)
+    test = dl.to_float(torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8, generator=g))
+    small, large = (dl.ffd_floor(clf, train, test, n) for n in (20, 300))
+    assert small > 2 * large > 0, (small, large)
+    assert dl.ffd_floor(clf, train, test, 20) == small          # seeded
+
+
 def test_kid():
     rng = np.random.default_rng(0)
     f, f2 = (torch.tensor(rng.normal(size=(600, 32))) for _ in range(2))
