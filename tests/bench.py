@@ -14,6 +14,8 @@ One run measures, with warm-up and repeats (medians are quoted):
           (100 → 104) and cropped back. Skipped with a message if diffusers is not installed
           (`pip install -e .[bench]`);
       (a), (b) once more at 32×32 with batch 64, to show how the ratio moves with the batch;
+      (a)/(b) also measured in pairs: one step of each back to back, 15 rounds, median of the
+          per-round ratios (steadier on a machine whose speed drifts);
       (a') torch.compile of (a): cold compile time and steady-state speed, at 32×32 (the cpu
           profile's training size; --compile-sizes to change; not in --quick: a cold compile
           of the training and sampling graphs takes minutes on 2 cores);
@@ -73,10 +75,12 @@ LIB, REF, DIFF, COMPILED = "ddpm_lib", "reference", "diffusers", "ddpm_lib compi
 def settings(quick: bool) -> dict:
     if quick:
         return dict(warmup=1, repeats=2, batch={32: 16, 100: 4}, more_batch={32: (32,)},
-                    sampler_n=8, ddim_repeats=1, ddpm_steps=50, compile_sizes=(), peak_repeats=3)
+                    sampler_n=8, ddim_repeats=1, ddpm_steps=50, compile_sizes=(), peak_repeats=3,
+                    paired_rounds=3)
     # batch: the cpu profile's (32 at 32×32); more_batch: (a) and (b) once more at a larger one
     return dict(warmup=3, repeats=7, batch={32: 32, 100: 8}, more_batch={32: (64,)},
-                sampler_n=16, ddim_repeats=3, ddpm_steps=1000, compile_sizes=(32,), peak_repeats=5)
+                sampler_n=16, ddim_repeats=3, ddpm_steps=1000, compile_sizes=(32,), peak_repeats=5,
+                paired_rounds=15)
 
 
 def timed(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
@@ -89,6 +93,28 @@ def timed(fn, warmup: int, repeats: int) -> tuple[float, list[float]]:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts), ts
+
+
+def paired_ratio(step_a, step_b, warmup: int, rounds: int,
+                 clock=time.perf_counter) -> tuple[float, float, float]:
+    """(a)/(b) speed-up measured in pairs: each round times one step of each, back to back
+    (alternating which goes first), and the ratio of that round is t_b / t_a. On a shared machine
+    whose speed drifts by ±30 % over minutes, a pair sees the same load, so the median of the
+    per-round ratios is steadier than the ratio of two medians taken minutes apart.
+    Returns (median, 25th, 75th percentile)."""
+    for _ in range(warmup):
+        step_a(), step_b()
+    ratios = []
+    for r in range(rounds):
+        t = {}
+        for name, fn in ((("a", step_a), ("b", step_b)) if r % 2 == 0 else
+                         (("b", step_b), ("a", step_a))):
+            t0 = clock()
+            fn()
+            t[name] = clock() - t0
+        ratios.append(t["b"] / t["a"])
+    q25, q50, q75 = np.percentile(ratios, [25, 50, 75])
+    return float(q50), float(q25), float(q75)
 
 
 def matmul_peak(dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
@@ -246,6 +272,16 @@ def bench_column(name, mode, net, cfg, size, bs, S, flops, library=False, fwd=No
     return row
 
 
+def add_paired(row_a: dict, lib, ref, cfg, cfg32, size: int, bs: int, S) -> None:
+    """Adds the paired (a)/(b) training ratio (paired_ratio) to (a)'s row."""
+    q50, q25, q75 = paired_ratio(make_train_step(lib, lib, cfg, size, bs, True),
+                                 make_train_step(ref, ref, cfg32, size, bs, False),
+                                 S["warmup"], S["paired_rounds"])
+    row_a.update(paired_ratio=q50, paired_ratio_q25=q25, paired_ratio_q75=q75)
+    print(f"  [{time.perf_counter() - T0:4.0f} s] (a)/(b) training, paired over "
+          f"{S['paired_rounds']} rounds: {q50:.2f}× (quartiles {q25:.2f}–{q75:.2f})", flush=True)
+
+
 def bench_compiled(cfg, size, bs, S, flops, eager_row) -> dict | None:
     """torch.compile of (a): compile time (first training step + first sampling call) and
     steady-state speed; None (with a message) if it fails."""
@@ -354,6 +390,7 @@ def main(argv=None) -> None:
         rows.append(row_a := bench_column(LIB, "bf16+CL", lib, cfg, size, bs, S, f_ref,
                                           library=True))
         rows.append(bench_column(REF, "fp32", ref, cfg32, size, bs, S, f_ref))
+        add_paired(row_a, lib, ref, cfg, cfg32, size, bs, S)
         del ref
         if diff is not None:
             f_d = count_flops(diff, size)
@@ -371,9 +408,11 @@ def main(argv=None) -> None:
         for b in S["more_batch"].get(size, ()):          # how the ratio moves with the batch
             print(f"{size}×{size}, batch {b}:", flush=True)
             c, c32 = (dataclasses.replace(x, batch_size=b) for x in (cfg, cfg32))
-            rows.append(bench_column(LIB, "bf16+CL", lib, c, size, b, S, f_ref, library=True))
+            rows.append(row_b := bench_column(LIB, "bf16+CL", lib, c, size, b, S, f_ref,
+                                              library=True))
             ref = reference_unet.load_from_library(lib)
             rows.append(bench_column(REF, "fp32", ref, c32, size, b, S, f_ref))
+            add_paired(row_b, lib, ref, c, c32, size, b, S)
             del ref
         del lib
         gc.collect()
@@ -448,6 +487,15 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
                 ratios.append({"ratio (speed-up, >1: numerator faster)": label,
                                "size": f"{size}×{size}", "batch": batch,
                                "training": f"{tr:.2f}×", "sampling step": f"{sa:.2f}×"})
+            if num == (LIB, "bf16+CL") and den == (REF, "fp32") and "paired_ratio" in speed:
+                q = [get(*num, size, batch, c) for c in
+                     ("paired_ratio", "paired_ratio_q25", "paired_ratio_q75")]
+                if math.isfinite(q[0]):
+                    ratios.append({"ratio (speed-up, >1: numerator faster)":
+                                   label + ", paired (median of rounds, quartiles)",
+                                   "size": f"{size}×{size}", "batch": batch,
+                                   "training": f"{q[0]:.2f}× ({q[1]:.2f}–{q[2]:.2f})",
+                                   "sampling step": "–"})
     if ratios:
         print("\n## Ratios\n")
         print(dl.to_markdown(pd.DataFrame(ratios)))

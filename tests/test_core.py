@@ -501,3 +501,19 @@ def test_timestep_out_of_range_raises():
     for bad in (0, 11):
         with pytest.raises(IndexError, match="from 1 to 10"):
             fp.q_sample(x, torch.tensor([bad]), x)
+
+
+def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
+    """`sample` hands --steps, --eta and --recompute-eps to the DDIM sampler and saves a grid."""
+    seen = {}
+    real = dl.SAMPLERS["ddim"]
+
+    def spy(*args, **kw):
+        seen.update(kw)
+        return real(*args, **kw)
+    monkeypatch.setitem(dl.SAMPLERS, "ddim", spy)
+    dl.main(["sample", "--profile", "smoke", "--n", "4", "--steps", "3", "--eta", "0.5",
+             "--recompute-eps", "--seed", "7"])
+    assert (seen["steps"], seen["eta"], seen["recompute_eps"]) == (3, 0.5, True)
+    out = smoke_cfg().fig_dir() / "samples_ddim3_seed7.png"
+    assert out.exists() and str(out.name) in capsys.readouterr().out

@@ -234,6 +234,26 @@ def test_ddim_many_steps_samples_the_gaussian():
                                rtol=0, atol=1e-4)
 
 
+def test_ddim_eta1_with_re_derived_eps_is_the_ddpm_posterior_step():
+    """With η = 1 over all T steps and ε̂ re-derived from the clipped x̂0, DDIM's step is DDPM's
+    posterior step with σ² = β̃_t (same noise draws): the two loops agree when x̂0 is clipped
+    (ε* of N(0, 2²) data, whose x̂0 leaves [-1, 1]). Keeping the network's ε̂ is another sampler
+    once clipping is active, and the same one without clipping."""
+    model, fp = OptimalEps(0.0, 4.0, T=50), dl.ForwardProcess(50)
+    xT = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    run = lambda loop, **kw: loop(model, fp, xT.clone(), torch.Generator().manual_seed(1), **kw)[0]
+    x0 = fp.predict_x0(xT, torch.full((4,), fp.T), dl._eps(model, fp, xT, fp.T)[1])
+    assert (x0.abs() > 1).float().mean() > 0.3                     # clipping is active
+    ddpm = run(dl.p_sample_loop, var="beta_tilde")
+    ddim = run(dl.ddim_sample_loop, steps=fp.T, eta=1.0, recompute_eps=True)
+    torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-5)
+    kept = run(dl.ddim_sample_loop, steps=fp.T, eta=1.0)
+    assert (kept - ddpm).abs().max() > 0.1
+    torch.testing.assert_close(
+        run(dl.ddim_sample_loop, steps=10, clip=False),
+        run(dl.ddim_sample_loop, steps=10, clip=False, recompute_eps=True), rtol=0, atol=1e-5)
+
+
 def test_report_method_does_not_sample_the_gaussian():
     _, x = gaussian_run(dl.report_sample_loop)
     m_exact, v_exact = exact_moments("report")
@@ -314,6 +334,36 @@ def test_ffd_floor_is_larger_for_fewer_samples():
     small, large = (dl.ffd_floor(clf, train, test, n) for n in (20, 300))
     assert small > 2 * large > 0, (small, large)
     assert dl.ffd_floor(clf, train, test, 20) == small          # seeded
+
+
+def test_ffd_floor_with_a_class_mix():
+    """mix draws real images in given class proportions: with the test set's own proportions it
+    scores like the plain floor; with all of one class it scores far worse (the part of a sample
+    set's FFD that its class proportions alone explain)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+
+    def images(lo, hi):                           # 200 flat images, grey level in [lo, hi)
+        level = torch.randint(lo, hi, (200, 1, 1, 1), generator=g)
+        return (level + torch.randint(-10, 11, (200, 3, 16, 16), generator=g)).clamp(0, 255) \
+            .to(torch.uint8)
+    dark, bright = images(10, 110), images(146, 246)
+    train, labels = torch.cat([dark, bright]), torch.tensor([0] * 200 + [1] * 200)
+    test = dl.to_float(torch.cat([dark[:100], bright[:100]]).flip(-1))
+    clf = dl.FruitClassifier(2, width=4)
+    for m in clf.modules():                       # untrained, but BatchNorm set to the data's
+        if isinstance(m, nn.BatchNorm2d):         # statistics so that the features vary
+            m.momentum = None
+    with torch.no_grad():
+        clf.train()(dl.to_float(train))
+    clf.eval()
+    plain = dl.ffd_floor(clf, train, test, 100)
+    balanced = dl.ffd_floor(clf, train, test, 100, mix=torch.tensor([50, 50]), labels=labels)
+    one_class = dl.ffd_floor(clf, train, test, 100, mix=torch.tensor([100, 0]), labels=labels)
+    assert one_class > 5 * max(balanced, plain), (plain, balanced, one_class)
+    # the draw takes exactly the requested classes: all dark = the floor of the dark images alone
+    assert dl.ffd_floor(clf, train, test, 100, repeats=1, mix=torch.tensor([100, 0]),
+                        labels=labels) == dl.ffd_floor(clf, dark, test, 100, repeats=1)
 
 
 def test_kid():
@@ -400,6 +450,29 @@ def _expected_wide(long: pd.DataFrame, method: str = "corrected") -> pd.DataFram
     out["mean over folds"] = [f"{np.mean(m):.3f} ± {np.std(m, ddof=1):.3f}" if len(m) > 1
                               else f"{np.mean(m):.3f}" for m in means]
     return pd.DataFrame(out)
+
+
+def test_eps_error_against_the_mean_image_predictor():
+    """eps_error: a network that outputs 0 has ε-MSE ≈ E[ε²] = 1 at every t; the mean-image
+    predictor is exact on images equal to the mean image, and elsewhere its error
+    ᾱ/(1−ᾱ)·E[(x0 − x̄)²] falls with t."""
+    class Zero(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t):
+            return x * 0 + self.p
+    fp, ts = dl.ForwardProcess(50), (1, 10, 25, 50)
+    flat = torch.full((8, 3, 8, 8), 200, dtype=torch.uint8)
+    df = dl.eps_error(Zero(), fp, flat, dl.to_float(flat[0]), ts=ts)
+    assert list(df.t) == list(ts)
+    assert (df.mean_image < 1e-10).all(), df
+    assert ((df.network - 1).abs() < 0.15).all(), df
+    g = torch.Generator().manual_seed(0)
+    varied = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=g)
+    err = dl.eps_error(Zero(), fp, varied, dl.to_float(varied).mean(0), ts=ts).mean_image
+    assert (err.diff().iloc[1:] < 0).all() and err.iloc[-1] > 0, err
 
 
 def test_table1_wide_layout():
