@@ -1734,7 +1734,7 @@ def _report_fields(figs: Path) -> dict:
             f["gen_epochs"] = str(int(gen.epochs.iloc[0]))
     if (b := csv("bench")) is not None:
         cols = ["model", "size", "batch", "mode", "n_params", "train_img_s", "sample_img_s",
-                "achieved_gflops", "mfu"]
+                "achieved_gflops", "mfu", "paired_ratio"]
         f["bench_table"] = "Speed on this machine (`make bench`):\n\n" + to_markdown(
             b[[c for c in cols if c in b]])
     return f
