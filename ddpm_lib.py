@@ -802,6 +802,15 @@ class ForwardProcess(nn.Module):
         return (s * to_unit(x0)).clamp(0, 1)
 
 
+@torch.no_grad()
+def _eps(model, fp: ForwardProcess, x, t_val: int):
+    """ε̂ = net(x_t, t) under autocast() (bf16 where fast; the scaled target divided back out)."""
+    t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
+    with autocast(x.device):
+        out = model(x, t).float()
+    return t, fp.eps_from_output(x, t, out)
+
+
 # -----------------------------------------------------------------------------------------------
 # training
 
@@ -1173,11 +1182,10 @@ def eps_error(model, fp: ForwardProcess, images: torch.Tensor, mean_image: torch
             t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
             eps = torch.randn(x0.shape, generator=g).to(device)
             xt = fp.q_sample(x0, t, eps)
-            with autocast(device):
-                out = model(xt, t).float()
+            _, net = _eps(model, fp, xt, t_val)
             ab = fp.at(fp.alpha_bar, t)
             mean = (xt - ab.sqrt() * mean_image) / (1 - ab).sqrt()
-            se += torch.stack([(fp.eps_from_output(xt, t, out) - eps).pow(2).sum(),
+            se += torch.stack([(net - eps).pow(2).sum(),
                                (mean - eps).pow(2).sum()]).double()
         rows.append(dict(t=t_val, network=se[0].item() / images.numel(),
                          mean_image=se[1].item() / images.numel()))
@@ -1278,15 +1286,6 @@ def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
 
 def _noise(shape, g: torch.Generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(device)
-
-
-@torch.no_grad()
-def _eps(model, fp: ForwardProcess, x, t_val: int):
-    """ε̂ = net(x_t, t) under autocast() (bf16 where fast; the scaled target divided back out)."""
-    t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
-    with autocast(x.device):
-        out = model(x, t).float()
-    return t, fp.eps_from_output(x, t, out)
 
 
 @torch.no_grad()
