@@ -802,10 +802,45 @@ class ForwardProcess(nn.Module):
         return (s * to_unit(x0)).clamp(0, 1)
 
 
+class GaussianEps(nn.Module):
+    """The ε̂ that would be optimal if the data were Gaussian, N(μ, Σ) with the mean and
+    covariance of `images` (float, (N, C, H, W)): for x_t = a·x0 + s·ε (a² = ᾱ_t, s² = 1-ᾱ_t),
+
+        E[ε | x_t] = s·(a²Σ + s²I)⁻¹(x_t − a·μ),
+
+    computed along Σ's eigenvectors (from the SVD of at most `max_images` centred images; Σ is 0
+    off their span, where ε̂ = (x_t − a·μ)/s). At large t, where x_t is nearly pure noise, this
+    closed form beats the cpu generation model's ε̂ (eps_error), so samplers can use it for
+    t ≥ `start` (see _eps) — the Gaussian structure of high-noise scores that Wang & Vastola
+    (2023, 'The hidden linear structure in diffusion models') use to skip the first steps."""
+
+    def __init__(self, images: torch.Tensor, start: int = 1, max_images: int = 5000,
+                 seed: int = 0):
+        super().__init__()
+        x = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+                   [:max_images]].flatten(1).double()                  # (N, D)
+        mu = x.mean(0)
+        _, sv, vh = torch.linalg.svd(x - mu, full_matrices=False)
+        self.register_buffer("mu", mu.float().view(images.shape[1:]))  # (C, H, W)
+        self.register_buffer("V", vh.T.float().contiguous())           # (D, r)
+        self.register_buffer("lam", (sv ** 2 / max(len(x) - 1, 1)).float())  # (r,) eigenvalues
+        self.start = start                                   # t from which samplers use it
+
+    def forward(self, fp: ForwardProcess, xt, t):
+        ab = fp.at(fp.alpha_bar, t).flatten(1)                          # (B, 1)
+        s2 = 1 - ab
+        z = (xt - ab.sqrt().view(-1, 1, 1, 1) * self.mu).flatten(1)    # (B, D)
+        c = (z @ self.V) * (s2.sqrt() / (ab * self.lam + s2) - 1 / s2.sqrt())
+        return (z / s2.sqrt() + c @ self.V.T).view_as(xt)
+
+
 @torch.no_grad()
-def _eps(model, fp: ForwardProcess, x, t_val: int):
-    """ε̂ = net(x_t, t) under autocast() (bf16 where fast; the scaled target divided back out)."""
+def _eps(model, fp: ForwardProcess, x, t_val: int, prior: GaussianEps | None = None):
+    """ε̂ = net(x_t, t) under autocast() (bf16 where fast; the scaled target divided back out),
+    or prior's closed form where t ≥ prior.start."""
     t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
+    if prior is not None and t_val >= prior.start:
+        return t, prior(fp, x, t)
     with autocast(x.device):
         out = model(x, t).float()
     return t, fp.eps_from_output(x, t, out)
@@ -1162,17 +1197,16 @@ def one_step_eval(model, fp: ForwardProcess, images: torch.Tensor, ts=TABLE1_T, 
 
 
 @torch.no_grad()
-def eps_error(model, fp: ForwardProcess, images: torch.Tensor, mean_image: torch.Tensor,
+def eps_error(model, fp: ForwardProcess, images: torch.Tensor, prior: GaussianEps,
               ts=TABLE1_T, seed: int = 0, batch: int = 250) -> pd.DataFrame:
     """The network's ε-MSE at each t on noised images (uint8, the noise of one_step_eval), beside
-    that of the mean-image predictor ε̂ = (x_t − sqrt(ᾱ_t)·x̄)/sqrt(1−ᾱ_t), which knows only
-    the training images' mean x̄ (in [-1, 1]). An ε error becomes an x̂0 error
-    sqrt((1−ᾱ_t)/ᾱ_t) times larger (Eq. 15): ×190 at t = T on the linear schedule, so where the
-    network is worse than x̄ (large t) its x̂0 lies far outside [-1, 1] and sampling leans on
-    clipping it (see ddim_sample_loop). fp on the model's device. One row per t: t,
-    network, mean_image."""
+    that of the Gaussian predictor `prior` (GaussianEps: the best ε̂ for data that is only the
+    training images' mean and covariance). An ε error becomes an x̂0 error sqrt((1−ᾱ_t)/ᾱ_t)
+    times larger (Eq. 15): ×190 at t = T on the linear schedule, so where the network is worse
+    than the Gaussian (large t) its x̂0 lies far outside [-1, 1] and sampling leans on clipping
+    it (see ddim_sample_loop). fp on the model's device. One row per t: t, network, gaussian."""
     device = next(model.parameters()).device
-    mean_image = mean_image.to(device)
+    prior = prior.to(device)
     rows = []
     for t_val in ts:
         g = torch.Generator().manual_seed(seed * 100_003 + t_val)
@@ -1182,14 +1216,22 @@ def eps_error(model, fp: ForwardProcess, images: torch.Tensor, mean_image: torch
             t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
             eps = torch.randn(x0.shape, generator=g).to(device)
             xt = fp.q_sample(x0, t, eps)
-            _, net = _eps(model, fp, xt, t_val)
-            ab = fp.at(fp.alpha_bar, t)
-            mean = (xt - ab.sqrt() * mean_image) / (1 - ab).sqrt()
-            se += torch.stack([(net - eps).pow(2).sum(),
-                               (mean - eps).pow(2).sum()]).double()
+            se += torch.stack([(_eps(model, fp, xt, t_val)[1] - eps).pow(2).sum(),
+                               (prior(fp, xt, t) - eps).pow(2).sum()]).double()
         rows.append(dict(t=t_val, network=se[0].item() / images.numel(),
-                         mean_image=se[1].item() / images.numel()))
+                         gaussian=se[1].item() / images.numel()))
     return pd.DataFrame(rows)
+
+
+def gaussian_start(err: pd.DataFrame) -> int:
+    """The smallest t of eps_error's grid from which on the Gaussian predictor's ε-MSE is below
+    the network's at every larger t (the grid's last t + 1 if not even there: never use it)."""
+    start, err = int(err.t.max()) + 1, err.sort_values("t", ascending=False)
+    for t, gauss, net in zip(err.t, err.gaussian, err.network):
+        if gauss >= net:
+            break
+        start = int(t)
+    return start
 
 
 def eval_images(cfg: Config, n: int | None = None) -> torch.Tensor:
@@ -1312,7 +1354,8 @@ def p_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, var: str = "
 
 @torch.no_grad()
 def ddim_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, steps: int = 50, eta: float = 0.0,
-                     clip: bool = True, recompute_eps: bool = False, keep=(), progress: bool = False):
+                     clip: bool = True, recompute_eps: bool = False, prior: GaussianEps | None = None,
+                     keep=(), progress: bool = False):
     """DDIM [DDIM] Eq. 12 over `steps` evenly spaced timesteps; eta=0 is deterministic, eta=1
     ancestral-like. x_{τ'} = sqrt(ᾱ_τ')·x̂0 + sqrt(1-ᾱ_τ'-σ²)·ε̂ + σ·z.
 
@@ -1323,13 +1366,15 @@ def ddim_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, steps: in
     part of x̂0 (a network error, large at high t) goes: re-deriving ε̂ puts it into the 'noise'
     term, which a deterministic chain carries to the end. Measured on the cpu generation model
     (500 samples): at η = 0 FFD 26 kept vs 42 re-derived (figures/generation_metrics.csv); at
-    η = 1 re-deriving is the better one (5.4 vs 7.7 kept, in a separate 500-sample check)."""
+    η = 1 re-deriving is the better one (5.4 vs 7.7 kept, in a separate 500-sample check).
+
+    prior: a GaussianEps gives ε̂ for t ≥ prior.start instead of the network (see _eps)."""
     from tqdm.auto import tqdm
     traj = {}
     ts = np.linspace(fp.T, 1, steps).round().astype(int)
     for i in tqdm(range(len(ts)), desc=f"DDIM-{steps}", disable=not progress, leave=False):
         t_val, t_prev = int(ts[i]), int(ts[i + 1]) if i + 1 < len(ts) else 0
-        t, eps = _eps(model, fp, x, t_val)
+        t, eps = _eps(model, fp, x, t_val, prior)
         ab = fp.at(fp.alpha_bar, t)
         ab_prev = fp.alpha_bar[t_prev - 1] if t_prev > 0 else torch.ones((), device=x.device)
         x0 = fp.predict_x0(x, t, eps)
@@ -1385,6 +1430,16 @@ def sample(model, fp: ForwardProcess, method: str = "ddim", n: int = 64, size: i
         outs.append(x.clamp(-1, 1).cpu())
         trajs.append(traj)
     return torch.cat(outs), {k: torch.cat([tr[k] for tr in trajs]) for k in trajs[0]}
+
+
+def gaussian_prior(model, fp: ForwardProcess, train: torch.Tensor, n: int = 500,
+                   seed: int = 0) -> GaussianEps:
+    """GaussianEps of the training images (uint8), used from the t on where its ε-MSE beats the
+    model's on n of them (eps_error over Table 1's grid; gaussian_start)."""
+    prior = GaussianEps(to_float(train), seed=seed).to(next(model.parameters()).device)
+    sub = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]]
+    prior.start = gaussian_start(eps_error(model, fp, sub, prior, seed=seed + 1))
+    return prior
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1559,10 +1614,14 @@ def shipped_checkpoint(cfg: Config) -> Path:
 # The rows of generation_metrics: name → (method, sampler settings).
 # DDIM at η = 0 keeps the network's ε̂ after clipping x̂0; the 're-derived ε̂' row shows the other
 # choice, and η = 1 re-derives it, which makes its step DDPM's posterior step (ddim_sample_loop).
+# prior=True: ε̂ from the training images' Gaussian (GaussianEps) where it beats the network.
 GEN_SAMPLERS = {"report's method (T=1000)": ("report", {}), "DDPM-1000": ("ddpm", dict(var="beta")),
                 "DDIM-50": ("ddim", dict(steps=50)), "DDIM-20": ("ddim", dict(steps=20)),
                 "DDIM-50, re-derived ε̂": ("ddim", dict(steps=50, recompute_eps=True)),
-                "DDIM-50, η=1": ("ddim", dict(steps=50, eta=1.0, recompute_eps=True))}
+                "DDIM-50, η=1": ("ddim", dict(steps=50, eta=1.0, recompute_eps=True)),
+                "DDIM-50, Gaussian ε̂ at high t": ("ddim", dict(steps=50, prior=True)),
+                "DDIM-50, η=1, Gaussian ε̂ at high t": ("ddim", dict(steps=50, eta=1.0,
+                                                                    recompute_eps=True, prior=True))}
 
 
 def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple[pd.DataFrame, dict]:
@@ -1577,6 +1636,7 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
     test_imgs = Fruits(index[index.split == "test"], root, cfg.image_size).images
     clf, _, acc = train_classifier(cfg, progress)
     fp = ForwardProcess.from_config(cfg).to(next(model.parameters()).device)
+    prior = gaussian_prior(model, fp, train_imgs, seed=cfg.seed)
     rows, samples = [], {}
     g = torch.Generator().manual_seed(cfg.seed)
     real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:ev["n_samples"]]])
@@ -1589,12 +1649,14 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
                      **quality(clf, real_test, None, train_imgs, len(classes))))
     for name, (method, kw) in GEN_SAMPLERS.items():
         n = ev["n_report"] if method == "report" else ev["n_samples"]
+        start = prior.start if kw.get("prior") else np.nan
+        kw = {**kw, "prior": prior} if kw.get("prior") else kw
         t0 = time.perf_counter()
         x, _ = sample(model, fp, method, n, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
         secs = (time.perf_counter() - t0) / n
         samples[name] = x
         rows.append(dict(sampler=name, **quality(clf, x, real_test, train_imgs, len(classes)),
-                         seconds_per_image=secs))
+                         seconds_per_image=secs, gaussian_from_t=start))
     df = pd.DataFrame(rows)
     # FFD against the floor at the same n (real training images, mean of 5 subsets)
     floors = {n: ffd_floor(clf, train_imgs, real_test, n, seed=cfg.seed)
@@ -1710,16 +1772,19 @@ def _report_fields(figs: Path) -> dict:
     if (g := csv("generation_metrics")) is not None:
         cols = ["sampler", "n", "ffd", "ffd_floor", "ffd_ratio", "ffd_class_mix", "kid",
                 "recognizability", "recognizability_ratio", "classes_covered", "nn_ssim_mean",
-                "nn_ssim_max", "seconds_per_image"]
+                "nn_ssim_max", "seconds_per_image", "gaussian_from_t"]
         f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
         row = g.set_index("sampler")
         for name, key in (("DDIM-50", "ddim50"), ("DDIM-50, η=1", "ddim50eta1"),
                           ("DDIM-50, re-derived ε̂", "ddim50re"), ("DDIM-20", "ddim20"),
+                          ("DDIM-50, Gaussian ε̂ at high t", "ddim50g"),
+                          ("DDIM-50, η=1, Gaussian ε̂ at high t", "ddim50eta1g"),
                           ("DDPM-1000", "ddpm"), ("report's method (T=1000)", "reportgen"),
                           ("real: test images", "real"), ("real: training images", "floor")):
             if name in row.index:
                 for col in ("ffd", "ffd_floor", "ffd_ratio", "ffd_class_mix", "recognizability",
-                            "recognizability_ratio", "classes_covered", "nn_ssim_max", "n"):
+                            "recognizability_ratio", "classes_covered", "nn_ssim_max", "n",
+                            "gaussian_from_t"):
                     if col not in row:
                         continue
                     v = row.loc[name, col]
@@ -1820,6 +1885,8 @@ def main(argv=None) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--recompute-eps", action="store_true",
                    help="DDIM: re-derive ε̂ from the clipped x̂0 (default: keep the network's)")
+    p.add_argument("--gaussian", action="store_true", help="DDIM: ε̂ from the training images' "
+                   "Gaussian where it beats the network's (large t; measured first)")
     p.add_argument("--seed", type=int, default=0)
 
     a = ap.parse_args(argv)
@@ -1878,12 +1945,20 @@ def _run(a) -> None:
         matplotlib.use("Agg")
         cfg = get_config(a.profile)
         model = generation_model(cfg)
+        fp = ForwardProcess.from_config(cfg).to(get_device())
         kw = dict(steps=a.steps, eta=a.eta, recompute_eps=a.recompute_eps) \
             if a.method == "ddim" else {}
-        x, _ = sample(model, ForwardProcess.from_config(cfg).to(get_device()), a.method, a.n,
-                      cfg.image_size, a.seed, **kw)
+        if a.gaussian:
+            if a.method != "ddim":
+                raise ValueError("--gaussian is a DDIM option (add --method ddim)")
+            index = load_index(cfg)
+            train_imgs = Fruits(index[index.split == "train"], ROOT / cfg.data_dir / "fruits-360",
+                                cfg.image_size).images
+            kw["prior"] = gaussian_prior(model, fp, train_imgs, seed=cfg.seed)
+            print(f"Gaussian ε̂ for t ≥ {kw['prior'].start}")
+        x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
         ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
-        name = f"samples_{a.method}{kw.get('steps', '')}_seed{a.seed}"
+        name = f"samples_{a.method}{kw.get('steps', '')}{'_gaussian' * a.gaussian}_seed{a.seed}"
         print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
 
 

@@ -504,7 +504,8 @@ def test_timestep_out_of_range_raises():
 
 
 def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
-    """`sample` hands --steps, --eta and --recompute-eps to the DDIM sampler and saves a grid."""
+    """`sample` hands --steps, --eta, --recompute-eps and --gaussian (a fitted GaussianEps) to the
+    DDIM sampler and saves a grid; --gaussian with another sampler is an error."""
     seen = {}
     real = dl.SAMPLERS["ddim"]
 
@@ -517,3 +518,11 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
     assert (seen["steps"], seen["eta"], seen["recompute_eps"]) == (3, 0.5, True)
     out = smoke_cfg().fig_dir() / "samples_ddim3_seed7.png"
     assert out.exists() and str(out.name) in capsys.readouterr().out
+    seen.clear()
+    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--gaussian"])
+    prior = seen["prior"]
+    assert isinstance(prior, dl.GaussianEps) and 1 <= prior.start <= smoke_cfg().T + 1
+    printed = capsys.readouterr().out
+    assert f"t ≥ {prior.start}" in printed and "samples_ddim3_gaussian_seed0.png" in printed
+    with pytest.raises(SystemExit, match="DDIM option"):
+        dl.main(["sample", "--profile", "smoke", "--method", "ddpm", "--gaussian"])

@@ -452,27 +452,100 @@ def _expected_wide(long: pd.DataFrame, method: str = "corrected") -> pd.DataFram
     return pd.DataFrame(out)
 
 
-def test_eps_error_against_the_mean_image_predictor():
-    """eps_error: a network that outputs 0 has ε-MSE ≈ E[ε²] = 1 at every t; the mean-image
-    predictor is exact on images equal to the mean image, and elsewhere its error
-    ᾱ/(1−ᾱ)·E[(x0 − x̄)²] falls with t."""
-    class Zero(nn.Module):
+class Zero(nn.Module):
+    """A 'network' that predicts ε̂ = 0 (ε-MSE = E[ε²] = 1 at every t)."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        return x * 0 + self.p
+
+
+def gaussian_images(n: int, seed: int = 0) -> torch.Tensor:
+    """n 'images' (3, 4, 4) of N(MU, S2) per pixel: the data OptimalEps is optimal for."""
+    return MU + np.sqrt(S2) * torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def test_gaussian_eps_fitted_to_gaussian_data_is_the_optimal_eps():
+    """GaussianEps fitted to N(μ, s²·I) samples is that data's ε* (OptimalEps, written
+    independently) up to the estimation error of μ and Σ from 20,000 samples: the same ε-MSE on
+    fresh data within 2 % at every t, and the same ε̂ at large t (where Σ matters little)."""
+    fp = dl.ForwardProcess(T)
+    prior = dl.GaussianEps(gaussian_images(20_000), max_images=20_000)
+    assert prior.lam.shape == (48,) and (prior.lam - S2).abs().max() < 0.15 * S2   # spread ±11 %
+    x0, g = gaussian_images(4000, seed=1), torch.Generator().manual_seed(2)
+    for t_val in (1, 50, 300, 700, 1000):
+        t, eps = torch.full((len(x0),), t_val), torch.randn(x0.shape, generator=g)
+        xt = fp.q_sample(x0, t, eps)
+        fit, opt = prior(fp, xt, t), OptimalEps()(xt, t)
+        mse_fit, mse_opt = (fit - eps).pow(2).mean(), (opt - eps).pow(2).mean()
+        assert 0.98 * mse_opt < mse_fit < 1.02 * mse_opt, (t_val, mse_fit, mse_opt)
+        if t_val >= 700:
+            torch.testing.assert_close(fit, opt, rtol=0, atol=0.01)
+
+
+def test_gaussian_eps_knows_the_covariance():
+    """On correlated data (every pixel the same value + small noise) the full-covariance
+    predictor beats one that knows only the mean, and on data that is one image it is exact."""
+    fp, t_val = dl.ForwardProcess(50), 30
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4000, 1, 1, 1, generator=g) * 0.5 + 0.02 * torch.randn(4000, 3, 4, 4, generator=g)
+    t = torch.full((4000,), t_val)
+    eps = torch.randn(x0.shape, generator=g)
+    xt = fp.q_sample(x0, t, eps)
+    mse = (dl.GaussianEps(x0)(fp, xt, t) - eps).pow(2).mean()
+    ab = fp.alpha_bar[t_val - 1]
+    mean_only = ((xt - ab.sqrt() * x0.mean(0)) / (1 - ab).sqrt() - eps).pow(2).mean()
+    assert mse < 0.5 * mean_only, (mse, mean_only)
+    one = x0[:1].expand(100, -1, -1, -1)
+    xt1 = fp.q_sample(one, t[:100], eps[:100])
+    torch.testing.assert_close(dl.GaussianEps(one)(fp, xt1, t[:100]), eps[:100], rtol=0, atol=1e-4)
+
+
+def test_eps_error_and_gaussian_start():
+    """eps_error: a network that outputs 0 has ε-MSE ≈ 1 at every t; the Gaussian predictor is
+    exact on images that are all the same, and not on varied ones.
+    gaussian_start: the first t of the run where the Gaussian stays better to the end."""
+    fp, ts = dl.ForwardProcess(50), (1, 10, 25, 50)
+    flat = torch.full((8, 3, 8, 8), 200, dtype=torch.uint8)
+    df = dl.eps_error(Zero(), fp, flat, dl.GaussianEps(dl.to_float(flat)), ts=ts)
+    assert list(df.t) == list(ts)
+    assert (df.gaussian < 1e-8).all(), df
+    assert ((df.network - 1).abs() < 0.15).all(), df
+    assert dl.gaussian_start(df) == 1
+    g = torch.Generator().manual_seed(0)
+    varied = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=g)
+    err = dl.eps_error(Zero(), fp, varied, dl.GaussianEps(dl.to_float(varied)), ts=ts).gaussian
+    assert ((err > 1e-4) & (err < 0.1)).all(), err     # it knows 8 images' span, not the images
+    table = lambda gauss, net: pd.DataFrame(dict(t=[50, 40, 30, 20, 10], gaussian=gauss, network=net))
+    assert dl.gaussian_start(table([1, 1, 5, 1, 1], [2, 2, 2, 2, 2])) == 40   # unordered rows
+    assert dl.gaussian_start(table([3, 3, 3, 3, 3], [2, 2, 2, 2, 2])) == 51   # never
+    assert dl.gaussian_start(table([3, 1, 1, 1, 1], [2, 2, 2, 2, 2])) == 51   # not at the end
+
+
+def test_ddim_with_a_gaussian_prior():
+    """prior.start decides who gives ε̂: from start = 1 on the network is never called (DDIM with
+    the prior equals DDIM driven by ε* on N(μ, s²) data); above T the prior is never used."""
+    class Fails(nn.Module):
         def __init__(self):
             super().__init__()
             self.p = nn.Parameter(torch.zeros(()))
 
         def forward(self, x, t):
-            return x * 0 + self.p
-    fp, ts = dl.ForwardProcess(50), (1, 10, 25, 50)
-    flat = torch.full((8, 3, 8, 8), 200, dtype=torch.uint8)
-    df = dl.eps_error(Zero(), fp, flat, dl.to_float(flat[0]), ts=ts)
-    assert list(df.t) == list(ts)
-    assert (df.mean_image < 1e-10).all(), df
-    assert ((df.network - 1).abs() < 0.15).all(), df
-    g = torch.Generator().manual_seed(0)
-    varied = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=g)
-    err = dl.eps_error(Zero(), fp, varied, dl.to_float(varied).mean(0), ts=ts).mean_image
-    assert (err.diff().iloc[1:] < 0).all() and err.iloc[-1] > 0, err
+            raise AssertionError("the network was called")
+    fp = dl.ForwardProcess(T)
+    prior = dl.GaussianEps(gaussian_images(20_000), start=1, max_images=20_000)
+    xT = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    run = lambda model, **kw: dl.ddim_sample_loop(model, fp, xT.clone(), torch.Generator(),
+                                                  steps=20, **kw)[0]
+    torch.testing.assert_close(run(Fails(), prior=prior), run(OptimalEps()), rtol=0, atol=0.03)
+    prior.start = T + 1
+    assert torch.equal(run(OptimalEps(), prior=prior), run(OptimalEps()))
+    prior.start = 500
+    with pytest.raises(AssertionError, match="network was called"):
+        run(Fails(), prior=prior)
 
 
 def test_table1_wide_layout():
