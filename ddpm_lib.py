@@ -808,17 +808,15 @@ class GaussianEps(nn.Module):
 
         E[ε | x_t] = s·(a²Σ + s²I)⁻¹(x_t − a·μ),
 
-    computed along Σ's eigenvectors (from the SVD of at most `max_images` centred images; Σ is 0
-    off their span, where ε̂ = (x_t − a·μ)/s). At large t, where x_t is nearly pure noise, this
+    computed along Σ's eigenvectors (from the SVD of the centred images; Σ is 0 off their span,
+    where ε̂ = (x_t − a·μ)/s). At large t, where x_t is nearly pure noise, this
     closed form beats the cpu generation model's ε̂ (eps_error), so samplers can use it for
     t ≥ `start` (see _eps) — the Gaussian structure of high-noise scores that Wang & Vastola
     (2023, 'The hidden linear structure in diffusion models') use to skip the first steps."""
 
-    def __init__(self, images: torch.Tensor, start: int = 1, max_images: int = 5000,
-                 seed: int = 0):
+    def __init__(self, images: torch.Tensor, start: int = 1):
         super().__init__()
-        x = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-                   [:max_images]].flatten(1).double()                  # (N, D)
+        x = images.flatten(1).double()                                  # (N, D)
         mu = x.mean(0)
         _, sv, vh = torch.linalg.svd(x - mu, full_matrices=False)
         self.register_buffer("mu", mu.float().view(images.shape[1:]))  # (C, H, W)
@@ -1433,12 +1431,13 @@ def sample(model, fp: ForwardProcess, method: str = "ddim", n: int = 64, size: i
 
 
 def gaussian_prior(model, fp: ForwardProcess, train: torch.Tensor, n: int = 500,
-                   seed: int = 0) -> GaussianEps:
-    """GaussianEps of the training images (uint8), used from the t on where its ε-MSE beats the
-    model's on n of them (eps_error over Table 1's grid; gaussian_start)."""
-    prior = GaussianEps(to_float(train), seed=seed).to(next(model.parameters()).device)
-    sub = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]]
-    prior.start = gaussian_start(eps_error(model, fp, sub, prior, seed=seed + 1))
+                   max_images: int = 5000, seed: int = 0) -> GaussianEps:
+    """GaussianEps of (a seeded subset of at most max_images) training images (uint8), used
+    from the t on where its ε-MSE beats the model's on n of them (eps_error over Table 1's
+    grid; gaussian_start)."""
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    prior = GaussianEps(to_float(train[perm[:max_images]])).to(next(model.parameters()).device)
+    prior.start = gaussian_start(eps_error(model, fp, train[perm[:n]], prior, seed=seed + 1))
     return prior
 
 

@@ -473,7 +473,7 @@ def test_gaussian_eps_fitted_to_gaussian_data_is_the_optimal_eps():
     independently) up to the estimation error of μ and Σ from 20,000 samples: the same ε-MSE on
     fresh data within 2 % at every t, and the same ε̂ at large t (where Σ matters little)."""
     fp = dl.ForwardProcess(T)
-    prior = dl.GaussianEps(gaussian_images(20_000), max_images=20_000)
+    prior = dl.GaussianEps(gaussian_images(20_000))
     assert prior.lam.shape == (48,) and (prior.lam - S2).abs().max() < 0.15 * S2   # spread ±11 %
     x0, g = gaussian_images(4000, seed=1), torch.Generator().manual_seed(2)
     for t_val in (1, 50, 300, 700, 1000):
@@ -536,7 +536,7 @@ def test_ddim_with_a_gaussian_prior():
         def forward(self, x, t):
             raise AssertionError("the network was called")
     fp = dl.ForwardProcess(T)
-    prior = dl.GaussianEps(gaussian_images(20_000), start=1, max_images=20_000)
+    prior = dl.GaussianEps(gaussian_images(20_000), start=1)
     xT = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(2))
     run = lambda model, **kw: dl.ddim_sample_loop(model, fp, xT.clone(), torch.Generator(),
                                                   steps=20, **kw)[0]
