@@ -1648,14 +1648,15 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
                      **quality(clf, real_test, None, train_imgs, len(classes))))
     for name, (method, kw) in GEN_SAMPLERS.items():
         n = ev["n_report"] if method == "report" else ev["n_samples"]
-        start = prior.start if kw.get("prior") else np.nan
-        kw = {**kw, "prior": prior} if kw.get("prior") else kw
+        if kw.get("prior"):
+            kw = {**kw, "prior": prior}
         t0 = time.perf_counter()
         x, _ = sample(model, fp, method, n, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
         secs = (time.perf_counter() - t0) / n
         samples[name] = x
         rows.append(dict(sampler=name, **quality(clf, x, real_test, train_imgs, len(classes)),
-                         seconds_per_image=secs, gaussian_from_t=start))
+                         seconds_per_image=secs,
+                         gaussian_from_t=kw["prior"].start if "prior" in kw else np.nan))
     df = pd.DataFrame(rows)
     # FFD against the floor at the same n (real training images, mean of 5 subsets)
     floors = {n: ffd_floor(clf, train_imgs, real_test, n, seed=cfg.seed)
@@ -1942,14 +1943,14 @@ def _run(a) -> None:
     elif a.cmd == "sample":
         import matplotlib
         matplotlib.use("Agg")
+        if a.gaussian and a.method != "ddim":
+            raise ValueError("--gaussian is a DDIM option (add --method ddim)")
         cfg = get_config(a.profile)
         model = generation_model(cfg)
         fp = ForwardProcess.from_config(cfg).to(get_device())
         kw = dict(steps=a.steps, eta=a.eta, recompute_eps=a.recompute_eps) \
             if a.method == "ddim" else {}
         if a.gaussian:
-            if a.method != "ddim":
-                raise ValueError("--gaussian is a DDIM option (add --method ddim)")
             index = load_index(cfg)
             train_imgs = Fruits(index[index.split == "train"], ROOT / cfg.data_dir / "fruits-360",
                                 cfg.image_size).images
