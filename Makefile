@@ -11,8 +11,8 @@ FRUITS360_DIR ?= ../shared/fruits-360-subset
 export FRUITS360_DIR
 NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 # execute a notebook in place, outputs kept, no timings;
-# a cell may take 40 min (notebook 05 on the CPU), a notebook 60
-NBEXEC := timeout 3600 $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=2400 \
+# a cell may take 40 min (notebook 05 on the CPU), a notebook 90
+NBEXEC := timeout 5400 $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=2400 \
   --ExecutePreprocessor.record_timing=False
 
 .PHONY: figures test env data train notebooks report bench clean

@@ -1623,19 +1623,26 @@ GEN_SAMPLERS = {"report's method (T=1000)": ("report", {}), "DDPM-1000": ("ddpm"
                                                                     recompute_eps=True, prior=True))}
 
 
-def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """Sample with every sampler and score each set (and real images, as the reference).
-    Returns (one row per sampler, {name: samples}); samples are also saved to runs/."""
-    ev = EVAL[cfg.profile]
+def _scoring_setup(cfg: Config, model: UNet, progress: bool):
+    """What scoring samples needs: (classes, training Fruits, test images (uint8), classifier,
+    its test accuracy, ForwardProcess on the model's device, the Gaussian prior)."""
     index = load_index(cfg)
     classes = sorted(index.label.unique())
     root = ROOT / cfg.data_dir / "fruits-360"
     train_ds = Fruits(index[index.split == "train"], root, cfg.image_size, classes=classes)
-    train_imgs = train_ds.images
     test_imgs = Fruits(index[index.split == "test"], root, cfg.image_size).images
     clf, _, acc = train_classifier(cfg, progress)
     fp = ForwardProcess.from_config(cfg).to(next(model.parameters()).device)
-    prior = gaussian_prior(model, fp, train_imgs, seed=cfg.seed)
+    return classes, train_ds, test_imgs, clf, acc, fp, gaussian_prior(model, fp, train_ds.images,
+                                                                      seed=cfg.seed)
+
+
+def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Sample with every sampler and score each set (and real images, as the reference).
+    Returns (one row per sampler, {name: samples}); samples are also saved to runs/."""
+    ev = EVAL[cfg.profile]
+    classes, train_ds, test_imgs, clf, acc, fp, prior = _scoring_setup(cfg, model, progress)
+    train_imgs = train_ds.images
     rows, samples = [], {}
     g = torch.Generator().manual_seed(cfg.seed)
     real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:ev["n_samples"]]])
@@ -1677,6 +1684,38 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
     out = ROOT / "runs" / cfg.profile / "samples.pt"
     save_checkpoint(samples, out)
     return df, samples
+
+
+# The sweep: the best deterministic and the best stochastic cheap row of GEN_SAMPLERS.
+SWEEP_SAMPLERS = ("DDIM-50, Gaussian ε̂ at high t", "DDIM-50, η=1")
+
+
+def sampler_sweep(cfg: Config, model: UNet, steps=(20, 50, 100, 200), seeds=(0, 1),
+                  progress: bool = True) -> pd.DataFrame:
+    """FFD of each SWEEP_SAMPLERS row run with every step count in `steps`, for every sample seed
+    in `seeds` (n_samples each; same classifier, prior and floor as generation_metrics, so the
+    row with 50 steps and seed cfg.seed is the table's). A gap to the floor that shrinks with
+    more steps is discretisation error; one that stays is the network's. The spread over seeds
+    is how much one draw of n_samples moves FFD. One row per (sampler, steps, seed)."""
+    from tqdm.auto import tqdm
+    n = EVAL[cfg.profile]["n_samples"]
+    classes, train_ds, test_imgs, clf, _, fp, prior = _scoring_setup(cfg, model, progress)
+    real_test = to_float(test_imgs)
+    floor = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
+    runs = [(name, k, seed) for name in SWEEP_SAMPLERS for k in steps for seed in seeds]
+    rows = []
+    for name, k, seed in tqdm(runs, desc="sampler sweep", disable=not progress):
+        method, kw = GEN_SAMPLERS[name]
+        kw = {**kw, "steps": k, "prior": prior if kw.get("prior") else None}
+        t0 = time.perf_counter()
+        x, _ = sample(model, fp, method, n, cfg.image_size, seed=seed, progress=False, **kw)
+        secs = (time.perf_counter() - t0) / n
+        q = quality(clf, x, real_test, None, len(classes))
+        rows.append(dict(sampler=name.replace("DDIM-50", "DDIM"), steps=k, seed=seed, n=n,
+                         ffd=q["ffd"], ffd_floor=floor, ffd_ratio=q["ffd"] / floor,
+                         recognizability=q["recognizability"],
+                         classes_covered=q["classes_covered"], seconds_per_image=secs))
+    return pd.DataFrame(rows)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1738,6 +1777,26 @@ def plot_history(histories: dict, ax=None, title: str = "loss per epoch",
     return ax
 
 
+def plot_sampler_sweep(sw: pd.DataFrame, refs: dict | None = None, target: float = 3.0, ax=None):
+    """FFD / floor against the number of steps (log axis) of a sampler_sweep: each seed a dot,
+    their mean a line; the floor, the target ratio, and refs {label: (steps, ratio)} as stars."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(7.5, 4))[1]
+    for i, (name, d) in enumerate(sw.groupby("sampler", sort=False)):
+        ax.scatter(d.steps, d.ffd_ratio, s=16, alpha=0.5, color=f"C{i}")
+        m = d.groupby("steps").ffd_ratio.mean()
+        ax.plot(m.index, m.values, "o-", color=f"C{i}",
+                label=f"{name}: mean of {d.seed.nunique()} seeds (dots: each seed)")
+    for j, (label, (k, r)) in enumerate((refs or {}).items(), start=sw.sampler.nunique()):
+        ax.plot([k], [r], "*", ms=13, color=f"C{j}", label=label)
+    ax.axhline(1, color="gray", lw=1, ls="--", label="floor: real training images")
+    ax.axhline(target, color="k", lw=1, ls=":", label=f"target: {target:g}× the floor")
+    ax.set(xscale="log", xlabel="steps (network evaluations per sample)", ylabel="FFD / floor",
+           ylim=(0, None))
+    ax.legend(fontsize=8)
+    return ax
+
+
 def save_fig(fig, name: str, cfg: Config) -> Path:
     """figures/<name>.png (the smoke profile's go to runs/smoke/figures)."""
     path = cfg.fig_dir() / f"{name}.png"
@@ -1791,6 +1850,17 @@ def _report_fields(figs: Path) -> dict:
                     f[f"{key}_{col}"] = "n/a" if pd.isna(v) else f"{v:.3g}"
         if "classifier_test_acc" in g:
             f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
+    if (sw := csv("sampler_sweep")) is not None:
+        # FFD / floor per (steps, sampler) over the seeds: "mean ± std (min–max)"
+        r = sw.groupby(["steps", "sampler"], sort=False).ffd_ratio
+        cell = r.mean().map("{:.2f}".format) + " ± " + r.std().map("{:.2f}".format) + " (" + \
+            r.min().map("{:.2f}".format) + "–" + r.max().map("{:.2f}".format) + ")"
+        f["sweep_table"] = to_markdown(cell.unstack("sampler").reset_index())
+        f["sweep_seeds"], f["sweep_n"] = str(sw.seed.nunique()), str(int(sw.n.iloc[0]))
+        for (k, name), m in r.mean().items():
+            key = "eta1" if "η=1" in name else "eta0"
+            f[f"sweep_{key}_{k}"] = f"{m:.2f}"
+            f[f"sweep_{key}_{k}_range"] = f"{r.min()[k, name]:.2f}–{r.max()[k, name]:.2f}"
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
         gen = h[h.run.str.endswith("/all")]
@@ -1867,7 +1937,11 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("evaluate", help="Table 1 (one-step SSIM/PSNR) and generation metrics")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    p.add_argument("--what", choices=["table1", "generation", "both"], default="both")
+    p.add_argument("--what", choices=["table1", "generation", "both", "sweep"], default="both",
+                   help="sweep: FFD of the cheap samplers over --steps and --seeds (sampler_sweep; "
+                        "~30 min under cpu with the defaults)")
+    p.add_argument("--steps", type=int, nargs="+", default=None, help="sweep's step counts")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="sweep's sample seeds")
 
     p = sub.add_parser("export", help="write a run's best EMA weights in half precision "
                        "(the committed generation model)")
@@ -1931,6 +2005,11 @@ def _run(a) -> None:
         if a.what in ("generation", "both"):
             df, _ = generation_metrics(cfg, generation_model(cfg))
             print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
+            print(df.to_string(index=False))
+        if a.what == "sweep":
+            kw = {k: tuple(v) for k, v in (("steps", a.steps), ("seeds", a.seeds)) if v}
+            df = sampler_sweep(cfg, generation_model(cfg), **kw)
+            print(f"sampler sweep → {save_table(df, 'sampler_sweep', cfg)}")
             print(df.to_string(index=False))
     elif a.cmd == "export":
         fold = a.fold if a.fold == "all" else int(a.fold)

@@ -56,3 +56,36 @@ def test_report_generation_epochs_from_training_summary(tmp_path):
                            out=tmp_path / "r" / "r.md").read_text()
     assert "trained 7 epochs" in text
     assert "| eps-grouped/all | 7 | 0.01 |" in text
+
+
+def _sweep(tmp_path):
+    rows = [dict(sampler=name, steps=k, seed=seed, n=500, ffd=r * 2.0, ffd_floor=2.0, ffd_ratio=r)
+            for name, base in (("DDIM, Gaussian ε̂ at high t", 6.0), ("DDIM, η=1", 4.0))
+            for k in (20, 50) for seed, r in ((0, base + 1 - k / 50), (1, base + 2 - k / 50))]
+    df = pd.DataFrame(rows)
+    dl.write_csv(df, tmp_path / "sampler_sweep.csv")
+    return df
+
+
+def test_report_sampler_sweep_mean_and_range_over_seeds(tmp_path):
+    _sweep(tmp_path)
+    tpl = tmp_path / "t.md"
+    tpl.write_text("${sweep_seeds} seeds of ${sweep_n}: η=0 ${sweep_eta0_50} (${sweep_eta0_50_range}), "
+                   "η=1 ${sweep_eta1_20}\n${sweep_table}")
+    text = dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
+                           out=tmp_path / "r" / "r.md").read_text()
+    assert "2 seeds of 500: η=0 6.50 (6.00–7.00), η=1 5.10" in text     # (6 + 7) / 2; (4.6 + 5.6) / 2
+    assert "| steps | DDIM, Gaussian ε̂ at high t | DDIM, η=1 |" in text
+    assert "| 20 | 7.10 ± 0.71 (6.60–7.60) | 5.10 ± 0.71 (4.60–5.60) |" in text
+
+
+def test_plot_sampler_sweep_draws_the_mean_over_seeds(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    df = _sweep(tmp_path)
+    ax = dl.plot_sampler_sweep(df, {"DDPM-1000": (1000, 2.9)}, target=3.0)
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    mean = next(ln for lb, ln in lines.items() if lb.startswith("DDIM, η=1: mean of 2 seeds"))
+    assert list(mean.get_xdata()) == [20, 50] and np.allclose(mean.get_ydata(), [5.1, 4.5])
+    assert list(lines["DDPM-1000"].get_ydata()) == [2.9]
+    assert list(lines["target: 3× the floor"].get_ydata()) == [3.0, 3.0]

@@ -574,3 +574,20 @@ def test_ddpm_rejects_unknown_variance():
     with pytest.raises(ValueError, match="beta_tilde"):
         dl.p_sample_loop(None, dl.ForwardProcess(T=10), torch.zeros(1, 3, 4, 4),
                          torch.Generator(), var="betta")
+
+
+def test_sampler_sweep_from_the_command_line_is_seeded():
+    """`evaluate --what sweep`: one row per (sampler, steps, seed), the ratio to the floor, and
+    the same FFD again for the same seed (sampler_sweep called directly), another for another."""
+    cfg = dl.get_config("smoke")
+    dl.main(["evaluate", "--profile", "smoke", "--what", "sweep", "--steps", "4", "8",
+             "--seeds", "0", "1"])
+    sw = pd.read_csv(cfg.fig_dir() / "sampler_sweep.csv")
+    assert len(sw) == 2 * 2 * 2 and sw.steps.tolist()[:4] == [4, 4, 8, 8]
+    assert set(sw.sampler) == {"DDIM, Gaussian ε̂ at high t", "DDIM, η=1"}
+    assert np.allclose(sw.ffd_ratio, sw.ffd / sw.ffd_floor)
+    again = dl.sampler_sweep(cfg, dl.generation_model(cfg), steps=(4,), seeds=(1,), progress=False)
+    first = sw[(sw.steps == 4) & (sw.seed == 1)].reset_index(drop=True)
+    assert np.allclose(again.ffd, first.ffd, rtol=1e-5)
+    eta1 = sw[(sw.sampler == "DDIM, η=1") & (sw.steps == 4)]
+    assert eta1.ffd.nunique() == 2                                   # seeds 0 and 1 differ
