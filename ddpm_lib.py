@@ -1852,15 +1852,14 @@ def _report_fields(figs: Path) -> dict:
             f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
     if (sw := csv("sampler_sweep")) is not None:
         # FFD / floor per (steps, sampler) over the seeds: "mean ± std (min–max)"
-        r = sw.groupby(["steps", "sampler"], sort=False).ffd_ratio
-        cell = r.mean().map("{:.2f}".format) + " ± " + r.std().map("{:.2f}".format) + " (" + \
-            r.min().map("{:.2f}".format) + "–" + r.max().map("{:.2f}".format) + ")"
+        r = sw.groupby(["steps", "sampler"], sort=False).ffd_ratio.agg(["mean", "std", "min", "max"])
+        cell = r.apply(lambda a: f"{a['mean']:.2f} ± {a['std']:.2f} ({a['min']:.2f}–{a['max']:.2f})",
+                       axis=1)
         f["sweep_table"] = to_markdown(cell.unstack("sampler").reset_index())
         f["sweep_seeds"], f["sweep_n"] = str(sw.seed.nunique()), str(int(sw.n.iloc[0]))
-        for (k, name), m in r.mean().items():
-            key = "eta1" if "η=1" in name else "eta0"
-            f[f"sweep_{key}_{k}"] = f"{m:.2f}"
-            f[f"sweep_{key}_{k}_range"] = f"{r.min()[k, name]:.2f}–{r.max()[k, name]:.2f}"
+        for (k, name), a in r.iterrows():
+            key = f"sweep_{'eta1' if 'η=1' in name else 'eta0'}_{k}"
+            f[key], f[key + "_range"] = f"{a['mean']:.2f}", f"{a['min']:.2f}–{a['max']:.2f}"
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
         gen = h[h.run.str.endswith("/all")]
