@@ -6,7 +6,8 @@ One run measures, with warm-up and repeats (medians are quoted):
   * training images/s (forward + backward + clip + Adam + EMA, the step of ddpm_lib.train, on
     synthetic batches) and sampling images/s (one no-grad network evaluation, the cost of one
     denoising step) at 32×32 and 100×100, for
-      (a) ddpm_lib.UNet as training runs it: the cpu profile's bf16 autocast + channels_last;
+      (a) ddpm_lib.UNet as training runs it: the cpu profile's bf16 autocast + channels_last
+          (fp32 + channels_last on a CPU without native bf16, where autocast stays off);
       (b) the plain reference (tests/reference_unet.py): fp32, NCHW, nn.MultiheadAttention;
       (c) diffusers' UNet2DModel of similar size (block_out_channels (32, 64, 128, 128), one
           ResNet layer per block, attention only in the mid block at the lowest resolution), in
@@ -21,6 +22,8 @@ One run measures, with warm-up and repeats (medians are quoted):
           of the training and sampling graphs takes minutes on 2 cores);
   * FLOPs per image (torch.utils.flop_counter), the achieved FLOP/s and the MFU against this
     machine's matmul peak, measured in the same run (2048² matmul, fp32 and bf16);
+  * the allocator: (a)'s sampling step at batch 250 before and after
+    ddpm_lib.keep_freed_memory() (images/s, minor page faults per step);
   * seconds per generated image of DDPM-1000 and DDIM-50 with ddpm_lib.sample (random weights:
     the cost does not depend on them).
 Writes <out>/bench.csv (atomically) and <out>/bench.png, and prints markdown tables.
@@ -66,6 +69,8 @@ import reference_unet  # noqa: E402
 CPU = torch.device("cpu")
 T0 = time.perf_counter()
 LIB, REF, DIFF, COMPILED = "ddpm_lib", "reference", "diffusers", "ddpm_lib compiled"
+# (a)'s mode: bf16 autocast runs only where bf16 is native (ddpm_lib.autocast); else it is fp32
+FAST = "bf16+CL" if dl.bf16_fast(CPU) else "fp32+CL"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -128,11 +133,18 @@ def matmul_peak(dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
 
 
 def measure_peak(repeats: int, threads: int, when: str = "") -> dict:
+    """The fp32 and bf16 matmul peaks; bf16 only where it is native (emulated on an AVX2 CPU it
+    ran at ~1.3 GFLOP/s, one 2048² matmul taking 13 s, and nothing in (a) runs in bf16 there)."""
     peak = {"fp32": matmul_peak(torch.float32, repeats),
-            "bf16": matmul_peak(torch.bfloat16, repeats)}
+            "bf16": matmul_peak(torch.bfloat16, repeats) if dl.bf16_fast(CPU) else math.nan}
     print(f"matmul peak{' ' + when if when else ''} (2048², best of {repeats}, {threads} "
-          f"thread{'s' if threads > 1 else ''}): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s", flush=True)
+          f"thread{'s' if threads > 1 else ''}): {_peaks(peak)}", flush=True)
     return peak
+
+
+def _peaks(peak: dict) -> str:
+    bf16 = f"{peak['bf16']:.0f} GFLOP/s" if math.isfinite(peak["bf16"]) else "not native, not measured"
+    return f"fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {bf16}"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -264,8 +276,8 @@ def bench_column(name, mode, net, cfg, size, bs, S, flops, library=False, fwd=No
                sample_img_s=sample_img_s,
                gflop_per_img=flops[0] / 1e9, gflop_fwd_per_img=flops[1] / 1e9,
                achieved_gflops=flops[0] * train_img_s / 1e9,
-               sample_gflops=flops[1] * sample_img_s / 1e9, precision="bf16" if cfg.bf16 else
-               "fp32", s_per_img=np.nan, compile_s=np.nan, note=note)
+               sample_gflops=flops[1] * sample_img_s / 1e9, precision="bf16" if cfg.bf16 and dl.bf16_fast(CPU)
+               else "fp32", s_per_img=np.nan, compile_s=np.nan, note=note)
     print(f"  [{time.perf_counter() - T0:4.0f} s] {name:17s} {mode:16s} {size:3d}px b{bs:<3d} "
           f"train {train_img_s:7.1f} img/s  sample {sample_img_s:7.1f} img/s  "
           f"({row['achieved_gflops']:.0f} GFLOP/s training)", flush=True)
@@ -301,7 +313,7 @@ def bench_compiled(cfg, size, bs, S, flops, eager_row) -> dict | None:
         t0 = time.perf_counter()
         sstep()
         c_sample = time.perf_counter() - t0
-        row = bench_column(COMPILED, "bf16+CL compiled", net, cfg, size, bs, S, flops,
+        row = bench_column(COMPILED, f"{FAST} compiled", net, cfg, size, bs, S, flops,
                            library=True, fwd=fwd, note=f"compile: train {c_train:.0f} s + "
                                                        f"sample {c_sample:.0f} s")
     except Exception as e:  # inductor needs a C++ compiler; any failure just skips the column
@@ -320,6 +332,34 @@ def bench_compiled(cfg, size, bs, S, flops, eager_row) -> dict | None:
     print(f"  [{time.perf_counter() - T0:4.0f} s] torch.compile at {size}px {verdict}")
     row["note"] += f"; {verdict}"
     return row
+
+
+def bench_allocator(S, bs: int = 250) -> list[dict]:
+    """(a)'s sampling step at the samplers' batch (250), first with glibc's malloc as it comes,
+    then after ddpm_lib.keep_freed_memory() (which training, evaluation and sampling get through
+    get_device): images/s and minor page faults per step. Run first, since the setting cannot be
+    undone in a process, and so every column after it runs with it, as training does; sequential,
+    not paired."""
+    import resource
+    cfg = dl.get_config("cpu")
+    torch.manual_seed(0)
+    net = dl.build_model(cfg, CPU, verbose=False).eval()
+    step = make_sample_step(net, cfg, cfg.image_size, bs, True)
+    out = []
+    for label in ("glibc default", "keep_freed_memory"):
+        if label == "keep_freed_memory" and not dl.keep_freed_memory():
+            print("  keep_freed_memory does not apply here (no glibc): not measured")
+            break
+        for _ in range(S["warmup"]):
+            step()
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        sec, _ = timed(step, 0, S["repeats"])
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / S["repeats"]
+        print(f"  [{time.perf_counter() - T0:4.0f} s] malloc {label:17s} sampling step b{bs}: "
+              f"{bs / sec:6.1f} img/s, {faults:,.0f} minor page faults per step", flush=True)
+        out.append(dict(model=LIB, size=cfg.image_size, batch=bs, mode=f"malloc: {label}",
+                        n_params=dl.n_params(net), sample_img_s=bs / sec, minflt_per_step=faults))
+    return out
 
 
 def bench_samplers(S) -> list[dict]:
@@ -370,12 +410,15 @@ def main(argv=None) -> None:
           f"{torch.__version__}, {platform.processor() or platform.machine()}, {threads} thread{'s' if threads > 1 else ''}, "
           f"warm-up {S['warmup']}, median of {S['repeats']}")
 
+    print(f"CPU: {torch.backends.cpu.get_cpu_capability()}, native bf16: "
+          f"{'yes' if dl.bf16_fast(CPU) else 'no, so bf16 autocast is off and (a) runs in fp32'}")
     peak = measure_peak(S["peak_repeats"], threads)
+    print("allocator:", flush=True)
+    rows = bench_allocator(S)
 
     diff, diff_version = (None, None) if a.no_diffusers else diffusers_model()
     if a.no_diffusers:
         print("diffusers skipped (--no-diffusers)")
-    rows = []
     for size in (32, 100):
         bs = S["batch"][size]
         cfg = dl.get_config("cpu", image_size=size, batch_size=bs)          # bf16 + channels_last
@@ -387,7 +430,7 @@ def main(argv=None) -> None:
         # FlopCounterMode does not count the CPU's fused attention kernel: the reference (the
         # same architecture, attention as bmm) gives the count for both.
         f_ref = count_flops(ref, size)
-        rows.append(row_a := bench_column(LIB, "bf16+CL", lib, cfg, size, bs, S, f_ref,
+        rows.append(row_a := bench_column(LIB, FAST, lib, cfg, size, bs, S, f_ref,
                                           library=True))
         rows.append(bench_column(REF, "fp32", ref, cfg32, size, bs, S, f_ref))
         add_paired(row_a, lib, ref, cfg, cfg32, size, bs, S)
@@ -395,7 +438,7 @@ def main(argv=None) -> None:
         if diff is not None:
             f_d = count_flops(diff, size)
             pad = "" if size % 8 == 0 else f"padded to {size + (-size) % 8}"
-            for c, mode in ((cfg32, "fp32"), (cfg, "bf16+CL")):
+            for c, mode in ((cfg32, "fp32"), (cfg, FAST)):
                 torch.manual_seed(0)
                 net = copy.deepcopy(diff)
                 net = net.to(memory_format=torch.channels_last) if c.channels_last else net
@@ -408,7 +451,7 @@ def main(argv=None) -> None:
         for b in S["more_batch"].get(size, ()):          # how the ratio moves with the batch
             print(f"{size}×{size}, batch {b}:", flush=True)
             c, c32 = (dataclasses.replace(x, batch_size=b) for x in (cfg, cfg32))
-            rows.append(row_b := bench_column(LIB, "bf16+CL", lib, c, size, b, S, f_ref,
+            rows.append(row_b := bench_column(LIB, FAST, lib, c, size, b, S, f_ref,
                                               library=True))
             ref = reference_unet.load_from_library(lib)
             rows.append(bench_column(REF, "fp32", ref, c32, size, b, S, f_ref))
@@ -431,6 +474,8 @@ def main(argv=None) -> None:
     df.insert(df.columns.get_loc("sample_gflops") + 1, "sample_mfu",
               df.sample_gflops / df.peak_gflops)
     df.insert(0, "threads", threads)
+    df.insert(1, "cpu", torch.backends.cpu.get_cpu_capability())
+    df.insert(2, "bf16_native", dl.bf16_fast(CPU))
     df["quick"] = a.quick
     df["torch"] = torch.__version__
     df["diffusers"] = diff_version or ""
@@ -463,7 +508,7 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
         "sample MFU": speed.sample_mfu.map(lambda v: _fmt(100 * v, ".1f") + " %"),
     })
     print(f"\n## Results ({threads} thread{'s' if threads > 1 else ''}{', --quick' if quick else ''}; MFU against the "
-          f"measured 2048² matmul peak: fp32 {peak['fp32']:.0f}, bf16 {peak['bf16']:.0f} GFLOP/s)\n")
+          f"measured 2048² matmul peak: {_peaks(peak)})\n")
     print(dl.to_markdown(tab))
     notes = speed[speed.note.astype(bool)]
     for _, r in notes.iterrows():
@@ -475,10 +520,10 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
         return s[col].iloc[0] if len(s) else np.nan
 
     ratios = []
-    pairs = [(f"(a) {LIB} bf16+CL / (b) reference fp32", (LIB, "bf16+CL"), (REF, "fp32")),
-             (f"(a) {LIB} bf16+CL / (c) diffusers fp32", (LIB, "bf16+CL"), (DIFF, "fp32")),
-             (f"(a) {LIB} bf16+CL / (c) diffusers bf16+CL", (LIB, "bf16+CL"), (DIFF, "bf16+CL")),
-             ("(a') compiled / (a) eager", (COMPILED, "bf16+CL compiled"), (LIB, "bf16+CL"))]
+    pairs = [(f"(a) {LIB} {FAST} / (b) reference fp32", (LIB, FAST), (REF, "fp32")),
+             (f"(a) {LIB} {FAST} / (c) diffusers fp32", (LIB, FAST), (DIFF, "fp32")),
+             (f"(a) {LIB} {FAST} / (c) diffusers {FAST}", (LIB, FAST), (DIFF, FAST)),
+             ("(a') compiled / (a) eager", (COMPILED, f"{FAST} compiled"), (LIB, FAST))]
     for size, batch in speed[["size", "batch"]].drop_duplicates().itertuples(index=False):
         for label, num, den in pairs:
             tr = get(*num, size, batch, "train_img_s") / get(*den, size, batch, "train_img_s")
@@ -487,7 +532,7 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
                 ratios.append({"ratio (speed-up, >1: numerator faster)": label,
                                "size": f"{size}×{size}", "batch": batch,
                                "training": f"{tr:.2f}×", "sampling step": f"{sa:.2f}×"})
-            if num == (LIB, "bf16+CL") and den == (REF, "fp32") and "paired_ratio" in speed:
+            if num == (LIB, FAST) and den == (REF, "fp32") and "paired_ratio" in speed:
                 q = [get(*num, size, batch, c) for c in
                      ("paired_ratio", "paired_ratio_q25", "paired_ratio_q75")]
                 if math.isfinite(q[0]):
@@ -499,9 +544,16 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
     if ratios:
         print("\n## Ratios\n")
         print(dl.to_markdown(pd.DataFrame(ratios)))
+    mal = df[df["mode"].str.startswith("malloc")]
+    if len(mal):
+        print("## Allocator (sampling step of (a), 32×32, batch 250)\n")
+        print(dl.to_markdown(pd.DataFrame({
+            "malloc": mal["mode"].str.replace("malloc: ", "", regex=False),
+            "sample img/s": mal.sample_img_s.map(lambda v: f"{v:.1f}"),
+            "minor page faults / step": mal.minflt_per_step.map(lambda v: f"{v:,.0f}")})))
     samp = df[df.s_per_img.notna()]
     if len(samp):
-        print("## Sampling (ddpm_lib.sample, 32×32, bf16 autocast)\n")
+        print(f"## Sampling (ddpm_lib.sample, 32×32, {'bf16 autocast' if dl.bf16_fast(CPU) else 'fp32'})\n")
         print(dl.to_markdown(pd.DataFrame({
             "sampler": samp["mode"].str.replace("sampler ", "", regex=False),
             "images": samp.batch, "s / image": samp.s_per_img.map(lambda v: f"{v:.3f}"),

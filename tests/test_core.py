@@ -504,8 +504,9 @@ def test_timestep_out_of_range_raises():
 
 
 def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
-    """`sample` hands --steps, --eta, --recompute-eps and --gaussian (a fitted GaussianEps) to the
-    DDIM sampler and saves a grid; --gaussian with another sampler is an error."""
+    """`sample` hands --steps, --eta, --recompute-eps, --gaussian (a fitted GaussianEps) and
+    --eps-scale to the DDIM sampler and saves a grid; --gaussian with another sampler, and
+    --eps-scale with the report's method, are errors."""
     seen = {}
     real = dl.SAMPLERS["ddim"]
 
@@ -526,3 +527,22 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
     assert f"t ≥ {prior.start}" in printed and "samples_ddim3_gaussian_seed0.png" in printed
     with pytest.raises(SystemExit, match="DDIM option"):
         dl.main(["sample", "--profile", "smoke", "--method", "ddpm", "--gaussian"])
+    seen.clear()
+    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--eps-scale", "1.01"])
+    assert seen["eps_scale"] == 1.01 and "samples_ddim3_eps1.01_seed0.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="DDPM/DDIM option"):
+        dl.main(["sample", "--profile", "smoke", "--method", "report", "--eps-scale", "1.01"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_get_device_keeps_freed_memory():
+    """get_device sets glibc's malloc to keep freed memory (mallopt accepts every setting; the
+    speed it buys is measured by tests/bench.py, not here)."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        pytest.skip("no glibc (musl?)")
+    dl.keep_freed_memory.cache_clear()
+    assert dl.get_device().type in ("cpu", "cuda")
+    assert dl.keep_freed_memory.cache_info().currsize == 1 and dl.keep_freed_memory() is True

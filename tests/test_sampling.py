@@ -50,15 +50,15 @@ def linear_alpha_bar(T: int = T) -> tuple[np.ndarray, np.ndarray]:
     return b, np.cumprod(1 - b)
 
 
-def exact_moments(kind: str, mu=MU, s2=S2, T: int = T) -> tuple[float, float]:
-    """Mean and variance of a sampler's output when x_T ~ N(0, 1) and the model is ε*: every
-    step is x' = A·x + B + σ·z, so M' = A·M + B, V' = A²·V + σ² (float64, no library code).
+def exact_moments(kind: str, mu=MU, s2=S2, T: int = T, scale: float = 1.0) -> tuple[float, float]:
+    """Mean and variance of a sampler's output when x_T ~ N(0, 1) and the model is ε*/scale:
+    every step is x' = A·x + B + σ·z, so M' = A·M + B, V' = A²·V + σ² (float64, no library code).
     kind: 'beta' / 'beta_tilde' (DDPM, Algorithm 2 with the posterior mean) or 'report'."""
     b, ab = linear_alpha_bar(T)
     M, V = 0.0, 1.0
     for t in range(T, 0, -1):
         a, ap, bt = ab[t - 1], (ab[t - 2] if t > 1 else 1.0), b[t - 1]
-        c = np.sqrt(1 - a) / (a * s2 + 1 - a)                 # ε* = c·(x - sqrt(a)·μ)
+        c = np.sqrt(1 - a) / (a * s2 + 1 - a) / scale         # ε̂ = c·(x - sqrt(a)·μ)
         a0, b0 = (1 - np.sqrt(1 - a) * c) / np.sqrt(a), np.sqrt(1 - a) * c * mu  # x̂0=a0·x+b0
         if kind == "report":                        # x' = sqrt(ᾱ')·x̂0 + sqrt(1-ᾱ')·z
             A, B, var = np.sqrt(ap) * a0, np.sqrt(ap) * b0, 1 - ap
@@ -70,16 +70,17 @@ def exact_moments(kind: str, mu=MU, s2=S2, T: int = T) -> tuple[float, float]:
     return M, V
 
 
-def ddim_reference(xT: np.ndarray, steps: int, mu=MU, s2=S2, T: int = T) -> np.ndarray:
-    """Deterministic DDIM (Song et al. Eq. 12, η = 0) in float64 with ε*, over `steps` timesteps
-    evenly spaced from T down to 1 (rounded), the last one going to ᾱ_0 = 1."""
+def ddim_reference(xT: np.ndarray, steps: int, mu=MU, s2=S2, T: int = T,
+                   scale: float = 1.0) -> np.ndarray:
+    """Deterministic DDIM (Song et al. Eq. 12, η = 0) in float64 with ε*/scale, over `steps`
+    timesteps evenly spaced from T down to 1 (rounded), the last one going to ᾱ_0 = 1."""
     _, ab = linear_alpha_bar(T)
     taus = np.rint(np.linspace(T, 1, steps)).astype(int)
     x = xT.astype(np.float64)
     for i, t in enumerate(taus):
         a = ab[t - 1]
         ap = ab[taus[i + 1] - 1] if i + 1 < len(taus) else 1.0
-        eps = np.sqrt(1 - a) * (x - np.sqrt(a) * mu) / (a * s2 + 1 - a)
+        eps = np.sqrt(1 - a) * (x - np.sqrt(a) * mu) / (a * s2 + 1 - a) / scale
         x0 = (x - np.sqrt(1 - a) * eps) / np.sqrt(a)
         x = np.sqrt(ap) * x0 + np.sqrt(1 - ap) * eps
     return x
@@ -223,6 +224,20 @@ def test_ddim_eta0_is_eq12_exactly():
     fp, g = dl.ForwardProcess(T), torch.Generator().manual_seed(123)
     x2, _ = dl.ddim_sample_loop(OptimalEps(), fp, xT, g, steps=50, eta=0.0, clip=False)
     assert torch.equal(x, x2)
+
+
+def test_eps_scale_divides_the_networks_eps():
+    """ε-scaling: DDIM (η = 0) with eps_scale = λ is Eq. 12 with ε*/λ exactly, and DDPM's output
+    moments are the recursion's with ε*/λ; λ = 1 is the plain sampler, bit for bit."""
+    xT, x = gaussian_run(dl.ddim_sample_loop, steps=50, eps_scale=1.05)
+    ref = ddim_reference(xT.double().numpy(), 50, scale=1.05)
+    np.testing.assert_allclose(x.double().numpy(), ref, rtol=0, atol=1e-4)
+    assert np.abs(ref - ddim_reference(xT.double().numpy(), 50)).mean() > 0.01
+    assert torch.equal(gaussian_run(dl.ddim_sample_loop, steps=50, eps_scale=1.0)[1],
+                       gaussian_run(dl.ddim_sample_loop, steps=50)[1])
+    _, x = gaussian_run(dl.p_sample_loop, eps_scale=1.05)
+    check_moments(x, *exact_moments("beta", scale=1.05))
+    assert exact_moments("beta", scale=1.05)[1] > 1.08 * exact_moments("beta")[1]   # > 5 SE
 
 
 def test_ddim_many_steps_samples_the_gaussian():
@@ -591,3 +606,16 @@ def test_sampler_sweep_from_the_command_line_is_seeded():
     assert np.allclose(again.ffd, first.ffd, rtol=1e-5)
     eta1 = sw[(sw.sampler == "DDIM, η=1") & (sw.steps == 4)]
     assert eta1.ffd.nunique() == 2                                   # seeds 0 and 1 differ
+
+
+def test_classifier_does_not_depend_on_the_callers_rng():
+    """train_classifier seeds before it builds the network, so its weights (and every FFD) are
+    the same whatever used the global RNG before it (it used to build the network first)."""
+    cfg = dl.get_config("smoke")
+    path = dl.ROOT / "runs" / cfg.profile / "classifier.pt"
+    weights = []
+    for s in (1, 2):
+        path.unlink(missing_ok=True)
+        torch.manual_seed(s)
+        weights.append(dl.train_classifier(cfg, progress=False)[0].state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
