@@ -153,7 +153,8 @@ def keep_freed_memory() -> bool:
     page-faulting it in again. Measured on a 2-core AVX2 machine (tests/bench.py): a sampling
     step at batch 250 went from 208,000 minor page faults to 1,100 and from 145 to 200 images/s;
     a training step at batch 32 from 6,000–12,000 faults to none, a few % faster. The process
-    keeps its peak memory. Returns False where there is no glibc (macOS, musl)."""
+    keeps its peak memory. Returns False where there is no glibc (macOS, musl) or mallopt refuses
+    a setting."""
     import ctypes
     if not sys.platform.startswith("linux"):
         return False
@@ -162,8 +163,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3              # <malloc.h>
-    return all(mallopt(k, v) == 1 for k, v in ((M_MMAP_THRESHOLD, 32 << 20),
-                                                (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20)))
+    return all([mallopt(k, v) == 1 for k, v in ((M_MMAP_THRESHOLD, 32 << 20),    # try each
+                                                 (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))])
 
 
 def seed_everything(seed: int) -> None:
@@ -1904,10 +1905,10 @@ def _report_fields(figs: Path) -> dict:
         if len(gen):
             f["gen_epochs"] = str(int(gen.epochs.iloc[0]))
     if (b := csv("bench")) is not None:
-        cols = ["model", "size", "batch", "mode", "n_params", "train_img_s", "sample_img_s",
-                "achieved_gflops", "mfu", "paired_ratio"]
+        cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
+                "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
         f["bench_table"] = "Speed on this machine (`make bench`):\n\n" + to_markdown(
-            b[[c for c in cols if c in b]])
+            b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
     return f
 
 
@@ -2063,6 +2064,8 @@ def _run(a) -> None:
         matplotlib.use("Agg")
         if a.gaussian and a.method != "ddim":
             raise ValueError("--gaussian is a DDIM option (add --method ddim)")
+        if a.eps_scale <= 0:
+            raise ValueError(f"--eps-scale must be > 0 (about 1.01), not {a.eps_scale}")
         if a.eps_scale != 1.0 and a.method == "report":
             raise ValueError("--eps-scale is a DDPM/DDIM option (the report's method has none)")
         cfg = get_config(a.profile)

@@ -21,7 +21,7 @@ One run measures, with warm-up and repeats (medians are quoted):
           profile's training size; --compile-sizes to change; not in --quick: a cold compile
           of the training and sampling graphs takes minutes on 2 cores);
   * FLOPs per image (torch.utils.flop_counter), the achieved FLOP/s and the MFU against this
-    machine's matmul peak, measured in the same run (2048² matmul, fp32 and bf16);
+    machine's matmul peak, measured in the same run (2048² matmul, fp32, and bf16 where native);
   * the allocator: (a)'s sampling step at batch 250 before and after
     ddpm_lib.keep_freed_memory() (images/s, minor page faults per step);
   * seconds per generated image of DDPM-1000 and DDIM-50 with ddpm_lib.sample (random weights:
@@ -348,7 +348,7 @@ def bench_allocator(S, bs: int = 250) -> list[dict]:
     out = []
     for label in ("glibc default", "keep_freed_memory"):
         if label == "keep_freed_memory" and not dl.keep_freed_memory():
-            print("  keep_freed_memory does not apply here (no glibc): not measured")
+            print("  keep_freed_memory not applied (no glibc, or mallopt refused): not measured")
             break
         for _ in range(S["warmup"]):
             step()
@@ -421,7 +421,7 @@ def main(argv=None) -> None:
         print("diffusers skipped (--no-diffusers)")
     for size in (32, 100):
         bs = S["batch"][size]
-        cfg = dl.get_config("cpu", image_size=size, batch_size=bs)          # bf16 + channels_last
+        cfg = dl.get_config("cpu", image_size=size, batch_size=bs)   # bf16 (where native) + channels_last
         cfg32 = dataclasses.replace(cfg, bf16=False, channels_last=False)
         print(f"{size}×{size}, batch {bs}:", flush=True)
         torch.manual_seed(0)
@@ -546,7 +546,7 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
         print(dl.to_markdown(pd.DataFrame(ratios)))
     mal = df[df["mode"].str.startswith("malloc")]
     if len(mal):
-        print("## Allocator (sampling step of (a), 32×32, batch 250)\n")
+        print("\n## Allocator (sampling step of (a), 32×32, batch 250)\n")
         print(dl.to_markdown(pd.DataFrame({
             "malloc": mal["mode"].str.replace("malloc: ", "", regex=False),
             "sample img/s": mal.sample_img_s.map(lambda v: f"{v:.1f}"),

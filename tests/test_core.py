@@ -532,6 +532,8 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
     assert seen["eps_scale"] == 1.01 and "samples_ddim3_eps1.01_seed0.png" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="DDPM/DDIM option"):
         dl.main(["sample", "--profile", "smoke", "--method", "report", "--eps-scale", "1.01"])
+    with pytest.raises(SystemExit, match="must be > 0"):
+        dl.main(["sample", "--profile", "smoke", "--eps-scale", "0"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
