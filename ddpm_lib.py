@@ -1403,8 +1403,8 @@ def ddim_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, steps: in
     generation model, η = 1 with ε̂ re-derived, 50 steps, 500 samples, sample seeds 0–3, outside
     generation_metrics (a script; classifier of seed 0, floor 1.745): FFD / floor 3.47, 2.97,
     3.16, 3.81 at 1.0 and 2.97, 2.62, 2.70, 3.62 at 1.01 (mean 3.35 → 2.98, every seed lower);
-    1.02 is worse (3.72, 4.01 on seeds 0 and 1). At 100 steps, seeds 0 and 1: 2.66, 2.83 at 1.0,
-    2.22, 2.66 at 1.01."""
+    1.02 is worse (3.72, 4.01 on seeds 0 and 1). At 100 steps, seeds 0–3: 2.66, 2.83, 2.36, 2.20
+    at 1.0 and 2.22, 2.66, 2.21, 1.89 at 1.01 (mean 2.51 → 2.25)."""
     from tqdm.auto import tqdm
     traj = {}
     ts = np.linspace(fp.T, 1, steps).round().astype(int)
