@@ -15,9 +15,9 @@ NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 NBEXEC := timeout 5400 $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=2400 \
   --ExecutePreprocessor.record_timing=False
 
-.PHONY: figures test env data train notebooks report bench clean
+.PHONY: figures test env data train notebooks b256 report bench clean
 
-figures: env data train notebooks report
+figures: env data train notebooks b256 report
 
 env: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -40,6 +40,12 @@ notebooks: env data
 	  $(NBEXEC) "$$nb" || { echo "== $$nb again (nbconvert can hang on widgets: jupyter/nbconvert#2029)"; \
 	                        $(NBEXEC) "$$nb"; } || exit 1; \
 	done
+
+# the committed b256 generation model (made on a GPU), scored and sampled here: figures/b256/
+b256: env data
+	$(PY) -m ddpm_lib evaluate --profile b256 --what generation
+	$(PY) -m ddpm_lib sample --profile b256 --method ddpm --n 64
+	$(PY) -m ddpm_lib sample --profile b256 --method ddim --steps 100 --eta 1 --recompute-eps --n 64
 
 report: env
 	$(PY) -m ddpm_lib report

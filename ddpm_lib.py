@@ -92,8 +92,10 @@ class Config:
         return ROOT / "runs" / self.profile / f"{self.target}-{self.split}" / name
 
     def fig_dir(self) -> Path:
-        """Figures of real runs go to figures/; the smoke profile's stay out of it."""
-        d = ROOT / "figures" if self.profile != "smoke" else ROOT / "runs" / "smoke" / "figures"
+        """Figures of real runs go to figures/ (the b256 profile's to figures/b256/); the smoke
+        profile's stay out of it."""
+        d = {"smoke": ROOT / "runs" / "smoke" / "figures",
+             "b256": ROOT / "figures" / "b256"}.get(self.profile, ROOT / "figures")
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -111,6 +113,9 @@ PROFILES = {
     # the report's setup: 100×100, 40 epochs, 5 folds; for a GPU.
     "full": dict(image_size=100, width=32, batch_size=64, max_epochs=40),
 }
+# the cpu profile with another generation model (GENERATION: batch 256, made on a GPU). Only that
+# model is b256's own (evaluate --what generation, sample); its figures go to figures/b256/.
+PROFILES["b256"] = dict(PROFILES["cpu"])
 
 
 # The generation model: trained on every training image ('all'), validated on Test/, for longer
@@ -119,6 +124,12 @@ GENERATION = {
     "smoke": dict(max_epochs=2),
     "cpu": dict(lr=5e-4, ema_decay=0.9995, max_epochs=140, patience=140),
     "full": dict(max_epochs=40, patience=40),
+    # the cpu profile's network at 8× its batch: 24 epochs of 200 steps, 1.23M images (the cpu
+    # model: 22,260 steps, 0.71M images). 3.8 min on an H200, where the committed
+    # data/checkpoints/ddpm_b256_all_ema_fp16.pt was made (figures/b256/h200/); ~7 h on an
+    # AVX2 CPU with 2 cores (47 img/s).
+    "b256": dict(lr=5e-4, ema_decay=0.9995, batch_size=256, steps_per_epoch=200, max_epochs=24,
+                 patience=24),
 }
 
 
@@ -1149,6 +1160,7 @@ EVAL = {
     "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),     # 6 gave acc 0.76
     "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
 }
+EVAL["b256"] = dict(EVAL["cpu"])
 TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timesteps
 
 
@@ -1849,9 +1861,15 @@ def save_fig(fig, name: str, cfg: Config) -> Path:
 # report: report/template.md filled from the tables in figures/
 
 
-def _report_fields(figs: Path) -> dict:
+# The b256 model's figures: scored here (b256/), and what its GPU run measured (h200/: its
+# training, its tables, and the cpu model scored there with the same classifier (h200/cpu/)).
+B256_FIGS = {"b256": "b256", "b256_h200": "b256/h200", "b256_h200_cpu": "b256/h200/cpu"}
+
+
+def _report_fields(figs: Path, nested: bool = True) -> dict:
     """Named pieces of the report (markdown tables and headline numbers) from figures/*.csv;
-    a piece whose table is not there yet is left out (write_report marks it missing)."""
+    a piece whose table is not there yet is left out (write_report marks it missing). nested:
+    also the b256 profile's folders (B256_FIGS), their fields prefixed with the key."""
     def csv(name):
         p = figs / f"{name}.csv"
         return pd.read_csv(p) if p.exists() else None
@@ -1905,12 +1923,30 @@ def _report_fields(figs: Path) -> dict:
         gen = h[h.run.str.endswith("/all")]
         if len(gen):
             f["gen_epochs"] = str(int(gen.epochs.iloc[0]))
+            f["gen_best_val_loss"] = f"{gen.best_val_loss.iloc[0]:.4g}"
+    if (gt := csv("generation_training")) is not None:            # `train --fold all`'s summary
+        f["generation_training_table"] = to_markdown(gt)
+        f["gen_minutes"], f["gen_img_s"] = f"{gt.minutes[0]:.1f}", f"{gt.images_per_s[0]:,.0f}"
+        f["gen_best_val_loss"] = f"{gt.best_val_loss[0]:.4g}"
     if (b := csv("bench")) is not None:
         cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
                 "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
         f["bench_table"] = "Speed on this machine (`make bench`):\n\n" + to_markdown(
             b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
+    if not nested:
+        return f
+    for key, sub in B256_FIGS.items():
+        if (figs / sub).is_dir():
+            f.update({f"{key}_{k}": v for k, v in _report_fields(figs / sub, False).items()})
+    # FFD / floor of both generation models scored with the same classifier, where they ran
+    sets = {"cpu model (H200)": "b256/h200/cpu", "b256 model (H200)": "b256/h200",
+            "b256 model (CPU)": "b256"}
+    r = {k: pd.read_csv(p).set_index("sampler").ffd_ratio for k, d in sets.items()
+         if (p := figs / d / "generation_metrics.csv").exists()}
+    if len(r) > 1:
+        f["b256_comparison"] = to_markdown(pd.DataFrame(r).dropna(how="all").reset_index())
     return f
+
 
 
 def write_report(cfg: Config, template: Path | str | None = None, figs: Path | str | None = None,
@@ -1919,7 +1955,7 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
     figure links to ../figures/*.png are kept when the figure exists. Anything not produced yet
     is marked as missing in the text (never made up). The smoke profile writes to runs/smoke."""
     import string
-    figs = Path(figs) if figs else cfg.fig_dir()
+    figs = Path(figs) if figs else (cfg.fig_dir() if cfg.profile == "smoke" else ROOT / "figures")
     template = Path(template) if template else ROOT / "report" / "template.md"
     out = Path(out) if out else (ROOT / "report" / "report.md" if cfg.profile != "smoke"
                                  else figs.parent / "report.md")
@@ -2031,6 +2067,9 @@ def _run(a) -> None:
             b = h.loc[h.val_loss.idxmin()]
             print(f"done: {len(h)} epochs, best val loss {b.val_loss:.4f} at epoch {b.epoch:.0f}, "
                   f"{h.images_per_s.median():.0f} img/s")
+            if fold == "all" and a.out is None:                  # the generation model's run
+                s = pd.DataFrame([run_summary(cfg, fold, h)])
+                print(f"summary → {save_table(s, 'generation_training', cfg)}")
     elif a.cmd == "train-all":
         cfg = get_config(a.profile)
         for over, fold in planned_runs():
@@ -2084,7 +2123,8 @@ def _run(a) -> None:
             print(f"Gaussian ε̂ for t ≥ {kw['prior'].start}")
         x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
         ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
-        name = (f"samples_{a.method}{kw.get('steps', '')}{'_gaussian' * a.gaussian}"
+        name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
+                f"{'_gaussian' * a.gaussian}"
                 f"{f'_eps{a.eps_scale:g}' * (a.eps_scale != 1.0)}_seed{a.seed}")
         print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
 

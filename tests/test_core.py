@@ -483,6 +483,44 @@ def test_profiles(monkeypatch):
     assert str(e.value.code).startswith("error:") and "bogus" in str(e.value.code)
 
 
+def test_b256_profile_is_the_cpu_network_trained_at_batch_256():
+    """b256 differs from cpu only in its generation model's training (and where its figures go),
+    so its committed model is scored exactly like the cpu one."""
+    cpu, b = dl.get_config("cpu"), dl.get_config("b256")
+    assert dataclasses.replace(b, profile="cpu") == cpu and dl.EVAL["b256"] == dl.EVAL["cpu"]
+    assert b.fig_dir() == dl.ROOT / "figures" / "b256" != cpu.fig_dir()
+    g = dl.get_config("b256", generation=True)
+    assert (g.batch_size, g.steps_per_epoch, g.max_epochs) == (256, 200, 24)
+
+
+@pytest.mark.parametrize("profile", ["cpu", "b256"])
+def test_committed_generation_models_load(profile):
+    """The committed generation models: half-precision EMA weights, at most 10 MB, made with their
+    profile's settings (another config is refused), both the cpu profile's network."""
+    cfg = dl.get_config(profile, generation=True)
+    path = dl.shipped_checkpoint(cfg)
+    assert path.stat().st_size <= 10e6
+    ck = dl.load_checkpoint(path)
+    assert {v.dtype for v in ck["ema"].values() if v.is_floating_point()} == {torch.float16}
+    model = dl.load_model(cfg, "all", path)
+    assert dl.n_params(model) == dl.n_params(dl.build_model(dl.get_config("cpu"), verbose=False))
+    with pytest.raises(ValueError, match="another config"):
+        dl.load_model(dl.get_config(profile, generation=True, batch_size=99), "all", path)
+
+
+def test_cli_train_all_writes_the_generation_summary(tmp_path, capsys):
+    """`train --fold all` (the generation model) ends with its one-row summary in the figures;
+    a run into another --out folder (a scratch run) leaves the figures alone."""
+    path = smoke_cfg().fig_dir() / "generation_training.csv"
+    path.unlink(missing_ok=True)
+    dl.main(["train", "--profile", "smoke", "--fold", "all", "--out", str(tmp_path / "run")])
+    assert not path.exists()
+    dl.main(["train", "--profile", "smoke", "--fold", "all", "--resume"])
+    assert str(path) in capsys.readouterr().out
+    s = pd.read_csv(path)
+    assert len(s) == 1 and s.epochs[0] == dl.GENERATION["smoke"]["max_epochs"]
+
+
 def test_cli_second_train_into_same_run_is_an_error(tmp_path):
     out = tmp_path / "run"
     dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)     # the first run
@@ -517,7 +555,7 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
     dl.main(["sample", "--profile", "smoke", "--n", "4", "--steps", "3", "--eta", "0.5",
              "--recompute-eps", "--seed", "7"])
     assert (seen["steps"], seen["eta"], seen["recompute_eps"]) == (3, 0.5, True)
-    out = smoke_cfg().fig_dir() / "samples_ddim3_seed7.png"
+    out = smoke_cfg().fig_dir() / "samples_ddim3_eta0.5_seed7.png"
     assert out.exists() and str(out.name) in capsys.readouterr().out
     seen.clear()
     dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--gaussian"])

@@ -89,3 +89,39 @@ def test_plot_sampler_sweep_draws_the_mean_over_seeds(tmp_path):
     assert list(mean.get_xdata()) == [20, 50] and np.allclose(mean.get_ydata(), [5.1, 4.5])
     assert list(lines["DDPM-1000"].get_ydata()) == [2.9]
     assert list(lines["target: 3× the floor"].get_ydata()) == [3.0, 3.0]
+
+
+def test_report_b256_fields_and_comparison(tmp_path):
+    """figures/b256/ (and its h200/, h200/cpu/) fill b256_…, b256_h200_…, b256_h200_cpu_… fields,
+    and the comparison table has one column per generation_metrics found, FFD / floor per row."""
+    def gm(d, ratio):
+        d.mkdir(parents=True, exist_ok=True)
+        dl.write_csv(pd.DataFrame(dict(sampler=["DDPM-1000", "DDIM-50"], n=[500, 500],
+                                       ffd_ratio=ratio)), d / "generation_metrics.csv")
+    gm(tmp_path / "b256" / "h200", [2.0, 23.0])
+    gm(tmp_path / "b256" / "h200" / "cpu", [2.9, 15.0])
+    gm(tmp_path / "b256", [2.1, 22.0])
+    gm(tmp_path / "cpu", [9.0, 9.0])                 # not a b256 folder: never read
+    dl.write_csv(pd.DataFrame(dict(run=["eps-grouped/all"], epochs=[24], best_val_loss=[0.0085],
+                                   minutes=[3.77], images_per_s=[5583.0])),
+                 tmp_path / "b256" / "h200" / "generation_training.csv")
+    tpl = tmp_path / "t.md"
+    tpl.write_text("${b256_h200_ddpm_ffd_ratio} ${b256_h200_cpu_ddim50_ffd_ratio} "
+                   "${b256_h200_gen_minutes} min, ${b256_h200_gen_img_s} img/s, "
+                   "${b256_ddpm_ffd_ratio}\n${b256_comparison}")
+    text = dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
+                           out=tmp_path / "r" / "r.md").read_text()
+    assert text.startswith("2 15 3.8 min, 5,583 img/s, 2.1\n")
+    assert "| sampler | cpu model (H200) | b256 model (H200) | b256 model (CPU) |" in text
+    assert "| DDPM-1000 | 2.9 | 2 | 2.1 |" in text and "| DDIM-50 | 15 | 23 | 22 |" in text
+    assert "cpu_ddpm" not in str(dl._report_fields(tmp_path).keys()).replace("h200_cpu_ddpm", "")
+
+
+def test_report_of_the_b256_profile_reads_all_figures(tmp_path, monkeypatch):
+    """`report --profile b256` writes the same report as cpu: from figures/, not figures/b256/."""
+    seen = []
+    monkeypatch.setattr(dl, "_report_fields", lambda figs, nested=True: seen.append(figs) or {})
+    tpl = tmp_path / "t.md"
+    tpl.write_text("x")
+    dl.write_report(dl.get_config("b256"), tpl, out=tmp_path / "r.md")
+    assert seen == [dl.ROOT / "figures"]
