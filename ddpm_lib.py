@@ -1939,14 +1939,13 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
         if (figs / sub).is_dir():
             f.update({f"{key}_{k}": v for k, v in _report_fields(figs / sub, False).items()})
     # FFD / floor of both generation models scored with the same classifier, where they ran
-    sets = {"cpu model (H200)": "b256/h200/cpu", "b256 model (H200)": "b256/h200",
-            "b256 model (CPU)": "b256"}
+    sets = {"cpu model (H200)": B256_FIGS["b256_h200_cpu"],
+            "b256 model (H200)": B256_FIGS["b256_h200"], "b256 model (CPU)": B256_FIGS["b256"]}
     r = {k: pd.read_csv(p).set_index("sampler").ffd_ratio for k, d in sets.items()
          if (p := figs / d / "generation_metrics.csv").exists()}
     if len(r) > 1:
         f["b256_comparison"] = to_markdown(pd.DataFrame(r).dropna(how="all").reset_index())
     return f
-
 
 
 def write_report(cfg: Config, template: Path | str | None = None, figs: Path | str | None = None,
