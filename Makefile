@@ -15,9 +15,9 @@ NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 NBEXEC := timeout 5400 $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=2400 \
   --ExecutePreprocessor.record_timing=False
 
-.PHONY: figures test env data train notebooks b256 report bench clean
+.PHONY: figures test env data train notebooks b256 mixture report bench clean
 
-figures: env data train notebooks b256 report
+figures: env data train notebooks b256 mixture report
 
 env: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -46,6 +46,13 @@ b256: env data
 	$(PY) -m ddpm_lib evaluate --profile b256 --what generation
 	$(PY) -m ddpm_lib sample --profile b256 --method ddpm --n 64
 	$(PY) -m ddpm_lib sample --profile b256 --method ddim --steps 100 --eta 1 --recompute-eps --n 64
+	$(PY) -m ddpm_lib evaluate --profile b256 --what mixture
+
+# the cheap DDIM samplers with ε̂ at high t from Gaussian mixtures of the training images
+mixture: env data
+	$(PY) -m ddpm_lib evaluate --what mixture
+	$(PY) -m ddpm_lib sample --method ddim --steps 50 --gaussian segment --n 64
+	$(PY) -m ddpm_lib sample --method ddim --steps 20 --gaussian segment --n 64
 
 report: env
 	$(PY) -m ddpm_lib report

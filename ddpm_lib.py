@@ -853,24 +853,50 @@ class GaussianEps(nn.Module):
     where ε̂ = (x_t − a·μ)/s). At large t, where x_t is nearly pure noise, this
     closed form beats the cpu generation model's ε̂ (eps_error), so samplers can use it for
     t ≥ `start` (see _eps) — the Gaussian structure of high-noise scores that Wang & Vastola
-    (2023, 'The hidden linear structure in diffusion models') use to skip the first steps."""
+    (2023, 'The hidden linear structure in diffusion models') use to skip the first steps.
 
-    def __init__(self, images: torch.Tensor, start: int = 1):
+    labels ((N,) ints): a mixture instead, one Gaussian N(μ_k, Σ_k) per label k with weight
+    π_k = its share of the images, and E[ε | x_t] = Σ_k p(k | x_t)·E_k[ε | x_t] with
+    p(k | x_t) ∝ π_k·N(x_t; a·μ_k, a²Σ_k + s²I) — exact for such a mixture. Components of
+    lower rank are padded with zero eigenvalues, which change neither term. A call holds
+    (B, K, D) floats: ~1.3 GB at B = 250 with 105 components of 32×32 images."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, start: int = 1):
         super().__init__()
         x = images.flatten(1).double()                                  # (N, D)
-        mu = x.mean(0)
-        _, sv, vh = torch.linalg.svd(x - mu, full_matrices=False)
-        self.register_buffer("mu", mu.float().view(images.shape[1:]))  # (C, H, W)
-        self.register_buffer("V", vh.T.float().contiguous())           # (D, r)
-        self.register_buffer("lam", (sv ** 2 / max(len(x) - 1, 1)).float())  # (r,) eigenvalues
+        labels = torch.zeros(len(x)) if labels is None else torch.as_tensor(labels)
+        mus, vs, lams, logw = [], [], [], []
+        for k in labels.unique():
+            xk = x[labels == k]
+            mu = xk.mean(0)
+            _, sv, vh = torch.linalg.svd(xk - mu, full_matrices=False)
+            mus.append(mu)
+            vs.append(vh.T)                                             # (D, r_k)
+            lams.append(sv ** 2 / max(len(xk) - 1, 1))                  # (r_k,) eigenvalues
+            logw.append(math.log(len(xk) / len(x)))
+        r = max(len(v) for v in lams)
+        pad = lambda v: F.pad(v, (0, r - v.shape[-1]))
+        mu = torch.stack(mus).float().view(-1, *images.shape[1:])
+        self.register_buffer("mu", mu)                                  # (K, C, H, W)
+        self.register_buffer("V", torch.stack([pad(v) for v in vs]).float())   # (K, D, r)
+        self.register_buffer("lam", torch.stack([pad(v) for v in lams]).float())  # (K, r)
+        self.register_buffer("log_w", torch.tensor(logw))              # (K,) log π_k
         self.start = start                                   # t from which samplers use it
 
     def forward(self, fp: ForwardProcess, xt, t):
-        ab = fp.at(fp.alpha_bar, t).flatten(1)                          # (B, 1)
+        ab = fp.at(fp.alpha_bar, t).view(-1, 1, 1)                      # (B, 1, 1)
         s2 = 1 - ab
-        z = (xt - ab.sqrt().view(-1, 1, 1, 1) * self.mu).flatten(1)    # (B, D)
-        c = (z @ self.V) * (s2.sqrt() / (ab * self.lam + s2) - 1 / s2.sqrt())
-        return (z / s2.sqrt() + c @ self.V.T).view_as(xt)
+        z = xt.flatten(1)[:, None] - ab.sqrt() * self.mu.flatten(1)     # (B, K, D)
+        proj = torch.einsum("bkd,kdr->bkr", z, self.V)                  # (B, K, r)
+        var = ab * self.lam + s2                                        # a²λ + s², (B, K, r)
+        c = proj * (s2.sqrt() / var - 1 / s2.sqrt())
+        eps = z / s2.sqrt() + torch.einsum("bkr,kdr->bkd", c, self.V)   # E_k[ε | x_t], (B, K, D)
+        if len(self.log_w) > 1:               # p(k | x_t), from log N up to a term shared by all k
+            z2, proj2, var = z.double().pow(2).sum(-1), proj.double().pow(2), var.double()
+            logp = self.log_w - 0.5 * (z2 / s2.double().flatten(1) + var.log().sum(-1)
+                                       + (proj2 * (1 / var - 1 / s2.double())).sum(-1))
+            eps = torch.einsum("bk,bkd->bd", logp.softmax(-1).float(), eps)[:, None]
+        return eps[:, 0].view_as(xt)
 
 
 @torch.no_grad()
@@ -1243,10 +1269,11 @@ def eps_error(model, fp: ForwardProcess, images: torch.Tensor, prior: GaussianEp
               ts=TABLE1_T, seed: int = 0, batch: int = 250) -> pd.DataFrame:
     """The network's ε-MSE at each t on noised images (uint8, the noise of one_step_eval), beside
     that of the Gaussian predictor `prior` (GaussianEps: the best ε̂ for data that is only the
-    training images' mean and covariance). An ε error becomes an x̂0 error sqrt((1−ᾱ_t)/ᾱ_t)
-    times larger (Eq. 15): ×190 at t = T on the linear schedule, so where the network is worse
-    than the Gaussian (large t) its x̂0 lies far outside [-1, 1] and sampling leans on clipping
-    it (see ddim_sample_loop). fp on the model's device. One row per t: t, network, gaussian."""
+    training images' mean and covariance, or for a mixture of such Gaussians). An ε error
+    becomes an x̂0 error sqrt((1−ᾱ_t)/ᾱ_t) times larger (Eq. 15): ×190 at t = T on the linear
+    schedule, so where the network is worse than the Gaussian (large t) its x̂0 lies far
+    outside [-1, 1] and sampling leans on clipping it (see ddim_sample_loop). fp on the
+    model's device. One row per t: t, network, gaussian."""
     device = next(model.parameters()).device
     prior = prior.to(device)
     rows = []
@@ -1481,14 +1508,43 @@ def sample(model, fp: ForwardProcess, method: str = "ddim", n: int = 64, size: i
 
 
 def gaussian_prior(model, fp: ForwardProcess, train: torch.Tensor, n: int = 500,
-                   max_images: int = 5000, seed: int = 0) -> GaussianEps:
-    """GaussianEps of (a seeded subset of at most max_images) training images (uint8), used
-    from the t on where its ε-MSE beats the model's on n of them (eps_error over Table 1's
-    grid; gaussian_start)."""
+                   max_images: int = 5000, seed: int = 0, labels: torch.Tensor | None = None,
+                   held_out: torch.Tensor | None = None) -> GaussianEps:
+    """GaussianEps of (a seeded subset of at most max_images) training images (uint8), a
+    mixture with one Gaussian per label if `labels` (one per training image) are given, used
+    from the t on where its ε-MSE beats the model's (eps_error over Table 1's grid;
+    gaussian_start) on the held_out images (uint8), or on n training images if None.
+    A mixture of many small components nearly contains its training images, so on those it
+    beats the network down to small t: choose its start on images it was not fitted to."""
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    prior = GaussianEps(to_float(train[perm[:max_images]])).to(next(model.parameters()).device)
-    prior.start = gaussian_start(eps_error(model, fp, train[perm[:n]], prior, seed=seed + 1))
+    fit = perm[:max_images]
+    prior = GaussianEps(to_float(train[fit]), None if labels is None else labels[fit])
+    prior = prior.to(next(model.parameters()).device)
+    check = train[perm[:n]] if held_out is None else held_out
+    prior.start = gaussian_start(eps_error(model, fp, check, prior, seed=seed + 1))
     return prior
+
+
+# ε̂ at high t: 'one' Gaussian of all training images (GEN_SAMPLERS' prior=True), or a mixture
+# with a Gaussian per class, or per video segment (a fold's block of one rotation video: the
+# index's `group`, 105 of them in the cpu subset) → the index column that labels its components.
+PRIOR_KINDS = {"one": None, "class": "label", "segment": "group"}
+
+
+def fit_prior(cfg: Config, model, fp: ForwardProcess, train_ds: Fruits, kind: str = "one",
+              seed: int | None = None) -> GaussianEps:
+    """gaussian_prior of a PRIOR_KINDS kind. The mixtures take their start from eval_images (held
+    out: the generation model's validation split), since on training images the per-segment
+    mixture beat the cpu generation model from t = 50 on (on test images: from t = 450); 'one'
+    keeps the training images, as in generation_metrics (one Gaussian contains no image)."""
+    if kind not in PRIOR_KINDS:
+        raise ValueError(f"the prior must be one of {sorted(PRIOR_KINDS)}, not {kind!r}")
+    seed = cfg.seed if seed is None else seed
+    if PRIOR_KINDS[kind] is None:
+        return gaussian_prior(model, fp, train_ds.images, seed=seed)
+    labels = torch.as_tensor(pd.factorize(train_ds.rows[PRIOR_KINDS[kind]])[0])
+    return gaussian_prior(model, fp, train_ds.images, seed=seed, labels=labels,
+                          held_out=eval_images(cfg))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1685,8 +1741,7 @@ def _scoring_setup(cfg: Config, model: UNet, progress: bool):
     test_imgs = Fruits(index[index.split == "test"], root, cfg.image_size).images
     clf, _, acc = train_classifier(cfg, progress)
     fp = ForwardProcess.from_config(cfg).to(next(model.parameters()).device)
-    return classes, train_ds, test_imgs, clf, acc, fp, gaussian_prior(model, fp, train_ds.images,
-                                                                      seed=cfg.seed)
+    return classes, train_ds, test_imgs, clf, acc, fp, fit_prior(cfg, model, fp, train_ds)
 
 
 def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple[pd.DataFrame, dict]:
@@ -1738,6 +1793,18 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
     return df, samples
 
 
+def _sample_and_score(cfg: Config, model: UNet, fp: ForwardProcess, name: str, seed: int,
+                      clf: FruitClassifier, real_test, train, n_classes: int, **over):
+    """n_samples of GEN_SAMPLERS[name] (its settings updated by `over`) drawn with `seed`, and
+    their quality (see quality) with seconds_per_image: (samples, that dict)."""
+    method, kw = GEN_SAMPLERS[name]
+    n = EVAL[cfg.profile]["n_samples"]
+    t0 = time.perf_counter()
+    x, _ = sample(model, fp, method, n, cfg.image_size, seed=seed, progress=False, **{**kw, **over})
+    secs = (time.perf_counter() - t0) / n
+    return x, dict(quality(clf, x, real_test, train, n_classes), seconds_per_image=secs)
+
+
 # The sweep: the best deterministic and the best stochastic cheap row of GEN_SAMPLERS.
 SWEEP_SAMPLERS = ("DDIM-50, Gaussian ε̂ at high t", "DDIM-50, η=1")
 
@@ -1757,17 +1824,53 @@ def sampler_sweep(cfg: Config, model: UNet, steps=(20, 50, 100, 200), seeds=(0, 
     runs = [(name, k, seed) for name in SWEEP_SAMPLERS for k in steps for seed in seeds]
     rows = []
     for name, k, seed in tqdm(runs, desc="sampler sweep", disable=not progress):
-        method, kw = GEN_SAMPLERS[name]
-        kw = {**kw, "steps": k, "prior": prior if kw.get("prior") else None}
-        t0 = time.perf_counter()
-        x, _ = sample(model, fp, method, n, cfg.image_size, seed=seed, progress=False, **kw)
-        secs = (time.perf_counter() - t0) / n
-        q = quality(clf, x, real_test, None, len(classes))
+        use = GEN_SAMPLERS[name][1].get("prior")
+        _, q = _sample_and_score(cfg, model, fp, name, seed, clf, real_test, None, len(classes),
+                                 steps=k, prior=prior if use else None)
         rows.append(dict(sampler=name.replace("DDIM-50", "DDIM"), steps=k, seed=seed, n=n,
                          ffd=q["ffd"], ffd_floor=floor, ffd_ratio=q["ffd"] / floor,
                          recognizability=q["recognizability"],
-                         classes_covered=q["classes_covered"], seconds_per_image=secs))
+                         classes_covered=q["classes_covered"],
+                         seconds_per_image=q["seconds_per_image"]))
     return pd.DataFrame(rows)
+
+
+# The mixture table: the cheap samplers of GEN_SAMPLERS with ε̂ at high t from each PRIOR_KINDS
+# prior, or from the network alone (None).
+MIXTURE_SAMPLERS = ("DDIM-50", "DDIM-20", "DDIM-50, η=1")
+MIXTURE_PRIORS = {"network only": None, "one Gaussian": "one", "a Gaussian per class": "class",
+                  "a Gaussian per video segment": "segment"}
+
+
+def mixture_metrics(cfg: Config, model: UNet, seeds=(0, 1), progress: bool = True
+                    ) -> tuple[pd.DataFrame, dict]:
+    """Each MIXTURE_SAMPLERS row with ε̂ from each MIXTURE_PRIORS prior for t ≥ its start (the
+    network below), for every sample seed in `seeds`: FFD against the floor, recognizability,
+    classes covered and the SSIM to the nearest training image (a prior that holds the
+    training images could make samples copy them; real test images are the reference row).
+    Returns (one row per (sampler, prior, seed), {(sampler, prior): samples of the first seed})."""
+    from tqdm.auto import tqdm
+    n = EVAL[cfg.profile]["n_samples"]
+    classes, train_ds, test_imgs, clf, _, fp, one = _scoring_setup(cfg, model, progress)
+    train_imgs, real_test = train_ds.images, to_float(test_imgs)
+    floor = ffd_floor(clf, train_imgs, real_test, n, seed=cfg.seed)
+    priors = {name: None if kind is None else one if kind == "one" else
+              fit_prior(cfg, model, fp, train_ds, kind) for name, kind in MIXTURE_PRIORS.items()}
+    rows = [dict(sampler="real: test images", prior="", seed=np.nan,
+                 **quality(clf, real_test, None, train_imgs, len(classes)), from_t=np.nan)]
+    runs = [(s, p, seed) for s in MIXTURE_SAMPLERS for p in MIXTURE_PRIORS for seed in seeds]
+    samples = {}
+    for name, pname, seed in tqdm(runs, desc="mixture table", disable=not progress):
+        prior = priors[pname]
+        x, q = _sample_and_score(cfg, model, fp, name, seed, clf, real_test, train_imgs,
+                                 len(classes), prior=prior)
+        samples.setdefault((name, pname), x)
+        rows.append(dict(sampler=name, prior=pname, seed=seed, **q,
+                         from_t=np.nan if prior is None else prior.start))
+    df = pd.DataFrame(rows)
+    df.insert(df.columns.get_loc("ffd") + 1, "ffd_floor", np.where(df.ffd.notna(), floor, np.nan))
+    df.insert(df.columns.get_loc("ffd") + 2, "ffd_ratio", df.ffd / df.ffd_floor)
+    return df, samples
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1849,6 +1952,30 @@ def plot_sampler_sweep(sw: pd.DataFrame, refs: dict | None = None, target: float
     return ax
 
 
+def plot_mixture(df: pd.DataFrame, target: float = 3.0, ax=None):
+    """FFD / floor of a mixture_metrics table: a group per sampler, a colour per prior, each seed
+    a dot and their mean a bar; log axis (the network-only DDIM rows are ~10× the others)."""
+    import matplotlib.pyplot as plt
+    d = df[df.ffd_ratio.notna()]
+    samplers, priors = list(dict.fromkeys(d.sampler)), list(dict.fromkeys(d.prior))
+    ax = ax or plt.subplots(figsize=(8, 4))[1]
+    w = 0.8 / len(priors)
+    for j, p in enumerate(priors):
+        for i, s in enumerate(samplers):
+            r = d[(d.sampler == s) & (d.prior == p)].ffd_ratio
+            x = i - 0.4 + w * (j + 0.5)
+            ax.bar(x, r.mean(), w * 0.9, color=f"C{j}", alpha=0.45, label=p if i == 0 else None)
+            ax.plot([x] * len(r), r, "o", color=f"C{j}", ms=4)
+    ax.axhline(1, color="gray", lw=1, ls="--", label="floor: real training images")
+    ax.axhline(target, color="k", lw=1, ls=":", label=f"target: {target:g}× the floor")
+    ax.set_xticks(range(len(samplers)), samplers)
+    ax.set(yscale="log", ylabel="FFD / floor", title=f"FFD / floor by where ε̂ at high t comes "
+           f"from: {d.seed.nunique()} seeds of {int(d.n.iloc[0])} samples (dots)")
+    ax.legend(fontsize=8, title="ε̂ at high t from", title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.01, 1))
+    return ax
+
+
 def save_fig(fig, name: str, cfg: Config) -> Path:
     """figures/<name>.png (the smoke profile's go to runs/smoke/figures)."""
     path = cfg.fig_dir() / f"{name}.png"
@@ -1918,6 +2045,36 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
         for (k, name), a in r.iterrows():
             key = f"sweep_{'eta1' if 'η=1' in name else 'eta0'}_{k}"
             f[key], f[key + "_range"] = f"{a['mean']:.2f}", f"{a['min']:.2f}–{a['max']:.2f}"
+    mx = csv("generation_mixture")
+    if mx is not None and len(d := mx[mx.ffd_ratio.notna()]):
+        # per prior: where it starts, FFD / floor per sampler "mean (min–max)" over the seeds,
+        # and over all its rows the lowest recognizability and the SSIM to the training images
+        r = d.groupby(["prior", "sampler"], sort=False).ffd_ratio.agg(["mean", "min", "max"])
+        cell = r.apply(lambda a: f"{a['mean']:.2f} ({a['min']:.2f}–{a['max']:.2f})", axis=1)
+        by = d.groupby("prior", sort=False)
+        start = by.from_t.first().map(lambda v: "—" if pd.isna(v) else f"{v:.0f}")
+        t = pd.concat([start.rename("from t"), cell.unstack("sampler"),
+                       by.recognizability.min().rename("recognizability (lowest)"),
+                       by.nn_ssim_mean.mean().rename("SSIM to nearest training image (mean)"),
+                       by.nn_ssim_max.max().rename("(max)")], axis=1)
+        f["mixture_table"] = to_markdown(t.reset_index())
+        f["mix_seeds"], f["mix_n"] = str(d.seed.nunique()), str(int(d.n.iloc[0]))
+        f["mix_floor"] = f"{d.ffd_floor.iloc[0]:.3f}"
+        keys = {name: kind or "net" for name, kind in MIXTURE_PRIORS.items()}
+        for (p, name), a in r.iterrows():
+            key = f"mix_{name.replace('DDIM-', 'ddim').replace(', η=1', 'eta1')}_{keys.get(p, p)}"
+            f[key], f[key + "_range"] = f"{a['mean']:.2f}", f"{a['min']:.2f}–{a['max']:.2f}"
+        for p, g in by:
+            k = keys.get(p, p)
+            f[f"mix_from_{k}"] = "n/a" if pd.isna(g.from_t.iloc[0]) else str(int(g.from_t.iloc[0]))
+            f[f"mix_nn_max_{k}"], f[f"mix_nn_mean_{k}"] = (f"{g.nn_ssim_max.max():.3f}",
+                                                          f"{g.nn_ssim_mean.mean():.3f}")
+            f[f"mix_rec_min_{k}"] = f"{g.recognizability.min():.3g}"
+            f[f"mix_classes_min_{k}"] = str(int(g.classes_covered.min()))
+        real = mx[mx.sampler == "real: test images"]
+        if len(real):
+            f["mix_real_nn_max"] = f"{real.nn_ssim_max.iloc[0]:.3f}"
+            f["mix_real_nn_mean"] = f"{real.nn_ssim_mean.iloc[0]:.3f}"
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
         gen = h[h.run.str.endswith("/all")]
@@ -2011,11 +2168,14 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("evaluate", help="Table 1 (one-step SSIM/PSNR) and generation metrics")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    p.add_argument("--what", choices=["table1", "generation", "both", "sweep"], default="both",
-                   help="sweep: FFD of the cheap samplers over --steps and --seeds (sampler_sweep; "
-                        "~30 min under cpu with the defaults)")
+    p.add_argument("--what", choices=["table1", "generation", "both", "sweep", "mixture"],
+                   default="both", help="sweep: FFD of the cheap samplers over --steps and "
+                   "--seeds (sampler_sweep; ~30 min under cpu with the defaults); mixture: the "
+                   "cheap samplers with ε̂ at high t from Gaussian mixtures (mixture_metrics; "
+                   "~40 min under cpu on 2 AVX2 cores)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sweep's step counts")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="sweep's sample seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="sample seeds of the sweep and the mixture table")
 
     p = sub.add_parser("export", help="write a run's best EMA weights in half precision "
                        "(the committed generation model)")
@@ -2033,8 +2193,10 @@ def main(argv=None) -> None:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     p.add_argument("--recompute-eps", action="store_true",
                    help="DDIM: re-derive ε̂ from the clipped x̂0 (default: keep the network's)")
-    p.add_argument("--gaussian", action="store_true", help="DDIM: ε̂ from the training images' "
-                   "Gaussian where it beats the network's (large t; measured first)")
+    p.add_argument("--gaussian", nargs="?", const="one", choices=sorted(PRIOR_KINDS),
+                   help="DDIM: ε̂ from the training images' Gaussian ('one', the default), or a "
+                   "mixture with one per 'class' or per video 'segment', where it beats the "
+                   "network's (large t; measured first)")
     p.add_argument("--eps-scale", type=float, default=1.0, help="DDPM/DDIM: divide the network's "
                    "ε̂ by this (ε-scaling, Ning et al. 2024; 1.01 helped DDIM-50 at η = 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -2090,6 +2252,14 @@ def _run(a) -> None:
             df = sampler_sweep(cfg, generation_model(cfg), **kw)
             print(f"sampler sweep → {save_table(df, 'sampler_sweep', cfg)}")
             print(df.to_string(index=False))
+        if a.what == "mixture":
+            import matplotlib
+            matplotlib.use("Agg")
+            kw = {"seeds": tuple(a.seeds)} if a.seeds else {}
+            df, _ = mixture_metrics(cfg, generation_model(cfg), **kw)
+            print(f"mixture table → {save_table(df, 'generation_mixture', cfg)}")
+            print(df.to_string(index=False))
+            print(f"figure → {save_fig(plot_mixture(df).figure, 'mixture_ffd', cfg)}")
     elif a.cmd == "export":
         fold = a.fold if a.fold == "all" else int(a.fold)
         cfg = get_config(a.profile, generation=fold == "all")
@@ -2116,14 +2286,15 @@ def _run(a) -> None:
             kw["eps_scale"] = a.eps_scale
         if a.gaussian:
             index = load_index(cfg)
-            train_imgs = Fruits(index[index.split == "train"], ROOT / cfg.data_dir / "fruits-360",
-                                cfg.image_size).images
-            kw["prior"] = gaussian_prior(model, fp, train_imgs, seed=cfg.seed)
-            print(f"Gaussian ε̂ for t ≥ {kw['prior'].start}")
+            train_ds = Fruits(index[index.split == "train"], ROOT / cfg.data_dir / "fruits-360",
+                              cfg.image_size)
+            kw["prior"] = fit_prior(cfg, model, fp, train_ds, a.gaussian)
+            print(f"Gaussian ε̂ ({a.gaussian}) for t ≥ {kw['prior'].start}")
         x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
+        prior_tag = {None: "", "one": "_gaussian"}.get(a.gaussian, f"_gaussian-{a.gaussian}")
         ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
         name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
-                f"{'_gaussian' * a.gaussian}"
+                f"{prior_tag}"
                 f"{f'_eps{a.eps_scale:g}' * (a.eps_scale != 1.0)}_seed{a.seed}")
         print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
 

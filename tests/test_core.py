@@ -542,7 +542,7 @@ def test_timestep_out_of_range_raises():
 
 
 def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
-    """`sample` hands --steps, --eta, --recompute-eps, --gaussian (a fitted GaussianEps) and
+    """`sample` hands --steps, --eta, --recompute-eps, --gaussian [kind] (a fitted GaussianEps) and
     --eps-scale to the DDIM sampler and saves a grid; --gaussian with another sampler, and
     --eps-scale with the report's method, are errors."""
     seen = {}
@@ -565,6 +565,11 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
     assert f"t ≥ {prior.start}" in printed and "samples_ddim3_gaussian_seed0.png" in printed
     with pytest.raises(SystemExit, match="DDIM option"):
         dl.main(["sample", "--profile", "smoke", "--method", "ddpm", "--gaussian"])
+    seen.clear()
+    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--gaussian", "segment"])
+    index = dl.load_index(smoke_cfg())
+    assert len(seen["prior"].log_w) == index[index.split == "train"].group.nunique() > 1
+    assert "samples_ddim3_gaussian-segment_seed0.png" in capsys.readouterr().out
     seen.clear()
     dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--eps-scale", "1.01"])
     assert seen["eps_scale"] == 1.01 and "samples_ddim3_eps1.01_seed0.png" in capsys.readouterr().out

@@ -5,6 +5,14 @@ import pandas as pd
 import ddpm_lib as dl
 
 
+def _render(tmp_path, template: str) -> str:
+    """The report of `template` from the tables in tmp_path (smoke profile)."""
+    tpl = tmp_path / "t.md"
+    tpl.write_text(template)
+    return dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
+                           out=tmp_path / "r" / "r.md").read_text()
+
+
 def _table1(tmp_path):
     rows = []
     for method, base in (("corrected", 0.9), ("report-faithful", 0.6)):
@@ -50,10 +58,7 @@ def test_report_generation_epochs_from_training_summary(tmp_path):
     summary = pd.DataFrame(dict(run=["eps-grouped/fold0", "eps-grouped/all"], epochs=[3, 7],
                                 best_val_loss=[0.02, 0.01]))
     dl.write_csv(summary, tmp_path / "training_summary.csv")
-    tpl = tmp_path / "t.md"
-    tpl.write_text("trained ${gen_epochs} epochs\n${training_table}")
-    text = dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
-                           out=tmp_path / "r" / "r.md").read_text()
+    text = _render(tmp_path, "trained ${gen_epochs} epochs\n${training_table}")
     assert "trained 7 epochs" in text
     assert "| eps-grouped/all | 7 | 0.01 |" in text
 
@@ -69,11 +74,8 @@ def _sweep(tmp_path):
 
 def test_report_sampler_sweep_mean_and_range_over_seeds(tmp_path):
     _sweep(tmp_path)
-    tpl = tmp_path / "t.md"
-    tpl.write_text("${sweep_seeds} seeds of ${sweep_n}: η=0 ${sweep_eta0_50} (${sweep_eta0_50_range}), "
-                   "η=1 ${sweep_eta1_20}\n${sweep_table}")
-    text = dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
-                           out=tmp_path / "r" / "r.md").read_text()
+    text = _render(tmp_path, "${sweep_seeds} seeds of ${sweep_n}: η=0 ${sweep_eta0_50} "
+                   "(${sweep_eta0_50_range}), η=1 ${sweep_eta1_20}\n${sweep_table}")
     assert "2 seeds of 500: η=0 6.50 (6.00–7.00), η=1 5.10" in text     # (6 + 7) / 2; (4.6 + 5.6) / 2
     assert "| steps | DDIM, Gaussian ε̂ at high t | DDIM, η=1 |" in text
     assert "| 20 | 7.10 ± 0.71 (6.60–7.60) | 5.10 ± 0.71 (4.60–5.60) |" in text
@@ -105,12 +107,9 @@ def test_report_b256_fields_and_comparison(tmp_path):
     dl.write_csv(pd.DataFrame(dict(run=["eps-grouped/all"], epochs=[24], best_val_loss=[0.0085],
                                    minutes=[3.77], images_per_s=[5583.0])),
                  tmp_path / "b256" / "h200" / "generation_training.csv")
-    tpl = tmp_path / "t.md"
-    tpl.write_text("${b256_h200_ddpm_ffd_ratio} ${b256_h200_cpu_ddim50_ffd_ratio} "
+    text = _render(tmp_path, "${b256_h200_ddpm_ffd_ratio} ${b256_h200_cpu_ddim50_ffd_ratio} "
                    "${b256_h200_gen_minutes} min, ${b256_h200_gen_img_s} img/s, "
                    "${b256_ddpm_ffd_ratio}\n${b256_comparison}")
-    text = dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
-                           out=tmp_path / "r" / "r.md").read_text()
     assert text.startswith("2 15 3.8 min, 5,583 img/s, 2.1\n")
     assert "| sampler | cpu model (H200) | b256 model (H200) | b256 model (CPU) |" in text
     assert "| DDPM-1000 | 2.9 | 2 | 2.1 |" in text and "| DDIM-50 | 15 | 23 | 22 |" in text
@@ -125,3 +124,26 @@ def test_report_of_the_b256_profile_reads_all_figures(tmp_path, monkeypatch):
     tpl.write_text("x")
     dl.write_report(dl.get_config("b256"), tpl, out=tmp_path / "r.md")
     assert seen == [dl.ROOT / "figures"]
+
+
+def test_report_mixture_table(tmp_path):
+    """generation_mixture.csv → one row per prior: its start, FFD / floor per sampler as
+    mean (min–max) over the seeds, the lowest recognizability and the SSIM to the training set."""
+    rows = [dict(sampler="real: test images", prior="", from_t=np.nan, seed=np.nan, n=1714,
+                 ffd=np.nan, ffd_floor=np.nan, ffd_ratio=np.nan, recognizability=1.0,
+                 classes_covered=10, nn_ssim_mean=0.87, nn_ssim_max=0.999)]
+    for prior, start, base in (("network only", np.nan, 15.0), ("a Gaussian per class", 550, 3.0)):
+        for sampler in ("DDIM-50", "DDIM-50, η=1"):
+            for seed in (0, 1):
+                r = base + seed + (sampler != "DDIM-50")
+                rows.append(dict(sampler=sampler, prior=prior, from_t=start, seed=seed, n=500,
+                                 ffd=2 * r, ffd_floor=2.0, ffd_ratio=r,
+                                 recognizability=0.99 - seed / 100, classes_covered=10,
+                                 nn_ssim_mean=0.7, nn_ssim_max=0.95 + seed / 100))
+    dl.write_csv(pd.DataFrame(rows), tmp_path / "generation_mixture.csv")
+    text = _render(tmp_path, "${mix_seeds}×${mix_n} (${mix_floor}): ${mix_ddim50_class} (${mix_ddim50_class_range}), "
+                   "η=1 ${mix_ddim50eta1_net}; from ${mix_from_class}, ${mix_from_net}; "
+                   "SSIM ≤ ${mix_nn_max_class} (real ${mix_real_nn_max})\n${mixture_table}")
+    assert "2×500 (2.000): 3.50 (3.00–4.00), η=1 16.50; from 550, n/a; SSIM ≤ 0.960 (real 0.999)" in text
+    assert "| a Gaussian per class | 550 | 3.50 (3.00–4.00) | 4.50 (4.00–5.00) | 0.98 |" in text
+    assert "| network only | — | 15.50 (15.00–16.00) |" in text

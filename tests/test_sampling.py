@@ -489,7 +489,7 @@ def test_gaussian_eps_fitted_to_gaussian_data_is_the_optimal_eps():
     fresh data within 2 % at every t, and the same ε̂ at large t (where Σ matters little)."""
     fp = dl.ForwardProcess(T)
     prior = dl.GaussianEps(gaussian_images(20_000))
-    assert prior.lam.shape == (48,) and (prior.lam - S2).abs().max() < 0.15 * S2   # spread ±11 %
+    assert prior.lam.shape == (1, 48) and (prior.lam - S2).abs().max() < 0.15 * S2  # spread ±11 %
     x0, g = gaussian_images(4000, seed=1), torch.Generator().manual_seed(2)
     for t_val in (1, 50, 300, 700, 1000):
         t, eps = torch.full((len(x0),), t_val), torch.randn(x0.shape, generator=g)
@@ -563,6 +563,90 @@ def test_ddim_with_a_gaussian_prior():
         run(Fails(), prior=prior)
 
 
+def _two_blobs(n: int, w: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n 'images' (3, 2, 2): a share w of N(-0.5, 0.1²) per pixel (label 0), the rest of
+    N(+0.5 + a pixel-dependent shift, 0.1²) (label 1)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, generator=g) > w).long()
+    shift = torch.linspace(0, 0.2, 12).view(3, 2, 2)
+    x = torch.where(labels.view(-1, 1, 1, 1) == 1, 0.5 + shift, -0.5 + 0 * shift)
+    return x + 0.1 * torch.randn(n, 3, 2, 2, generator=g), labels
+
+
+def _mixture_eps_dense(x0, labels, fp, xt, t_val):
+    """E[ε | x_t] for the mixture of the labels' Gaussians (sample means and covariances, weights
+    their shares), computed densely: Bayes over the components with torch's MultivariateNormal,
+    then each component's linear estimator s·(a²Σ + s²I)⁻¹(x_t − a·μ). float64."""
+    a2 = fp.alpha_bar[t_val - 1].double()
+    a, s2, d = a2.sqrt(), 1 - a2, x0[0].numel()
+    logp, eps = [], []
+    for k in labels.unique():
+        xk = x0[labels == k].flatten(1).double()
+        mu, cov = xk.mean(0), torch.cov(xk.T)
+        c = a2 * cov + s2 * torch.eye(d, dtype=torch.float64)
+        mvn = torch.distributions.MultivariateNormal(a * mu, covariance_matrix=c)
+        logp.append(mvn.log_prob(xt.flatten(1)) + (labels == k).double().mean().log())
+        eps.append(s2.sqrt() * torch.linalg.solve(c, (xt.flatten(1) - a * mu).T).T)
+    w = torch.stack(logp, 1).softmax(1)                                 # (B, K)
+    return torch.einsum("bk,kbd->bd", w, torch.stack(eps)).view_as(xt)
+
+
+def test_gaussian_eps_with_labels_is_the_mixtures_posterior_mean():
+    """GaussianEps(images, labels) is the dense E[ε | x_t] of the labels' Gaussian mixture,
+    including a component of 6 images (rank 5 < D = 12: padded with zero eigenvalues), and
+    without labels that of one Gaussian."""
+    x0, labels = _two_blobs(3000)
+    few = 1.5 + 0.1 * torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(3))
+    x0, labels = torch.cat([x0, few]), torch.cat([labels, torch.full((6,), 2)])
+    fp = dl.ForwardProcess(T)
+    prior = dl.GaussianEps(x0, labels)
+    assert prior.mu.shape == (3, 3, 2, 2) and prior.V.shape == (3, 12, 12)
+    assert (prior.lam[2, 5:] < 1e-9).all() and (prior.lam[2, :5] > 1e-4).all()
+    xt = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(1)).double()
+    xt[:8] += 1.5 * fp.alpha_bar[99].sqrt()                      # some near the small component
+    for t_val in (5, 100, 400, 900):
+        t = torch.full((64,), t_val)
+        got = prior(fp, xt.float(), t).double()
+        torch.testing.assert_close(got, _mixture_eps_dense(x0, labels, fp, xt, t_val),
+                                   rtol=0, atol=2e-4)
+        got1 = dl.GaussianEps(x0)(fp, xt.float(), t).double()
+        torch.testing.assert_close(got1, _mixture_eps_dense(x0, torch.zeros(len(x0)), fp, xt, t_val),
+                                   rtol=0, atol=2e-4)
+
+
+def test_ddim_with_a_mixture_prior_draws_the_components_in_their_shares():
+    """DDIM (η = 0) driven by the mixture alone (start = 1: the network is never called) on
+    two-blob data draws 30 % / 70 % of its samples from the blobs; one Gaussian of the same
+    data puts many samples between them, where there is no data."""
+    x0, labels = _two_blobs(3000)
+    fp = dl.ForwardProcess(T)
+    xT = torch.randn(2000, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    run = lambda prior: dl.ddim_sample_loop(Zero(), fp, xT.clone(), torch.Generator(), steps=50,
+                                            prior=prior, clip=False)[0]
+    m = run(dl.GaussianEps(x0, labels, start=1)).mean((1, 2, 3))      # a sample's mean pixel
+    assert abs((m < 0).float().mean() - 0.3) < 0.04                    # 3.5 standard errors
+    assert ((m + 0.5).abs() < 0.2).float().mean() + ((m - 0.6).abs() < 0.2).float().mean() > 0.98
+    m1 = run(dl.GaussianEps(x0, start=1)).mean((1, 2, 3))
+    assert (m1.abs() < 0.3).float().mean() > 0.2, (m1.abs() < 0.3).float().mean()
+
+
+def test_gaussian_prior_chooses_its_start_on_held_out_images(monkeypatch):
+    """With held_out, eps_error (which decides the start) sees the held-out images, not training
+    images; without, n training images. The mixture has a component per label."""
+    seen = []
+    real = dl.eps_error
+    monkeypatch.setattr(dl, "eps_error", lambda m, fp, imgs, prior, **kw:
+                        seen.append(imgs) or real(m, fp, imgs, prior, ts=(10, 50), **kw))
+    g = torch.Generator().manual_seed(0)
+    train = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=g)
+    held = torch.randint(0, 256, (30, 3, 4, 4), dtype=torch.uint8, generator=g)
+    fp = dl.ForwardProcess(50)
+    prior = dl.gaussian_prior(Zero(), fp, train, n=20, labels=torch.arange(40) % 4, held_out=held)
+    assert len(prior.log_w) == 4 and torch.equal(seen[-1], held)
+    dl.gaussian_prior(Zero(), fp, train, n=20)
+    assert len(seen[-1]) == 20 and any(torch.equal(seen[-1][0], im) for im in train)
+
+
 def test_table1_wide_layout():
     long = _long_table()
     wide = dl.table1_wide(long)
@@ -606,6 +690,31 @@ def test_sampler_sweep_from_the_command_line_is_seeded():
     assert np.allclose(again.ffd, first.ffd, rtol=1e-5)
     eta1 = sw[(sw.sampler == "DDIM, η=1") & (sw.steps == 4)]
     assert eta1.ffd.nunique() == 2                                   # seeds 0 and 1 differ
+
+
+def test_mixture_table_from_the_command_line_is_seeded():
+    """`evaluate --what mixture`: the real test images' row, then one row per (sampler, prior,
+    seed) with the ratio to the floor, a start for every prior but 'network only', and its
+    figure; mixture_metrics called directly gives the same FFD again for the same seed."""
+    cfg = dl.get_config("smoke")
+    fig = cfg.fig_dir() / "mixture_ffd.png"
+    fig.unlink(missing_ok=True)
+    dl.main(["evaluate", "--profile", "smoke", "--what", "mixture", "--seeds", "0", "1"])
+    mx = pd.read_csv(cfg.fig_dir() / "generation_mixture.csv")
+    assert len(mx) == 1 + 3 * 4 * 2 and mx.sampler[0] == "real: test images"
+    d = mx.iloc[1:]
+    assert set(d.prior) == set(dl.MIXTURE_PRIORS) and set(d.sampler) == set(dl.MIXTURE_SAMPLERS)
+    net = d.prior == "network only"
+    assert d[net].from_t.isna().all() and d[~net].from_t.between(1, cfg.T + 1).all()
+    assert (d[~net].from_t <= cfg.T).any()                   # some prior is used (checked below)
+    assert np.allclose(d.ffd_ratio, d.ffd / d.ffd_floor) and d.nn_ssim_max.notna().all()
+    assert fig.exists()
+    again, samples = dl.mixture_metrics(cfg, dl.generation_model(cfg), seeds=(1,), progress=False)
+    assert np.allclose(again.ffd[1:], d[d.seed == 1].ffd, rtol=1e-5)
+    assert len(samples) == 3 * 4
+    for (name, prior), x in samples.items():                 # a prior used changes the samples
+        if prior != "network only" and d[d.prior == prior].from_t.iloc[0] <= cfg.T:
+            assert not torch.equal(x, samples[(name, "network only")]), (name, prior)
 
 
 def test_classifier_does_not_depend_on_the_callers_rng():
