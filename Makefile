@@ -15,9 +15,9 @@ NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 NBEXEC := timeout 5400 $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=2400 \
   --ExecutePreprocessor.record_timing=False
 
-.PHONY: figures test env data train notebooks b256 mixture report bench clean
+.PHONY: figures test env data train notebooks b256 mixture norm report bench clean
 
-figures: env data train notebooks b256 mixture report
+figures: env data train notebooks b256 mixture norm report
 
 env: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -53,6 +53,12 @@ mixture: env data
 	$(PY) -m ddpm_lib evaluate --what mixture
 	$(PY) -m ddpm_lib sample --method ddim --steps 50 --gaussian segment --n 64
 	$(PY) -m ddpm_lib sample --method ddim --steps 20 --gaussian segment --n 64
+
+# deterministic DDIM with the network alone: x̂0 clipped, not clipped, and norm-matched
+norm: env data
+	$(PY) -m ddpm_lib evaluate --what norm
+	$(PY) -m ddpm_lib sample --method ddim --steps 50 --norm-match --n 64
+	$(PY) -m ddpm_lib sample --method ddim --steps 20 --norm-match --n 64
 
 report: env
 	$(PY) -m ddpm_lib report

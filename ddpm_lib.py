@@ -899,18 +899,46 @@ class GaussianEps(nn.Module):
         return eps[:, 0].view_as(xt)
 
 
+class NormMatch(nn.Module):
+    """The network's ε̂ scaled by ‖x_t‖ / sqrt(E‖x_t‖²), so that its norm follows the input's,
+    where E‖x_t‖² = ᾱ_t·E‖x0‖² + (1-ᾱ_t)·D (Eq. 4; E‖x0‖² of `images`, float (N, C, H, W)).
+
+    Why: the report's U-Net cannot see the scale of its input. Every convolution before a
+    GroupNorm has no bias, and `inc` has no residual path, so net(c·x, t) = net(x, t) for any
+    c > 0, up to GroupNorm's ε (a test checks it to 1e-4). At large t the ideal ε̂ ≈ x_t grows with x_t, but the network
+    gives every sample the norm that is typical for t. The starting noise's own norm differs
+    between samples (±1.3 % for D = 3,072), and that difference is never corrected. Along a
+    deterministic chain, x̂0 = (x_t − sqrt(1-ᾱ)·ε̂)/sqrt(ᾱ) multiplies it by up to
+    sqrt((1-ᾱ)/ᾱ) ≈ 190 (Eq. 15). Clipping x̂0 hides this drift, and without clipping DDIM
+    diverges. Used for t ≥ `start`: at small t, ‖x_t‖ is mostly the image's own norm, and there
+    matching it can make ε̂ worse (eps_error decides; for the cpu generation model on test
+    images it helps from t = 400 up and halves the ε-MSE at t = 1000)."""
+
+    def __init__(self, images: torch.Tensor, start: int = 1):
+        super().__init__()
+        self.register_buffer("x0_sq", images.flatten(1).double().pow(2).sum(1).mean().float())
+        self.start = start
+
+    def forward(self, fp: ForwardProcess, xt, t, eps):
+        ab = fp.at(fp.alpha_bar, t).flatten()                             # (B,)
+        expected = (ab * self.x0_sq + (1 - ab) * xt[0].numel()).sqrt()    # sqrt E‖x_t‖², (B,)
+        return eps * (xt.flatten(1).norm(dim=1) / expected).view(-1, 1, 1, 1)
+
+
 @torch.no_grad()
 def _eps(model, fp: ForwardProcess, x, t_val: int, prior: GaussianEps | None = None,
-         scale: float = 1.0):
+         scale: float = 1.0, norm: NormMatch | None = None):
     """ε̂ = net(x_t, t) / scale under autocast() (bf16 where fast; the scaled target divided back
     out), or prior's closed form where t ≥ prior.start. scale > 1 is ε-scaling [EB]: a network
-    trained on true x_t over-predicts the noise of the x_t a sampler makes (exposure bias)."""
+    trained on true x_t over-predicts the noise of the x_t a sampler makes (exposure bias).
+    norm: the network's ε̂ norm-matched (NormMatch) where t ≥ norm.start."""
     t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
     if prior is not None and t_val >= prior.start:
         return t, prior(fp, x, t)
     with autocast(x.device):
         out = model(x, t).float()
-    return t, fp.eps_from_output(x, t, out) / scale
+    eps = fp.eps_from_output(x, t, out) / scale
+    return t, norm(fp, x, t, eps) if norm is not None and t_val >= norm.start else eps
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1265,39 +1293,45 @@ def one_step_eval(model, fp: ForwardProcess, images: torch.Tensor, ts=TABLE1_T, 
 
 
 @torch.no_grad()
-def eps_error(model, fp: ForwardProcess, images: torch.Tensor, prior: GaussianEps,
-              ts=TABLE1_T, seed: int = 0, batch: int = 250) -> pd.DataFrame:
+def eps_error(model, fp: ForwardProcess, images: torch.Tensor, prior: GaussianEps | None = None,
+              ts=TABLE1_T, seed: int = 0, batch: int = 250, norm: NormMatch | None = None
+              ) -> pd.DataFrame:
     """The network's ε-MSE at each t on noised images (uint8, the noise of one_step_eval), beside
     that of the Gaussian predictor `prior` (GaussianEps: the best ε̂ for data that is only the
     training images' mean and covariance, or for a mixture of such Gaussians). An ε error
     becomes an x̂0 error sqrt((1−ᾱ_t)/ᾱ_t) times larger (Eq. 15): ×190 at t = T on the linear
     schedule, so where the network is worse than the Gaussian (large t) its x̂0 lies far
     outside [-1, 1] and sampling leans on clipping it (see ddim_sample_loop). fp on the
-    model's device. One row per t: t, network, gaussian."""
-    device = next(model.parameters()).device
-    prior = prior.to(device)
+    model's device. One row per t: t, network, and gaussian (if prior) and norm_matched (the
+    network's ε̂ through `norm`, a NormMatch, at every t) if given."""
+    device = next(model.parameters(), torch.empty(0)).device
+    alts = {"gaussian": prior, "norm_matched": norm}
+    alts = {k: v.to(device) for k, v in alts.items() if v is not None}
     rows = []
     for t_val in ts:
         g = torch.Generator().manual_seed(seed * 100_003 + t_val)
-        se = torch.zeros(2, dtype=torch.float64, device=device)
+        se = torch.zeros(1 + len(alts), dtype=torch.float64, device=device)
         for i in range(0, len(images), batch):
             x0 = to_float(images[i:i + batch]).to(device)
             t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
             eps = torch.randn(x0.shape, generator=g).to(device)
             xt = fp.q_sample(x0, t, eps)
-            se += torch.stack([(_eps(model, fp, xt, t_val)[1] - eps).pow(2).sum(),
-                               (prior(fp, xt, t) - eps).pow(2).sum()]).double()
-        rows.append(dict(t=t_val, network=se[0].item() / images.numel(),
-                         gaussian=se[1].item() / images.numel()))
+            net = _eps(model, fp, xt, t_val)[1]
+            preds = [net] + [m(fp, xt, t) if k == "gaussian" else m(fp, xt, t, net)
+                             for k, m in alts.items()]
+            se += torch.stack([(p - eps).pow(2).sum() for p in preds]).double()
+        errs = (se / images.numel()).tolist()
+        rows.append(dict(t=t_val, network=errs[0], **dict(zip(alts, errs[1:]))))
     return pd.DataFrame(rows)
 
 
-def gaussian_start(err: pd.DataFrame) -> int:
-    """The smallest t of eps_error's grid from which on the Gaussian predictor's ε-MSE is below
-    the network's at every larger t (the grid's last t + 1 if not even there: never use it)."""
+def takeover_start(err: pd.DataFrame, col: str = "gaussian") -> int:
+    """The smallest t of eps_error's grid from which on the ε-MSE of its column `col` (the
+    Gaussian predictor, or the norm-matched network) is below the network's at every larger t
+    (the grid's last t + 1 if not even there: never use it)."""
     start, err = int(err.t.max()) + 1, err.sort_values("t", ascending=False)
-    for t, gauss, net in zip(err.t, err.gaussian, err.network):
-        if gauss >= net:
+    for t, alt, net in zip(err.t, err[col], err.network):
+        if alt >= net:
             break
         start = int(t)
     return start
@@ -1424,7 +1458,8 @@ def p_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, var: str = "
 @torch.no_grad()
 def ddim_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, steps: int = 50, eta: float = 0.0,
                      clip: bool = True, recompute_eps: bool = False, prior: GaussianEps | None = None,
-                     eps_scale: float = 1.0, keep=(), progress: bool = False):
+                     eps_scale: float = 1.0, norm: NormMatch | None = None, keep=(),
+                     progress: bool = False):
     """DDIM [DDIM] Eq. 12 over `steps` evenly spaced timesteps; eta=0 is deterministic, eta=1
     ancestral-like. x_{τ'} = sqrt(ᾱ_τ')·x̂0 + sqrt(1-ᾱ_τ'-σ²)·ε̂ + σ·z.
 
@@ -1443,13 +1478,17 @@ def ddim_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, steps: in
     generation_metrics (a script; classifier of seed 0, floor 1.745): FFD / floor 3.47, 2.97,
     3.16, 3.81 at 1.0 and 2.97, 2.62, 2.70, 3.62 at 1.01 (mean 3.35 → 2.98, every seed lower);
     1.02 is worse (3.72, 4.01 on seeds 0 and 1). At 100 steps, seeds 0–3: 2.66, 2.83, 2.36, 2.20
-    at 1.0 and 2.22, 2.66, 2.21, 1.89 at 1.01 (mean 2.51 → 2.25)."""
+    at 1.0 and 2.22, 2.66, 2.21, 1.89 at 1.01 (mean 2.51 → 2.25).
+    norm: a NormMatch rescales the network's ε̂ for t ≥ norm.start (see _eps); it is meant for
+    clip=False. Measured on the cpu generation model (norm_metrics, 3 seeds × 500 samples),
+    DDIM-50 FFD / floor: x̂0 clipped 9.1–14.1, not clipped 732–796, norm-matched and not
+    clipped 3.6–3.9."""
     from tqdm.auto import tqdm
     traj = {}
     ts = np.linspace(fp.T, 1, steps).round().astype(int)
     for i in tqdm(range(len(ts)), desc=f"DDIM-{steps}", disable=not progress, leave=False):
         t_val, t_prev = int(ts[i]), int(ts[i + 1]) if i + 1 < len(ts) else 0
-        t, eps = _eps(model, fp, x, t_val, prior, eps_scale)
+        t, eps = _eps(model, fp, x, t_val, prior, eps_scale, norm)
         ab = fp.at(fp.alpha_bar, t)
         ab_prev = fp.alpha_bar[t_prev - 1] if t_prev > 0 else torch.ones((), device=x.device)
         x0 = fp.predict_x0(x, t, eps)
@@ -1513,7 +1552,7 @@ def gaussian_prior(model, fp: ForwardProcess, train: torch.Tensor, n: int = 500,
     """GaussianEps of (a seeded subset of at most max_images) training images (uint8), a
     mixture with one Gaussian per label if `labels` (one per training image) are given, used
     from the t on where its ε-MSE beats the model's (eps_error over Table 1's grid;
-    gaussian_start) on the held_out images (uint8), or on n training images if None.
+    takeover_start) on the held_out images (uint8), or on n training images if None.
     A mixture of many small components nearly contains its training images, so on those it
     beats the network down to small t: choose its start on images it was not fitted to."""
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
@@ -1521,7 +1560,7 @@ def gaussian_prior(model, fp: ForwardProcess, train: torch.Tensor, n: int = 500,
     prior = GaussianEps(to_float(train[fit]), None if labels is None else labels[fit])
     prior = prior.to(next(model.parameters()).device)
     check = train[perm[:n]] if held_out is None else held_out
-    prior.start = gaussian_start(eps_error(model, fp, check, prior, seed=seed + 1))
+    prior.start = takeover_start(eps_error(model, fp, check, prior, seed=seed + 1))
     return prior
 
 
@@ -1545,6 +1584,15 @@ def fit_prior(cfg: Config, model, fp: ForwardProcess, train_ds: Fruits, kind: st
     labels = torch.as_tensor(pd.factorize(train_ds.rows[PRIOR_KINDS[kind]])[0])
     return gaussian_prior(model, fp, train_ds.images, seed=seed, labels=labels,
                           held_out=eval_images(cfg))
+
+
+def fit_norm(cfg: Config, model, fp: ForwardProcess, train: torch.Tensor) -> NormMatch:
+    """NormMatch with E‖x0‖² of the training images (uint8), used from the t on where its ε-MSE
+    beats the network's on eval_images (held out; eps_error, takeover_start)."""
+    norm = NormMatch(to_float(train)).to(next(model.parameters()).device)
+    err = eps_error(model, fp, eval_images(cfg), norm=norm, seed=cfg.seed + 1)
+    norm.start = takeover_start(err, "norm_matched")
+    return norm
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1731,9 +1779,9 @@ GEN_SAMPLERS = {"report's method (T=1000)": ("report", {}), "DDPM-1000": ("ddpm"
                                                                     recompute_eps=True, prior=True))}
 
 
-def _scoring_setup(cfg: Config, model: UNet, progress: bool):
+def _scoring_setup(cfg: Config, model: UNet, progress: bool, prior: bool = True):
     """What scoring samples needs: (classes, training Fruits, test images (uint8), classifier,
-    its test accuracy, ForwardProcess on the model's device, the Gaussian prior)."""
+    its test accuracy, ForwardProcess on the model's device, the Gaussian prior or None)."""
     index = load_index(cfg)
     classes = sorted(index.label.unique())
     root = ROOT / cfg.data_dir / "fruits-360"
@@ -1741,7 +1789,8 @@ def _scoring_setup(cfg: Config, model: UNet, progress: bool):
     test_imgs = Fruits(index[index.split == "test"], root, cfg.image_size).images
     clf, _, acc = train_classifier(cfg, progress)
     fp = ForwardProcess.from_config(cfg).to(next(model.parameters()).device)
-    return classes, train_ds, test_imgs, clf, acc, fp, fit_prior(cfg, model, fp, train_ds)
+    return classes, train_ds, test_imgs, clf, acc, fp, \
+        fit_prior(cfg, model, fp, train_ds) if prior else None
 
 
 def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple[pd.DataFrame, dict]:
@@ -1842,35 +1891,71 @@ MIXTURE_PRIORS = {"network only": None, "one Gaussian": "one", "a Gaussian per c
                   "a Gaussian per video segment": "segment"}
 
 
-def mixture_metrics(cfg: Config, model: UNet, seeds=(0, 1), progress: bool = True
-                    ) -> tuple[pd.DataFrame, dict]:
-    """Each MIXTURE_SAMPLERS row with ε̂ from each MIXTURE_PRIORS prior for t ≥ its start (the
-    network below), for every sample seed in `seeds`: FFD against the floor, recognizability,
-    classes covered and the SSIM to the nearest training image (a prior that holds the
-    training images could make samples copy them; real test images are the reference row).
-    Returns (one row per (sampler, prior, seed), {(sampler, prior): samples of the first seed})."""
+def _seeds_table(cfg: Config, model: UNet, samplers, by: str, variants, seeds, progress: bool,
+                 prior: bool = False) -> tuple[pd.DataFrame, dict]:
+    """Each of `samplers` (GEN_SAMPLERS rows) in each variant, for every sample seed in `seeds`:
+    FFD against the floor, recognizability, classes covered and the SSIM to the nearest
+    training image (a prior that holds the training images could make samples copy them; real
+    test images are the reference row). variants(fp, train_ds, prior) → {name: (sampler
+    settings, the t from which they change ε̂, or nan)}, called once after the scoring setup
+    (prior: with its Gaussian prior). Returns (one row per (sampler, variant in column `by`,
+    seed), {(sampler, variant): samples of the first seed})."""
     from tqdm.auto import tqdm
     n = EVAL[cfg.profile]["n_samples"]
-    classes, train_ds, test_imgs, clf, _, fp, one = _scoring_setup(cfg, model, progress)
+    classes, train_ds, test_imgs, clf, _, fp, one = _scoring_setup(cfg, model, progress, prior)
     train_imgs, real_test = train_ds.images, to_float(test_imgs)
     floor = ffd_floor(clf, train_imgs, real_test, n, seed=cfg.seed)
-    priors = {name: None if kind is None else one if kind == "one" else
-              fit_prior(cfg, model, fp, train_ds, kind) for name, kind in MIXTURE_PRIORS.items()}
-    rows = [dict(sampler="real: test images", prior="", seed=np.nan,
-                 **quality(clf, real_test, None, train_imgs, len(classes)), from_t=np.nan)]
-    runs = [(s, p, seed) for s in MIXTURE_SAMPLERS for p in MIXTURE_PRIORS for seed in seeds]
+    over = variants(fp, train_ds, one)
+    rows = [{"sampler": "real: test images", by: "", "seed": np.nan,
+             **quality(clf, real_test, None, train_imgs, len(classes)), "from_t": np.nan}]
+    runs = [(s, v, seed) for s in samplers for v in over for seed in seeds]
     samples = {}
-    for name, pname, seed in tqdm(runs, desc="mixture table", disable=not progress):
-        prior = priors[pname]
+    for name, v, seed in tqdm(runs, desc=f"{by} table", disable=not progress):
         x, q = _sample_and_score(cfg, model, fp, name, seed, clf, real_test, train_imgs,
-                                 len(classes), prior=prior)
-        samples.setdefault((name, pname), x)
-        rows.append(dict(sampler=name, prior=pname, seed=seed, **q,
-                         from_t=np.nan if prior is None else prior.start))
+                                 len(classes), **over[v][0])
+        samples.setdefault((name, v), x)
+        rows.append({"sampler": name, by: v, "seed": seed, **q, "from_t": over[v][1]})
     df = pd.DataFrame(rows)
     df.insert(df.columns.get_loc("ffd") + 1, "ffd_floor", np.where(df.ffd.notna(), floor, np.nan))
     df.insert(df.columns.get_loc("ffd") + 2, "ffd_ratio", df.ffd / df.ffd_floor)
     return df, samples
+
+
+def mixture_metrics(cfg: Config, model: UNet, seeds=(0, 1), progress: bool = True
+                    ) -> tuple[pd.DataFrame, dict]:
+    """Each MIXTURE_SAMPLERS row with ε̂ from each MIXTURE_PRIORS prior for t ≥ its start (the
+    network below), for every sample seed in `seeds` (_seeds_table; column 'prior')."""
+    def variants(fp, train_ds, one):
+        priors = {name: None if kind is None else one if kind == "one" else
+                  fit_prior(cfg, model, fp, train_ds, kind) for name, kind in MIXTURE_PRIORS.items()}
+        return {name: (dict(prior=p), np.nan if p is None else p.start)
+                for name, p in priors.items()}
+    return _seeds_table(cfg, model, MIXTURE_SAMPLERS, "prior", variants, seeds, progress,
+                        prior=True)
+
+
+# The norm table: deterministic DDIM with the network alone, x̂0 clipped (GEN_SAMPLERS' rows),
+# not clipped, and not clipped with the network's ε̂ norm-matched (NormMatch) at large t, also
+# with ε-scaling [EB]: λ = 1.005 was the better of 1.005 and 1.01 on DDIM-50, sample seeds 0–1
+# (FFD / floor 2.77, 3.22 against 5.17 on seed 0 with 1.01), tried by a script.
+# NORM_KEYS: the report's short names of the variants.
+NORM_SAMPLERS = ("DDIM-50", "DDIM-20")
+NORM_VARIANTS = {"x̂0 clipped": dict(clip=True), "not clipped": dict(clip=False),
+                 "norm-matched, not clipped": dict(clip=False, norm=True),
+                 "norm-matched, ε̂/1.005, not clipped": dict(clip=False, norm=True, eps_scale=1.005)}
+NORM_KEYS = {"x̂0 clipped": "clip", "not clipped": "noclip", "norm-matched, not clipped": "matched",
+             "norm-matched, ε̂/1.005, not clipped": "scaled"}
+
+
+def norm_metrics(cfg: Config, model: UNet, seeds=(0, 1, 2), progress: bool = True
+                 ) -> tuple[pd.DataFrame, dict]:
+    """Each NORM_SAMPLERS row in each NORM_VARIANTS form, for every sample seed in `seeds`
+    (_seeds_table; column 'variant'). The NormMatch is fitted once (fit_norm)."""
+    def variants(fp, train_ds, _):
+        norm = fit_norm(cfg, model, fp, train_ds.images)
+        return {v: ({**kw, "norm": norm if kw.get("norm") else None},
+                    norm.start if kw.get("norm") else np.nan) for v, kw in NORM_VARIANTS.items()}
+    return _seeds_table(cfg, model, NORM_SAMPLERS, "variant", variants, seeds, progress)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1952,26 +2037,29 @@ def plot_sampler_sweep(sw: pd.DataFrame, refs: dict | None = None, target: float
     return ax
 
 
-def plot_mixture(df: pd.DataFrame, target: float = 3.0, ax=None):
-    """FFD / floor of a mixture_metrics table: a group per sampler, a colour per prior, each seed
-    a dot and their mean a bar; log axis (the network-only DDIM rows are ~10× the others)."""
+def plot_ffd_ratio(df: pd.DataFrame, by: str = "prior", legend: str = "ε̂ at high t from",
+                   title: str = "FFD / floor by where ε̂ at high t comes from", target: float = 3.0,
+                   ax=None):
+    """FFD / floor of a _seeds_table table (mixture_metrics': by="prior"; norm_metrics':
+    by="variant"): a group per sampler, a colour per value of `by`, each seed a dot and their
+    mean a bar; log axis (ratios there span 1 to ~100)."""
     import matplotlib.pyplot as plt
     d = df[df.ffd_ratio.notna()]
-    samplers, priors = list(dict.fromkeys(d.sampler)), list(dict.fromkeys(d.prior))
+    samplers, variants = list(dict.fromkeys(d.sampler)), list(dict.fromkeys(d[by]))
     ax = ax or plt.subplots(figsize=(8, 4))[1]
-    w = 0.8 / len(priors)
-    for j, p in enumerate(priors):
+    w = 0.8 / len(variants)
+    for j, p in enumerate(variants):
         for i, s in enumerate(samplers):
-            r = d[(d.sampler == s) & (d.prior == p)].ffd_ratio
+            r = d[(d.sampler == s) & (d[by] == p)].ffd_ratio
             x = i - 0.4 + w * (j + 0.5)
             ax.bar(x, r.mean(), w * 0.9, color=f"C{j}", alpha=0.45, label=p if i == 0 else None)
             ax.plot([x] * len(r), r, "o", color=f"C{j}", ms=4)
     ax.axhline(1, color="gray", lw=1, ls="--", label="floor: real training images")
     ax.axhline(target, color="k", lw=1, ls=":", label=f"target: {target:g}× the floor")
     ax.set_xticks(range(len(samplers)), samplers)
-    ax.set(yscale="log", ylabel="FFD / floor", title=f"FFD / floor by where ε̂ at high t comes "
-           f"from: {d.seed.nunique()} seeds of {int(d.n.iloc[0])} samples (dots)")
-    ax.legend(fontsize=8, title="ε̂ at high t from", title_fontsize=8, loc="upper left",
+    ax.set(yscale="log", ylabel="FFD / floor", title=f"{title}: {d.seed.nunique()} seeds of "
+           f"{int(d.n.iloc[0])} samples (dots)")
+    ax.legend(fontsize=8, title=legend, title_fontsize=8, loc="upper left",
               bbox_to_anchor=(1.01, 1))
     return ax
 
@@ -1991,6 +2079,43 @@ def save_fig(fig, name: str, cfg: Config) -> Path:
 # The b256 model's figures: scored here (b256/), and what its GPU run measured (h200/: its
 # training, its tables, and the cpu model scored there with the same classifier (h200/cpu/)).
 B256_FIGS = {"b256": "b256", "b256_h200": "b256/h200", "b256_h200_cpu": "b256/h200/cpu"}
+
+
+def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict) -> dict:
+    """The report's pieces of a table with one row per (sampler, `by`, seed) and a real test
+    images' row (mixture_metrics: by prior; norm_metrics: by variant). Per value of `by`: where
+    it starts, FFD / floor per sampler "mean (min–max)" over the seeds, and over all its rows the
+    lowest recognizability and the SSIM to the training images. Field names:
+    <prefix>_<sampler>_<key> (ddim50, ddim20, ddim50eta1; key from `keys`), <prefix>_from_<key>,
+    … and `table` for the markdown table."""
+    f, d = {}, df[df.ffd_ratio.notna()]
+    if not len(d):
+        return f
+    r = d.groupby([by, "sampler"], sort=False).ffd_ratio.agg(["mean", "min", "max"])
+    cell = r.apply(lambda a: f"{a['mean']:.2f} ({a['min']:.2f}–{a['max']:.2f})", axis=1)
+    groups = d.groupby(by, sort=False)
+    start = groups.from_t.first().map(lambda v: "—" if pd.isna(v) else f"{v:.0f}")
+    t = pd.concat([start.rename("from t"), cell.unstack("sampler"),
+                   groups.recognizability.min().rename("recognizability (lowest)"),
+                   groups.nn_ssim_mean.mean().rename("SSIM to nearest training image (mean)"),
+                   groups.nn_ssim_max.max().rename("(max)")], axis=1)
+    f[table] = to_markdown(t.reset_index())
+    f[f"{prefix}_seeds"], f[f"{prefix}_n"] = str(d.seed.nunique()), str(int(d.n.iloc[0]))
+    f[f"{prefix}_floor"] = f"{d.ffd_floor.iloc[0]:.3f}"
+    for (v, name), a in r.iterrows():
+        key = f"{prefix}_{name.replace('DDIM-', 'ddim').replace(', η=1', 'eta1')}_{keys.get(v, v)}"
+        f[key], f[key + "_range"] = f"{a['mean']:.2f}", f"{a['min']:.2f}–{a['max']:.2f}"
+    for v, g in groups:
+        k = lambda what: f"{prefix}_{what}_{keys.get(v, v)}"
+        f[k("from")] = "n/a" if pd.isna(g.from_t.iloc[0]) else str(int(g.from_t.iloc[0]))
+        f[k("nn_max")], f[k("nn_mean")] = f"{g.nn_ssim_max.max():.3f}", f"{g.nn_ssim_mean.mean():.3f}"
+        f[k("rec_min")] = f"{g.recognizability.min():.3g}"
+        f[k("classes_min")] = str(int(g.classes_covered.min()))
+    real = df[df.sampler == "real: test images"]
+    if len(real):
+        f[f"{prefix}_real_nn_max"] = f"{real.nn_ssim_max.iloc[0]:.3f}"
+        f[f"{prefix}_real_nn_mean"] = f"{real.nn_ssim_mean.iloc[0]:.3f}"
+    return f
 
 
 def _report_fields(figs: Path, nested: bool = True) -> dict:
@@ -2045,36 +2170,11 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
         for (k, name), a in r.iterrows():
             key = f"sweep_{'eta1' if 'η=1' in name else 'eta0'}_{k}"
             f[key], f[key + "_range"] = f"{a['mean']:.2f}", f"{a['min']:.2f}–{a['max']:.2f}"
-    mx = csv("generation_mixture")
-    if mx is not None and len(d := mx[mx.ffd_ratio.notna()]):
-        # per prior: where it starts, FFD / floor per sampler "mean (min–max)" over the seeds,
-        # and over all its rows the lowest recognizability and the SSIM to the training images
-        r = d.groupby(["prior", "sampler"], sort=False).ffd_ratio.agg(["mean", "min", "max"])
-        cell = r.apply(lambda a: f"{a['mean']:.2f} ({a['min']:.2f}–{a['max']:.2f})", axis=1)
-        by = d.groupby("prior", sort=False)
-        start = by.from_t.first().map(lambda v: "—" if pd.isna(v) else f"{v:.0f}")
-        t = pd.concat([start.rename("from t"), cell.unstack("sampler"),
-                       by.recognizability.min().rename("recognizability (lowest)"),
-                       by.nn_ssim_mean.mean().rename("SSIM to nearest training image (mean)"),
-                       by.nn_ssim_max.max().rename("(max)")], axis=1)
-        f["mixture_table"] = to_markdown(t.reset_index())
-        f["mix_seeds"], f["mix_n"] = str(d.seed.nunique()), str(int(d.n.iloc[0]))
-        f["mix_floor"] = f"{d.ffd_floor.iloc[0]:.3f}"
-        keys = {name: kind or "net" for name, kind in MIXTURE_PRIORS.items()}
-        for (p, name), a in r.iterrows():
-            key = f"mix_{name.replace('DDIM-', 'ddim').replace(', η=1', 'eta1')}_{keys.get(p, p)}"
-            f[key], f[key + "_range"] = f"{a['mean']:.2f}", f"{a['min']:.2f}–{a['max']:.2f}"
-        for p, g in by:
-            k = keys.get(p, p)
-            f[f"mix_from_{k}"] = "n/a" if pd.isna(g.from_t.iloc[0]) else str(int(g.from_t.iloc[0]))
-            f[f"mix_nn_max_{k}"], f[f"mix_nn_mean_{k}"] = (f"{g.nn_ssim_max.max():.3f}",
-                                                          f"{g.nn_ssim_mean.mean():.3f}")
-            f[f"mix_rec_min_{k}"] = f"{g.recognizability.min():.3g}"
-            f[f"mix_classes_min_{k}"] = str(int(g.classes_covered.min()))
-        real = mx[mx.sampler == "real: test images"]
-        if len(real):
-            f["mix_real_nn_max"] = f"{real.nn_ssim_max.iloc[0]:.3f}"
-            f["mix_real_nn_mean"] = f"{real.nn_ssim_mean.iloc[0]:.3f}"
+    if (mx := csv("generation_mixture")) is not None:
+        f.update(_seeds_fields(mx, "prior", "mix", "mixture_table",
+                               {name: kind or "net" for name, kind in MIXTURE_PRIORS.items()}))
+    if (nt := csv("generation_norm")) is not None:
+        f.update(_seeds_fields(nt, "variant", "norm", "norm_table", NORM_KEYS))
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
         gen = h[h.run.str.endswith("/all")]
@@ -2168,14 +2268,15 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("evaluate", help="Table 1 (one-step SSIM/PSNR) and generation metrics")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    p.add_argument("--what", choices=["table1", "generation", "both", "sweep", "mixture"],
+    p.add_argument("--what", choices=["table1", "generation", "both", "sweep", "mixture", "norm"],
                    default="both", help="sweep: FFD of the cheap samplers over --steps and "
                    "--seeds (sampler_sweep; ~30 min under cpu with the defaults); mixture: the "
                    "cheap samplers with ε̂ at high t from Gaussian mixtures (mixture_metrics; "
-                   "~40 min under cpu on 2 AVX2 cores)")
+                   "~40 min under cpu on 2 AVX2 cores); norm: deterministic DDIM with the network "
+                   "alone, x̂0 clipped or not, and norm-matched (norm_metrics; ~45 min)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sweep's step counts")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="sample seeds of the sweep and the mixture table")
+                   help="sample seeds of the sweep, the mixture and the norm table")
 
     p = sub.add_parser("export", help="write a run's best EMA weights in half precision "
                        "(the committed generation model)")
@@ -2197,6 +2298,8 @@ def main(argv=None) -> None:
                    help="DDIM: ε̂ from the training images' Gaussian ('one', the default), or a "
                    "mixture with one per 'class' or per video 'segment', where it beats the "
                    "network's (large t; measured first)")
+    p.add_argument("--norm-match", action="store_true", help="DDIM: the network's ε̂ norm-matched "
+                   "to x_t where that beats it (large t; measured first), x̂0 not clipped")
     p.add_argument("--eps-scale", type=float, default=1.0, help="DDPM/DDIM: divide the network's "
                    "ε̂ by this (ε-scaling, Ning et al. 2024; 1.01 helped DDIM-50 at η = 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -2252,14 +2355,19 @@ def _run(a) -> None:
             df = sampler_sweep(cfg, generation_model(cfg), **kw)
             print(f"sampler sweep → {save_table(df, 'sampler_sweep', cfg)}")
             print(df.to_string(index=False))
-        if a.what == "mixture":
+        if a.what in ("mixture", "norm"):                   # _seeds_table's tables
             import matplotlib
             matplotlib.use("Agg")
+            metrics, table, fig, plot_kw = {
+                "mixture": (mixture_metrics, "generation_mixture", "mixture_ffd", {}),
+                "norm": (norm_metrics, "generation_norm", "norm_ffd",
+                         dict(by="variant", legend="network only, η = 0",
+                              title="FFD / floor of deterministic DDIM"))}[a.what]
             kw = {"seeds": tuple(a.seeds)} if a.seeds else {}
-            df, _ = mixture_metrics(cfg, generation_model(cfg), **kw)
-            print(f"mixture table → {save_table(df, 'generation_mixture', cfg)}")
+            df, _ = metrics(cfg, generation_model(cfg), **kw)
+            print(f"{a.what} table → {save_table(df, table, cfg)}")
             print(df.to_string(index=False))
-            print(f"figure → {save_fig(plot_mixture(df).figure, 'mixture_ffd', cfg)}")
+            print(f"figure → {save_fig(plot_ffd_ratio(df, **plot_kw).figure, fig, cfg)}")
     elif a.cmd == "export":
         fold = a.fold if a.fold == "all" else int(a.fold)
         cfg = get_config(a.profile, generation=fold == "all")
@@ -2271,8 +2379,11 @@ def _run(a) -> None:
     elif a.cmd == "sample":
         import matplotlib
         matplotlib.use("Agg")
-        if a.gaussian and a.method != "ddim":
-            raise ValueError("--gaussian is a DDIM option (add --method ddim)")
+        for flag in ("gaussian", "norm_match"):
+            if getattr(a, flag) and a.method != "ddim":
+                raise ValueError(f"--{flag.replace('_', '-')} is a DDIM option (add --method ddim)")
+        if a.gaussian and a.norm_match:
+            raise ValueError("use one of --gaussian and --norm-match: both change ε̂ at large t")
         if a.eps_scale <= 0:
             raise ValueError(f"--eps-scale must be > 0 (about 1.01), not {a.eps_scale}")
         if a.eps_scale != 1.0 and a.method == "report":
@@ -2284,17 +2395,21 @@ def _run(a) -> None:
             if a.method == "ddim" else {}
         if a.eps_scale != 1.0:
             kw["eps_scale"] = a.eps_scale
-        if a.gaussian:
+        if a.gaussian or a.norm_match:
             index = load_index(cfg)
             train_ds = Fruits(index[index.split == "train"], ROOT / cfg.data_dir / "fruits-360",
                               cfg.image_size)
+        if a.gaussian:
             kw["prior"] = fit_prior(cfg, model, fp, train_ds, a.gaussian)
             print(f"Gaussian ε̂ ({a.gaussian}) for t ≥ {kw['prior'].start}")
+        if a.norm_match:
+            kw.update(norm=fit_norm(cfg, model, fp, train_ds.images), clip=False)
+            print(f"norm-matched ε̂ for t ≥ {kw['norm'].start}, x̂0 not clipped")
         x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
         prior_tag = {None: "", "one": "_gaussian"}.get(a.gaussian, f"_gaussian-{a.gaussian}")
         ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
         name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
-                f"{prior_tag}"
+                f"{prior_tag}{'_normmatch' * a.norm_match}"
                 f"{f'_eps{a.eps_scale:g}' * (a.eps_scale != 1.0)}_seed{a.seed}")
         print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
 

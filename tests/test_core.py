@@ -542,9 +542,10 @@ def test_timestep_out_of_range_raises():
 
 
 def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
-    """`sample` hands --steps, --eta, --recompute-eps, --gaussian [kind] (a fitted GaussianEps) and
-    --eps-scale to the DDIM sampler and saves a grid; --gaussian with another sampler, and
-    --eps-scale with the report's method, are errors."""
+    """`sample` hands --steps, --eta, --recompute-eps, --gaussian [kind] (a fitted GaussianEps),
+    --eps-scale and --norm-match (a fitted NormMatch, no clipping) to the DDIM sampler and saves
+    a grid; --gaussian or --norm-match with another sampler, and --eps-scale with the report's
+    method, are errors."""
     seen = {}
     real = dl.SAMPLERS["ddim"]
 
@@ -577,6 +578,15 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
         dl.main(["sample", "--profile", "smoke", "--method", "report", "--eps-scale", "1.01"])
     with pytest.raises(SystemExit, match="must be > 0"):
         dl.main(["sample", "--profile", "smoke", "--eps-scale", "0"])
+    seen.clear()
+    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--norm-match"])
+    assert isinstance(seen["norm"], dl.NormMatch) and seen["clip"] is False
+    assert 1 <= seen["norm"].start <= smoke_cfg().T + 1
+    assert "samples_ddim3_normmatch_seed0.png" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--norm-match is a DDIM option"):
+        dl.main(["sample", "--profile", "smoke", "--method", "ddpm", "--norm-match"])
+    with pytest.raises(SystemExit, match="one of --gaussian and --norm-match"):
+        dl.main(["sample", "--profile", "smoke", "--gaussian", "--norm-match"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")

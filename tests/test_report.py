@@ -126,24 +126,48 @@ def test_report_of_the_b256_profile_reads_all_figures(tmp_path, monkeypatch):
     assert seen == [dl.ROOT / "figures"]
 
 
+def _seeds_csv(path, by: str, variants, samplers, seeds, ratio):
+    """A _seeds_table CSV: the real test images' row, then per (variant, start, base) of
+    `variants`, sampler and seed a row with FFD / floor ratio(base, sampler, seed),
+    recognizability 0.99 − seed/100 and nearest-training SSIM max 0.95 + seed/100."""
+    rows = [{"sampler": "real: test images", by: "", "from_t": np.nan, "seed": np.nan, "n": 1714,
+             "ffd": np.nan, "ffd_floor": np.nan, "ffd_ratio": np.nan, "recognizability": 1.0,
+             "classes_covered": 10, "nn_ssim_mean": 0.87, "nn_ssim_max": 0.999}]
+    for v, start, base in variants:
+        for sampler in samplers:
+            for seed in seeds:
+                r = ratio(base, sampler, seed)
+                rows.append({"sampler": sampler, by: v, "from_t": start, "seed": seed, "n": 500,
+                             "ffd": 2 * r, "ffd_floor": 2.0, "ffd_ratio": r,
+                             "recognizability": 0.99 - seed / 100, "classes_covered": 10,
+                             "nn_ssim_mean": 0.7, "nn_ssim_max": 0.95 + seed / 100})
+    dl.write_csv(pd.DataFrame(rows), path)
+
+
 def test_report_mixture_table(tmp_path):
     """generation_mixture.csv → one row per prior: its start, FFD / floor per sampler as
     mean (min–max) over the seeds, the lowest recognizability and the SSIM to the training set."""
-    rows = [dict(sampler="real: test images", prior="", from_t=np.nan, seed=np.nan, n=1714,
-                 ffd=np.nan, ffd_floor=np.nan, ffd_ratio=np.nan, recognizability=1.0,
-                 classes_covered=10, nn_ssim_mean=0.87, nn_ssim_max=0.999)]
-    for prior, start, base in (("network only", np.nan, 15.0), ("a Gaussian per class", 550, 3.0)):
-        for sampler in ("DDIM-50", "DDIM-50, η=1"):
-            for seed in (0, 1):
-                r = base + seed + (sampler != "DDIM-50")
-                rows.append(dict(sampler=sampler, prior=prior, from_t=start, seed=seed, n=500,
-                                 ffd=2 * r, ffd_floor=2.0, ffd_ratio=r,
-                                 recognizability=0.99 - seed / 100, classes_covered=10,
-                                 nn_ssim_mean=0.7, nn_ssim_max=0.95 + seed / 100))
-    dl.write_csv(pd.DataFrame(rows), tmp_path / "generation_mixture.csv")
+    _seeds_csv(tmp_path / "generation_mixture.csv", "prior",
+               (("network only", np.nan, 15.0), ("a Gaussian per class", 550, 3.0)),
+               ("DDIM-50", "DDIM-50, η=1"), (0, 1),
+               lambda base, sampler, seed: base + seed + (sampler != "DDIM-50"))
     text = _render(tmp_path, "${mix_seeds}×${mix_n} (${mix_floor}): ${mix_ddim50_class} (${mix_ddim50_class_range}), "
                    "η=1 ${mix_ddim50eta1_net}; from ${mix_from_class}, ${mix_from_net}; "
                    "SSIM ≤ ${mix_nn_max_class} (real ${mix_real_nn_max})\n${mixture_table}")
     assert "2×500 (2.000): 3.50 (3.00–4.00), η=1 16.50; from 550, n/a; SSIM ≤ 0.960 (real 0.999)" in text
     assert "| a Gaussian per class | 550 | 3.50 (3.00–4.00) | 4.50 (4.00–5.00) | 0.98 |" in text
     assert "| network only | — | 15.50 (15.00–16.00) |" in text
+
+
+def test_report_norm_table(tmp_path):
+    """generation_norm.csv → one row per variant (NORM_KEYS names its fields): the start only
+    where the network's ε̂ is norm-matched, FFD / floor per sampler as mean (min–max)."""
+    _seeds_csv(tmp_path / "generation_norm.csv", "variant",
+               (("x̂0 clipped", np.nan, 12.0), ("norm-matched, not clipped", 400, 3.0)),
+               ("DDIM-50", "DDIM-20"), (0, 1, 2),
+               lambda base, sampler, seed: base + seed / 2 + (sampler == "DDIM-20"))
+    text = _render(tmp_path, "${norm_seeds}×${norm_n}: ${norm_ddim50_clip} → ${norm_ddim50_matched} "
+                   "(${norm_ddim50_matched_range}), DDIM-20 ${norm_ddim20_matched}; from "
+                   "${norm_from_matched}, ${norm_from_clip}; real ${norm_real_nn_max}\n${norm_table}")
+    assert "3×500: 12.50 → 3.50 (3.00–4.00), DDIM-20 4.50; from 400, n/a; real 0.999" in text
+    assert "| norm-matched, not clipped | 400 | 3.50 (3.00–4.00) | 4.50 (4.00–5.00) | 0.97 |" in text

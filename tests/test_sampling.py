@@ -519,25 +519,45 @@ def test_gaussian_eps_knows_the_covariance():
     torch.testing.assert_close(dl.GaussianEps(one)(fp, xt1, t[:100]), eps[:100], rtol=0, atol=1e-4)
 
 
-def test_eps_error_and_gaussian_start():
+def test_eps_error_and_takeover_start():
     """eps_error: a network that outputs 0 has ε-MSE ≈ 1 at every t; the Gaussian predictor is
     exact on images that are all the same, and not on varied ones.
-    gaussian_start: the first t of the run where the Gaussian stays better to the end."""
+    takeover_start: the first t of the run where the Gaussian stays better to the end."""
     fp, ts = dl.ForwardProcess(50), (1, 10, 25, 50)
     flat = torch.full((8, 3, 8, 8), 200, dtype=torch.uint8)
     df = dl.eps_error(Zero(), fp, flat, dl.GaussianEps(dl.to_float(flat)), ts=ts)
     assert list(df.t) == list(ts)
     assert (df.gaussian < 1e-8).all(), df
     assert ((df.network - 1).abs() < 0.15).all(), df
-    assert dl.gaussian_start(df) == 1
+    assert dl.takeover_start(df) == 1
     g = torch.Generator().manual_seed(0)
     varied = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=g)
     err = dl.eps_error(Zero(), fp, varied, dl.GaussianEps(dl.to_float(varied)), ts=ts).gaussian
     assert ((err > 1e-4) & (err < 0.1)).all(), err     # it knows 8 images' span, not the images
     table = lambda gauss, net: pd.DataFrame(dict(t=[50, 40, 30, 20, 10], gaussian=gauss, network=net))
-    assert dl.gaussian_start(table([1, 1, 5, 1, 1], [2, 2, 2, 2, 2])) == 40   # unordered rows
-    assert dl.gaussian_start(table([3, 3, 3, 3, 3], [2, 2, 2, 2, 2])) == 51   # never
-    assert dl.gaussian_start(table([3, 1, 1, 1, 1], [2, 2, 2, 2, 2])) == 51   # not at the end
+    assert dl.takeover_start(table([1, 1, 5, 1, 1], [2, 2, 2, 2, 2])) == 40   # unordered rows
+    assert dl.takeover_start(table([3, 3, 3, 3, 3], [2, 2, 2, 2, 2])) == 51   # never
+    assert dl.takeover_start(table([3, 1, 1, 1, 1], [2, 2, 2, 2, 2])) == 51   # not at the end
+    other = table([1, 1, 5, 1, 1], [2, 2, 2, 2, 2]).rename(columns={"gaussian": "norm_matched"})
+    assert dl.takeover_start(other, "norm_matched") == 40                   # another column
+
+
+def test_eps_error_of_the_norm_matched_network():
+    """eps_error(norm=…): a norm_matched column, and no gaussian one without a prior. For the
+    scale-blind ε* norm matching helps at large t (ε̂ ≈ x_t there) and not at small t."""
+    fp = dl.ForwardProcess(T)
+    images = ((gaussian_images(500) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    norm = dl.NormMatch(dl.to_float(images))
+    df = dl.eps_error(ScaleBlind(norm.x0_sq), fp, images, norm=norm, ts=(100, 900)).set_index("t")
+    assert list(df.columns) == ["network", "norm_matched"]
+    assert df.norm_matched[900] < 0.1 * df.network[900], df
+    assert df.norm_matched[100] > 0.9 * df.network[100], df
+    prior = dl.GaussianEps(dl.to_float(images))
+    both = dl.eps_error(ScaleBlind(norm.x0_sq), fp, images, prior, norm=norm, ts=(100, 900))
+    alone = dl.eps_error(ScaleBlind(norm.x0_sq), fp, images, prior, ts=(100, 900))
+    assert list(both.columns) == ["t", "network", "gaussian", "norm_matched"]
+    pd.testing.assert_frame_equal(both[alone.columns], alone)
+    assert np.allclose(both.norm_matched, df.norm_matched)
 
 
 def test_ddim_with_a_gaussian_prior():
@@ -561,6 +581,67 @@ def test_ddim_with_a_gaussian_prior():
     prior.start = 500
     with pytest.raises(AssertionError, match="network was called"):
         run(Fails(), prior=prior)
+
+
+def test_unet_cannot_see_the_scale_of_its_input():
+    """The report's U-Net: bias-free convolutions before every GroupNorm and no residual path
+    in `inc`, so net(c·x, t) = net(x, t) for c > 0 (why NormMatch exists); a shift it sees."""
+    torch.manual_seed(0)
+    net = dl.UNet(8, 32, 2).eval()
+    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), 700)
+    with torch.no_grad():
+        out = net(x, t)
+        torch.testing.assert_close(net(2.5 * x, t), out, rtol=0, atol=1e-4)
+        assert (net(x + 0.3, t) - out).abs().max() > 0.01
+
+
+class ScaleBlind(nn.Module):
+    """ε* of N(μ, s²) data (OptimalEps) applied to the input rescaled to its expected norm
+    sqrt(E‖x_t‖²): like the report's U-Net, blind to ‖x_t‖, and otherwise optimal."""
+
+    def __init__(self, x0_sq: torch.Tensor):
+        super().__init__()
+        self.opt, self.x0_sq = OptimalEps(), x0_sq
+
+    def forward(self, x, t):
+        ab = self.opt.ab[t - 1].float()
+        m = (ab * self.x0_sq + (1 - ab) * x[0].numel()).sqrt()
+        return self.opt(x * (m / x.flatten(1).norm(dim=1)).view(-1, 1, 1, 1), t)
+
+
+def test_norm_match_rescales_eps_by_the_inputs_norm():
+    """NormMatch: E‖x0‖² of its images, and ε̂·‖x_t‖ / sqrt(ᾱ·E‖x0‖² + (1-ᾱ)·D), which makes a
+    scale-blind ε̂ scale with its input again."""
+    x0 = gaussian_images(20_000)
+    norm = dl.NormMatch(x0)
+    assert abs(norm.x0_sq.item() - 48 * (MU ** 2 + S2)) < 0.05
+    fp, g = dl.ForwardProcess(T), torch.Generator().manual_seed(1)
+    t, eps = torch.full((8,), 600), torch.randn(8, 3, 4, 4, generator=g)
+    xt = fp.q_sample(x0[:8], t, eps)
+    ab = fp.alpha_bar[599]
+    want = eps * (xt.flatten(1).norm(dim=1) / (ab * norm.x0_sq + (1 - ab) * 48).sqrt()).view(-1, 1, 1, 1)
+    torch.testing.assert_close(norm(fp, xt, t, eps), want)
+    blind = ScaleBlind(norm.x0_sq)
+    torch.testing.assert_close(blind(2 * xt, t), blind(xt, t))
+    torch.testing.assert_close(norm(fp, 2 * xt, t, blind(2 * xt, t)), 2 * norm(fp, xt, t, blind(xt, t)))
+
+
+def test_norm_match_stops_the_drift_of_a_scale_blind_eps():
+    """Deterministic DDIM without clipping, driven by the scale-blind ε*, diverges (the starting
+    noise's norm is never corrected); norm-matched it returns what ε* itself returns."""
+    fp = dl.ForwardProcess(T)
+    norm = dl.NormMatch(gaussian_images(20_000), start=1)
+    xT = torch.randn(4000, 3, 4, 4, generator=torch.Generator().manual_seed(2))
+    run = lambda model, **kw: dl.ddim_sample_loop(model, fp, xT.clone(), torch.Generator(),
+                                                  steps=50, clip=False, **kw)[0]
+    opt, blind = run(OptimalEps()), run(ScaleBlind(norm.x0_sq))
+    fixed = run(ScaleBlind(norm.x0_sq), norm=norm)
+    assert blind.var() > 100 * opt.var()                     # measured: 180 against 0.027
+    assert abs(fixed.mean() - opt.mean()) < 0.02 and abs(fixed.var() / opt.var() - 1) < 0.2
+    norm.start = T + 1                                          # never used: plain DDIM
+    assert torch.equal(run(ScaleBlind(norm.x0_sq), norm=norm), blind)
+    norm.start = T                                              # used at the first step only
+    assert not torch.equal(run(ScaleBlind(norm.x0_sq), norm=norm), blind)
 
 
 def _two_blobs(n: int, w: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -692,29 +773,53 @@ def test_sampler_sweep_from_the_command_line_is_seeded():
     assert eta1.ffd.nunique() == 2                                   # seeds 0 and 1 differ
 
 
-def test_mixture_table_from_the_command_line_is_seeded():
-    """`evaluate --what mixture`: the real test images' row, then one row per (sampler, prior,
-    seed) with the ratio to the floor, a start for every prior but 'network only', and its
-    figure; mixture_metrics called directly gives the same FFD again for the same seed."""
+def _seeds_table_from_the_command_line(what: str, by: str, variants, samplers, metrics):
+    """`evaluate --what <what>` for sample seeds 0 and 1 (a _seeds_table): the real test images'
+    row, then one row per (sampler, variant in column `by`, seed) with the ratio to the floor and
+    the SSIM to the training set, and its figure; `metrics` called directly gives the same FFD
+    again for seed 1. Returns (the rows but the first, {(sampler, variant): samples of seed 1})."""
     cfg = dl.get_config("smoke")
-    fig = cfg.fig_dir() / "mixture_ffd.png"
-    fig.unlink(missing_ok=True)
-    dl.main(["evaluate", "--profile", "smoke", "--what", "mixture", "--seeds", "0", "1"])
-    mx = pd.read_csv(cfg.fig_dir() / "generation_mixture.csv")
-    assert len(mx) == 1 + 3 * 4 * 2 and mx.sampler[0] == "real: test images"
-    d = mx.iloc[1:]
-    assert set(d.prior) == set(dl.MIXTURE_PRIORS) and set(d.sampler) == set(dl.MIXTURE_SAMPLERS)
-    net = d.prior == "network only"
-    assert d[net].from_t.isna().all() and d[~net].from_t.between(1, cfg.T + 1).all()
-    assert (d[~net].from_t <= cfg.T).any()                   # some prior is used (checked below)
+    table, fig = {"mixture": ("generation_mixture", "mixture_ffd"),
+                  "norm": ("generation_norm", "norm_ffd")}[what]
+    (cfg.fig_dir() / f"{fig}.png").unlink(missing_ok=True)
+    dl.main(["evaluate", "--profile", "smoke", "--what", what, "--seeds", "0", "1"])
+    df = pd.read_csv(cfg.fig_dir() / f"{table}.csv")
+    assert len(df) == 1 + len(samplers) * len(variants) * 2 and df.sampler[0] == "real: test images"
+    d = df.iloc[1:]
+    assert set(d[by]) == set(variants) and set(d.sampler) == set(samplers)
     assert np.allclose(d.ffd_ratio, d.ffd / d.ffd_floor) and d.nn_ssim_max.notna().all()
-    assert fig.exists()
-    again, samples = dl.mixture_metrics(cfg, dl.generation_model(cfg), seeds=(1,), progress=False)
+    assert (cfg.fig_dir() / f"{fig}.png").exists()
+    again, samples = metrics(cfg, dl.generation_model(cfg), seeds=(1,), progress=False)
     assert np.allclose(again.ffd[1:], d[d.seed == 1].ffd, rtol=1e-5)
-    assert len(samples) == 3 * 4
-    for (name, prior), x in samples.items():                 # a prior used changes the samples
-        if prior != "network only" and d[d.prior == prior].from_t.iloc[0] <= cfg.T:
+    assert len(samples) == len(samplers) * len(variants)
+    return d, samples
+
+
+def test_mixture_table_from_the_command_line_is_seeded():
+    """`evaluate --what mixture`: a start for every prior but 'network only', and a prior used
+    changes the samples."""
+    d, samples = _seeds_table_from_the_command_line("mixture", "prior", dl.MIXTURE_PRIORS,
+                                                    dl.MIXTURE_SAMPLERS, dl.mixture_metrics)
+    T = dl.get_config("smoke").T
+    net = d.prior == "network only"
+    assert d[net].from_t.isna().all() and d[~net].from_t.between(1, T + 1).all()
+    assert (d[~net].from_t <= T).any()                       # some prior is used (checked below)
+    for (name, prior), x in samples.items():
+        if prior != "network only" and d[d.prior == prior].from_t.iloc[0] <= T:
             assert not torch.equal(x, samples[(name, "network only")]), (name, prior)
+
+
+def test_norm_table_from_the_command_line_is_seeded():
+    """`evaluate --what norm`: a start only for the norm-matched rows, and each variant changes
+    the samples."""
+    d, samples = _seeds_table_from_the_command_line("norm", "variant", dl.NORM_VARIANTS,
+                                                    dl.NORM_SAMPLERS, dl.norm_metrics)
+    T = dl.get_config("smoke").T
+    matched = d.variant.str.startswith("norm-matched")
+    assert d[~matched].from_t.isna().all() and (d[matched].from_t <= T).all()   # used: below
+    for a, b in (("x̂0 clipped", "not clipped"), ("not clipped", "norm-matched, not clipped"),
+                 ("norm-matched, not clipped", "norm-matched, ε̂/1.005, not clipped")):
+        assert not torch.equal(samples[("DDIM-20", a)], samples[("DDIM-20", b)]), (a, b)
 
 
 def test_classifier_does_not_depend_on_the_callers_rng():
