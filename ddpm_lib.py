@@ -905,14 +905,14 @@ class NormMatch(nn.Module):
 
     Why: the report's U-Net cannot see the scale of its input. Every convolution before a
     GroupNorm has no bias, and `inc` has no residual path, so net(c·x, t) = net(x, t) for any
-    c > 0, up to GroupNorm's ε (a test checks it to 1e-4). At large t the ideal ε̂ ≈ x_t grows with x_t, but the network
-    gives every sample the norm that is typical for t. The starting noise's own norm differs
-    between samples (±1.3 % for D = 3,072), and that difference is never corrected. Along a
-    deterministic chain, x̂0 = (x_t − sqrt(1-ᾱ)·ε̂)/sqrt(ᾱ) multiplies it by up to
-    sqrt((1-ᾱ)/ᾱ) ≈ 190 (Eq. 15). Clipping x̂0 hides this drift, and without clipping DDIM
-    diverges. Used for t ≥ `start`: at small t, ‖x_t‖ is mostly the image's own norm, and there
-    matching it can make ε̂ worse (eps_error decides; for the cpu generation model on test
-    images it helps from t = 400 up and halves the ε-MSE at t = 1000)."""
+    c > 0, up to GroupNorm's ε (a test checks it to 1e-4). At large t the ideal ε̂ ≈ x_t grows
+    with x_t, but the network gives every sample the norm that is typical for t. The starting
+    noise's own norm differs between samples (±1.3 % for D = 3,072), and that difference is
+    never corrected. Along a deterministic chain, x̂0 = (x_t − sqrt(1-ᾱ)·ε̂)/sqrt(ᾱ) multiplies
+    it by up to sqrt((1-ᾱ)/ᾱ) ≈ 190 (Eq. 15). Clipping x̂0 hides this drift, and without
+    clipping DDIM diverges. Used for t ≥ `start`: at small t, ‖x_t‖ is mostly the image's own
+    norm, and there matching it can make ε̂ worse (eps_error decides; for the cpu generation
+    model on test images it helps from t = 400 up and halves the ε-MSE at t = 1000)."""
 
     def __init__(self, images: torch.Tensor, start: int = 1):
         super().__init__()
