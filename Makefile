@@ -15,9 +15,9 @@ NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 NBEXEC := timeout 5400 $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=2400 \
   --ExecutePreprocessor.record_timing=False
 
-.PHONY: figures test env data train notebooks b256 mixture norm report bench clean
+.PHONY: figures test env data train notebooks b256 mixture norm finetune report bench clean
 
-figures: env data train notebooks b256 mixture norm report
+figures: env data train notebooks b256 mixture norm finetune report
 
 env: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -59,6 +59,15 @@ norm: env data
 	$(PY) -m ddpm_lib evaluate --what norm
 	$(PY) -m ddpm_lib sample --method ddim --steps 50 --norm-match --n 64
 	$(PY) -m ddpm_lib sample --method ddim --steps 20 --norm-match --n 64
+
+# the cpu model trained on for 100 epochs with an output path s(t)·x_t that sees ‖x_t‖ (skip) and
+# without it (cpu-ft, the control): both committed (data/checkpoints/), scored here: figures/skip/
+finetune: env data
+	$(PY) -m ddpm_lib evaluate --profile skip --what generation
+	$(PY) -m ddpm_lib evaluate --profile skip --what finetune
+	$(PY) -m ddpm_lib sample --profile skip --method ddpm --n 64
+	$(PY) -m ddpm_lib sample --profile skip --method ddim --steps 50 --n 64
+	$(PY) -m ddpm_lib sample --profile skip --method ddim --steps 20 --n 64
 
 report: env
 	$(PY) -m ddpm_lib report

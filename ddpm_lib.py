@@ -67,6 +67,7 @@ class Config:
     width: int = 32                 # channels of the U-Net's first level (the report: 32)
     time_dim: int = 256             # sinusoidal time-embedding size
     heads: int = 4                  # attention heads at the bottleneck
+    eps_skip: bool = False          # ε̂ + s(t)·x_t, so the net sees ‖x_t‖ (not the report's U-Net)
     T: int = 1000                   # diffusion steps (the report: 1000)
     beta_1: float = 1e-3            # linear schedule ends (the report: 0.001 → 0.02)
     beta_T: float = 0.02
@@ -86,16 +87,18 @@ class Config:
     bf16: bool = True               # bf16 autocast in training (where fast: see autocast())
     channels_last: bool = True
     seed: int = 0
+    init: str = ""                  # start from these EMA weights (repo-relative): fine-tuning
 
     def run_dir(self, fold) -> Path:
         name = "all" if fold == "all" else f"fold{int(fold)}"
         return ROOT / "runs" / self.profile / f"{self.target}-{self.split}" / name
 
     def fig_dir(self) -> Path:
-        """Figures of real runs go to figures/ (the b256 profile's to figures/b256/); the smoke
-        profile's stay out of it."""
-        d = {"smoke": ROOT / "runs" / "smoke" / "figures",
-             "b256": ROOT / "figures" / "b256"}.get(self.profile, ROOT / "figures")
+        """Figures of real runs go to figures/ (those of a profile made from another generation
+        model, b256 and the fine-tuned ones, to figures/<profile>/); the smoke profile's stay
+        out of it."""
+        d = {"smoke": ROOT / "runs" / "smoke" / "figures", "cpu": ROOT / "figures",
+             "full": ROOT / "figures"}.get(self.profile, ROOT / "figures" / self.profile)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -116,6 +119,10 @@ PROFILES = {
 # the cpu profile with another generation model (GENERATION: batch 256, made on a GPU). Only that
 # model is b256's own (evaluate --what generation, sample); its figures go to figures/b256/.
 PROFILES["b256"] = dict(PROFILES["cpu"])
+# The committed cpu model trained on (GENERATION: init) with an output path ε̂ + s(t)·x_t that
+# sees ‖x_t‖ (eps_skip), and, as the control, without it. Figures to figures/<profile>/.
+PROFILES["skip"] = dict(PROFILES["cpu"], eps_skip=True)
+PROFILES["cpu-ft"] = dict(PROFILES["cpu"])
 
 
 # The generation model: trained on every training image ('all'), validated on Test/, for longer
@@ -130,6 +137,10 @@ GENERATION = {
     # AVX2 CPU with 2 cores (47 img/s).
     "b256": dict(lr=5e-4, ema_decay=0.9995, batch_size=256, steps_per_epoch=200, max_epochs=24,
                  patience=24),
+    # the committed cpu model trained on for 100 epochs with the same recipe: 'skip' with s(t)
+    # added at zero, 'cpu-ft' as it is (the control)
+    **{p: dict(lr=5e-4, ema_decay=0.9995, max_epochs=100, patience=100,
+               init="data/checkpoints/ddpm_cpu_all_ema_fp16.pt") for p in ("skip", "cpu-ft")},
 }
 
 
@@ -700,9 +711,14 @@ class SelfAttention(nn.Module):
 
 class UNet(nn.Module):
     """The report's U-Net: 32→64→128→128 channels (width w = 32), attention at the bottleneck.
-    Works at any size ≥ 8 (100 → 50 → 25 → 12 and back; 32 → 16 → 8 → 4)."""
+    Works at any size ≥ 8 (100 → 50 → 25 → 12 and back; 32 → 16 → 8 → 4).
 
-    def __init__(self, width: int = 32, time_dim: int = 256, heads: int = 4):
+    Its convs feed GroupNorm(1, C) without a bias and `inc` has no residual, so net(c·x, t) =
+    net(x, t) for c > 0: it cannot see ‖x_t‖. skip=True (Config.eps_skip) adds s(t)·x_t to the
+    output, s(t) per channel from the time embedding, zero at start (the net is then the report's).
+    """
+
+    def __init__(self, width: int = 32, time_dim: int = 256, heads: int = 4, skip: bool = False):
         super().__init__()
         w = width
         self.temb = TimeEmbedding(time_dim)
@@ -713,17 +729,23 @@ class UNet(nn.Module):
         self.up1, self.up2, self.up3 = Up(8 * w, 2 * w, time_dim), Up(4 * w, w, time_dim), \
             Up(2 * w, w, time_dim)
         self.outc = nn.Conv2d(w, 3, 1)
+        self.skip = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 3)) if skip else None
+        if skip:
+            nn.init.zeros_(self.skip[1].weight)
+            nn.init.zeros_(self.skip[1].bias)
 
     def forward(self, x, t):                                               # (B, 3, H, W), (B,)
         e = self.temb(t)                                                   # (B, time_dim)
-        x1 = self.inc(x)                                                   # (B, w, H, W)
+        x_in, x1 = x, self.inc(x)                                          # (B, w, H, W)
         x2 = self.down1(x1, e)                                             # (B, 2w, H/2, W/2)
         x3 = self.down2(x2, e)                                             # (B, 4w, H/4, W/4)
         x4 = self.attn(self.down3(x3, e))                                  # (B, 4w, H/8, W/8)
         x = self.up1(x4, x3, e)                                            # (B, 2w, H/4, W/4)
         x = self.up2(x, x2, e)                                             # (B, w, H/2, W/2)
-        x = self.up3(x, x1, e)                                             # (B, w, H, W)
-        return self.outc(x)                                                # (B, 3, H, W)
+        out = self.outc(self.up3(x, x1, e))                                # (B, 3, H, W)
+        if self.skip is not None:
+            out = out + self.skip(e)[:, :, None, None] * x_in              # + s(t)·x_t
+        return out
 
 
 def n_params(model: nn.Module) -> int:
@@ -731,7 +753,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def build_model(cfg: Config, device: torch.device | None = None, verbose: bool = True) -> UNet:
-    model = UNet(cfg.width, cfg.time_dim, cfg.heads)
+    model = UNet(cfg.width, cfg.time_dim, cfg.heads, cfg.eps_skip)
     if verbose:
         print(f"UNet(width={cfg.width}): {n_params(model):,} parameters")
     model = model.to(device or get_device())
@@ -1041,9 +1063,12 @@ def validation_loss(model, fp: ForwardProcess, images: torch.Tensor, cfg: Config
     return total / count
 
 
-def check_config(saved: dict, cfg: Config, path: Path) -> None:
-    diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-            if k not in RESUMABLE_KEYS and saved.get(k) != v}
+def check_config(saved: dict, cfg: Config, path: Path, keys=None) -> None:
+    """Refuse a checkpoint whose config differs from cfg in `keys` (default: all but
+    RESUMABLE_KEYS). A setting newer than the checkpoint counts as its default."""
+    default = {f.name: f.default for f in dataclasses.fields(Config)}
+    diff = {k: (saved.get(k, default[k]), v) for k, v in dataclasses.asdict(cfg).items()
+            if (k in keys if keys else k not in RESUMABLE_KEYS) and saved.get(k, default[k]) != v}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was made with another config ({lines}). Resume with the "
@@ -1058,6 +1083,26 @@ def load_checkpoint(path: Path) -> dict:
 def save_checkpoint(state: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+# What a checkpoint to fine-tune from (Config.init) must share with the run.
+INIT_KEYS = ("image_size", "width", "time_dim", "heads", "T", "beta_1", "beta_T", "schedule",
+             "target")
+
+
+def load_init(model: UNet, cfg: Config) -> None:
+    """Load cfg.init's EMA weights into `model`: all of them, with only eps_skip's s(t) (zero at
+    start) allowed to be new. So a fine-tuned run starts as exactly the model it came from."""
+    path = ROOT / cfg.init
+    if not path.exists():
+        raise FileNotFoundError(f"{path} (Config.init) not found: the model to fine-tune from")
+    ck = load_checkpoint(path)
+    check_config(ck["config"], cfg, path, keys=INIT_KEYS)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in ck["ema"].items()},
+                                                strict=False)
+    if unexpected or any(not k.startswith("skip.") for k in missing):
+        raise ValueError(f"{path} does not fit this model: missing {missing}, "
+                         f"unexpected {unexpected}")
 
 
 def _fold_seed(cfg: Config, fold, epoch: int) -> int:
@@ -1082,6 +1127,8 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
                               f"or delete {out} to start over")
     seed_everything(cfg.seed)
     model = build_model(cfg, device, verbose=progress)
+    if cfg.init and not (resume and ckpt_path.exists()):
+        load_init(model, cfg)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
     fp = ForwardProcess.from_config(cfg).to(device)
@@ -1214,7 +1261,7 @@ EVAL = {
     "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),     # 6 gave acc 0.76
     "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
 }
-EVAL["b256"] = dict(EVAL["cpu"])
+EVAL.update({p: dict(EVAL["cpu"]) for p in ("b256", "skip", "cpu-ft")})
 TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timesteps
 
 
@@ -1958,6 +2005,32 @@ def norm_metrics(cfg: Config, model: UNet, seeds=(0, 1, 2), progress: bool = Tru
     return _seeds_table(cfg, model, NORM_SAMPLERS, "variant", variants, seeds, progress)
 
 
+# The fine-tuning table: deterministic DDIM (NORM_SAMPLERS), x̂0 clipped and not, of the cpu model
+# as committed, trained on for 100 epochs (cpu-ft, the control) and trained on with s(t) (skip),
+# all scored with one classifier. FT_PROFILES: the table's model name → its profile.
+FT_PROFILES = {"cpu model": "cpu", "trained on (cpu-ft)": "cpu-ft",
+               "trained on with s(t) (skip)": "skip"}
+FT_VARIANTS = ("x̂0 clipped", "not clipped")
+
+
+def finetune_metrics(cfg: Config, models: dict, seeds=(0, 1, 2), progress: bool = True
+                     ) -> tuple[pd.DataFrame, dict]:
+    """Each NORM_SAMPLERS row in each FT_VARIANTS form for each of `models` ({name: UNet}) and
+    every sample seed in `seeds`, all scored with cfg's classifier (_seeds_table per model; the
+    table's columns 'model' and 'variant'). Returns (the real test images' row, then one row per
+    (model, sampler, variant, seed); {(model, sampler, variant): samples of the first seed})."""
+    variants = lambda fp, train_ds, one: {v: (NORM_VARIANTS[v], np.nan) for v in FT_VARIANTS}
+    dfs, samples = [], {}
+    for name, model in models.items():
+        df, x = _seeds_table(cfg, model, NORM_SAMPLERS, "variant", variants, seeds, progress)
+        real = df.sampler == "real: test images"                  # the same for every model
+        df = df.assign(model=np.where(real, "", name))
+        dfs.append(df[~real] if dfs else df)
+        samples.update({(name, *k): v for k, v in x.items()})
+    df = pd.concat(dfs, ignore_index=True)
+    return df[["model"] + [c for c in df if c != "model"]], samples
+
+
 # -----------------------------------------------------------------------------------------------
 # plotting
 
@@ -2079,6 +2152,13 @@ def save_fig(fig, name: str, cfg: Config) -> Path:
 # The b256 model's figures: scored here (b256/), and what its GPU run measured (h200/: its
 # training, its tables, and the cpu model scored there with the same classifier (h200/cpu/)).
 B256_FIGS = {"b256": "b256", "b256_h200": "b256/h200", "b256_h200_cpu": "b256/h200/cpu"}
+# The cpu model trained on with s(t) (skip) and without (cpu-ft): their figures, field prefixes.
+FT_FIGS = {"skip": "skip", "cpuft": "cpu-ft"}
+
+
+def _mean_range(r: pd.DataFrame) -> pd.Series:
+    """Rows of mean, min and max as "mean (min–max)"."""
+    return r.apply(lambda a: f"{a['mean']:.2f} ({a['min']:.2f}–{a['max']:.2f})", axis=1)
 
 
 def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict) -> dict:
@@ -2092,10 +2172,11 @@ def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict
     if not len(d):
         return f
     r = d.groupby([by, "sampler"], sort=False).ffd_ratio.agg(["mean", "min", "max"])
-    cell = r.apply(lambda a: f"{a['mean']:.2f} ({a['min']:.2f}–{a['max']:.2f})", axis=1)
+    cell = _mean_range(r)
     groups = d.groupby(by, sort=False)
     start = groups.from_t.first().map(lambda v: "—" if pd.isna(v) else f"{v:.0f}")
-    t = pd.concat([start.rename("from t"), cell.unstack("sampler"),
+    t = pd.concat([start.rename("from t") if d.from_t.notna().any() else None,
+                   cell.unstack("sampler"),
                    groups.recognizability.min().rename("recognizability (lowest)"),
                    groups.nn_ssim_mean.mean().rename("SSIM to nearest training image (mean)"),
                    groups.nn_ssim_max.max().rename("(max)")], axis=1)
@@ -2121,7 +2202,8 @@ def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict
 def _report_fields(figs: Path, nested: bool = True) -> dict:
     """Named pieces of the report (markdown tables and headline numbers) from figures/*.csv;
     a piece whose table is not there yet is left out (write_report marks it missing). nested:
-    also the b256 profile's folders (B256_FIGS), their fields prefixed with the key."""
+    also the other generation models' folders (B256_FIGS, FT_FIGS), their fields prefixed with
+    the key."""
     def csv(name):
         p = figs / f"{name}.csv"
         return pd.read_csv(p) if p.exists() else None
@@ -2175,6 +2257,12 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
                                {name: kind or "net" for name, kind in MIXTURE_PRIORS.items()}))
     if (nt := csv("generation_norm")) is not None:
         f.update(_seeds_fields(nt, "variant", "norm", "norm_table", NORM_KEYS))
+    if (ft := csv("generation_finetune")) is not None:         # keys: <profile>_<variant>
+        by = "model, variant"
+        ft[by] = np.where(ft.model.notna(), ft.model + ", " + ft.variant.fillna(""), "")
+        f.update(_seeds_fields(ft, by, "ft", "ft_table", {
+            f"{m}, {v}": f"{p.replace('-', '')}_{NORM_KEYS[v]}" for m, p in FT_PROFILES.items()
+            for v in FT_VARIANTS}))
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
         gen = h[h.run.str.endswith("/all")]
@@ -2192,7 +2280,7 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
             b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
     if not nested:
         return f
-    for key, sub in B256_FIGS.items():
+    for key, sub in {**B256_FIGS, **FT_FIGS}.items():
         if (figs / sub).is_dir():
             f.update({f"{key}_{k}": v for k, v in _report_fields(figs / sub, False).items()})
     # FFD / floor of both generation models scored with the same classifier, where they ran
@@ -2268,15 +2356,18 @@ def main(argv=None) -> None:
 
     p = sub.add_parser("evaluate", help="Table 1 (one-step SSIM/PSNR) and generation metrics")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    p.add_argument("--what", choices=["table1", "generation", "both", "sweep", "mixture", "norm"],
+    p.add_argument("--what", choices=["table1", "generation", "both", "sweep", "mixture", "norm",
+                                      "finetune"],
                    default="both", help="sweep: FFD of the cheap samplers over --steps and "
                    "--seeds (sampler_sweep; ~30 min under cpu with the defaults); mixture: the "
                    "cheap samplers with ε̂ at high t from Gaussian mixtures (mixture_metrics; "
                    "~40 min under cpu on 2 AVX2 cores); norm: deterministic DDIM with the network "
-                   "alone, x̂0 clipped or not, and norm-matched (norm_metrics; ~45 min)")
+                   "alone, x̂0 clipped or not, and norm-matched (norm_metrics; ~45 min); "
+                   "finetune: that without norm matching for the cpu model, trained on and trained "
+                   "on with s(t) (FT_PROFILES), scored with --profile's classifier (~15 min)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sweep's step counts")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="sample seeds of the sweep, the mixture and the norm table")
+                   help="sample seeds of the sweep and the mixture, norm and fine-tuning tables")
 
     p = sub.add_parser("export", help="write a run's best EMA weights in half precision "
                        "(the committed generation model)")
@@ -2355,19 +2446,28 @@ def _run(a) -> None:
             df = sampler_sweep(cfg, generation_model(cfg), **kw)
             print(f"sampler sweep → {save_table(df, 'sampler_sweep', cfg)}")
             print(df.to_string(index=False))
-        if a.what in ("mixture", "norm"):                   # _seeds_table's tables
+        if a.what in ("mixture", "norm", "finetune"):       # _seeds_table's tables
             import matplotlib
             matplotlib.use("Agg")
-            metrics, table, fig, plot_kw = {
-                "mixture": (mixture_metrics, "generation_mixture", "mixture_ffd", {}),
-                "norm": (norm_metrics, "generation_norm", "norm_ffd",
-                         dict(by="variant", legend="network only, η = 0",
-                              title="FFD / floor of deterministic DDIM"))}[a.what]
             kw = {"seeds": tuple(a.seeds)} if a.seeds else {}
-            df, _ = metrics(cfg, generation_model(cfg), **kw)
+            if a.what == "finetune":
+                models = {name: generation_model(get_config(p)) for name, p in FT_PROFILES.items()}
+                df, _ = finetune_metrics(cfg, models, **kw)
+                plot_df = df.assign(sampler=df.sampler + ", " + df.variant)
+                plot_kw = dict(by="model", legend="generation model",
+                               title="FFD / floor of deterministic DDIM")
+            else:
+                metrics, plot_kw = {"mixture": (mixture_metrics, {}), "norm": (norm_metrics, dict(
+                    by="variant", legend="network only, η = 0",
+                    title="FFD / floor of deterministic DDIM"))}[a.what]
+                df, _ = metrics(cfg, generation_model(cfg), **kw)
+                plot_df = df
+            table, fig = {"mixture": ("generation_mixture", "mixture_ffd"),
+                          "norm": ("generation_norm", "norm_ffd"),
+                          "finetune": ("generation_finetune", "finetune_ffd")}[a.what]
             print(f"{a.what} table → {save_table(df, table, cfg)}")
             print(df.to_string(index=False))
-            print(f"figure → {save_fig(plot_ffd_ratio(df, **plot_kw).figure, fig, cfg)}")
+            print(f"figure → {save_fig(plot_ffd_ratio(plot_df, **plot_kw).figure, fig, cfg)}")
     elif a.cmd == "export":
         fold = a.fold if a.fold == "all" else int(a.fold)
         cfg = get_config(a.profile, generation=fold == "all")

@@ -410,6 +410,32 @@ def test_resume_with_other_config_is_refused(tmp_path):
     assert list(h.epoch) == [1, 2]
 
 
+def test_fine_tune_starts_from_init_and_refuses_another_model(tmp_path):
+    """Config.init: the run starts from that checkpoint's EMA weights (eps_skip's s(t) the only
+    new weights, at zero, so the model is unchanged), records it in its config, and refuses a
+    checkpoint of another model or a missing file. A checkpoint older than a setting counts as
+    made with its default (the committed models predate eps_skip)."""
+    src = tmp_path / "src"
+    dl.train(smoke_cfg(max_epochs=1), 0, out=src, progress=False)
+    cfg = smoke_cfg(eps_skip=True, init=str(src / "best.pt"), max_epochs=1)
+    model = dl.build_model(cfg, torch.device("cpu"), verbose=False).eval()
+    dl.load_init(model, cfg)
+    ref = dl.load_model(smoke_cfg(), path=src / "best.pt")
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), ref(x, t), rtol=0, atol=0)
+    dl.train(cfg, 0, out=tmp_path / "ft", progress=False)
+    assert dl.load_checkpoint(tmp_path / "ft" / "best.pt")["config"]["init"] == str(src / "best.pt")
+    with pytest.raises(ValueError, match="width"):
+        dl.load_init(model, smoke_cfg(width=16, init=str(src / "best.pt")))
+    with pytest.raises(FileNotFoundError, match="fine-tune"):
+        dl.load_init(model, smoke_cfg(init=str(tmp_path / "none.pt")))
+    old = {k: v for k, v in dl.load_checkpoint(src / "best.pt")["config"].items() if k != "eps_skip"}
+    dl.check_config(old, smoke_cfg(), src)
+    with pytest.raises(ValueError, match="eps_skip"):
+        dl.check_config(old, smoke_cfg(eps_skip=True), src)
+
+
 def test_existing_run_without_resume_is_refused(tmp_path):
     out = tmp_path / "run"
     dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
@@ -493,17 +519,32 @@ def test_b256_profile_is_the_cpu_network_trained_at_batch_256():
     assert (g.batch_size, g.steps_per_epoch, g.max_epochs) == (256, 200, 24)
 
 
-@pytest.mark.parametrize("profile", ["cpu", "b256"])
+def test_fine_tuned_profiles_are_the_cpu_model_trained_on():
+    """skip is the cpu profile with s(t) (eps_skip), cpu-ft the cpu profile itself (the control);
+    both generation models start from the committed cpu model and train on alike."""
+    cpu, skip, ft = dl.get_config("cpu"), dl.get_config("skip"), dl.get_config("cpu-ft")
+    assert dataclasses.replace(skip, profile="cpu", eps_skip=False) == cpu and skip.eps_skip
+    assert dataclasses.replace(ft, profile="cpu") == cpu
+    assert skip.fig_dir() == dl.ROOT / "figures" / "skip" and ft.fig_dir().name == "cpu-ft"
+    gs, gf = dl.get_config("skip", generation=True), dl.get_config("cpu-ft", generation=True)
+    assert dataclasses.replace(gs, profile="cpu-ft", eps_skip=False) == gf
+    assert gs.init == "data/checkpoints/ddpm_cpu_all_ema_fp16.pt" and gs.max_epochs == 100
+    assert dl.EVAL["skip"] == dl.EVAL["cpu-ft"] == dl.EVAL["cpu"]
+
+
+@pytest.mark.parametrize("profile", ["cpu", "b256", "skip", "cpu-ft"])
 def test_committed_generation_models_load(profile):
     """The committed generation models: half-precision EMA weights, at most 10 MB, made with their
-    profile's settings (another config is refused), both the cpu profile's network."""
+    profile's settings (another config is refused), all the cpu profile's network (skip: with
+    s(t), 3 × 257 weights more)."""
     cfg = dl.get_config(profile, generation=True)
     path = dl.shipped_checkpoint(cfg)
     assert path.stat().st_size <= 10e6
     ck = dl.load_checkpoint(path)
     assert {v.dtype for v in ck["ema"].values() if v.is_floating_point()} == {torch.float16}
     model = dl.load_model(cfg, "all", path)
-    assert dl.n_params(model) == dl.n_params(dl.build_model(dl.get_config("cpu"), verbose=False))
+    assert dl.n_params(model) == dl.n_params(dl.build_model(dl.get_config("cpu"), verbose=False)) \
+        + 3 * (cfg.time_dim + 1) * cfg.eps_skip
     with pytest.raises(ValueError, match="another config"):
         dl.load_model(dl.get_config(profile, generation=True, batch_size=99), "all", path)
 

@@ -144,6 +144,31 @@ def _seeds_csv(path, by: str, variants, samplers, seeds, ratio):
     dl.write_csv(pd.DataFrame(rows), path)
 
 
+def test_report_finetune_table(tmp_path):
+    """figures/skip/generation_finetune.csv → skip_ft_… fields: one row per (model, variant),
+    FFD / floor per sampler as mean (min–max), keyed by the model's profile and the variant."""
+    rows = [dict(model="", variant="", sampler="real: test images", seed=np.nan, n=1714,
+                 ffd=np.nan, ffd_floor=np.nan, ffd_ratio=np.nan, recognizability=1.0,
+                 classes_covered=10, nn_ssim_mean=0.87, nn_ssim_max=0.999, from_t=np.nan)]
+    for m, base in zip(dl.FT_PROFILES, (15.0, 12.0, 4.0)):
+        for v in dl.FT_VARIANTS:
+            for sampler in dl.NORM_SAMPLERS:
+                for seed in (0, 1):
+                    r = base + seed + 100 * (v == "not clipped") * (base > 10)
+                    rows.append(dict(model=m, variant=v, sampler=sampler, seed=seed, n=500,
+                                     ffd=2 * r, ffd_floor=2.0, ffd_ratio=r, recognizability=0.99,
+                                     classes_covered=10, nn_ssim_mean=0.7, nn_ssim_max=0.95,
+                                     from_t=np.nan))
+    (tmp_path / "skip").mkdir()
+    dl.write_csv(pd.DataFrame(rows), tmp_path / "skip" / "generation_finetune.csv")
+    text = _render(tmp_path, "${skip_ft_seeds}×${skip_ft_n}: ${skip_ft_ddim50_skip_noclip} "
+                   "(${skip_ft_ddim50_skip_noclip_range}), ${skip_ft_ddim20_cpuft_noclip}, "
+                   "${skip_ft_ddim50_cpu_clip}\n${skip_ft_table}")
+    assert text.startswith("2×500: 4.50 (4.00–5.00), 112.50, 15.50\n")
+    assert "| model, variant | DDIM-50 | DDIM-20 |" in text and "from t" not in text
+    assert "| trained on with s(t) (skip), not clipped | 4.50 (4.00–5.00) | 4.50 (4.00–5.00) |" in text
+
+
 def test_report_mixture_table(tmp_path):
     """generation_mixture.csv → one row per prior: its start, FFD / floor per sampler as
     mean (min–max) over the seeds, the lowest recognizability and the SSIM to the training set."""

@@ -595,6 +595,23 @@ def test_unet_cannot_see_the_scale_of_its_input():
         assert (net(x + 0.3, t) - out).abs().max() > 0.01
 
 
+def test_eps_skip_starts_as_the_report_unet_and_sees_the_scale():
+    """skip=True (Config.eps_skip): with the report's U-Net's weights and s(t) still zero it
+    gives the same ε̂, so a fine-tune starts as the model it came from; with s(t) ≠ 0 the output
+    moves with ‖x_t‖: net(c·x) − net(x) = (c − 1)·s(t)·x."""
+    torch.manual_seed(0)
+    net, skip = dl.UNet(8, 32, 2).eval(), dl.UNet(8, 32, 2, skip=True).eval()
+    missing, unexpected = skip.load_state_dict(net.state_dict(), strict=False)
+    assert sorted(missing) == ["skip.1.bias", "skip.1.weight"] and not unexpected
+    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), 700)
+    with torch.no_grad():
+        torch.testing.assert_close(skip(x, t), net(x, t), rtol=0, atol=0)
+        s = torch.tensor([0.5, -0.2, 1.0])
+        skip.skip[1].bias.copy_(s)                              # s(t) = its bias while W = 0
+        torch.testing.assert_close(skip(2.5 * x, t) - skip(x, t), 1.5 * s.view(1, 3, 1, 1) * x,
+                                   rtol=0, atol=1e-4)
+
+
 class ScaleBlind(nn.Module):
     """ε* of N(μ, s²) data (OptimalEps) applied to the input rescaled to its expected norm
     sqrt(E‖x_t‖²): like the report's U-Net, blind to ‖x_t‖, and otherwise optimal."""
@@ -820,6 +837,33 @@ def test_norm_table_from_the_command_line_is_seeded():
     for a, b in (("x̂0 clipped", "not clipped"), ("not clipped", "norm-matched, not clipped"),
                  ("norm-matched, not clipped", "norm-matched, ε̂/1.005, not clipped")):
         assert not torch.equal(samples[("DDIM-20", a)], samples[("DDIM-20", b)]), (a, b)
+
+
+def test_finetune_table_from_the_command_line(monkeypatch):
+    """`evaluate --what finetune`: the real test images' row, then one row per (model, sampler,
+    variant, seed), every model scored with --profile's classifier (one floor), and its figure;
+    the same model twice scores the same, and s(t) ≠ 0 or not clipping changes the samples."""
+    cfg = dl.get_config("smoke")
+    (cfg.fig_dir() / "finetune_ffd.png").unlink(missing_ok=True)
+    monkeypatch.setattr(dl, "FT_PROFILES", {"a": "smoke", "b": "smoke"})
+    dl.main(["evaluate", "--profile", "smoke", "--what", "finetune", "--seeds", "0", "1"])
+    df = pd.read_csv(cfg.fig_dir() / "generation_finetune.csv")
+    assert df.sampler[0] == "real: test images" and len(df) == 1 + 2 * 2 * 2 * 2
+    d = df.iloc[1:]
+    assert set(d.model) == {"a", "b"} and set(d.variant) == set(dl.FT_VARIANTS)
+    assert set(d.sampler) == set(dl.NORM_SAMPLERS) and d.ffd_floor.nunique() == 1
+    assert np.allclose(d.ffd_ratio, d.ffd / d.ffd_floor)
+    assert np.allclose(d[d.model == "a"].ffd, d[d.model == "b"].ffd)
+    assert (cfg.fig_dir() / "finetune_ffd.png").exists()
+    base = dl.generation_model(cfg)
+    skip = dl.UNet(cfg.width, cfg.time_dim, cfg.heads, skip=True).eval().requires_grad_(False)
+    skip.load_state_dict(base.state_dict(), strict=False)
+    skip.skip[1].bias.fill_(0.1)
+    again, x = dl.finetune_metrics(cfg, {"a": base, "s": skip}, seeds=(0,), progress=False)
+    assert np.allclose(again[again.model == "a"].ffd, d[(d.model == "a") & (d.seed == 0)].ffd,
+                       rtol=1e-5)
+    assert not torch.equal(x[("a", "DDIM-20", "x̂0 clipped")], x[("s", "DDIM-20", "x̂0 clipped")])
+    assert not torch.equal(x[("a", "DDIM-20", "x̂0 clipped")], x[("a", "DDIM-20", "not clipped")])
 
 
 def test_classifier_does_not_depend_on_the_callers_rng():
