@@ -1063,16 +1063,18 @@ def validation_loss(model, fp: ForwardProcess, images: torch.Tensor, cfg: Config
     return total / count
 
 
-def check_config(saved: dict, cfg: Config, path: Path, keys=None) -> None:
+def check_config(saved: dict, cfg: Config, path: Path, keys=None,
+                 advice: str = "Resume with the checkpoint's settings, or start a new run in "
+                               "another --out folder") -> None:
     """Refuse a checkpoint whose config differs from cfg in `keys` (default: all but
-    RESUMABLE_KEYS). A setting newer than the checkpoint counts as its default."""
+    RESUMABLE_KEYS), saying `advice`. A setting newer than the checkpoint counts as its
+    default."""
     default = {f.name: f.default for f in dataclasses.fields(Config)}
     diff = {k: (saved.get(k, default[k]), v) for k, v in dataclasses.asdict(cfg).items()
             if (k in keys if keys else k not in RESUMABLE_KEYS) and saved.get(k, default[k]) != v}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{path} was made with another config ({lines}). Resume with the "
-                         f"checkpoint's settings, or start a new run in another --out folder")
+        raise ValueError(f"{path} was made with another config ({lines}). {advice}")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -1097,7 +1099,8 @@ def load_init(model: UNet, cfg: Config) -> None:
     if not path.exists():
         raise FileNotFoundError(f"{path} (Config.init) not found: the model to fine-tune from")
     ck = load_checkpoint(path)
-    check_config(ck["config"], cfg, path, keys=INIT_KEYS)
+    check_config(ck["config"], cfg, path, keys=INIT_KEYS, advice="Fine-tune from a model of "
+                 "the same network and schedule (Config.init), or set these to its values")
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in ck["ema"].items()},
                                                 strict=False)
     if unexpected or any(not k.startswith("skip.") for k in missing):
@@ -1464,7 +1467,7 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
-    """figures/<name>.csv and .md, written atomically."""
+    """<name>.csv and .md in cfg.fig_dir() (see save_fig), written atomically."""
     path = cfg.fig_dir() / f"{name}.csv"
     write_csv(df, path)
     with atomic_path(path.with_suffix(".md")) as tmp:
@@ -1794,9 +1797,11 @@ def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | Non
 
 
 
-def generation_model(cfg: Config, train_if_missing: bool = True) -> UNet:
-    """The generation model ('all' fold, GENERATION settings): the local run if there is one,
-    else the committed half-precision export, else (train_if_missing) train it now."""
+def generation_model(cfg: Config, train_if_missing: bool = True, committed: bool = False
+                     ) -> UNet:
+    """The generation model ('all' fold, GENERATION settings): the local run if there is one
+    (committed=True: the committed export if there is one), else the other, else
+    (train_if_missing) train it now."""
     gcfg = get_config(cfg.profile, generation=True, **{k: getattr(cfg, k) for k in ("target",
                                                                                    "data_dir")})
     local, shipped = gcfg.run_dir("all") / "best.pt", shipped_checkpoint(gcfg)
@@ -1805,7 +1810,8 @@ def generation_model(cfg: Config, train_if_missing: bool = True) -> UNet:
             raise FileNotFoundError(f"no generation model: train it with `python -m ddpm_lib "
                                     f"train --profile {cfg.profile} --fold all`")
         train(gcfg, "all", resume=True)
-    return load_model(gcfg, "all", local if local.exists() else shipped).to(get_device())
+    use_local = local.exists() and not (committed and shipped.exists())
+    return load_model(gcfg, "all", local if use_local else shipped).to(get_device())
 
 
 def shipped_checkpoint(cfg: Config) -> Path:
@@ -2019,7 +2025,8 @@ def finetune_metrics(cfg: Config, models: dict, seeds=(0, 1, 2), progress: bool 
     every sample seed in `seeds`, all scored with cfg's classifier (_seeds_table per model; the
     table's columns 'model' and 'variant'). Returns (the real test images' row, then one row per
     (model, sampler, variant, seed); {(model, sampler, variant): samples of the first seed})."""
-    variants = lambda fp, train_ds, one: {v: (NORM_VARIANTS[v], np.nan) for v in FT_VARIANTS}
+    def variants(fp, train_ds, one):
+        return {v: (NORM_VARIANTS[v], np.nan) for v in FT_VARIANTS}
     dfs, samples = [], {}
     for name, model in models.items():
         df, x = _seeds_table(cfg, model, NORM_SAMPLERS, "variant", variants, seeds, progress)
@@ -2114,8 +2121,9 @@ def plot_ffd_ratio(df: pd.DataFrame, by: str = "prior", legend: str = "ε̂ at h
                    title: str = "FFD / floor by where ε̂ at high t comes from", target: float = 3.0,
                    ax=None):
     """FFD / floor of a _seeds_table table (mixture_metrics': by="prior"; norm_metrics':
-    by="variant"): a group per sampler, a colour per value of `by`, each seed a dot and their
-    mean a bar; log axis (ratios there span 1 to ~100)."""
+    by="variant"; finetune_metrics': by="model", sampler and variant joined): a group per
+    sampler, a colour per value of `by`, each seed a dot and their mean a bar; log axis (ratios
+    there span 1 to ~1000)."""
     import matplotlib.pyplot as plt
     d = df[df.ffd_ratio.notna()]
     samplers, variants = list(dict.fromkeys(d.sampler)), list(dict.fromkeys(d[by]))
@@ -2138,7 +2146,8 @@ def plot_ffd_ratio(df: pd.DataFrame, by: str = "prior", legend: str = "ε̂ at h
 
 
 def save_fig(fig, name: str, cfg: Config) -> Path:
-    """figures/<name>.png (the smoke profile's go to runs/smoke/figures)."""
+    """<name>.png in cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke profile's go to
+    runs/smoke/figures)."""
     path = cfg.fig_dir() / f"{name}.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
@@ -2165,7 +2174,9 @@ def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict
     """The report's pieces of a table with one row per (sampler, `by`, seed) and a real test
     images' row (mixture_metrics: by prior; norm_metrics: by variant). Per value of `by`: where
     it starts, FFD / floor per sampler "mean (min–max)" over the seeds, and over all its rows the
-    lowest recognizability and the SSIM to the training images. Field names:
+    lowest recognizability and the SSIM to the training images (finetune_metrics' table: by
+    "model, variant", the two joined; a 'from t' column only where some value of `by` has a
+    start). Field names:
     <prefix>_<sampler>_<key> (ddim50, ddim20, ddim50eta1; key from `keys`), <prefix>_from_<key>,
     … and `table` for the markdown table."""
     f, d = {}, df[df.ffd_ratio.notna()]
@@ -2363,8 +2374,9 @@ def main(argv=None) -> None:
                    "cheap samplers with ε̂ at high t from Gaussian mixtures (mixture_metrics; "
                    "~40 min under cpu on 2 AVX2 cores); norm: deterministic DDIM with the network "
                    "alone, x̂0 clipped or not, and norm-matched (norm_metrics; ~45 min); "
-                   "finetune: that without norm matching for the cpu model, trained on and trained "
-                   "on with s(t) (FT_PROFILES), scored with --profile's classifier (~15 min)")
+                   "finetune: that without norm matching for the committed cpu model, trained on and "
+                   "trained on with s(t) (FT_PROFILES), scored with --profile's classifier "
+                   "(~11 min on 2 cores with native bf16)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sweep's step counts")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="sample seeds of the sweep and the mixture, norm and fine-tuning tables")
@@ -2451,7 +2463,8 @@ def _run(a) -> None:
             matplotlib.use("Agg")
             kw = {"seeds": tuple(a.seeds)} if a.seeds else {}
             if a.what == "finetune":
-                models = {name: generation_model(get_config(p)) for name, p in FT_PROFILES.items()}
+                models = {name: generation_model(get_config(p), committed=True)    # as shipped
+                          for name, p in FT_PROFILES.items()}
                 df, _ = finetune_metrics(cfg, models, **kw)
                 plot_df = df.assign(sampler=df.sampler + ", " + df.variant)
                 plot_kw = dict(by="model", legend="generation model",

@@ -425,15 +425,38 @@ def test_fine_tune_starts_from_init_and_refuses_another_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x, t), ref(x, t), rtol=0, atol=0)
     dl.train(cfg, 0, out=tmp_path / "ft", progress=False)
-    assert dl.load_checkpoint(tmp_path / "ft" / "best.pt")["config"]["init"] == str(src / "best.pt")
+    assert dl.load_checkpoint(tmp_path / "ft" / "best.pt")["config"]["init"] \
+        == str(src / "best.pt")
     with pytest.raises(ValueError, match="width"):
         dl.load_init(model, smoke_cfg(width=16, init=str(src / "best.pt")))
     with pytest.raises(FileNotFoundError, match="fine-tune"):
         dl.load_init(model, smoke_cfg(init=str(tmp_path / "none.pt")))
-    old = {k: v for k, v in dl.load_checkpoint(src / "best.pt")["config"].items() if k != "eps_skip"}
+    with pytest.raises(FileNotFoundError, match="fine-tune"):        # train() loads it first
+        dl.train(smoke_cfg(init=str(tmp_path / "none.pt")), 0, out=tmp_path / "x", progress=False)
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
+    old = {k: v for k, v in dl.load_checkpoint(src / "best.pt")["config"].items()
+           if k != "eps_skip"}
     dl.check_config(old, smoke_cfg(), src)
     with pytest.raises(ValueError, match="eps_skip"):
         dl.check_config(old, smoke_cfg(eps_skip=True), src)
+    (src / "best.pt").rename(src / "gone.pt")        # a resumed fine-tune no longer needs it
+    h = dl.train(dataclasses.replace(cfg, max_epochs=2), 0, out=tmp_path / "ft", resume=True,
+                 progress=False)
+    assert list(h.epoch) == [1, 2]
+
+
+def test_generation_model_committed_prefers_the_export(tmp_path, monkeypatch):
+    """generation_model: the local run first; committed=True: the committed export first."""
+    cfg = smoke_cfg()
+    local = dl.generation_model(cfg)                            # trains the smoke one if missing
+    gcfg = dl.get_config("smoke", generation=True)
+    dl.train(gcfg, 0, out=tmp_path / "other", progress=False)   # same config, other weights
+    monkeypatch.setattr(dl, "shipped_checkpoint", lambda c: tmp_path / "other" / "best.pt")
+    export = dl.load_model(gcfg, "all", tmp_path / "other" / "best.pt")
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                               b.state_dict().values()))
+    assert same(dl.generation_model(cfg), local) and not same(local, export)
+    assert same(dl.generation_model(cfg, committed=True), export)
 
 
 def test_existing_run_without_resume_is_refused(tmp_path):

@@ -166,7 +166,8 @@ def test_report_finetune_table(tmp_path):
                    "${skip_ft_ddim50_cpu_clip}\n${skip_ft_table}")
     assert text.startswith("2×500: 4.50 (4.00–5.00), 112.50, 15.50\n")
     assert "| model, variant | DDIM-50 | DDIM-20 |" in text and "from t" not in text
-    assert "| trained on with s(t) (skip), not clipped | 4.50 (4.00–5.00) | 4.50 (4.00–5.00) |" in text
+    assert ("| trained on with s(t) (skip), not clipped | 4.50 (4.00–5.00) | 4.50 (4.00–5.00) |"
+            in text)
 
 
 def test_report_mixture_table(tmp_path):
