@@ -2165,11 +2165,6 @@ B256_FIGS = {"b256": "b256", "b256_h200": "b256/h200", "b256_h200_cpu": "b256/h2
 FT_FIGS = {"skip": "skip", "cpuft": "cpu-ft"}
 
 
-def _mean_range(r: pd.DataFrame) -> pd.Series:
-    """Rows of mean, min and max as "mean (min–max)"."""
-    return r.apply(lambda a: f"{a['mean']:.2f} ({a['min']:.2f}–{a['max']:.2f})", axis=1)
-
-
 def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict) -> dict:
     """The report's pieces of a table with one row per (sampler, `by`, seed) and a real test
     images' row (mixture_metrics: by prior; norm_metrics: by variant). Per value of `by`: where
@@ -2183,7 +2178,7 @@ def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict
     if not len(d):
         return f
     r = d.groupby([by, "sampler"], sort=False).ffd_ratio.agg(["mean", "min", "max"])
-    cell = _mean_range(r)
+    cell = r.apply(lambda a: f"{a['mean']:.2f} ({a['min']:.2f}–{a['max']:.2f})", axis=1)
     groups = d.groupby(by, sort=False)
     start = groups.from_t.first().map(lambda v: "—" if pd.isna(v) else f"{v:.0f}")
     t = pd.concat([start.rename("from t") if d.from_t.notna().any() else None,
