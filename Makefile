@@ -60,14 +60,18 @@ norm: env data
 	$(PY) -m ddpm_lib sample --method ddim --steps 50 --norm-match --n 64
 	$(PY) -m ddpm_lib sample --method ddim --steps 20 --norm-match --n 64
 
-# the cpu model trained on for 100 epochs with an output path s(t)·x_t that sees ‖x_t‖ (skip) and
-# without it (cpu-ft, the control): both committed (data/checkpoints/), scored here: figures/skip/
+# the cpu model trained on for 100 epochs with an output path s(t)·x_t that sees ‖x_t‖ (skip),
+# with EDM's preconditioning (precond) and as it is (cpu-ft, the control): all committed
+# (data/checkpoints/), scored here: figures/skip/ (the table of all four), figures/precond/
 finetune: env data
 	$(PY) -m ddpm_lib evaluate --profile skip --what generation
+	$(PY) -m ddpm_lib evaluate --profile precond --what generation
 	$(PY) -m ddpm_lib evaluate --profile skip --what finetune
-	$(PY) -m ddpm_lib sample --profile skip --method ddpm --n 64
-	$(PY) -m ddpm_lib sample --profile skip --method ddim --steps 50 --n 64
-	$(PY) -m ddpm_lib sample --profile skip --method ddim --steps 20 --n 64
+	for p in skip precond; do \
+	  $(PY) -m ddpm_lib sample --profile $$p --method ddpm --n 64 && \
+	  $(PY) -m ddpm_lib sample --profile $$p --method ddim --steps 50 --n 64 && \
+	  $(PY) -m ddpm_lib sample --profile $$p --method ddim --steps 20 --n 64 || exit 1; \
+	done
 
 report: env
 	$(PY) -m ddpm_lib report

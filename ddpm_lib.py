@@ -10,6 +10,8 @@ References
   [DDPM]  J. Ho, A. Jain, P. Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020.
   [DDIM]  J. Song, C. Meng, S. Ermon. Denoising Diffusion Implicit Models. ICLR 2021.
   [IDDPM] A. Nichol, P. Dhariwal. Improved Denoising Diffusion Probabilistic Models. ICML 2021.
+  [EDM]   T. Karras, M. Aittala, T. Aila, S. Laine. Elucidating the Design Space of
+          Diffusion-Based Generative Models. NeurIPS 2022 (preconditioning, Table 1).
   [EB]    M. Ning, M. Li, J. Su, A. A. Salah, I. O. Ertugrul. Elucidating the Exposure Bias in
           Diffusion Models. ICLR 2024 (ε-scaling).
   [SSIM]  Z. Wang et al. Image quality assessment: from error visibility to structural
@@ -68,6 +70,7 @@ class Config:
     time_dim: int = 256             # sinusoidal time-embedding size
     heads: int = 4                  # attention heads at the bottleneck
     eps_skip: bool = False          # ε̂ + s(t)·x_t, so the net sees ‖x_t‖ (not the report's U-Net)
+    sigma_data: float = 0.0         # > 0: EDM preconditioning (ForwardProcess; not the report's)
     T: int = 1000                   # diffusion steps (the report: 1000)
     beta_1: float = 1e-3            # linear schedule ends (the report: 0.001 → 0.02)
     beta_T: float = 0.02
@@ -123,6 +126,9 @@ PROFILES["b256"] = dict(PROFILES["cpu"])
 # sees ‖x_t‖ (eps_skip), and, as the control, without it. Figures to figures/<profile>/.
 PROFILES["skip"] = dict(PROFILES["cpu"], eps_skip=True)
 PROFILES["cpu-ft"] = dict(PROFILES["cpu"])
+# ... and, instead of s(t), EDM's preconditioning (ForwardProcess): σ_d = 0.7, the training
+# images' root mean square (0.708 at 32×32 in [-1, 1]).
+PROFILES["precond"] = dict(PROFILES["cpu"], sigma_data=0.7)
 
 
 # The generation model: trained on every training image ('all'), validated on Test/, for longer
@@ -138,9 +144,10 @@ GENERATION = {
     "b256": dict(lr=5e-4, ema_decay=0.9995, batch_size=256, steps_per_epoch=200, max_epochs=24,
                  patience=24),
     # the committed cpu model trained on for 100 epochs with the same recipe: 'skip' with s(t)
-    # added at zero, 'cpu-ft' as it is (the control)
+    # added at zero, 'precond' preconditioned, 'cpu-ft' as it is (the control)
     **{p: dict(lr=5e-4, ema_decay=0.9995, max_epochs=100, patience=100,
-               init="data/checkpoints/ddpm_cpu_all_ema_fp16.pt") for p in ("skip", "cpu-ft")},
+               init="data/checkpoints/ddpm_cpu_all_ema_fp16.pt")
+       for p in ("skip", "precond", "cpu-ft")},
 }
 
 
@@ -783,14 +790,26 @@ class ForwardProcess(nn.Module):
 
     Calling it on (x0, t) returns (x_t, target): x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε (Eq. 4),
     target = ε (corrected) or sqrt(1-ᾱ_t)·ε (report-faithful 'scaled_eps').
+
+    sigma_data > 0 (Config.sigma_data; not the report's) preconditions the network as EDM does
+    [EDM]: ε̂ = c_skip(t)·x_t + c_out(t)·F(x_t, t), where c_skip·x_t is E[ε | x_t] and c_out² the
+    variance left, were x0 ~ N(0, σ_d²·I); F's target (ε − c_skip·x_t)/c_out then has unit
+    variance at every t, so the MSE on it is EDM's loss weighting (1/c_out² on the ε-MSE). At
+    t = T, c_skip ≈ 1 and c_out ≈ 0.0035 (σ_d = 0.7): ε̂ ≈ x_t by construction, where the report's
+    U-Net, blind to the scale of x_t (UNet), has to make x_t's norm up. EDM's input scaling c_in
+    is left out (that U-Net ignores it), and t stays uniform (EDM draws log σ from a normal).
     """
 
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_1: float = 1e-3,
-                 beta_T: float = 0.02, target: str = "eps"):
+                 beta_T: float = 0.02, target: str = "eps", sigma_data: float = 0.0):
         super().__init__()
         if target not in ("eps", "scaled_eps"):
             raise ValueError(f"target must be 'eps' or 'scaled_eps', not {target!r}")
-        self.T, self.target = T, target
+        if sigma_data < 0 or (sigma_data and target != "eps"):
+            raise ValueError(f"sigma_data (preconditioning) must be ≥ 0 and needs target='eps', "
+                             f"got {sigma_data} with {target!r}: the report-faithful mode is the "
+                             f"report's network without it (use a profile such as cpu)")
+        self.T, self.target, self.sigma_data = T, target, sigma_data
         b = make_betas(T, schedule, beta_1, beta_T)
         ab = torch.cumprod(1 - b, 0)
         ab_prev = torch.cat([torch.ones(1, dtype=b.dtype), ab[:-1]])
@@ -802,10 +821,14 @@ class ForwardProcess(nn.Module):
         reg("beta_tilde", b * (1 - ab_prev) / (1 - ab))             # β̃_t, Eq. 7
         reg("post_c0", ab_prev.sqrt() * b / (1 - ab))               # μ̃_t coefficient of x0 (Eq. 7)
         reg("post_ct", (1 - b).sqrt() * (1 - ab_prev) / (1 - ab))  # μ̃_t coefficient of x_t
+        if sigma_data:            # EDM's preconditioning [EDM, Table 1]: ε̂ = c_skip·x_t + c_out·F
+            v = ab * sigma_data ** 2 + 1 - ab                       # E[x_t²] if E[x0²] = σ_d²
+            reg("c_skip", (1 - ab).sqrt() / v)                      # E[ε | x_t] if x0 ~ N(0, σ_d²)
+            reg("c_out", ab.sqrt() * sigma_data / v.sqrt())         # sd(ε | x_t) then
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ForwardProcess":
-        return cls(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.target)
+        return cls(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.target, cfg.sigma_data)
 
     def at(self, buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """buf at timesteps t (1-based), shaped (B, 1, 1, 1) to broadcast over images.
@@ -827,11 +850,17 @@ class ForwardProcess(nn.Module):
     def forward(self, x0, t, eps=None):
         eps = torch.randn_like(x0) if eps is None else eps
         xt = self.q_sample(x0, t, eps)
-        target = eps if self.target == "eps" else (1 - self.at(self.alpha_bar, t)).sqrt() * eps
+        if self.sigma_data:                                         # F's target: unit variance
+            target = (eps - self.at(self.c_skip, t) * xt) / self.at(self.c_out, t)
+        else:
+            target = eps if self.target == "eps" else (1 - self.at(self.alpha_bar, t)).sqrt() * eps
         return xt, target
 
     def eps_from_output(self, xt, t, out):
-        """The network's output as ε̂ (the scaled target divided back out)."""
+        """The network's output as ε̂ (the scaled target divided back out; with sigma_data,
+        c_skip·x_t + c_out·out)."""
+        if self.sigma_data:
+            return self.at(self.c_skip, t) * xt + self.at(self.c_out, t) * out
         return out if self.target == "eps" else out / (1 - self.at(self.alpha_bar, t)).sqrt()
 
     def predict_x0(self, xt, t, eps):
@@ -1014,7 +1043,8 @@ class EarlyStopping:
 
 
 def diffusion_loss(model, fp: ForwardProcess, x0, t, eps) -> torch.Tensor:
-    """Algorithm 1 [DDPM]: ‖target − net(x_t, t)‖², target ε (or the report's scaled ε)."""
+    """Algorithm 1 [DDPM]: ‖target − net(x_t, t)‖², target ε (or the report's scaled ε, or with
+    sigma_data F's target: the ε-MSE weighted by 1/c_out², see ForwardProcess)."""
     xt, target = fp(x0, t, eps)
     return F.mse_loss(model(xt, t).float(), target)
 
@@ -1047,8 +1077,9 @@ def epoch_batches(images: torch.Tensor, cfg: Config, fp: ForwardProcess, g: torc
 @torch.no_grad()
 def validation_loss(model, fp: ForwardProcess, images: torch.Tensor, cfg: Config,
                     device: torch.device, batch: int = 256) -> float:
-    """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps') over the validation
-    images, with fixed, seeded noise and timesteps so that epochs are comparable."""
+    """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with
+    sigma_data, not comparable with the others) over the validation images, with fixed, seeded
+    noise and timesteps so that epochs are comparable."""
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     total, count = 0.0, 0
     for i in range(0, len(images), batch):
@@ -1094,12 +1125,15 @@ INIT_KEYS = ("image_size", "width", "time_dim", "heads", "T", "beta_1", "beta_T"
 
 def load_init(model: UNet, cfg: Config) -> None:
     """Load cfg.init's EMA weights into `model`: all of them, with only eps_skip's s(t) (zero at
-    start) allowed to be new. So a fine-tuned run starts as exactly the model it came from."""
+    start) allowed to be new. So a fine-tuned run starts as exactly the model it came from (with
+    sigma_data, from its weights only: the preconditioning reads their output differently; a
+    preconditioned model can only be fine-tuned with the same sigma_data)."""
     path = ROOT / cfg.init
     if not path.exists():
         raise FileNotFoundError(f"{path} (Config.init) not found: the model to fine-tune from")
     ck = load_checkpoint(path)
-    check_config(ck["config"], cfg, path, keys=INIT_KEYS, advice="Fine-tune from a model of "
+    keys = INIT_KEYS + (("sigma_data",) if ck["config"].get("sigma_data") else ())
+    check_config(ck["config"], cfg, path, keys=keys, advice="Fine-tune from a model of "
                  "the same network and schedule (Config.init), or set these to its values")
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in ck["ema"].items()},
                                                 strict=False)
@@ -1264,7 +1298,7 @@ EVAL = {
     "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),     # 6 gave acc 0.76
     "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
 }
-EVAL.update({p: dict(EVAL["cpu"]) for p in ("b256", "skip", "cpu-ft")})
+EVAL.update({p: dict(EVAL["cpu"]) for p in ("b256", "skip", "precond", "cpu-ft")})
 TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timesteps
 
 
@@ -1802,8 +1836,8 @@ def generation_model(cfg: Config, train_if_missing: bool = True, committed: bool
     """The generation model ('all' fold, GENERATION settings): the local run if there is one
     (committed=True: the committed export if there is one), else the other, else
     (train_if_missing) train it now."""
-    gcfg = get_config(cfg.profile, generation=True, **{k: getattr(cfg, k) for k in ("target",
-                                                                                   "data_dir")})
+    gcfg = get_config(cfg.profile, generation=True,
+                      **{k: getattr(cfg, k) for k in ("target", "sigma_data", "data_dir")})
     local, shipped = gcfg.run_dir("all") / "best.pt", shipped_checkpoint(gcfg)
     if not local.exists() and not shipped.exists():
         if not train_if_missing:
@@ -1832,16 +1866,18 @@ GEN_SAMPLERS = {"report's method (T=1000)": ("report", {}), "DDPM-1000": ("ddpm"
                                                                     recompute_eps=True, prior=True))}
 
 
-def _scoring_setup(cfg: Config, model: UNet, progress: bool, prior: bool = True):
+def _scoring_setup(cfg: Config, model: UNet, progress: bool, prior: bool = True,
+                   model_cfg: Config | None = None):
     """What scoring samples needs: (classes, training Fruits, test images (uint8), classifier,
-    its test accuracy, ForwardProcess on the model's device, the Gaussian prior or None)."""
+    its test accuracy, ForwardProcess on the model's device (of model_cfg, the model's own
+    config, if given: its preconditioning), the Gaussian prior or None)."""
     index = load_index(cfg)
     classes = sorted(index.label.unique())
     root = ROOT / cfg.data_dir / "fruits-360"
     train_ds = Fruits(index[index.split == "train"], root, cfg.image_size, classes=classes)
     test_imgs = Fruits(index[index.split == "test"], root, cfg.image_size).images
     clf, _, acc = train_classifier(cfg, progress)
-    fp = ForwardProcess.from_config(cfg).to(next(model.parameters()).device)
+    fp = ForwardProcess.from_config(model_cfg or cfg).to(next(model.parameters()).device)
     return classes, train_ds, test_imgs, clf, acc, fp, \
         fit_prior(cfg, model, fp, train_ds) if prior else None
 
@@ -1945,17 +1981,18 @@ MIXTURE_PRIORS = {"network only": None, "one Gaussian": "one", "a Gaussian per c
 
 
 def _seeds_table(cfg: Config, model: UNet, samplers, by: str, variants, seeds, progress: bool,
-                 prior: bool = False) -> tuple[pd.DataFrame, dict]:
+                 prior: bool = False, model_cfg: Config | None = None) -> tuple[pd.DataFrame, dict]:
     """Each of `samplers` (GEN_SAMPLERS rows) in each variant, for every sample seed in `seeds`:
     FFD against the floor, recognizability, classes covered and the SSIM to the nearest
     training image (a prior that holds the training images could make samples copy them; real
     test images are the reference row). variants(fp, train_ds, prior) → {name: (sampler
     settings, the t from which they change ε̂, or nan)}, called once after the scoring setup
-    (prior: with its Gaussian prior). Returns (one row per (sampler, variant in column `by`,
+    (prior: with its Gaussian prior; model_cfg: see _scoring_setup). Returns (one row per (sampler, variant in column `by`,
     seed), {(sampler, variant): samples of the first seed})."""
     from tqdm.auto import tqdm
     n = EVAL[cfg.profile]["n_samples"]
-    classes, train_ds, test_imgs, clf, _, fp, one = _scoring_setup(cfg, model, progress, prior)
+    classes, train_ds, test_imgs, clf, _, fp, one = _scoring_setup(cfg, model, progress, prior,
+                                                                  model_cfg)
     train_imgs, real_test = train_ds.images, to_float(test_imgs)
     floor = ffd_floor(clf, train_imgs, real_test, n, seed=cfg.seed)
     over = variants(fp, train_ds, one)
@@ -2012,30 +2049,58 @@ def norm_metrics(cfg: Config, model: UNet, seeds=(0, 1, 2), progress: bool = Tru
 
 
 # The fine-tuning table: deterministic DDIM (NORM_SAMPLERS), x̂0 clipped and not, of the cpu model
-# as committed, trained on for 100 epochs (cpu-ft, the control) and trained on with s(t) (skip),
-# all scored with one classifier. FT_PROFILES: the table's model name → its profile.
+# as committed, trained on for 100 epochs (cpu-ft, the control), trained on with s(t) (skip) and
+# trained on preconditioned (precond), all scored with one classifier. FT_PROFILES: the table's
+# model name → its profile.
 FT_PROFILES = {"cpu model": "cpu", "trained on (cpu-ft)": "cpu-ft",
-               "trained on with s(t) (skip)": "skip"}
+               "trained on with s(t) (skip)": "skip",
+               "trained on, preconditioned (precond)": "precond"}
 FT_VARIANTS = ("x̂0 clipped", "not clipped")
 
 
 def finetune_metrics(cfg: Config, models: dict, seeds=(0, 1, 2), progress: bool = True
                      ) -> tuple[pd.DataFrame, dict]:
-    """Each NORM_SAMPLERS row in each FT_VARIANTS form for each of `models` ({name: UNet}) and
-    every sample seed in `seeds`, all scored with cfg's classifier (_seeds_table per model; the
-    table's columns 'model' and 'variant'). Returns (the real test images' row, then one row per
+    """Each NORM_SAMPLERS row in each FT_VARIANTS form for each of `models` ({name: (UNet, its
+    config)}: the config gives its ForwardProcess) and every sample seed in `seeds`, all scored
+    with cfg's classifier (_seeds_table per model; the table's columns 'model' and 'variant').
+    Returns (the real test images' row, then one row per
     (model, sampler, variant, seed); {(model, sampler, variant): samples of the first seed})."""
     def variants(fp, train_ds, one):
         return {v: (NORM_VARIANTS[v], np.nan) for v in FT_VARIANTS}
     dfs, samples = [], {}
-    for name, model in models.items():
-        df, x = _seeds_table(cfg, model, NORM_SAMPLERS, "variant", variants, seeds, progress)
+    for name, (model, model_cfg) in models.items():
+        df, x = _seeds_table(cfg, model, NORM_SAMPLERS, "variant", variants, seeds, progress,
+                             model_cfg=model_cfg)
         real = df.sampler == "real: test images"                  # the same for every model
         df = df.assign(model=np.where(real, "", name))
         dfs.append(df[~real] if dfs else df)
         samples.update({(name, *k): v for k, v in x.items()})
     df = pd.concat(dfs, ignore_index=True)
     return df[["model"] + [c for c in df if c != "model"]], samples
+
+
+# The timesteps of the fine-tuning ε-MSE table: where the models differ (large t), and t = 100.
+FT_EPS_T = (100, 300, 500, 700, 900, 1000)
+FT_MIXTURE = "a Gaussian per video segment"
+
+
+def finetune_eps_error(cfg: Config, models: dict, ts=FT_EPS_T) -> pd.DataFrame:
+    """The ε-MSE (eps_error; bf16 where sampling uses it) of each of `models` ({name: (UNet, its
+    config)}) on cfg's eval_images at `ts`, beside that of the training images' per-video-segment
+    Gaussian mixture (fit_prior 'segment'; GaussianEps), the best ε̂ at high t found so far.
+    One row per t, a column per model, then the mixture's."""
+    index = load_index(cfg)
+    train_ds = Fruits(index[index.split == "train"], ROOT / cfg.data_dir / "fruits-360",
+                      cfg.image_size)
+    images, cols = eval_images(cfg), {}
+    for name, (model, model_cfg) in models.items():
+        fp = ForwardProcess.from_config(model_cfg).to(next(model.parameters()).device)
+        mix = None if cols else fit_prior(cfg, model, fp, train_ds, "segment")
+        err = eps_error(model, fp, images, mix, ts).set_index("t")
+        cols[name] = err.network
+        if mix is not None:
+            mix_err = err.gaussian
+    return pd.DataFrame({**cols, FT_MIXTURE: mix_err}).reset_index()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2161,8 +2226,9 @@ def save_fig(fig, name: str, cfg: Config) -> Path:
 # The b256 model's figures: scored here (b256/), and what its GPU run measured (h200/: its
 # training, its tables, and the cpu model scored there with the same classifier (h200/cpu/)).
 B256_FIGS = {"b256": "b256", "b256_h200": "b256/h200", "b256_h200_cpu": "b256/h200/cpu"}
-# The cpu model trained on with s(t) (skip) and without (cpu-ft): their figures, field prefixes.
-FT_FIGS = {"skip": "skip", "cpuft": "cpu-ft"}
+# The cpu model trained on with s(t) (skip), preconditioned (precond) and as it is (cpu-ft):
+# their figures, field prefixes.
+FT_FIGS = {"skip": "skip", "precond": "precond", "cpuft": "cpu-ft"}
 
 
 def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict) -> dict:
@@ -2269,6 +2335,12 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
         f.update(_seeds_fields(ft, by, "ft", "ft_table", {
             f"{m}, {v}": f"{p.replace('-', '')}_{NORM_KEYS[v]}" for m, p in FT_PROFILES.items()
             for v in FT_VARIANTS}))
+    if (fe := csv("finetune_eps_error")) is not None:           # keys: fteps_<profile>_<t>
+        f["fteps_table"] = to_markdown(fe.assign(**{c: fe[c].map("{:.3g}".format)
+                                                     for c in fe.columns[1:]}))
+        keys = {m: p.replace("-", "") for m, p in FT_PROFILES.items()} | {FT_MIXTURE: "segment"}
+        for c in fe.columns[1:]:
+            f.update({f"fteps_{keys[c]}_{t}": f"{v:.3g}" for t, v in zip(fe.t, fe[c])})
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
         gen = h[h.run.str.endswith("/all")]
@@ -2369,9 +2441,9 @@ def main(argv=None) -> None:
                    "cheap samplers with ε̂ at high t from Gaussian mixtures (mixture_metrics; "
                    "~40 min under cpu on 2 AVX2 cores); norm: deterministic DDIM with the network "
                    "alone, x̂0 clipped or not, and norm-matched (norm_metrics; ~45 min); "
-                   "finetune: that without norm matching for the committed cpu model, trained on and "
-                   "trained on with s(t) (FT_PROFILES), scored with --profile's classifier "
-                   "(~11 min on 2 cores with native bf16)")
+                   "finetune: that without norm matching for the committed cpu model and the "
+                   "three trained on from it (FT_PROFILES), scored with --profile's classifier "
+                   "(14 min on 2 cores with native bf16)")
     p.add_argument("--steps", type=int, nargs="+", default=None, help="sweep's step counts")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="sample seeds of the sweep and the mixture, norm and fine-tuning tables")
@@ -2458,9 +2530,13 @@ def _run(a) -> None:
             matplotlib.use("Agg")
             kw = {"seeds": tuple(a.seeds)} if a.seeds else {}
             if a.what == "finetune":
-                models = {name: generation_model(get_config(p), committed=True)    # as shipped
-                          for name, p in FT_PROFILES.items()}
+                cfgs = {name: get_config(p) for name, p in FT_PROFILES.items()}
+                models = {name: (generation_model(c, committed=True), c)    # as shipped
+                          for name, c in cfgs.items()}
                 df, _ = finetune_metrics(cfg, models, **kw)
+                err = finetune_eps_error(cfg, models)
+                print(f"ε-MSE by t → {save_table(err, 'finetune_eps_error', cfg)}")
+                print(err.to_string(index=False))
                 plot_df = df.assign(sampler=df.sampler + ", " + df.variant)
                 plot_kw = dict(by="model", legend="generation model",
                                title="FFD / floor of deterministic DDIM")

@@ -181,6 +181,52 @@ def test_scaled_eps_target_is_report_faithful():
         dl.ForwardProcess(10, target="x0")
 
 
+def test_preconditioned_target_has_unit_variance_and_inverts():
+    """sigma_data: F's target (ε − c_skip·x_t)/c_out has unit variance at every t when x0 ~
+    N(0, σ_d²) (EDM's loss weighting), eps_from_output turns it back into ε, and x_t is the
+    plain q_sample. The report-faithful target cannot be preconditioned."""
+    sd = 0.7
+    fp = dl.ForwardProcess(T, sigma_data=sd)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 1, 128, 128, generator=g) * sd, torch.randn(3, 1, 128, 128, generator=g)
+    t = torch.tensor([1, 300, 1000])
+    xt, target = fp(x0, t, eps)
+    torch.testing.assert_close(xt, fp.q_sample(x0, t, eps))
+    np.testing.assert_allclose(target.var(dim=(1, 2, 3)).numpy(), 1.0, atol=0.05)
+    torch.testing.assert_close(fp.eps_from_output(xt, t, target), eps, rtol=0, atol=1e-5)
+    _, ab, _ = np_linear_alpha_bar()
+    v = ab * sd ** 2 + 1 - ab                                 # float64, no library code
+    np.testing.assert_allclose(fp.c_skip.numpy(), np.sqrt(1 - ab) / v, rtol=1e-5)
+    np.testing.assert_allclose(fp.c_out.numpy(), np.sqrt(ab) * sd / np.sqrt(v), rtol=1e-4)
+    assert fp.c_skip[-1] > 0.99 and fp.c_out[-1] < 0.01 and fp.c_out[0] > 0.99   # ε̂ ≈ x_t at T
+    for bad in (dict(target="scaled_eps", sigma_data=sd), dict(sigma_data=-0.5)):
+        with pytest.raises(ValueError, match="sigma_data"):
+            dl.ForwardProcess(10, **bad)
+
+
+def test_preconditioned_run_trains_and_is_kept_apart(tmp_path):
+    """A run with sigma_data trains from a plain model's weights (finite losses); its checkpoint
+    is refused under a plain config, and as the init of a run with another sigma_data (a plain
+    one included); generation_model keeps the caller's sigma_data, so the plain smoke
+    generation model is refused under a preconditioned config instead of being misread."""
+    plain = tmp_path / "plain"
+    dl.train(smoke_cfg(max_epochs=1), 0, out=plain, progress=False)
+    h = dl.train(smoke_cfg(sigma_data=0.7, init=str(plain / "best.pt"), max_epochs=1), 0,
+                 out=tmp_path / "pre", progress=False)
+    assert np.isfinite(h.train_loss).all() and np.isfinite(h.val_loss).all()
+    pre = tmp_path / "pre" / "best.pt"
+    with pytest.raises(ValueError, match="sigma_data"):
+        dl.load_model(smoke_cfg(), path=pre)
+    model = dl.build_model(smoke_cfg(), torch.device("cpu"), verbose=False)
+    for other in (0.0, 0.5):
+        with pytest.raises(ValueError, match="sigma_data"):
+            dl.load_init(model, smoke_cfg(sigma_data=other, init=str(pre)))
+    dl.load_init(model, smoke_cfg(sigma_data=0.7, init=str(pre)))
+    dl.generation_model(smoke_cfg())                  # trains the smoke one if missing
+    with pytest.raises(ValueError, match="sigma_data"):
+        dl.generation_model(smoke_cfg(sigma_data=0.7), train_if_missing=False)
+
+
 def test_predict_x0_inverts_q_sample():
     fp = dl.ForwardProcess(T)
     g = torch.Generator().manual_seed(0)
@@ -543,19 +589,24 @@ def test_b256_profile_is_the_cpu_network_trained_at_batch_256():
 
 
 def test_fine_tuned_profiles_are_the_cpu_model_trained_on():
-    """skip is the cpu profile with s(t) (eps_skip), cpu-ft the cpu profile itself (the control);
-    both generation models start from the committed cpu model and train on alike."""
+    """skip is the cpu profile with s(t) (eps_skip), precond with EDM's preconditioning
+    (sigma_data), cpu-ft the cpu profile itself (the control); their generation models start
+    from the committed cpu model and train on alike."""
     cpu, skip, ft = dl.get_config("cpu"), dl.get_config("skip"), dl.get_config("cpu-ft")
+    pre = dl.get_config("precond")
     assert dataclasses.replace(skip, profile="cpu", eps_skip=False) == cpu and skip.eps_skip
+    assert dataclasses.replace(pre, profile="cpu", sigma_data=0.0) == cpu and pre.sigma_data
     assert dataclasses.replace(ft, profile="cpu") == cpu
     assert skip.fig_dir() == dl.ROOT / "figures" / "skip" and ft.fig_dir().name == "cpu-ft"
     gs, gf = dl.get_config("skip", generation=True), dl.get_config("cpu-ft", generation=True)
+    gp = dl.get_config("precond", generation=True)
     assert dataclasses.replace(gs, profile="cpu-ft", eps_skip=False) == gf
+    assert dataclasses.replace(gp, profile="cpu-ft", sigma_data=0.0) == gf
     assert gs.init == "data/checkpoints/ddpm_cpu_all_ema_fp16.pt" and gs.max_epochs == 100
-    assert dl.EVAL["skip"] == dl.EVAL["cpu-ft"] == dl.EVAL["cpu"]
+    assert dl.EVAL["skip"] == dl.EVAL["precond"] == dl.EVAL["cpu-ft"] == dl.EVAL["cpu"]
 
 
-@pytest.mark.parametrize("profile", ["cpu", "b256", "skip", "cpu-ft"])
+@pytest.mark.parametrize("profile", ["cpu", "b256", "skip", "precond", "cpu-ft"])
 def test_committed_generation_models_load(profile):
     """The committed generation models: half-precision EMA weights, at most 10 MB, made with their
     profile's settings (another config is refused), all the cpu profile's network (skip: with

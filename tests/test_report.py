@@ -150,7 +150,7 @@ def test_report_finetune_table(tmp_path):
     rows = [dict(model="", variant="", sampler="real: test images", seed=np.nan, n=1714,
                  ffd=np.nan, ffd_floor=np.nan, ffd_ratio=np.nan, recognizability=1.0,
                  classes_covered=10, nn_ssim_mean=0.87, nn_ssim_max=0.999, from_t=np.nan)]
-    for m, base in zip(dl.FT_PROFILES, (15.0, 12.0, 4.0)):
+    for m, base in zip(dl.FT_PROFILES, (15.0, 12.0, 4.0, 3.0)):
         for v in dl.FT_VARIANTS:
             for sampler in dl.NORM_SAMPLERS:
                 for seed in (0, 1):
@@ -168,6 +168,17 @@ def test_report_finetune_table(tmp_path):
     assert "| model, variant | DDIM-50 | DDIM-20 |" in text and "from t" not in text
     assert ("| trained on with s(t) (skip), not clipped | 4.50 (4.00–5.00) | 4.50 (4.00–5.00) |"
             in text)
+    assert _render(tmp_path, "${skip_ft_ddim20_precond_clip}") == "3.50"
+    err = pd.DataFrame({"t": dl.FT_EPS_T, **{m: [1e-3 * (i + 1)] * len(dl.FT_EPS_T)
+                                            for i, m in enumerate(dl.FT_PROFILES)},
+                        dl.FT_MIXTURE: 5.7e-6})
+    dl.write_csv(err, tmp_path / "skip" / "finetune_eps_error.csv")
+    assert _render(tmp_path, "${skip_fteps_precond_1000} ${skip_fteps_segment_500} "
+                   "${skip_fteps_cpuft_100}") == "0.004 5.7e-06 0.002"
+    err[dl.FT_MIXTURE] = 5.696e-6
+    dl.write_csv(err, tmp_path / "skip" / "finetune_eps_error.csv")
+    assert _render(tmp_path, "${skip_fteps_segment_1000}") == "5.7e-06"
+    assert "| t | cpu model |" in _render(tmp_path, "${skip_fteps_table}")
 
 
 def test_report_mixture_table(tmp_path):

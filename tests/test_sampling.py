@@ -12,6 +12,8 @@ computed exactly here, in float64, independently of the library.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -224,6 +226,26 @@ def test_ddim_eta0_is_eq12_exactly():
     fp, g = dl.ForwardProcess(T), torch.Generator().manual_seed(123)
     x2, _ = dl.ddim_sample_loop(OptimalEps(), fp, xT, g, steps=50, eta=0.0, clip=False)
     assert torch.equal(x, x2)
+
+
+class ZeroNet(nn.Module):
+    """F ≡ 0: a preconditioned model's output before any training of what it adds."""
+
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+def test_preconditioning_alone_is_the_gaussian_optimum():
+    """EDM's preconditioning with σ_d = s and F ≡ 0 gives ε̂ = c_skip·x_t = ε* of N(0, s²) data,
+    so the network only has to learn what the data has beyond that Gaussian: DDIM driven by it
+    is Eq. 12 with ε* exactly. With another σ_d it is not."""
+    g = torch.Generator().manual_seed(0)
+    xT = torch.randn(1, 1, 128, 128, generator=g)
+    run = lambda s2: dl.ddim_sample_loop(ZeroNet(), dl.ForwardProcess(T, sigma_data=s2 ** 0.5),
+                                         xT, g, steps=50, clip=False)[0].double().numpy()
+    ref = ddim_reference(xT.double().numpy(), 50, mu=0.0, s2=0.25)
+    np.testing.assert_allclose(run(0.25), ref, rtol=0, atol=1e-4)
+    assert np.abs(run(0.5) - ref).mean() > 0.01
 
 
 def test_eps_scale_divides_the_networks_eps():
@@ -841,8 +863,10 @@ def test_norm_table_from_the_command_line_is_seeded():
 
 def test_finetune_table_from_the_command_line(monkeypatch):
     """`evaluate --what finetune`: the real test images' row, then one row per (model, sampler,
-    variant, seed), every model scored with --profile's classifier (one floor), and its figure;
-    the same model twice scores the same, and s(t) ≠ 0 or not clipping changes the samples."""
+    variant, seed), every model scored with --profile's classifier (one floor), and its figure,
+    and the ε-MSE by t of each model and of the per-segment mixture;
+    the same model twice scores the same, and s(t) ≠ 0, preconditioning (each model is sampled
+    with its own config's ForwardProcess) or not clipping changes the samples."""
     cfg = dl.get_config("smoke")
     (cfg.fig_dir() / "finetune_ffd.png").unlink(missing_ok=True)
     monkeypatch.setattr(dl, "FT_PROFILES", {"a": "smoke", "b": "smoke"})
@@ -855,14 +879,22 @@ def test_finetune_table_from_the_command_line(monkeypatch):
     assert np.allclose(d.ffd_ratio, d.ffd / d.ffd_floor)
     assert np.allclose(d[d.model == "a"].ffd, d[d.model == "b"].ffd)
     assert (cfg.fig_dir() / "finetune_ffd.png").exists()
+    err = pd.read_csv(cfg.fig_dir() / "finetune_eps_error.csv")
+    assert list(err.columns) == ["t", "a", "b", dl.FT_MIXTURE] and tuple(err.t) == dl.FT_EPS_T
+    assert np.allclose(err.a, err.b) and (err[["a", dl.FT_MIXTURE]] > 0).all().all()
+    assert not np.allclose(err.a, err[dl.FT_MIXTURE])
     base = dl.generation_model(cfg)
     skip = dl.UNet(cfg.width, cfg.time_dim, cfg.heads, skip=True).eval().requires_grad_(False)
     skip.load_state_dict(base.state_dict(), strict=False)
     skip.skip[1].bias.fill_(0.1)
-    again, x = dl.finetune_metrics(cfg, {"a": base, "s": skip}, seeds=(0,), progress=False)
+    pre = dataclasses.replace(cfg, sigma_data=0.7)              # the same weights, preconditioned
+    again, x = dl.finetune_metrics(cfg, {"a": (base, cfg), "s": (skip, cfg), "p": (base, pre)},
+                                   seeds=(0,), progress=False)
     assert np.allclose(again[again.model == "a"].ffd, d[(d.model == "a") & (d.seed == 0)].ffd,
                        rtol=1e-5)
-    assert not torch.equal(x[("a", "DDIM-20", "x̂0 clipped")], x[("s", "DDIM-20", "x̂0 clipped")])
+    for other in ("s", "p"):
+        assert not torch.equal(x[("a", "DDIM-20", "x̂0 clipped")],
+                               x[(other, "DDIM-20", "x̂0 clipped")]), other
     assert not torch.equal(x[("a", "DDIM-20", "x̂0 clipped")], x[("a", "DDIM-20", "not clipped")])
 
 
