@@ -1987,8 +1987,8 @@ def _seeds_table(cfg: Config, model: UNet, samplers, by: str, variants, seeds, p
     training image (a prior that holds the training images could make samples copy them; real
     test images are the reference row). variants(fp, train_ds, prior) → {name: (sampler
     settings, the t from which they change ε̂, or nan)}, called once after the scoring setup
-    (prior: with its Gaussian prior; model_cfg: see _scoring_setup). Returns (one row per (sampler, variant in column `by`,
-    seed), {(sampler, variant): samples of the first seed})."""
+    (prior: with its Gaussian prior; model_cfg: see _scoring_setup). Returns (one row per
+    (sampler, variant in column `by`, seed), {(sampler, variant): samples of the first seed})."""
     from tqdm.auto import tqdm
     n = EVAL[cfg.profile]["n_samples"]
     classes, train_ds, test_imgs, clf, _, fp, one = _scoring_setup(cfg, model, progress, prior,
@@ -2063,8 +2063,8 @@ def finetune_metrics(cfg: Config, models: dict, seeds=(0, 1, 2), progress: bool 
     """Each NORM_SAMPLERS row in each FT_VARIANTS form for each of `models` ({name: (UNet, its
     config)}: the config gives its ForwardProcess) and every sample seed in `seeds`, all scored
     with cfg's classifier (_seeds_table per model; the table's columns 'model' and 'variant').
-    Returns (the real test images' row, then one row per
-    (model, sampler, variant, seed); {(model, sampler, variant): samples of the first seed})."""
+    Returns (the real test images' row, then one row per (model, sampler, variant, seed);
+    {(model, sampler, variant): samples of the first seed})."""
     def variants(fp, train_ds, one):
         return {v: (NORM_VARIANTS[v], np.nan) for v in FT_VARIANTS}
     dfs, samples = [], {}
@@ -2095,7 +2095,7 @@ def finetune_eps_error(cfg: Config, models: dict, ts=FT_EPS_T) -> pd.DataFrame:
     images, cols = eval_images(cfg), {}
     for name, (model, model_cfg) in models.items():
         fp = ForwardProcess.from_config(model_cfg).to(next(model.parameters()).device)
-        mix = None if cols else fit_prior(cfg, model, fp, train_ds, "segment")
+        mix = None if cols else fit_prior(cfg, model, fp, train_ds, "segment")  # once: 1st model
         err = eps_error(model, fp, images, mix, ts).set_index("t")
         cols[name] = err.network
         if mix is not None:
