@@ -114,8 +114,8 @@ PROFILES = {
     "smoke": dict(data_dir="runs/smoke/data", image_size=16, width=8, time_dim=32, heads=2,
                   batch_size=16, max_epochs=2, steps_per_epoch=3, val_images=32, bf16=False,
                   channels_last=False),
-    # the real 10-class subset at 32×32, sized for a 2-core CPU (all 5 folds ≤ 60 min).
-    "cpu": dict(image_size=32, width=32, batch_size=32, max_epochs=14),
+    # the real 10-class subset at 32×32 under the report's protocol (≤ 40 epochs, patience 5).
+    "cpu": dict(image_size=32, width=32, batch_size=32),
     # the report's setup: 100×100, 40 epochs, 5 folds; for a GPU.
     "full": dict(image_size=100, width=32, batch_size=64, max_epochs=40),
 }
@@ -1108,14 +1108,51 @@ def check_config(saved: dict, cfg: Config, path: Path, keys=None,
         raise ValueError(f"{path} was made with another config ({lines}). {advice}")
 
 
-def load_checkpoint(path: Path) -> dict:
-    # Our own files: they hold numpy RNG states and the history next to the tensors.
-    return torch.load(path, map_location="cpu", weights_only=False)
+class CheckpointError(ValueError):
+    """A model file that cannot be read: truncated, corrupt, or holding more than tensors."""
+
+
+def load_checkpoint(path: Path | str) -> dict:
+    """Read one of our checkpoints with torch.load(weights_only=True): tensors and plain data
+    only, so a file from elsewhere cannot run code while it loads."""
+    import pickle
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain data, so it was not loaded (it could run "
+            f"code). Use a checkpoint written by this repository's own train/export, or delete "
+            f"it. ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated, empty or corrupt: "
+            f"{str(e).splitlines()[0][:200]}). Delete it and train again, or restore it from "
+            f"its source") from None
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def rng_state() -> dict:
+    """The global RNG states as tensors and lists (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": [version, list(mt), gauss_next]}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    name, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, mt, gauss_next = s["python"]
+    random.setstate((version, tuple(mt), gauss_next))
 
 
 # What a checkpoint to fine-tune from (Config.init) must share with the run.
@@ -1173,14 +1210,16 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
     if resume and ckpt_path.exists():
         ck = load_checkpoint(ckpt_path)
         check_config(ck["config"], cfg, ckpt_path)
+        if str(ck.get("fold", fold)) != str(fold):
+            raise ValueError(f"{ckpt_path} is a run of fold {ck['fold']}, not of fold {fold}: "
+                             f"resume it with --fold {ck['fold']}, or start fold {fold} in "
+                             f"another --out folder")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
         stopper = EarlyStopping(cfg.patience, ck["best_val"], ck["bad_epochs"])
         history, start = ck["history"], ck["epoch"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        np.random.set_state(ck["rng"]["numpy"])
-        random.setstate(ck["rng"]["python"])
+        set_rng_state(ck["rng"])
     if stopper.stop or start >= cfg.max_epochs:
         return pd.DataFrame(history)
 
@@ -1190,6 +1229,8 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
     if cfg.val_images and len(val_images) > cfg.val_images:
         sel = torch.randperm(len(val_images), generator=torch.Generator().manual_seed(cfg.seed))
         val_images = val_images[sel[:cfg.val_images]]
+    # the same Test/ images for every fold (fixed noise and t): how optimistic validation is
+    test_images = eval_images(cfg) if fold != "all" else None
     steps = cfg.steps_per_epoch or len(images) // min(cfg.batch_size, len(images))
     for epoch in range(start, cfg.max_epochs):
         g = torch.Generator().manual_seed(_fold_seed(cfg, fold, epoch))
@@ -1222,8 +1263,11 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
             raise FloatingPointError(f"validation loss is {val} after epoch {epoch + 1}; the last "
                                      f"good checkpoint {ckpt_path} is intact")
         improved = stopper.step(val)
+        test = (validation_loss(ema.model, fp, test_images, cfg, device)
+                if test_images is not None else val)
         secs = time.perf_counter() - t0
         history.append(dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_loss=val,
+                            test_loss=test,
                             seconds=secs, lr=opt.param_groups[0]["lr"],
                             images_per_s=len(losses) * cfg.batch_size / train_secs,
                             best=improved))
@@ -1238,9 +1282,8 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
         save_checkpoint({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
                          "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                          "epoch": epoch + 1, "best_val": stopper.best,
-                         "bad_epochs": stopper.bad_epochs, "history": history,
-                         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                                 "python": random.getstate()}}, ckpt_path)
+                         "bad_epochs": stopper.bad_epochs, "history": history, "fold": str(fold),
+                         "rng": rng_state()}, ckpt_path)
         write_csv(pd.DataFrame(history), out / "history.csv")
         if stopper.stop:
             break
