@@ -237,6 +237,76 @@ def write_csv(df: pd.DataFrame, path: Path | str) -> None:
         df.to_csv(tmp, index=False)
 
 
+def remove_partial(folder: Path | str) -> list[Path]:
+    """Delete the temporary files atomic_path leaves when a process is killed mid-write."""
+    left = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for p in left:
+        p.unlink(missing_ok=True)
+    return left
+
+
+class RunLocked(RuntimeError):
+    """Another process is writing the same run folder."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path | str):
+    """Hold an exclusive lock on folder/.lock (fcntl.flock, with our pid in the file) for the
+    block, or raise RunLocked naming the process that holds it. The kernel drops the lock
+    when its process dies, so the lock of a killed run never blocks the next one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:                      # no flock (Windows): run unlocked
+        yield
+        return
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise RunLocked(f"{folder} is in use by another process (pid {pid}): wait for it to "
+                            f"finish or stop it (kill {pid}), or use another --out folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class Interrupted(RuntimeError):
+    """SIGINT or SIGTERM arrived during training; `signum` says which."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def catch_stop_signals():
+    """For the block, SIGINT and SIGTERM (what Ctrl-C and a SLURM time limit send) only set
+    flag["signum"], so the caller can stop at a safe point. Outside the main thread: a no-op."""
+    import signal
+    import threading
+    flag = {"signum": 0}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, lambda signum, frame: flag.update(signum=signum))
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 class DataError(ValueError):
     """Bad input data, with a message that says which file and what to do."""
 
@@ -284,11 +354,11 @@ def _decode(path: Path) -> torch.Tensor:
     return img
 
 
-def check_image(path: Path) -> None:
+def check_image(path: Path) -> tuple[int, int]:
     """Decode the whole image with the loader's decoder (catches truncated, non-image and
-    undecodable files) or raise DataError."""
+    undecodable files) and return its (height, width), or raise DataError."""
     try:
-        _decode(path)
+        return tuple(_decode(path).shape[-2:])
     except Exception as e:  # the decoder raises several types for bad files
         raise DataError(f"cannot read image {path}: {e}. Replace or delete the file, or rerun "
                         f"with --skip-bad to leave unreadable files out of the index") from e
@@ -393,19 +463,30 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
                                 f"({', '.join(IMAGE_EXTS)}); remove the class from --classes or "
                                 f"restore its images")
             files += [(split_name, c, p) for p in imgs]
+    resized = []
     for split_name, c, p in tqdm(files, desc="checking images", leave=False):
         try:
-            check_image(p)
+            video, frame = parse_name(p.name)
+            if frame < 0:
+                raise DataError(f"{p} is not named like a Fruits-360 frame ([r|r2|…_]<frame>_100"
+                                f".jpg), so its video and frame, which keep the folds free of "
+                                f"leakage, are unknown: rename or remove it, or rerun with "
+                                f"--skip-bad to leave such files out")
+            hw = check_image(p)
         except DataError:
             if not skip_bad:
                 raise
             bad.append(str(p))
             continue
-        video, frame = parse_name(p.name)
+        if hw[0] != hw[1]:                              # stretched to a square by read_image
+            resized.append(f"{p} ({hw[1]}×{hw[0]})")
         rows.append(dict(path=str(p.relative_to(root)), label=c, split=split_name,
                          video=video, frame=frame))
-    df = assign_folds(pd.DataFrame(rows), n_folds, split, seed)
-    return df[["path", "label", "split", "video", "frame", "group", "fold"]], bad
+    if not rows:
+        return pd.DataFrame(columns=INDEX_COLUMNS), bad
+    df = assign_folds(pd.DataFrame(rows), n_folds, split, seed)[INDEX_COLUMNS]
+    df.attrs["resized"] = resized
+    return df, bad
 
 
 def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
@@ -415,14 +496,18 @@ def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
     from tqdm.auto import tqdm
     part = dest.with_suffix(dest.suffix + ".part")
     have = part.stat().st_size if part.exists() else 0
-    req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     total = None
     try:
+        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
         r = urllib.request.urlopen(req, timeout=60)
     except urllib.error.HTTPError as e:
         if not (have and e.code == 416):    # 416: nothing past `have`, the .part is complete
             raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
         r = None
+    except (urllib.error.URLError, OSError, ValueError) as e:   # no network, bad host or URL
+        raise DataError(f"cannot download {url}: {getattr(e, 'reason', e)}. Check the address and "
+                        f"the network, or download the archive yourself and pass --from "
+                        f"<file.zip>") from None
     if r is not None:
         with r:
             if have and r.status != 206:    # the server ignored the range: start again
@@ -443,29 +528,33 @@ def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
     return dest
 
 
-def _unpack(src: Path, dest: Path) -> Path:
-    """Unpack a zip into dest (via a temporary folder), unless dest already holds this very zip
-    (its size and mtime are stamped in dest/.source)."""
+@contextlib.contextmanager
+def _unpack(src: Path, dest: Path):
+    """Unpack a zip into a temporary folder beside dest and yield it; only if the block
+    succeeds (the new images indexed) does it replace dest. If dest already holds this very
+    zip (its size and mtime are stamped in dest/.source), yield dest itself."""
     stamp = f"{src.stat().st_size} {src.stat().st_mtime_ns}"
     if (dest / ".source").is_file() and (dest / ".source").read_text() == stamp:
-        return dest
+        yield dest
+        return
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".unzip-"))
     try:
-        with zipfile.ZipFile(src) as z:
-            bad = z.testzip()
-            if bad is not None:
-                raise DataError(f"{src} is damaged (member {bad} fails its CRC check): download "
-                                f"it again")
-            z.extractall(tmp)
+        try:
+            with zipfile.ZipFile(src) as z:
+                bad = z.testzip()
+                if bad is not None:
+                    raise DataError(f"{src} is damaged (member {bad} fails its CRC check): "
+                                    f"download it again")
+                z.extractall(tmp)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{src} is damaged ({e}): download it again") from e
         (tmp / ".source").write_text(stamp)
+        yield tmp
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-    except zipfile.BadZipFile as e:
-        raise DataError(f"{src} is damaged ({e}): download it again") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def prepare_data(src: Path | str | None = None, url: str | None = None, synthetic: bool = False,
@@ -475,6 +564,7 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     write out/index.csv. Sources: a folder or .zip (src), a URL, or the synthetic set."""
     out = ROOT / out if not Path(out).is_absolute() else Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_partial(out)                     # of an index write that was killed
     link = out / "fruits-360"
     if synthetic:
         src = make_synthetic(out / "synthetic-fruits", size=synthetic_size, seed=seed)
@@ -486,8 +576,26 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     if src.suffix.lower() == ".zip":
         if not zipfile.is_zipfile(src):
             raise DataError(f"{src} is not a valid zip file: download it again")
-        src = _unpack(src, out / (src.stem + "-unpacked"))
-    root = _find_split_dirs(src)["Training"].parent
+        dest = out / (src.stem + "-unpacked")
+        with _unpack(src, dest) as staged:              # dest is replaced only on success
+            root = _find_split_dirs(staged)["Training"].parent
+            index = _index_folder(root, out, classes, split, seed, skip_bad)
+        root = dest / root.relative_to(staged)
+    else:
+        root = _find_split_dirs(src)["Training"].parent
+        index = _index_folder(root, out, classes, split, seed, skip_bad)
+    write_csv(index, out / "index.csv")
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    if not link.exists():                   # a real folder at out/fruits-360 is the source itself
+        link.symlink_to(root, target_is_directory=True)
+    return index
+
+
+def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
+                  skip_bad: bool) -> pd.DataFrame:
+    """build_index of root, reporting what it skipped or resized; nothing is written."""
+    link = out / "fruits-360"
     if classes is None and root.resolve() == SHARED_SUBSET.resolve():
         classes = SUBSET_CLASSES
     if link.exists() and not link.is_symlink() and link.resolve() != root.resolve():
@@ -495,14 +603,14 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
                         f"(or pass --from {link}) — it is not deleted")
     index, bad = build_index(root, classes, split=split, seed=seed, skip_bad=skip_bad)
     if bad:
-        print(f"skipped {len(bad)} unreadable files:\n  " + "\n  ".join(bad))
+        print(f"skipped {len(bad)} files (unreadable, or named outside the dataset's scheme):\n  "
+              + "\n  ".join(bad))
+    resized = index.attrs.get("resized", [])
+    if resized:
+        print(f"warning: {len(resized)} images are not square (first: {resized[0]}); they are "
+              f"resized to a square, so their aspect ratio changes")
     if index.empty:
         raise DataError(f"no readable image in {root}: nothing indexed")
-    write_csv(index, out / "index.csv")
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    if not link.exists():                   # a real folder at out/fruits-360 is the source itself
-        link.symlink_to(root, target_is_directory=True)
     return index
 
 
@@ -558,10 +666,37 @@ def load_index(cfg: Config) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path} not found: run `python -m ddpm_lib data --from "
                         f"../shared/fruits-360-subset` (or --synthetic) first")
-    index = pd.read_csv(path, keep_default_na=False, dtype={"video": str})
+    index = read_index(path)
     if cfg.split != "grouped":                 # index.csv holds the grouped folds
         index = assign_folds(index, split=cfg.split, seed=cfg.seed)
     return index
+
+
+INDEX_COLUMNS = ["path", "label", "split", "video", "frame", "group", "fold"]
+
+
+def read_index(path: Path) -> pd.DataFrame:
+    """index.csv, checked: every column present, no row cut short, numbers where numbers go."""
+    redo = (f"rebuild it with `python -m ddpm_lib data --from ../shared/fruits-360-subset` "
+            f"(or your --from folder)")
+    text = path.read_bytes()
+    if text and not text.endswith(b"\n"):
+        raise DataError(f"{path} ends in the middle of a row (cut short?): {redo}")
+    try:
+        index = pd.read_csv(path, keep_default_na=False, dtype={"video": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not a readable index ({e}): {redo}") from None
+    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {missing} (an index from an older version or "
+                        f"another tool): {redo}")
+    blank = index[["path", "label", "split", "group", "frame", "fold"]].astype(str).eq("").any(axis=1)
+    nums = index[["frame", "fold"]].apply(pd.to_numeric, errors="coerce")
+    bad = blank | nums.isna().any(axis=1) | ~index.split.isin(["train", "test"])
+    if bad.any():
+        raise DataError(f"{path} has {int(bad.sum())} incomplete or malformed row(s) (first: line "
+                        f"{int(np.flatnonzero(bad)[0]) + 2}): {redo}")
+    return index.astype({"frame": int, "fold": int})
 
 
 def read_image(path: Path, size: int) -> torch.Tensor:
@@ -1119,23 +1254,35 @@ def load_checkpoint(path: Path | str) -> dict:
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"{path} holds more than tensors and plain data, so it was not loaded (it could run "
-            f"code). Use a checkpoint written by this repository's own train/export, or delete "
-            f"it. ({str(e).splitlines()[0]})") from None
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if why:                                    # a class or function: could run code
+            raise CheckpointError(
+                f"{path} holds more than tensors and plain data, so it was not loaded (loading "
+                f"it could run code: {why}). Use a checkpoint written by this repository's own "
+                f"train or export, or delete it") from None
+        err = e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated, empty or corrupt: "
-            f"{str(e).splitlines()[0][:200]}). Delete it and train again, or restore it from "
-            f"its source") from None
+        err = e
+    raise CheckpointError(
+        f"{path} is not a readable checkpoint (truncated, empty or corrupt: "
+        f"{type(err).__name__}). Delete it and train again, or restore it from its source")
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    """torch.save through atomic_path: the previous file survives a failed write."""
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else float("nan")
+        raise CheckpointError(
+            f"could not write {path} ({str(e).splitlines()[0][:160]}; {free:.0f} MB free on its "
+            f"disk — is it full?). The previous version of the file, if any, is intact: free "
+            f"space, then rerun (with --resume for training)") from None
 
 
 def rng_state() -> dict:
@@ -1183,18 +1330,36 @@ def _fold_seed(cfg: Config, fold, epoch: int) -> int:
     return cfg.seed * 1_000_003 + (99 if fold == "all" else int(fold)) * 1009 + epoch
 
 
+def train_command(cfg: Config, fold, out: Path | str | None = None) -> str:
+    """The command line that trains (and with --resume continues) this run."""
+    cmd = f"python -m ddpm_lib train --profile {cfg.profile} --fold {fold}"
+    cmd += f" --target {cfg.target}" * (cfg.target != "eps")
+    cmd += f" --split {cfg.split}" * (cfg.split != "grouped")
+    if out is not None and Path(out).resolve() != cfg.run_dir(fold).resolve():
+        cmd += f" --out {out}"
+    return cmd
+
+
 def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = None,
           progress: bool = True) -> pd.DataFrame:
     """Train one fold ('all': every training image, validated on Test/) and return its history.
 
     After every epoch an atomic checkpoint (model, EMA, optimizer, epoch, early-stopping state,
-    history, RNG states, config) goes to out/checkpoint.pt, the best EMA weights to out/best.pt
-    and the history to out/history.csv. resume=True continues a stopped run (and returns at once
-    when it has finished); a killed and resumed run ends with the same weights as an unbroken one.
+    history, RNG states, fold, config) goes to out/checkpoint.pt, the best EMA weights to
+    out/best.pt and the history to out/history.csv. resume=True continues a stopped run (and
+    returns at once when it has finished); a killed and resumed run ends with the same weights
+    as an unbroken one. The run folder is locked for the run (run_lock); SIGINT and SIGTERM
+    stop it at the next step with the last epoch's checkpoint kept (raises Interrupted).
     """
+    out = Path(out) if out else cfg.run_dir(fold)
+    with run_lock(out), catch_stop_signals() as stop:
+        remove_partial(out)
+        return _train(cfg, fold, resume, out, progress, stop)
+
+
+def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dict) -> pd.DataFrame:
     from tqdm.auto import tqdm
     device = get_device()
-    out = Path(out) if out else cfg.run_dir(fold)
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume (resume=True) to continue it, "
@@ -1221,6 +1386,11 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
         history, start = ck["history"], ck["epoch"]
         set_rng_state(ck["rng"])
     if stopper.stop or start >= cfg.max_epochs:
+        if not (out / "best.pt").exists():
+            raise FileNotFoundError(
+                f"{out / 'best.pt'} is missing, but {ckpt_path} says the run finished (epoch "
+                f"{start}): its best weights are gone. Delete {out} and train again: "
+                f"{train_command(cfg, fold, out)}")
         return pd.DataFrame(history)
 
     train_ds, val_ds = fold_datasets(cfg, fold)
@@ -1239,6 +1409,8 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
         bar = tqdm(epoch_batches(images, cfg, fp, g), total=steps, disable=not progress,
                    desc=f"fold {fold} epoch {epoch + 1}/{cfg.max_epochs}", unit="step")
         for x0, t, eps in bar:
+            if stop["signum"]:
+                break
             x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
             with autocast(device, cfg.bf16):
                 loss = diffusion_loss(model, fp, x0, t, eps)
@@ -1256,6 +1428,13 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
             losses.append(loss.item())
             rate = len(losses) * len(x0) / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{rate:.0f}")
+        if stop["signum"]:
+            import signal
+            last = history[-1]["epoch"] if history else 0
+            kept = f"{ckpt_path} (epoch {last}) is kept" if last else "nothing was saved yet"
+            raise Interrupted(f"interrupted by {signal.Signals(stop['signum']).name} in epoch "
+                              f"{epoch + 1} of fold {fold}: {kept}. Continue with "
+                              f"`{train_command(cfg, fold, out)} --resume`", stop["signum"])
         train_secs = time.perf_counter() - t0
         model.eval()
         val = validation_loss(ema.model, fp, val_images, cfg, device)
@@ -1314,8 +1493,12 @@ def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
     """The best EMA weights of a trained fold (or a file written by export_ema), in eval mode."""
     path = Path(path) if path else cfg.run_dir(fold) / "best.pt"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: train it first with `python -m ddpm_lib "
-                                f"train --profile {cfg.profile} --fold {fold}`")
+        ckpt = path.parent / "checkpoint.pt"
+        advice = (f"{ckpt} exists: continue that run with `{train_command(cfg, fold, path.parent)}"
+                  f" --resume` (if it had finished, its best weights are gone: delete "
+                  f"{path.parent} and train again)" if ckpt.exists() else
+                  f"train it first with `{train_command(cfg, fold, path.parent)}`")
+        raise FileNotFoundError(f"{path} not found: {advice}")
     ck = load_checkpoint(path)
     check_config(ck["config"], cfg, path)
     model = build_model(cfg, verbose=False)
@@ -1878,17 +2061,25 @@ def generation_model(cfg: Config, train_if_missing: bool = True, committed: bool
                      ) -> UNet:
     """The generation model ('all' fold, GENERATION settings): the local run if there is one
     (committed=True: the committed export if there is one), else the other, else
-    (train_if_missing) train it now."""
+    (train_if_missing, and only for a profile that commits none: SHIPPED) train it now."""
     gcfg = get_config(cfg.profile, generation=True,
                       **{k: getattr(cfg, k) for k in ("target", "sigma_data", "data_dir")})
     local, shipped = gcfg.run_dir("all") / "best.pt", shipped_checkpoint(gcfg)
     if not local.exists() and not shipped.exists():
+        cmd = train_command(gcfg, "all")
+        if cfg.profile in SHIPPED:
+            raise FileNotFoundError(f"the committed generation model {shipped} is missing: "
+                                    f"restore it with `git checkout -- "
+                                    f"{shipped.relative_to(ROOT)}`, or train it with `{cmd}`")
         if not train_if_missing:
-            raise FileNotFoundError(f"no generation model: train it with `python -m ddpm_lib "
-                                    f"train --profile {cfg.profile} --fold all`")
+            raise FileNotFoundError(f"no generation model: train it with `{cmd}`")
         train(gcfg, "all", resume=True)
     use_local = local.exists() and not (committed and shipped.exists())
     return load_model(gcfg, "all", local if use_local else shipped).to(get_device())
+
+
+# The profiles whose generation model is committed (data/checkpoints/): never trained implicitly.
+SHIPPED = ("cpu", "b256", "skip", "cpu-ft", "precond")
 
 
 def shipped_checkpoint(cfg: Config) -> Path:
@@ -2444,6 +2635,39 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
 # command line
 
 
+def _fold_arg(v: str):
+    """--fold: 0..4 or 'all'."""
+    if v == "all":
+        return v
+    if v.isdigit() and 0 <= int(v) < 5:
+        return int(v)
+    raise argparse.ArgumentTypeError(f"expected 0, 1, 2, 3, 4 or 'all', not {v!r}")
+
+
+def _at_least(lo: int):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {v!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be ≥ {lo}, not {n}")
+        return n
+    return parse
+
+
+def _eta(v: str) -> float:
+    """--eta: a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {v!r}") from None
+    if not 0 <= x <= 1:                                         # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0: deterministic, 1: DDPM's "
+                                         f"variance), not {v}")
+    return x
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ddpm_lib", description=__doc__.split("\n")[1])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -2461,15 +2685,16 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("train", help="train one fold (or 'all') of a profile")
-    p.add_argument("--fold", default="0", help="0..4, or 'all' (train on every training image)")
+    p.add_argument("--fold", default=0, type=_fold_arg,
+                   help="0..4, or 'all' (train on every training image)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--out", default=None, help="run folder (default: runs/<profile>/…)")
     p.add_argument("--target", choices=["eps", "scaled_eps"], default=None,
                    help="scaled_eps: the report-faithful target")
     p.add_argument("--split", choices=["grouped", "random"], default=None)
-    p.add_argument("--max-epochs", type=int, default=None)
-    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--max-epochs", type=_at_least(1), default=None)
+    p.add_argument("--patience", type=_at_least(1), default=None)
 
     p = sub.add_parser("train-all", help="every run the notebooks need (resumed, or skipped "
                        "when finished)")
@@ -2494,7 +2719,7 @@ def main(argv=None) -> None:
     p = sub.add_parser("export", help="write a run's best EMA weights in half precision "
                        "(the committed generation model)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    p.add_argument("--fold", default="all")
+    p.add_argument("--fold", default="all", type=_fold_arg)
 
     p = sub.add_parser("report", help="report/report.md from report/template.md and figures/")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
@@ -2502,9 +2727,10 @@ def main(argv=None) -> None:
     p = sub.add_parser("sample", help="draw samples from the generation model into figures/")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
     p.add_argument("--method", choices=sorted(SAMPLERS), default="ddim")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    p.add_argument("--n", type=_at_least(1), default=64)
+    p.add_argument("--steps", type=_at_least(1), default=None, help="DDIM steps (default 50, "
+                   "at most T)")
+    p.add_argument("--eta", type=_eta, default=None, help="DDIM η in [0, 1] (default 0)")
     p.add_argument("--recompute-eps", action="store_true",
                    help="DDIM: re-derive ε̂ from the clipped x̂0 (default: keep the network's)")
     p.add_argument("--gaussian", nargs="?", const="one", choices=sorted(PRIOR_KINDS),
@@ -2520,7 +2746,14 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     try:
         _run(a)
-    except (DataError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError) as e:
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("stopped: interrupted (Ctrl-C); nothing half-written was kept", file=sys.stderr)
+        sys.exit(130)
+    except (DataError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError,
+            RunLocked) as e:                                 # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
 
 
@@ -2537,7 +2770,7 @@ def _run(a) -> None:
     elif a.cmd == "train":
         over = {k: v for k, v in dict(target=a.target, split=a.split, max_epochs=a.max_epochs,
                                        patience=a.patience).items() if v is not None}
-        fold = a.fold if a.fold == "all" else int(a.fold)
+        fold = a.fold
         cfg = get_config(a.profile, generation=fold == "all", **over)
         h = train(cfg, fold, resume=a.resume, out=a.out)
         if len(h):
@@ -2596,7 +2829,7 @@ def _run(a) -> None:
             print(df.to_string(index=False))
             print(f"figure → {save_fig(plot_ffd_ratio(plot_df, **plot_kw).figure, fig, cfg)}")
     elif a.cmd == "export":
-        fold = a.fold if a.fold == "all" else int(a.fold)
+        fold = a.fold
         cfg = get_config(a.profile, generation=fold == "all")
         path = export_ema(cfg, fold, shipped_checkpoint(cfg) if fold == "all" else
                           cfg.run_dir(fold) / "ema_fp16.pt")
@@ -2615,7 +2848,14 @@ def _run(a) -> None:
             raise ValueError(f"--eps-scale must be > 0 (about 1.01), not {a.eps_scale}")
         if a.eps_scale != 1.0 and a.method == "report":
             raise ValueError("--eps-scale is a DDPM/DDIM option (the report's method has none)")
+        for flag in ("steps", "eta"):
+            if getattr(a, flag) is not None and a.method != "ddim":
+                raise ValueError(f"--{flag} is a DDIM option ({a.method} always runs all T steps"
+                                 f"): add --method ddim or leave --{flag} out")
+        a.steps, a.eta = a.steps or 50, a.eta or 0.0
         cfg = get_config(a.profile)
+        if a.steps > cfg.T:
+            raise ValueError(f"--steps {a.steps} is more than the schedule's T = {cfg.T} steps")
         model = generation_model(cfg)
         fp = ForwardProcess.from_config(cfg).to(get_device())
         kw = dict(steps=a.steps, eta=a.eta, recompute_eps=a.recompute_eps) \

@@ -337,11 +337,14 @@ def test_early_stopping_script():
 def test_training_stops_early(tmp_path, monkeypatch):
     """train() stops after `patience` epochs without a new best, and best.pt holds the best."""
     vals = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])
-    monkeypatch.setattr(dl, "validation_loss", lambda *a, **k: next(vals))
+    calls = []        # every epoch: the validation loss, then the Test/ loss (not for stopping)
+    monkeypatch.setattr(dl, "validation_loss",
+                        lambda *a, **k: calls.append(1) or (next(vals) if len(calls) % 2 else 9.0))
     h = dl.train(smoke_cfg(max_epochs=6, patience=2), 0, out=tmp_path / "run", progress=False)
     assert list(h.epoch) == [1, 2, 3, 4]
     assert list(h.best) == [True, True, False, False]
-    assert torch.load(tmp_path / "run" / "best.pt", weights_only=False)["epoch"] == 2
+    assert list(h.val_loss) == [1.0, 0.5, 0.6, 0.7] and set(h.test_loss) == {9.0}
+    assert dl.load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] == 2
 
 
 def _bn_model():
@@ -518,7 +521,7 @@ def test_history_csv_columns(tmp_path):
     out = tmp_path / "run"
     h = dl.train(smoke_cfg(max_epochs=2, patience=5), 0, out=out, progress=False)
     csv = pd.read_csv(out / "history.csv")
-    assert list(csv.columns[:5]) == ["epoch", "train_loss", "val_loss", "seconds", "lr"]
+    assert list(csv.columns[:6]) == ["epoch", "train_loss", "val_loss", "test_loss", "seconds", "lr"]
     assert list(csv.epoch) == [1, 2]
     assert (csv.lr == smoke_cfg().lr).all()
     assert np.isfinite(csv[["train_loss", "val_loss", "seconds"]].to_numpy()).all()
