@@ -15,7 +15,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 NBEXEC := timeout 5400 $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=2400 \
   --ExecutePreprocessor.record_timing=False
 
-.PHONY: figures test env data train notebooks b256 mixture norm finetune report bench clean
+.PHONY: figures test env cluster-tools data train notebooks b256 mixture norm finetune report bench clean
 
 figures: env data train notebooks b256 mixture norm finetune report
 
@@ -79,7 +79,16 @@ report: env
 bench: env
 	$(PY) tests/bench.py
 
-test: env
+# Debian's SLURM and munge for tests/test_cluster.py (root with apt-get; elsewhere those tests skip)
+cluster-tools:
+	@if command -v sbatch >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing slurm-wlm and munge (apt-get) for the SLURM tests"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge \
+	    >/dev/null; } || echo "warning: could not install slurm-wlm/munge: the SLURM tests will skip"; \
+	else echo "note: no sbatch, and no root apt-get to install it: the SLURM tests will skip"; fi
+
+test: env cluster-tools
 	DDPM_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -q
 

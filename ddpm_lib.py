@@ -1330,6 +1330,51 @@ def _fold_seed(cfg: Config, fold, epoch: int) -> int:
     return cfg.seed * 1_000_003 + (99 if fold == "all" else int(fold)) * 1009 + epoch
 
 
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without one)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_setup() -> Dist:
+    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL with CUDA, gloo on the CPU, one
+    GPU per process); a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    import torch.distributed as tdist
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(tdist.get_rank(), tdist.get_world_size(), local)
+
+
+def _all_sum(d: Dist, x: torch.Tensor) -> torch.Tensor:
+    """x summed over the processes of d (x itself for one process)."""
+    if d.world > 1:
+        import torch.distributed as tdist
+        tdist.all_reduce(x)
+    return x
+
+
+def _from_rank0(d: Dist, v: float) -> float:
+    """Rank 0's value of v on every process, so all take the same early-stopping decision."""
+    if d.world == 1:
+        return v
+    import torch.distributed as tdist
+    x = [v]
+    tdist.broadcast_object_list(x, src=0)
+    return x[0]
+
+
 def train_command(cfg: Config, fold, out: Path | str | None = None) -> str:
     """The command line that trains (and with --resume continues) this run."""
     cmd = f"python -m ddpm_lib train --profile {cfg.profile} --fold {fold}"
@@ -1350,16 +1395,26 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
     returns at once when it has finished); a killed and resumed run ends with the same weights
     as an unbroken one. The run folder is locked for the run (run_lock); SIGINT and SIGTERM
     stop it at the next step with the last epoch's checkpoint kept (raises Interrupted).
+
+    Under torchrun (WORLD_SIZE > 1) every process draws the same global batch of cfg.batch_size
+    and trains on its 1/WORLD_SIZE slice with DistributedDataParallel, so an update is the
+    single-process update of that batch; rank 0 alone writes checkpoints and history.
     """
     out = Path(out) if out else cfg.run_dir(fold)
-    with run_lock(out), catch_stop_signals() as stop:
-        remove_partial(out)
-        return _train(cfg, fold, resume, out, progress, stop)
+    d = dist_setup()
+    with run_lock(out) if d.main else contextlib.nullcontext(), catch_stop_signals() as stop:
+        if d.main:
+            remove_partial(out)
+        return _train(cfg, fold, resume, out, progress and d.main, stop, d)
 
 
-def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dict) -> pd.DataFrame:
+def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dict,
+           d: Dist) -> pd.DataFrame:
     from tqdm.auto import tqdm
     device = get_device()
+    if cfg.batch_size % d.world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {d.world} "
+                         f"processes (torchrun --nproc_per_node): pick a count that divides it")
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume (resume=True) to continue it, "
@@ -1402,6 +1457,12 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
     # the same Test/ images for every fold (fixed noise and t): how optimistic validation is
     test_images = eval_images(cfg) if fold != "all" else None
     steps = cfg.steps_per_epoch or len(images) // min(cfg.batch_size, len(images))
+    if d.world > 1:                                  # after loading: DDP broadcasts rank 0's
+        from torch.nn.parallel import DistributedDataParallel
+        net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda"
+                                      else None)
+    else:
+        net = model
     for epoch in range(start, cfg.max_epochs):
         g = torch.Generator().manual_seed(_fold_seed(cfg, fold, epoch))
         model.train()
@@ -1409,14 +1470,23 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
         bar = tqdm(epoch_batches(images, cfg, fp, g), total=steps, disable=not progress,
                    desc=f"fold {fold} epoch {epoch + 1}/{cfg.max_epochs}", unit="step")
         for x0, t, eps in bar:
-            if stop["signum"]:
-                break
+            if d.world > 1:                                       # this process's slice
+                b = len(x0) // d.world
+                x0, t, eps = (v[d.rank * b:(d.rank + 1) * b] for v in (x0, t, eps))
             x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
             with autocast(device, cfg.bf16):
-                loss = diffusion_loss(model, fp, x0, t, eps)
-            if not torch.isfinite(loss):
+                loss = diffusion_loss(net, fp, x0, t, eps)
+            # one collective a step: the global batch's loss and whether any process was
+            # signalled, so that all processes stop (or raise) at the same step
+            both = _all_sum(d, torch.stack([loss.detach().float().cpu(),
+                                            torch.tensor(float(stop["signum"]))]))
+            if both[1] > 0:
+                stop["signum"] = stop["signum"] or 15                    # SIGTERM elsewhere
+                break
+            step_loss = both[0] / d.world
+            if not torch.isfinite(step_loss):
                 raise FloatingPointError(
-                    f"loss is {loss.item()} at fold {fold}, epoch {epoch + 1}, step "
+                    f"loss is {step_loss.item()} at fold {fold}, epoch {epoch + 1}, step "
                     f"{len(losses) + 1}: training stopped. The last good checkpoint ({ckpt_path}, "
                     f"epoch {start if not history else history[-1]['epoch']}) is intact; lower "
                     f"the learning rate or check the data, then rerun with --resume")
@@ -1425,8 +1495,8 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(model)
-            losses.append(loss.item())
-            rate = len(losses) * len(x0) / (time.perf_counter() - t0)
+            losses.append(step_loss.item())
+            rate = len(losses) * len(x0) * d.world / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{rate:.0f}")
         if stop["signum"]:
             import signal
@@ -1437,7 +1507,7 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                               f"`{train_command(cfg, fold, out)} --resume`", stop["signum"])
         train_secs = time.perf_counter() - t0
         model.eval()
-        val = validation_loss(ema.model, fp, val_images, cfg, device)
+        val = _from_rank0(d, validation_loss(ema.model, fp, val_images, cfg, device))
         if not math.isfinite(val):
             raise FloatingPointError(f"validation loss is {val} after epoch {epoch + 1}; the last "
                                      f"good checkpoint {ckpt_path} is intact")
@@ -1449,21 +1519,23 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                             test_loss=test,
                             seconds=secs, lr=opt.param_groups[0]["lr"],
                             images_per_s=len(losses) * cfg.batch_size / train_secs,
+                            processes=d.world,
                             best=improved))
         if progress:
             left = (cfg.max_epochs - epoch - 1) * np.mean([h["seconds"] for h in history[start:]])
             print(f"fold {fold} epoch {epoch + 1}: train {history[-1]['train_loss']:.4f} "
                   f"val {val:.4f}{' *' if improved else ''}  {secs:.0f}s "
                   f"(≤{left / 60:.0f} min left)", flush=True)
-        if improved:
+        if improved and d.main:
             save_checkpoint({"config": dataclasses.asdict(cfg), "ema": ema.model.state_dict(),
                              "epoch": epoch + 1, "val_loss": val}, out / "best.pt")
-        save_checkpoint({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                         "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "epoch": epoch + 1, "best_val": stopper.best,
-                         "bad_epochs": stopper.bad_epochs, "history": history, "fold": str(fold),
-                         "rng": rng_state()}, ckpt_path)
-        write_csv(pd.DataFrame(history), out / "history.csv")
+        if d.main:
+            save_checkpoint({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
+                             "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                             "epoch": epoch + 1, "best_val": stopper.best,
+                             "bad_epochs": stopper.bad_epochs, "history": history,
+                             "fold": str(fold), "rng": rng_state()}, ckpt_path)
+            write_csv(pd.DataFrame(history), out / "history.csv")
         if stopper.stop:
             break
     return pd.DataFrame(history)
@@ -1487,6 +1559,97 @@ def planned_runs() -> list[tuple[dict, object]]:
     later notebooks need most when a CPU run is cut short."""
     return ([({}, 0), ({}, "all")] + [({}, k) for k in range(1, 5)]
             + [(dict(target="scaled_eps"), 0), (dict(split="random"), 0)])
+
+
+def run_args(over: dict, fold) -> list[str]:
+    """The `train` flags of one planned run (see planned_runs)."""
+    return ["--fold", str(fold)] + [a for k in ("target", "split") if k in over
+                                    for a in (f"--{k}", over[k])]
+
+
+def run_out(base: Path | None, cfg: Config, fold) -> Path:
+    """A run's folder: its usual one (base None), or the same subfolder under base."""
+    d = cfg.run_dir(fold)
+    return d if base is None else Path(base) / d.relative_to(ROOT / "runs" / cfg.profile)
+
+
+@dataclass
+class Slurm:
+    """The sbatch settings of `submit` (each is a flag of the command; '' leaves it to the
+    cluster's default)."""
+    partition: str = ""
+    account: str = ""
+    time: str = "04:00:00"          # per array task; a task that hits it is requeued
+    cpus_per_task: int = 2
+    gpus_per_task: int = 0          # > 1: the task runs torchrun with one process per GPU
+    mem: str = ""
+    signal_secs: int = 180          # SIGTERM this long before the time limit (--signal)
+
+
+def slurm_script(profile: str, sl: Slurm, out: Path | None = None, max_epochs: int | None = None,
+                 log_dir: Path | None = None, tasks: str = "") -> str:
+    """An sbatch script: one array task per planned run, each `train … --resume`. SLURM's
+    warning signal (--signal=B:TERM) reaches the task; train() stops at the next step with the
+    last epoch's checkpoint kept, and the task requeues itself to continue where it stopped.
+    out: a base folder for the runs instead of runs/<profile>/ (each run in its usual subfolder);
+    tasks: which of them (sbatch's --array syntax, e.g. '0,6'; default all)."""
+    import shlex
+    runs = planned_runs()
+    log_dir = log_dir or ROOT / "runs" / profile / "slurm"
+    opts = dict(job_name=f"ddpm-{profile}", array=tasks or f"0-{len(runs) - 1}", time=sl.time,
+                cpus_per_task=sl.cpus_per_task, partition=sl.partition, account=sl.account,
+                mem=sl.mem, gpus_per_task=sl.gpus_per_task or "",
+                signal=f"B:TERM@{sl.signal_secs}", output=f"{log_dir}/%A_%a.out")
+    head = [f"#SBATCH --{k.replace('_', '-')}={v}" for k, v in opts.items() if v != ""]
+    head += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
+    py = shlex.quote(sys.executable)
+    launch = (f"{py} -m torch.distributed.run --standalone --nproc_per_node={sl.gpus_per_task}"
+              if sl.gpus_per_task > 1 else py)
+    cases = []
+    for i, (over, fold) in enumerate(runs):
+        args = run_args(over, fold)
+        if out is not None:
+            args += ["--out", str(run_out(out, get_config(profile, fold == "all", **over), fold))]
+        args += ["--max-epochs", str(max_epochs)] if max_epochs else []
+        cases.append(f"  {i}) args=({' '.join(shlex.quote(a) for a in args)}) ;;")
+    return "\n".join(["#!/bin/bash", *head, "",
+                      f"# written by `python -m ddpm_lib submit --profile {profile}`; the runs of "
+                      f"`train-all`, one per task", f"cd {shlex.quote(str(ROOT))}",
+                      "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
+                      "case $SLURM_ARRAY_TASK_ID in", *cases, "esac",
+                      f"{launch} -m ddpm_lib train --profile {profile} \"${{args[@]}}\" --resume &",
+                      "pid=$! term=0",
+                      "trap 'term=1; kill -TERM $pid' TERM     # SLURM's warning before the limit",
+                      "wait $pid; rc=$?",
+                      "while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done",
+                      'if [ $term = 1 ]; then',
+                      '  echo "requeued to continue (train --resume)"',
+                      '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
+                      "fi", "exit $rc", ""])
+
+
+def submit(profile: str, sl: Slurm, out: Path | None = None, max_epochs: int | None = None,
+           wait: bool = False, dry_run: bool = False, tasks: str = "") -> str:
+    """Write the array script to runs/<profile>/slurm/array.sh and sbatch it; returns the job
+    id (dry_run: the script, nothing submitted)."""
+    import subprocess
+    log_dir = (Path(out) if out else ROOT / "runs" / profile) / "slurm"
+    script = slurm_script(profile, sl, out, max_epochs, log_dir, tasks)
+    if dry_run:
+        return script
+    if shutil.which("sbatch") is None:
+        raise FileNotFoundError("sbatch not found: `submit` needs a SLURM cluster (run it on a "
+                                "login node). On one machine use `python -m ddpm_lib train-all`; "
+                                "`submit --dry-run` prints the script")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "array.sh"
+    with atomic_path(path) as tmp:
+        tmp.write_text(script)
+    r = subprocess.run(["sbatch", "--parsable", *(["--wait"] * wait), str(path)],
+                       capture_output=True, text=True)
+    if r.returncode and not (wait and r.stdout.strip()):
+        raise RuntimeError(f"sbatch {path} failed (exit {r.returncode}): {r.stderr.strip()}")
+    return r.stdout.strip().split(";")[0]
 
 
 def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
@@ -2699,6 +2862,19 @@ def main(argv=None) -> None:
     p = sub.add_parser("train-all", help="every run the notebooks need (resumed, or skipped "
                        "when finished)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
+
+    p = sub.add_parser("submit", help="every run of train-all as one SLURM job array (sbatch)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    for f in dataclasses.fields(Slurm):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
+    p.add_argument("--max-epochs", type=_at_least(1), default=None)
+    p.add_argument("--tasks", default="", help="which runs, by their index in planned_runs "
+                   "(sbatch --array syntax: '0,6'); default: all")
+    p.add_argument("--wait", action="store_true", help="return when every task has ended")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
     p = sub.add_parser("evaluate", help="Table 1 (one-step SSIM/PSNR) and generation metrics")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
@@ -2784,8 +2960,17 @@ def _run(a) -> None:
         cfg = get_config(a.profile)
         for over, fold in planned_runs():
             c = get_config(cfg.profile, generation=fold == "all", **over)
-            print(f"== {c.run_dir(fold).relative_to(ROOT)}", flush=True)
-            train(c, fold, resume=True)
+            out = run_out(a.out and Path(a.out).resolve(), c, fold)
+            print(f"== {out}", flush=True)
+            train(c, fold, resume=True, out=out)
+    elif a.cmd == "submit":
+        profile = get_config(a.profile).profile
+        sl = Slurm(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Slurm)})
+        r = submit(profile, sl, a.out and Path(a.out).resolve(), a.max_epochs, a.wait, a.dry_run,
+                   a.tasks)
+        logs = Path(a.out or ROOT / "runs" / profile) / "slurm"
+        print(r if a.dry_run else f"submitted job array {r} ({a.tasks or len(planned_runs())} "
+              f"tasks; script and logs in {logs})")
     elif a.cmd == "evaluate":
         cfg = get_config(a.profile)
         if a.what in ("table1", "both"):
