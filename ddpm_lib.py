@@ -1652,9 +1652,27 @@ def submit(profile: str, sl: Slurm, out: Path | None = None, max_epochs: int | N
     return r.stdout.strip().split(";")[0]
 
 
+def committed_run(cfg: Config, fold) -> Path:
+    """Where a fold run's committed export lives: data/checkpoints/runs/ + its runs/ subfolder,
+    holding ema_fp16.pt (export_ema) and history.csv."""
+    return ROOT / "data" / "checkpoints" / cfg.run_dir(fold).relative_to(ROOT)
+
+
+def run_history(cfg: Config, fold) -> pd.DataFrame | None:
+    """A fold run's history: the local run's, else the committed one, else None."""
+    for d in (cfg.run_dir(fold), committed_run(cfg, fold)):
+        if (d / "history.csv").exists():
+            return pd.read_csv(d / "history.csv")
+    return None
+
+
 def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
-    """The best EMA weights of a trained fold (or a file written by export_ema), in eval mode."""
-    path = Path(path) if path else cfg.run_dir(fold) / "best.pt"
+    """The best EMA weights of a trained fold, in eval mode: `path` (a best.pt or a file written
+    by export_ema), else the local run's best.pt, else its committed export (committed_run)."""
+    if path is None:
+        local, shipped = cfg.run_dir(fold) / "best.pt", committed_run(cfg, fold) / "ema_fp16.pt"
+        path = shipped if shipped.exists() and not local.exists() else local
+    path = Path(path)
     if not path.exists():
         ckpt = path.parent / "checkpoint.pt"
         advice = (f"{ckpt} exists: continue that run with `{train_command(cfg, fold, path.parent)}"
@@ -1669,10 +1687,14 @@ def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
     return model.eval().requires_grad_(False)
 
 
-def export_ema(cfg: Config, fold, path: Path | str) -> Path:
-    """Write the best EMA weights in half precision (≈ 2 bytes a parameter) for committing."""
+def export_ema(cfg: Config, fold, path: Path | str | None = None) -> Path:
+    """Write the best EMA weights in half precision (≈ 2 bytes a parameter) for committing, by
+    default with the run's history to committed_run(cfg, fold)."""
     ck = load_checkpoint(cfg.run_dir(fold) / "best.pt")
     ck["ema"] = {k: v.half() for k, v in ck["ema"].items()}
+    if path is None:
+        path = committed_run(cfg, fold) / "ema_fp16.pt"
+        write_csv(pd.read_csv(cfg.run_dir(fold) / "history.csv"), path.parent / "history.csv")
     save_checkpoint(ck, Path(path))
     return Path(path)
 
@@ -2892,10 +2914,12 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="sample seeds of the sweep and the mixture, norm and fine-tuning tables")
 
-    p = sub.add_parser("export", help="write a run's best EMA weights in half precision "
-                       "(the committed generation model)")
+    p = sub.add_parser("export", help="write a run's best EMA weights in half precision for "
+                       "committing (the generation model; a fold run's with its history)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
     p.add_argument("--fold", default="all", type=_fold_arg)
+    p.add_argument("--target", choices=["eps", "scaled_eps"], default=None)
+    p.add_argument("--split", choices=["grouped", "random"], default=None)
 
     p = sub.add_parser("report", help="report/report.md from report/template.md and figures/")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
@@ -3015,9 +3039,9 @@ def _run(a) -> None:
             print(f"figure → {save_fig(plot_ffd_ratio(plot_df, **plot_kw).figure, fig, cfg)}")
     elif a.cmd == "export":
         fold = a.fold
-        cfg = get_config(a.profile, generation=fold == "all")
-        path = export_ema(cfg, fold, shipped_checkpoint(cfg) if fold == "all" else
-                          cfg.run_dir(fold) / "ema_fp16.pt")
+        over = {k: v for k, v in dict(target=a.target, split=a.split).items() if v}
+        cfg = get_config(a.profile, generation=fold == "all", **over)
+        path = export_ema(cfg, fold, shipped_checkpoint(cfg) if fold == "all" else None)
         print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
     elif a.cmd == "report":
         print(f"report → {write_report(get_config(a.profile))}")

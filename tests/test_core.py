@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import re
 import signal
 import subprocess
@@ -719,3 +720,31 @@ def test_get_device_keeps_freed_memory():
     dl.keep_freed_memory.cache_clear()
     assert dl.get_device().type in ("cpu", "cuda")
     assert dl.keep_freed_memory.cache_info().currsize == 1 and dl.keep_freed_memory() is True
+
+
+def test_committed_fold_run_is_used_without_a_local_run(tmp_path, monkeypatch):
+    """export --fold k writes the EMA weights (fp16) and the history under data/checkpoints/runs/;
+    with the local run gone, load_model and run_history use them."""
+    monkeypatch.setattr(dl, "ROOT", tmp_path)
+    cfg = smoke_cfg(data_dir=str(REPO / "runs" / "smoke" / "data"))
+    dl.train(cfg, 0, progress=False)
+    path = dl.export_ema(cfg, 0)
+    assert path == tmp_path / "data/checkpoints/runs/smoke/eps-grouped/fold0/ema_fp16.pt"
+    want = dl.load_model(cfg, 0)
+    h = dl.run_history(cfg, 0)
+    shutil.rmtree(cfg.run_dir(0))
+    got = dl.load_model(cfg, 0)
+    for k, v in got.state_dict().items():
+        assert torch.equal(v, want.state_dict()[k].half().float())
+    assert dl.run_history(cfg, 0).equals(h) and list(h.epoch) == [1, 2]
+    shutil.rmtree(tmp_path / "data")
+    assert dl.run_history(cfg, 0) is None
+    with pytest.raises(FileNotFoundError, match="train it first"):
+        dl.load_model(cfg, 0)
+
+
+def test_committed_checkpoints_stay_small():
+    files = [p for p in (REPO / "data" / "checkpoints").rglob("*.pt")]
+    total = sum(p.stat().st_size for p in files) / 1e6
+    print(f"{len(files)} committed checkpoints, {total:.1f} MB")
+    assert files and total < 60 and all(p.stat().st_size < 10e6 for p in files)
