@@ -2581,6 +2581,27 @@ def plot_history(histories: dict, ax=None, title: str = "loss per epoch",
     return ax
 
 
+def plot_leakage(histories: dict, axes=None):
+    """Leakage as the report should have measured it: per split (e.g. {'grouped': h, 'random':
+    h}), the validation loss and the loss on Test/ by epoch (both with fixed noise and t), and
+    their ratio Test/ ÷ validation (> 1: validation is optimistic about unseen images)."""
+    import matplotlib.pyplot as plt
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 4))[1]
+    for i, (name, h) in enumerate(histories.items()):
+        c = f"C{i}"
+        axes[0].plot(h.epoch, h.val_loss, "-", color=c, label=f"{name}: validation")
+        axes[0].plot(h.epoch, h.test_loss, ":", color=c, label=f"{name}: Test/")
+        axes[1].plot(h.epoch, h.test_loss / h.val_loss, "-", color=c, label=name)
+    axes[0].set(xlabel="epoch", ylabel="loss (fixed noise and t)", yscale="log",
+                title="validation vs Test/ loss")
+    axes[1].axhline(1, color="grey", lw=0.8)
+    axes[1].set(xlabel="epoch", ylabel="Test/ loss ÷ validation loss",
+                title="how optimistic validation is")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return axes
+
+
 def plot_sampler_sweep(sw: pd.DataFrame, refs: dict | None = None, target: float = 3.0, ax=None):
     """FFD / floor against the number of steps (log axis) of a sampler_sweep: each seed a dot,
     their mean a line; the floor, the target ratio, and refs {label: (steps, ratio)} as stars."""
