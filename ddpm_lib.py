@@ -1496,17 +1496,25 @@ def split_leakage(cfg: Config, fold: int = 0) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def summarise(per_image: pd.DataFrame, by=("t",)) -> pd.DataFrame:
-    """Mean and std of SSIM and PSNR per group."""
-    g = per_image.groupby(list(by))
-    return g.agg(ssim_mean=("ssim", "mean"), ssim_std=("ssim", "std"), psnr_mean=("psnr", "mean"),
-                 psnr_std=("psnr", "std"), n=("ssim", "size")).reset_index()
+def summarise(per_image: pd.DataFrame, by=("t",), batch: int = 64) -> pd.DataFrame:
+    """Mean and std of SSIM and PSNR per group: ssim_std and psnr_std over the images, and
+    ssim_std_batch and psnr_std_batch over the means of consecutive batches of `batch` images in
+    the order evaluated (the last batch may be smaller; NaN where a group has one batch) — the
+    report's "±" may be either spread. n: images per group."""
+    by = list(by)
+    g = per_image.groupby(by)
+    out = g.agg(ssim_mean=("ssim", "mean"), ssim_std=("ssim", "std"), psnr_mean=("psnr", "mean"),
+                psnr_std=("psnr", "std"), n=("ssim", "size")).reset_index()
+    means = per_image.groupby(by + [g.cumcount() // batch])[["ssim", "psnr"]].mean()
+    spread = means.groupby(level=list(range(len(by)))).std().add_suffix("_std_batch")
+    return out.merge(spread.reset_index(), on=by)
 
 
 def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> pd.DataFrame:
     """Table 1 for every trained fold model: the corrected method ('eps' models), and the
     report-faithful mode ('scaled_eps' models, its Eq. 5 scaler) where such a model is trained.
-    Long format: method, fold, t, ssim_mean, ssim_std, psnr_mean, psnr_std, n."""
+    Long format: method, fold, t, ssim_mean, ssim_std, psnr_mean, psnr_std, n, ssim_std_batch,
+    psnr_std_batch (summarise)."""
     from tqdm.auto import tqdm
     images = eval_images(cfg)
     fp_cfgs = [("corrected", cfg), ("report-faithful", dataclasses.replace(cfg, target="scaled_eps"))]
@@ -1522,7 +1530,8 @@ def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> p
     if not parts:
         raise FileNotFoundError(f"no trained fold under {cfg.run_dir(0).parent}: train first")
     df = pd.concat(parts, ignore_index=True)
-    return df[["method", "fold", "t", "ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "n"]]
+    return df[["method", "fold", "t", "ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "n",
+               "ssim_std_batch", "psnr_std_batch"]]
 
 
 def table1_wide(df: pd.DataFrame, method: str = "corrected") -> pd.DataFrame:
