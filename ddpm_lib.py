@@ -22,7 +22,8 @@ References
 What the report got wrong, and the switch that reproduces it (Config.target):
   'eps'        — the corrected method: the network predicts ε, the unscaled noise of Eq. 4 [DDPM].
   'scaled_eps' — report-faithful: the target is sqrt(1-ᾱ_t)·ε, and one-step reconstructions are
-                 passed through the report's Eq. 5 "scaler" (see ForwardProcess.report_x0).
+                 the report's scaler·(x_t − output), Eq. 5's scaler with the per-step α_t
+                 (see ForwardProcess.report_x0).
 """
 from __future__ import annotations
 
@@ -1010,23 +1011,27 @@ class ForwardProcess(nn.Module):
 
     @staticmethod
     def report_scaler(t):
-        """The report's Eq. 5: ((1/sqrt(ᾱ) - 1)·8·(t/50)² + 1), with ᾱ of the linear schedule."""
-        ab = ForwardProcess._linear_alpha_bar().to(t.device)[t - 1]
-        return (1 / ab.sqrt() - 1) * 8 * (t.double() / 50) ** 2 + 1
-
-    @staticmethod
-    def _linear_alpha_bar():
-        return torch.cumprod(1 - make_betas(1000), 0)
+        """The report's Eq. 5, s(t) = (1/sqrt(α_t) − 1)·8·(t/50)² + 1, with the per-step
+        α_t = 1 − β_t of the report's linear schedule (β from 1e-3 to 0.02, T = 1000), whatever
+        this process's own schedule. The report builds it from "the 1/√α of the original
+        literature", which is the per-step 1/sqrt(α_t) of [DDPM] Algorithm 2, not the cumulative
+        ᾱ_t; s(t) then stays close to the exact correction 1/sqrt(ᾱ_t) (report_x0)."""
+        a = (1 - make_betas(1000)).to(t.device)[t - 1]             # α_t = 1 − β_t
+        return (1 / a.sqrt() - 1) * 8 * (t.double() / 50) ** 2 + 1  # Eq. 5
 
     def report_x0(self, xt, t, out):
-        """The report-faithful one-step reconstruction, in [0, 1]. Our reading of its Appendix A:
-        the network output (trained on sqrt(1-ᾱ)·ε) is removed as if it were ε (Eq. 4 solved
-        for x0), and the result, in [0, 1], is multiplied by Eq. 5's scaler (the report's fix
-        for reconstructions it found too dark) and clipped. The report's code for this step is
-        not public: this is our reading of its text, stated so it can be checked."""
-        x0 = self.predict_x0(xt, t, out)
+        """The report-faithful one-step reconstruction, in [0, 1], read literally from its
+        Appendix A: output = scaler · (noised_image − predicted_noise), with the network's output
+        (trained on sqrt(1−ᾱ_t)·ε) as the predicted noise and Eq. 5's scaler (report_scaler) —
+        which the report introduces because the subtraction alone leaves images too dark, and
+        credits with "quite high fidelity in the lower time steps". A network that learned its
+        target exactly leaves x_t − out = sqrt(ᾱ_t)·x0, which the scaler approximately divides
+        back. Our interpretation where the text is silent: the scaling acts on [-1, 1] images
+        (the network's scale, so x0 = 0 stays fixed), and the result is then mapped to [0, 1]
+        and clipped as in the corrected path (to_unit). The report's code for this step is not
+        public."""
         s = self.report_scaler(t).float().view(-1, 1, 1, 1)
-        return (s * to_unit(x0)).clamp(0, 1)
+        return to_unit(s * (xt - out))
 
 
 class GaussianEps(nn.Module):
@@ -1756,8 +1761,8 @@ def nearest_ssim(x: torch.Tensor, train: torch.Tensor, batch: int = 64) -> torch
 def reconstruct(model, fp: ForwardProcess, xt: torch.Tensor, t: torch.Tensor,
                 report: bool = False) -> torch.Tensor:
     """The one-step x̂0 of Table 1, in [0, 1]: the network's output read as ε (the scaled target
-    divided back out) and Eq. 4 solved for x0 (Eq. 15); report=True: the report's decoding
-    with its Eq. 5 scaler (ForwardProcess.report_x0)."""
+    divided back out) and Eq. 4 solved for x0 (Eq. 15); report=True: the report's decoding,
+    Eq. 5's scaler times (x_t − output) (ForwardProcess.report_x0)."""
     with autocast(xt.device):
         out = model(xt, t).float()
     if report:
@@ -1859,17 +1864,25 @@ def split_leakage(cfg: Config, fold: int = 0) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def summarise(per_image: pd.DataFrame, by=("t",)) -> pd.DataFrame:
-    """Mean and std of SSIM and PSNR per group."""
-    g = per_image.groupby(list(by))
-    return g.agg(ssim_mean=("ssim", "mean"), ssim_std=("ssim", "std"), psnr_mean=("psnr", "mean"),
-                 psnr_std=("psnr", "std"), n=("ssim", "size")).reset_index()
+def summarise(per_image: pd.DataFrame, by=("t",), batch: int = 64) -> pd.DataFrame:
+    """Mean and std of SSIM and PSNR per group: ssim_std and psnr_std over the images, and
+    ssim_std_batch and psnr_std_batch over the means of consecutive batches of `batch` images in
+    the order evaluated (the last batch may be smaller; NaN where a group has one batch) — the
+    report's "±" may be either spread. n: images per group."""
+    by = list(by)
+    g = per_image.groupby(by)
+    out = g.agg(ssim_mean=("ssim", "mean"), ssim_std=("ssim", "std"), psnr_mean=("psnr", "mean"),
+                psnr_std=("psnr", "std"), n=("ssim", "size")).reset_index()
+    means = per_image.groupby(by + [g.cumcount() // batch])[["ssim", "psnr"]].mean()
+    spread = means.groupby(level=list(range(len(by)))).std().add_suffix("_std_batch")
+    return out.merge(spread.reset_index(), on=by)
 
 
 def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> pd.DataFrame:
     """Table 1 for every trained fold model: the corrected method ('eps' models), and the
     report-faithful mode ('scaled_eps' models, its Eq. 5 scaler) where such a model is trained.
-    Long format: method, fold, t, ssim_mean, ssim_std, psnr_mean, psnr_std, n."""
+    Long format: method, fold, t, ssim_mean, ssim_std, psnr_mean, psnr_std, n, ssim_std_batch,
+    psnr_std_batch (summarise)."""
     from tqdm.auto import tqdm
     images = eval_images(cfg)
     fp_cfgs = [("corrected", cfg), ("report-faithful", dataclasses.replace(cfg, target="scaled_eps"))]
@@ -1885,7 +1898,8 @@ def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> p
     if not parts:
         raise FileNotFoundError(f"no trained fold under {cfg.run_dir(0).parent}: train first")
     df = pd.concat(parts, ignore_index=True)
-    return df[["method", "fold", "t", "ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "n"]]
+    return df[["method", "fold", "t", "ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "n",
+               "ssim_std_batch", "psnr_std_batch"]]
 
 
 def table1_wide(df: pd.DataFrame, method: str = "corrected") -> pd.DataFrame:

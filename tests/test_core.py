@@ -259,13 +259,57 @@ def test_q_posterior_matches_closed_form():
                                rtol=1e-5, atol=1e-12)
 
 
-def test_report_scaler_is_eq5():
-    _, ab, _ = np_linear_alpha_bar()
-    t = np.array([1, 50, 100, 250, 500, 750, 1000])
-    want = (1 / np.sqrt(ab[t - 1]) - 1) * 8 * (t / 50) ** 2 + 1
+def test_report_scaler_is_eq5_with_per_step_alpha():
+    """Eq. 5 with the per-step α_t = 1 − β_t of the linear schedule ("the 1/√α of the original
+    literature", [DDPM] Algorithm 2), in float64: 1.31 at t = 200 and 5.2 at t = 500, near the
+    exact correction 1/sqrt(ᾱ_t) there (1.34, 4.2)."""
+    b, ab, _ = np_linear_alpha_bar()
+    t = np.array([1, 50, 100, 200, 250, 500, 750, 1000])
+    want = (1 / np.sqrt(1 - b[t - 1]) - 1) * 8 * (t / 50) ** 2 + 1
     got = dl.ForwardProcess.report_scaler(torch.tensor(t)).double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-9)
     assert got[0] == pytest.approx(1.0, abs=1e-5)     # t = 1: almost no scaling
+    assert got[3] == pytest.approx(1.31, abs=0.005) and got[5] == pytest.approx(5.2, abs=0.05)
+    assert 1 / np.sqrt(ab[199]) == pytest.approx(1.34, abs=0.005)
+    # the report's schedule whatever the process's own: a cosine process gives the same scaler
+    fp = dl.ForwardProcess(T, "cosine", target="scaled_eps")
+    np.testing.assert_allclose(fp.report_scaler(torch.tensor(t)).double().numpy(), want, rtol=1e-9)
+
+
+def _ideal_x0(t_val: int):
+    """(x0, x_t, ε, scaled-ε process, ε process) on the smoke profile's synthetic test images,
+    x_t made with known seeded ε at one t."""
+    cfg = smoke_cfg()
+    x0 = dl.to_float(dl.eval_images(cfg))
+    fp_rep = dl.ForwardProcess.from_config(dataclasses.replace(cfg, target="scaled_eps"))
+    fp_eps = dl.ForwardProcess.from_config(cfg)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((len(x0),), t_val, dtype=torch.long)
+    return x0, t, fp_rep.q_sample(x0, t, eps), eps, fp_rep, fp_eps
+
+
+@pytest.mark.parametrize("t_val,want", [(50, 0.9995), (200, 0.9997), (500, 0.9728), (800, 0.8433)])
+def test_report_x0_literal_reading_with_ideal_network(t_val, want):
+    """The report's decoding, scaler·(x_t − output), for a network whose output is exactly its
+    target sqrt(1−ᾱ_t)·ε: x_t − output = sqrt(ᾱ_t)·x0, and Eq. 5's scaler stands in for
+    1/sqrt(ᾱ_t). The mean SSIM is pinned to the measured value, so a change to the decoding
+    shows; the output is the [-1, 1] → [0, 1] mapping of the scaled image, clipped."""
+    x0, t, xt, eps, fp, _ = _ideal_x0(t_val)
+    ideal = (1 - fp.at(fp.alpha_bar, t)).sqrt() * eps
+    rec = fp.report_x0(xt, t, ideal)
+    s = dl.ForwardProcess.report_scaler(t).float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(rec, dl.to_unit(s * fp.at(fp.alpha_bar, t).sqrt() * x0),
+                               rtol=0, atol=1e-5)
+    assert rec.min() >= 0 and rec.max() <= 1
+    assert dl.ssim(rec, dl.to_unit(x0)).mean().item() == pytest.approx(want, abs=0.01)
+
+
+@pytest.mark.parametrize("t_val", [50, 200, 500, 800])
+def test_corrected_decoding_with_ideal_network_is_exact(t_val):
+    """The corrected path with an ideal ε-network (output exactly ε) recovers x0: SSIM ≈ 1."""
+    x0, t, xt, eps, _, fp = _ideal_x0(t_val)
+    rec = dl.to_unit(fp.predict_x0(xt, t, fp.eps_from_output(xt, t, eps)))
+    assert dl.ssim(rec, dl.to_unit(x0)).mean().item() == pytest.approx(1.0, abs=1e-3)
 
 
 # -----------------------------------------------------------------------------------------------

@@ -788,6 +788,28 @@ def test_table1_wide_does_not_depend_on_row_order():
                                   check_dtype=False)
 
 
+def test_summarise_std_over_images_and_over_batch_means():
+    """summarise: the per-image std as before, and the std of the means of consecutive batches
+    of 64 images in the order evaluated (the last one smaller), per t; NaN with one batch."""
+    rng = np.random.default_rng(0)
+    sizes = {50: 150, 100: 40}
+    per = pd.DataFrame([dict(t=t, ssim=v, psnr=30 * v) for t, n in sizes.items()
+                        for v in rng.uniform(0, 1, n)])
+    got = dl.summarise(per).set_index("t")
+    for t, n in sizes.items():
+        v = per[per.t == t].ssim.to_numpy()
+        assert got.loc[t, "n"] == n
+        assert got.loc[t, "ssim_std"] == pytest.approx(np.std(v, ddof=1))
+        means = [v[i:i + 64].mean() for i in range(0, n, 64)]
+        if len(means) > 1:
+            assert got.loc[t, "ssim_std_batch"] == pytest.approx(np.std(means, ddof=1))
+            assert got.loc[t, "psnr_std_batch"] == pytest.approx(30 * np.std(means, ddof=1))
+        else:
+            assert np.isnan(got.loc[t, "ssim_std_batch"]) and np.isnan(got.loc[t, "psnr_std_batch"])
+    assert list(dl.summarise(per).columns[:6]) == ["t", "ssim_mean", "ssim_std", "psnr_mean",
+                                                   "psnr_std", "n"]
+
+
 def test_ddpm_rejects_unknown_variance():
     """A typo in var must not silently fall back to β̃."""
     with pytest.raises(ValueError, match="beta_tilde"):
