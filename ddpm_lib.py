@@ -335,7 +335,7 @@ def speed_choice(cfg: Config, device: torch.device | None = None, timer=None,
     _SPEED_MEMO[(str(path), key)] = entry
     ranked = sorted(cands, key=lambda c: -img_s[c])
     why.insert(0, ("measured " if todo else "measured earlier ")
-               + " vs ".join(f"{img_s[c]:.0f}" for c in ranked) + " img/s ("
+               + " vs ".join(f"{img_s[c]:.3g}" for c in ranked) + " img/s ("
                + ", ".join(c.replace("/", " ") for c in ranked) + ")")
     p, m = best.split("/")
     return dict(precision=p, memory=m, how="; ".join(why), img_s={c: img_s[c] for c in cands},
