@@ -88,8 +88,8 @@ class Config:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     flip: bool = True               # random horizontal flips
-    bf16: bool = True               # bf16 autocast in training (where fast: see autocast())
-    channels_last: bool = True
+    bf16: bool | None = None        # bf16 autocast; None: chosen by measuring (speed_choice)
+    channels_last: bool | None = None   # channels_last memory; None: chosen as bf16 is
     seed: int = 0
     init: str = ""                  # start from these EMA weights (repo-relative): fine-tuning
 
@@ -109,6 +109,9 @@ class Config:
 
 # Settings that may differ when a run is resumed (everything else must match the checkpoint).
 RESUMABLE_KEYS = {"max_epochs", "patience", "profile"}
+# Settings of speed only (precision and memory layout): check_config passes them by default, and
+# a resumed run keeps the checkpoint's (train).
+SPEED_KEYS = {"bf16", "channels_last"}
 
 PROFILES = {
     # synthetic fruit, a tiny model, a few steps: seconds. For tests and nbval in CI.
@@ -210,10 +213,140 @@ def bf16_fast(device: torch.device) -> bool:
                                      and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def autocast(device: torch.device, enabled: bool = True):
-    """bf16 autocast when `enabled` and bf16_fast(device); a no-op otherwise.
-    Training passes Config.bf16; evaluation and sampling always ask for it."""
+def autocast(device: torch.device, enabled: bool | None = None):
+    """bf16 autocast when `enabled` and bf16_fast(device); a no-op otherwise. Training passes its
+    Config.bf16; evaluation and sampling pass None: speed_choice's precision for the default
+    profile (from its cache: measured at most once on a machine)."""
+    if enabled is None:
+        enabled = bf16_fast(device) and speed_choice(get_config(), device)["precision"] == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_fast(device))
+
+
+# speed_choice's candidates (the first of each: the plain form) and how the train line names them
+PRECISIONS, MEMORIES = ("fp32", "bf16"), ("nchw", "channels_last")
+MEMORY_NAMES = {"nchw": "NCHW", "channels_last": "channels_last"}
+_SPEED_MEMO: dict = {}           # (cache file, speed_key) → its entry, read or measured once
+
+
+class SpeedError(ValueError):
+    """A precision or memory layout that cannot be used as asked (bf16 where it is emulated)."""
+
+
+def speed_cache_path() -> Path:
+    """Where speed_choice keeps its measurements: $XDG_CACHE_HOME (else ~/.cache) /
+    ddpm-fruits360/speed.json, outside the repository."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ddpm-fruits360" / "speed.json"
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform.processor() where there is none)."""
+    import platform
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def speed_key(cfg: Config) -> str:
+    """What a measurement holds for: this CPU, its core and thread counts, torch's version, and
+    the network, image size and batch of cfg."""
+    return (f"{cpu_name()} | {os.cpu_count()} cpus, {torch.get_num_threads()} threads | torch "
+            f"{torch.__version__} | {cfg.image_size}px, width {cfg.width}, batch {cfg.batch_size}")
+
+
+def _speed_fixed(cfg: Config, device: torch.device) -> dict:
+    """{'precision'/'memory': (value, why)} for what is not left to measuring: the Config's
+    bf16/channels_last where set, else DDPM_PRECISION/DDPM_MEMORY. bf16 where it is not native
+    is refused."""
+    fixed = {}
+    for name, attr, values in (("precision", "bf16", PRECISIONS),
+                               ("memory", "channels_last", MEMORIES)):
+        var, v = f"DDPM_{name.upper()}", getattr(cfg, attr)
+        if v is not None:
+            fixed[name] = (values[bool(v)], f"the profile's {attr}={v}")
+        elif os.environ.get(var):
+            if os.environ[var] not in values:
+                raise SpeedError(f"{var}={os.environ[var]!r}: choose one of {', '.join(values)}, "
+                                 f"or unset it to have it measured")
+            fixed[name] = (os.environ[var], f"forced by {var}")
+    if fixed.get("precision", ("",))[0] == "bf16" and not bf16_fast(device):
+        raise SpeedError(f"bf16 asked for ({fixed['precision'][1]}), but this CPU ({cpu_name()}, "
+                         f"{torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
+                         f"(AVX512-BF16 or AMX): emulated, it runs many times slower than fp32. "
+                         f"Use DDPM_PRECISION=fp32, or unset it to have it measured")
+    return fixed
+
+
+def _read_speed_cache(path: Path) -> dict:
+    import json
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def speed_choice(cfg: Config, device: torch.device | None = None, timer=None,
+                 seconds: float = 1.0) -> dict:
+    """How to train cfg's network fastest on `device`: {'precision': 'fp32'|'bf16', 'memory':
+    'nchw'|'channels_last', 'how': why, in words, 'img_s': {'precision/memory': images/s measured},
+    'seconds': time spent measuring now}.
+
+    What the Config sets (bf16, channels_last not None) is kept; what it leaves open,
+    DDPM_PRECISION / DDPM_MEMORY force; bf16 forced where it is not native is refused
+    (SpeedError). On CUDA the rest is bf16 + channels_last. On a CPU the rest is measured:
+    `timer(cfg, precision, memory, device, seconds)` (default time_train_steps) gives the
+    training images/s of each candidate (bf16 only where native), the fastest is taken, and the
+    numbers are kept in speed_cache_path() under speed_key(cfg), so a machine measures once."""
+    device = device or get_device()
+    fixed = _speed_fixed(cfg, device)
+    why = [w for _, w in fixed.values()]
+    if device.type == "cuda" or len(fixed) == 2:
+        p, m = fixed.get("precision", ("bf16",))[0], fixed.get("memory", ("channels_last",))[0]
+        return dict(precision=p, memory=m, how="; ".join(dict.fromkeys(why)) or "CUDA",
+                    img_s={}, seconds=0.0)
+    cands = [f"{p}/{m}" for p in PRECISIONS[:1 + bf16_fast(device)] for m in MEMORIES
+             if fixed.get("precision", (p,))[0] == p and fixed.get("memory", (m,))[0] == m]
+    path, key = speed_cache_path(), speed_key(cfg)
+    entry = _SPEED_MEMO.get((str(path), key)) or _read_speed_cache(path).get(key) or {}
+    img_s, t0 = dict(entry.get("img_s", {})), time.perf_counter()
+    todo = [c for c in cands if c not in img_s]
+    for c in todo:
+        img_s[c] = float((timer or time_train_steps)(cfg, *c.split("/"), device, seconds))
+    secs = time.perf_counter() - t0
+    best = max(cands, key=lambda c: img_s[c])
+    if todo:
+        import json
+        full = max(img_s, key=img_s.get)
+        data = _read_speed_cache(path)
+        data[key] = entry = dict(img_s=img_s, precision=full.split("/")[0],
+                                 memory=full.split("/")[1], seconds=round(secs, 1))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            print(f"speed: measured {', '.join(todo)} in {secs:.1f} s → {path}", flush=True)
+        except OSError as e:
+            warnings.warn(f"could not write {path} ({e}): the choice is measured again next time")
+    _SPEED_MEMO[(str(path), key)] = entry
+    ranked = sorted(cands, key=lambda c: -img_s[c])
+    why.insert(0, ("measured " if todo else "measured earlier ")
+               + " vs ".join(f"{img_s[c]:.3g}" for c in ranked) + " img/s ("
+               + ", ".join(c.replace("/", " ") for c in ranked) + ")")
+    p, m = best.split("/")
+    return dict(precision=p, memory=m, how="; ".join(why), img_s={c: img_s[c] for c in cands},
+                seconds=secs)
+
+
+def speed_line(choice: dict) -> str:
+    """The line train() prints where it starts: precision, memory layout and why."""
+    return (f"precision: {choice['precision']}, memory: {MEMORY_NAMES[choice['memory']]} — "
+            f"{choice['how']}")
 
 
 @contextlib.contextmanager
@@ -900,7 +1033,14 @@ def build_model(cfg: Config, device: torch.device | None = None, verbose: bool =
     if verbose:
         print(f"UNet(width={cfg.width}): {n_params(model):,} parameters")
     model = model.to(device or get_device())
-    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+    return model.to(memory_format=torch.channels_last) if channels_last(cfg, device) else model
+
+
+def channels_last(cfg: Config, device: torch.device | None = None) -> bool:
+    """Config.channels_last, or where it is None speed_choice's memory layout."""
+    if cfg.channels_last is not None:
+        return cfg.channels_last
+    return speed_choice(cfg, device or get_device())["memory"] == "channels_last"
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1198,7 +1338,43 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Adam:
 
 def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(cfg, device) else x
+
+
+def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, loss: torch.Tensor,
+                   cfg: Config) -> None:
+    """train()'s update after the loss: backward, gradient clipping, Adam, EMA."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    ema.update(model)
+
+
+def time_train_steps(cfg: Config, precision: str, memory: str, device: torch.device,
+                     seconds: float = 1.0) -> float:
+    """Images/s of train()'s step (forward, backward, clip, Adam, EMA) of cfg's network at its
+    image size and batch, on one random batch, in `precision` and `memory`: one warm-up step,
+    then steps for about `seconds` (at least one). The global RNG states are left as they were."""
+    c = dataclasses.replace(cfg, bf16=precision == "bf16", channels_last=memory == "channels_last")
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(c, device, verbose=False).train()
+        ema, opt = EMA(model, c.ema_decay), make_optimizer(model, c)
+        fp = ForwardProcess.from_config(c).to(device)
+        g = torch.Generator().manual_seed(0)
+        x0 = torch.rand(c.batch_size, 3, c.image_size, c.image_size, generator=g) * 2 - 1
+        t, eps = fp.sample_t(c.batch_size, g), torch.randn(x0.shape, generator=g)
+        x0, t, eps = to_device(x0, c, device), t.to(device), eps.to(device)
+        n, t0 = -1, 0.0
+        while n < 1 or time.perf_counter() - t0 < seconds:
+            with autocast(device, c.bf16):
+                loss = diffusion_loss(model, fp, x0, t, eps)
+            optimizer_step(model, ema, opt, loss, c)
+            loss.item()
+            n += 1
+            if n == 0:                                  # the warm-up step is not counted
+                t0 = time.perf_counter()
+    return n * c.batch_size / (time.perf_counter() - t0)
 
 
 def epoch_batches(images: torch.Tensor, cfg: Config, fp: ForwardProcess, g: torch.Generator):
@@ -1238,11 +1414,12 @@ def check_config(saved: dict, cfg: Config, path: Path, keys=None,
                  advice: str = "Resume with the checkpoint's settings, or start a new run in "
                                "another --out folder") -> None:
     """Refuse a checkpoint whose config differs from cfg in `keys` (default: all but
-    RESUMABLE_KEYS), saying `advice`. A setting newer than the checkpoint counts as its
+    RESUMABLE_KEYS and SPEED_KEYS), saying `advice`. A setting newer than the checkpoint counts as its
     default."""
     default = {f.name: f.default for f in dataclasses.fields(Config)}
     diff = {k: (saved.get(k, default[k]), v) for k, v in dataclasses.asdict(cfg).items()
-            if (k in keys if keys else k not in RESUMABLE_KEYS) and saved.get(k, default[k]) != v}
+            if (k in keys if keys else k not in RESUMABLE_KEYS | SPEED_KEYS)
+            and saved.get(k, default[k]) != v}
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was made with another config ({lines}). {advice}")
@@ -1331,6 +1508,21 @@ def load_init(model: UNet, cfg: Config) -> None:
                          f"unexpected {unexpected}")
 
 
+def resumed_speed(saved: dict, cfg: Config, device: torch.device, path: Path) -> dict:
+    """A resumed run's precision and memory layout: those it started with, from its checkpoint's
+    config (which holds them as bf16/channels_last; bf16 runs only where native, as it did in
+    checkpoints older than speed_choice). A Config that sets others is refused."""
+    p = "bf16" if saved.get("bf16", True) and bf16_fast(device) else "fp32"
+    m = "channels_last" if saved.get("channels_last", True) else "nchw"
+    for attr, v in (("bf16", p == "bf16"), ("channels_last", m == "channels_last")):
+        if getattr(cfg, attr) not in (None, v):
+            raise ValueError(f"{path} was trained with {attr}={v}, not {getattr(cfg, attr)}: a run "
+                             f"keeps its precision and memory layout. Resume it with {attr}={v} "
+                             f"(or unset), or start a new run in another --out folder")
+    return dict(precision=p, memory=m, how=f"kept from {path} (the run started with it)",
+                img_s={}, seconds=0.0)
+
+
 def _fold_seed(cfg: Config, fold, epoch: int) -> int:
     return cfg.seed * 1_000_003 + (99 if fold == "all" else int(fold)) * 1009 + epoch
 
@@ -1370,8 +1562,9 @@ def _all_sum(d: Dist, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _from_rank0(d: Dist, v: float) -> float:
-    """Rank 0's value of v on every process, so all take the same early-stopping decision."""
+def _from_rank0(d: Dist, v):
+    """Rank 0's value of v on every process, so all take the same decisions (early stopping,
+    precision)."""
     if d.world == 1:
         return v
     import torch.distributed as tdist
@@ -1424,17 +1617,26 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume (resume=True) to continue it, "
                               f"or delete {out} to start over")
+    ck = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if ck:
+        check_config(ck["config"], cfg, ckpt_path)
+    speed = resumed_speed(ck["config"], cfg, device, ckpt_path) if ck else \
+        speed_choice(cfg, device)
+    if not ck and d.world > 1:                       # one choice for all processes: rank 0's
+        speed = _from_rank0(d, speed)
+    cfg = dataclasses.replace(cfg, bf16=speed["precision"] == "bf16",
+                              channels_last=speed["memory"] == "channels_last")
+    if progress:
+        print(speed_line(speed), flush=True)
     seed_everything(cfg.seed)
     model = build_model(cfg, device, verbose=progress)
-    if cfg.init and not (resume and ckpt_path.exists()):
+    if cfg.init and not ck:
         load_init(model, cfg)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
     fp = ForwardProcess.from_config(cfg).to(device)
     stopper, history, start = EarlyStopping(cfg.patience), [], 0
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        check_config(ck["config"], cfg, ckpt_path)
+    if ck:
         if str(ck.get("fold", fold)) != str(fold):
             raise ValueError(f"{ckpt_path} is a run of fold {ck['fold']}, not of fold {fold}: "
                              f"resume it with --fold {ck['fold']}, or start fold {fold} in "
@@ -1495,11 +1697,7 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                     f"{len(losses) + 1}: training stopped. The last good checkpoint ({ckpt_path}, "
                     f"epoch {start if not history else history[-1]['epoch']}) is intact; lower "
                     f"the learning rate or check the data, then rerun with --resume")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            ema.update(model)
+            optimizer_step(model, ema, opt, loss, cfg)
             losses.append(step_loss.item())
             rate = len(losses) * len(x0) * d.world / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{rate:.0f}")
@@ -1524,8 +1722,8 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                             test_loss=test,
                             seconds=secs, lr=opt.param_groups[0]["lr"],
                             images_per_s=len(losses) * cfg.batch_size / train_secs,
-                            processes=d.world,
-                            best=improved))
+                            best=improved, precision=speed["precision"],
+                            memory=speed["memory"], processes=d.world))
         if progress:
             left = (cfg.max_epochs - epoch - 1) * np.mean([h["seconds"] for h in history[start:]])
             print(f"fold {fold} epoch {epoch + 1}: train {history[-1]['train_loss']:.4f} "
@@ -1539,7 +1737,7 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                              "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                              "epoch": epoch + 1, "best_val": stopper.best,
                              "bad_epochs": stopper.bad_epochs, "history": history,
-                             "fold": str(fold), "rng": rng_state()}, ckpt_path)
+                             "fold": str(fold), "rng": rng_state(), "speed": speed}, ckpt_path)
             write_csv(pd.DataFrame(history), out / "history.csv")
         if stopper.stop:
             break

@@ -6,8 +6,11 @@ One run measures, with warm-up and repeats (medians are quoted):
   * training images/s (forward + backward + clip + Adam + EMA, the step of ddpm_lib.train, on
     synthetic batches) and sampling images/s (one no-grad network evaluation, the cost of one
     denoising step) at 32×32 and 100×100, for
-      (a) ddpm_lib.UNet as training runs it: the cpu profile's bf16 autocast + channels_last
-          (fp32 + channels_last on a CPU without native bf16, where autocast stays off);
+      (a) ddpm_lib.UNet in fixed settings: bf16 autocast + channels_last (fp32 + channels_last
+          on a CPU without native bf16, where autocast stays off);
+      (a*) ddpm_lib.UNet as training runs it: the precision and memory layout that
+          ddpm_lib.speed_choice picks for the cpu profile at that size and batch (measured, or
+          from its cache, or forced by DDPM_PRECISION / DDPM_MEMORY), with the time it took;
       (b) the plain reference (tests/reference_unet.py): fp32, NCHW, nn.MultiheadAttention;
       (c) diffusers' UNet2DModel of similar size (block_out_channels (32, 64, 128, 128), one
           ResNet layer per block, attention only in the mid block at the lowest resolution), in
@@ -15,7 +18,7 @@ One run measures, with warm-up and repeats (medians are quoted):
           (100 → 104) and cropped back. Skipped with a message if diffusers is not installed
           (`pip install -e .[bench]`);
       (a), (b) once more at 32×32 with batch 64, to show how the ratio moves with the batch;
-      (a)/(b) also measured in pairs: one step of each back to back, 15 rounds, median of the
+      (a)/(b) and (a*)/(b) also measured in pairs: one step of each back to back, 15 rounds, median of the
           per-round ratios (steadier on a machine whose speed drifts);
       (a') torch.compile of (a): cold compile time and steady-state speed, at 32×32 (the cpu
           profile's training size; --compile-sizes to change; not in --quick: a cold compile
@@ -69,6 +72,7 @@ import reference_unet  # noqa: E402
 CPU = torch.device("cpu")
 T0 = time.perf_counter()
 LIB, REF, DIFF, COMPILED = "ddpm_lib", "reference", "diffusers", "ddpm_lib compiled"
+SELECTED = "ddpm_lib selected"
 # (a)'s mode: bf16 autocast runs only where bf16 is native (ddpm_lib.autocast); else it is fp32
 FAST = "bf16+CL" if dl.bf16_fast(CPU) else "fp32+CL"
 
@@ -294,6 +298,24 @@ def add_paired(row_a: dict, lib, ref, cfg, cfg32, size: int, bs: int, S) -> None
           f"{S['paired_rounds']} rounds: {q50:.2f}× (quartiles {q25:.2f}–{q75:.2f})", flush=True)
 
 
+def bench_selected(lib, ref, cfg, cfg32, size: int, bs: int, S, flops) -> dict:
+    """(a*): (a)'s weights in what ddpm_lib.speed_choice picks for cfg's network at this size and
+    batch, with the paired (a*)/(b) ratio; the note says how it was chosen and how long that
+    took."""
+    pick = dl.speed_choice(dataclasses.replace(cfg, bf16=None, channels_last=None), CPU)
+    c = dataclasses.replace(cfg, bf16=pick["precision"] == "bf16",
+                            channels_last=pick["memory"] == "channels_last")
+    net = copy.deepcopy(lib).to(memory_format=torch.channels_last if c.channels_last
+                                else torch.contiguous_format)
+    print(f"  [{time.perf_counter() - T0:4.0f} s] speed_choice ({pick['seconds']:.1f} s): "
+          f"{dl.speed_line(pick)}", flush=True)
+    mode = f"{pick['precision']}+{'CL' if c.channels_last else 'NCHW'}"
+    row = bench_column(SELECTED, mode, net, c, size, bs, S, flops, library=True,
+                       note=f"speed_choice, {pick['seconds']:.1f} s: {pick['how']}")
+    add_paired(row, net, ref, c, cfg32, size, bs, S)
+    return row
+
+
 def bench_compiled(cfg, size, bs, S, flops, eager_row) -> dict | None:
     """torch.compile of (a): compile time (first training step + first sampling call) and
     steady-state speed; None (with a message) if it fails."""
@@ -421,7 +443,8 @@ def main(argv=None) -> None:
         print("diffusers skipped (--no-diffusers)")
     for size in (32, 100):
         bs = S["batch"][size]
-        cfg = dl.get_config("cpu", image_size=size, batch_size=bs)   # bf16 (where native) + channels_last
+        cfg = dl.get_config("cpu", image_size=size, batch_size=bs, bf16=dl.bf16_fast(CPU),
+                            channels_last=True)                     # (a): fixed, as FAST says
         cfg32 = dataclasses.replace(cfg, bf16=False, channels_last=False)
         print(f"{size}×{size}, batch {bs}:", flush=True)
         torch.manual_seed(0)
@@ -434,6 +457,7 @@ def main(argv=None) -> None:
                                           library=True))
         rows.append(bench_column(REF, "fp32", ref, cfg32, size, bs, S, f_ref))
         add_paired(row_a, lib, ref, cfg, cfg32, size, bs, S)
+        rows.append(bench_selected(lib, ref, cfg, cfg32, size, bs, S, f_ref))
         del ref
         if diff is not None:
             f_d = count_flops(diff, size)
@@ -456,6 +480,7 @@ def main(argv=None) -> None:
             ref = reference_unet.load_from_library(lib)
             rows.append(bench_column(REF, "fp32", ref, c32, size, b, S, f_ref))
             add_paired(row_b, lib, ref, c, c32, size, b, S)
+            rows.append(bench_selected(lib, ref, c, c32, size, b, S, f_ref))
             del ref
         del lib
         gc.collect()
@@ -515,24 +540,28 @@ def report(df: pd.DataFrame, peak: dict, threads: int, quick: bool) -> None:
         print(f"- {r.model} {r['mode']} {r['size']}px: {r.note}")
 
     def get(model, mode, size, batch, col):
-        s = speed[(speed.model == model) & (speed["mode"] == mode) & (speed["size"] == size)
-                  & (speed.batch == batch)]
+        s = speed[(speed.model == model) & ((speed["mode"] == mode) if mode else True)
+                  & (speed["size"] == size) & (speed.batch == batch)]
         return s[col].iloc[0] if len(s) else np.nan
 
     ratios = []
     pairs = [(f"(a) {LIB} {FAST} / (b) reference fp32", (LIB, FAST), (REF, "fp32")),
+             ("(a*) selected (speed_choice) / (b) reference fp32", (SELECTED, None),
+              (REF, "fp32")),
              (f"(a) {LIB} {FAST} / (c) diffusers fp32", (LIB, FAST), (DIFF, "fp32")),
              (f"(a) {LIB} {FAST} / (c) diffusers {FAST}", (LIB, FAST), (DIFF, FAST)),
              ("(a') compiled / (a) eager", (COMPILED, f"{FAST} compiled"), (LIB, FAST))]
     for size, batch in speed[["size", "batch"]].drop_duplicates().itertuples(index=False):
         for label, num, den in pairs:
+            if num[1] is None and math.isfinite(get(*num, size, batch, "train_img_s")):
+                label = label.replace("selected", f"selected {get(*num, size, batch, 'mode')}")
             tr = get(*num, size, batch, "train_img_s") / get(*den, size, batch, "train_img_s")
             sa = get(*num, size, batch, "sample_img_s") / get(*den, size, batch, "sample_img_s")
             if math.isfinite(tr):
                 ratios.append({"ratio (speed-up, >1: numerator faster)": label,
                                "size": f"{size}×{size}", "batch": batch,
                                "training": f"{tr:.2f}×", "sampling step": f"{sa:.2f}×"})
-            if num == (LIB, FAST) and den == (REF, "fp32") and "paired_ratio" in speed:
+            if num[0] in (LIB, SELECTED) and den == (REF, "fp32") and "paired_ratio" in speed:
                 q = [get(*num, size, batch, c) for c in
                      ("paired_ratio", "paired_ratio_q25", "paired_ratio_q75")]
                 if math.isfinite(q[0]):

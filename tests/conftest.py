@@ -1,6 +1,7 @@
 """Shared test set-up. The notebooks' kernels are separate processes: they get the repository on
 PYTHONPATH and the smoke profile through the environment (a sys.path insert would not reach
-them), and every test runs on one CPU thread so that seeded numbers are reproducible."""
+them), every test runs on one CPU thread so that seeded numbers are reproducible, and in fp32
+NCHW (DDPM_PRECISION, DDPM_MEMORY)."""
 import os
 from pathlib import Path
 
@@ -15,6 +16,9 @@ def pytest_configure(config):
     os.environ.setdefault("DDPM_PROFILE", "smoke")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # precision and memory layout fixed (fp32, NCHW), so no test spends time measuring them
+    # (ddpm_lib.speed_choice; tests/test_speed.py unsets these)
+    os.environ["DDPM_PRECISION"], os.environ["DDPM_MEMORY"] = "fp32", "nchw"
 
 
 @pytest.fixture(autouse=True)
