@@ -2077,8 +2077,8 @@ def summarise(per_image: pd.DataFrame, by=("t",), batch: int = 64) -> pd.DataFra
 
 
 def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> pd.DataFrame:
-    """Table 1 for every trained fold model: the corrected method ('eps' models), and the
-    report-faithful mode ('scaled_eps' models, its Eq. 5 scaler) where such a model is trained.
+    """Table 1 for every trained fold model (local or committed): the corrected method ('eps'
+    models), and the report-faithful mode ('scaled_eps' models, its Eq. 5 scaler) where such a model is trained.
     Long format: method, fold, t, ssim_mean, ssim_std, psnr_mean, psnr_std, n, ssim_std_batch,
     psnr_std_batch (summarise)."""
     from tqdm.auto import tqdm
@@ -2088,7 +2088,8 @@ def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> p
     for method, c in fp_cfgs:
         fp = ForwardProcess.from_config(c)
         for k in tqdm(folds, desc=f"Table 1, {method}", disable=not progress):
-            if not (c.run_dir(k) / "best.pt").exists():
+            if not any(p.exists() for p in (c.run_dir(k) / "best.pt",
+                                             committed_run(c, k) / "ema_fp16.pt")):
                 continue
             per = one_step_eval(load_model(c, k).cpu(), fp, images, ts, c.seed,
                                 report=method == "report-faithful")
