@@ -241,10 +241,14 @@ def test_killed_task_is_requeued_and_resumes(slurm, tmp_path):
     subprocess.run(["scancel", "--signal=TERM", "--batch", f"{job}_0"], env=slurm, check=True)
     wait_for(lambda: "PENDING" in squeue(slurm, f"{job}_0"), 120, "task 0 to requeue itself")
     first = dl.load_checkpoint(run0 / "checkpoint.pt")["epoch"]
-    # a requeued job waits ~2 min to be eligible again (SLURM's rule): start it now
-    subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], env=slurm)
-    wait_for(lambda: epoch(run0) == 100 and not squeue(slurm, job).strip(), 600,
-             f"the requeued task to finish ({squeue(slurm, job)!r})", 1.0)
+    def start_now():
+        """A requeued job waits ~2 min to be eligible again (SLURM's rule, its BeginTime set
+        during the requeue): start it now, again until it runs."""
+        if "PENDING" in squeue(slurm, f"{job}_0"):
+            subprocess.run(["scontrol", "update", f"JobId={job}_0", "StartTime=now"], env=slurm,
+                           capture_output=True)
+        return epoch(run0) == 100 and not squeue(slurm, job).strip()
+    wait_for(start_now, 600, f"the requeued task to finish ({squeue(slurm, job)!r})", 2.0)
     log = _log(base, job)
     assert "interrupted by SIGTERM" in log and "requeued to continue" in log, log[-3000:]
     assert first < 100
