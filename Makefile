@@ -15,7 +15,7 @@ NOTEBOOKS := $(sort $(wildcard notebooks/0*.ipynb))
 NBEXEC := timeout 5400 $(PY) -m nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=2400 \
   --ExecutePreprocessor.record_timing=False
 
-.PHONY: figures test env cluster-tools data train notebooks b256 mixture norm finetune report bench clean
+.PHONY: figures test env cluster-tools data train retrain notebooks b256 mixture norm finetune report bench clean
 
 figures: env data train notebooks b256 mixture norm finetune report
 
@@ -30,9 +30,13 @@ data: env data/index.csv
 data/index.csv:
 	$(PY) -m ddpm_lib data --from "$(FRUITS360_DIR)"
 
-# every model the notebooks need, resumed where a run stopped, skipped when finished
+# every model the notebooks need, resumed where a run stopped, skipped when finished or committed
 train: env data
 	$(PY) -m ddpm_lib train-all
+
+# every model from scratch, the committed ones too (into runs/, which the notebooks then prefer)
+retrain: env data
+	$(PY) -m ddpm_lib train-all --retrain
 
 notebooks: env data
 	for nb in $(NOTEBOOKS); do \

@@ -1257,17 +1257,24 @@ class NormMatch(nn.Module):
 
 
 @torch.no_grad()
+def _out(model, x, t_val: int):
+    """The network's raw output at timestep t_val for every image of x, under autocast(), and
+    t as a (B,) tensor."""
+    t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
+    with autocast(x.device):
+        return t, model(x, t).float()
+
+
 def _eps(model, fp: ForwardProcess, x, t_val: int, prior: GaussianEps | None = None,
          scale: float = 1.0, norm: NormMatch | None = None):
     """ε̂ = net(x_t, t) / scale under autocast() (bf16 where fast; the scaled target divided back
     out), or prior's closed form where t ≥ prior.start. scale > 1 is ε-scaling [EB]: a network
     trained on true x_t over-predicts the noise of the x_t a sampler makes (exposure bias).
     norm: the network's ε̂ norm-matched (NormMatch) where t ≥ norm.start."""
-    t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
     if prior is not None and t_val >= prior.start:
+        t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
         return t, prior(fp, x, t)
-    with autocast(x.device):
-        out = model(x, t).float()
+    t, out = _out(model, x, t_val)
     eps = fp.eps_from_output(x, t, out) / scale
     return t, norm(fp, x, t, eps) if norm is not None and t_val >= norm.start else eps
 
@@ -1902,6 +1909,29 @@ def export_ema(cfg: Config, fold, path: Path | str | None = None) -> Path:
     return Path(path)
 
 
+def committed_weights(cfg: Config, fold) -> Path:
+    """The committed EMA weights of a run: the generation model's shipped checkpoint (fold
+    'all'), else the fold run's export (committed_run)."""
+    return shipped_checkpoint(cfg) if fold == "all" else committed_run(cfg, fold) / "ema_fp16.pt"
+
+
+def trained(cfg: Config, fold, progress: bool = True, retrain: bool = False
+            ) -> pd.DataFrame | None:
+    """A run's history, training only what is missing: with committed weights and no local run,
+    the committed history (None where none is committed) and nothing is trained; otherwise the
+    local run, resumed where it stopped (train). retrain=True trains even where weights are
+    committed (into runs/, which load_model then prefers)."""
+    if uses_committed(cfg, fold, retrain):
+        return run_history(cfg, fold)
+    return train(cfg, fold, resume=True, progress=progress)
+
+
+def uses_committed(cfg: Config, fold, retrain: bool = False) -> bool:
+    """Whether trained() takes a run's committed weights instead of training (see there)."""
+    return (not retrain and committed_weights(cfg, fold).exists()
+            and not (cfg.run_dir(fold) / "checkpoint.pt").exists())
+
+
 # -----------------------------------------------------------------------------------------------
 # evaluation
 
@@ -2114,6 +2144,30 @@ def table1_wide(df: pd.DataFrame, method: str = "corrected") -> pd.DataFrame:
     return out.reset_index()
 
 
+def report_table1() -> pd.DataFrame:
+    """The report's own Table 1 values that this repository has (data/report_table1.csv: t, what,
+    ssim, source), typed in with their source. The report's full table is not in the repository;
+    these are the values its issues quote."""
+    return pd.read_csv(ROOT / "data" / "report_table1.csv")
+
+
+def table1_vs_report(df: pd.DataFrame, report: pd.DataFrame) -> pd.DataFrame:
+    """Ours beside the report's at each t the report's values cover: per method, the mean SSIM
+    over folds and the lowest and highest fold (and PSNR), and the report's values there."""
+    rows = []
+    for t, r in report.groupby("t"):
+        row = {"t": t, "report": " – ".join(f"{v:.3f}" for v in r.ssim),
+               "report_what": " – ".join(r.what)}
+        for method, d in df[df.t == t].groupby("method"):
+            row[f"{method} ssim"] = d.ssim_mean.mean()
+            row[f"{method} lowest fold"] = d.ssim_mean.min()
+            row[f"{method} highest fold"] = d.ssim_mean.max()
+            row[f"{method} psnr"] = d.psnr_mean.mean()
+            row[f"{method} folds"] = d.fold.nunique()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def to_markdown(df: pd.DataFrame) -> str:
     """A pipe table (no extra dependency)."""
     cols = [str(c) for c in df.columns]
@@ -2216,23 +2270,54 @@ def ddim_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, steps: in
 
 @torch.no_grad()
 def report_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, clip: bool = True, keep=(),
-                       progress: bool = False):
+                       progress: bool = False, decode: str = "eps"):
     """The report's iterative method (its Section 4, Figure 5): at each t predict the noise,
     remove all of it (x̂0), then add fresh noise for t-1: x_{t-1} = q_sample(x̂0, t-1, z).
-    It ignores the posterior q(x_{t-1}|x_t, x0), which is why it does not sample the data."""
+    It ignores the posterior q(x_{t-1}|x_t, x0), which is why it does not sample the data.
+    decode: 'eps' forms x̂0 from ε̂ (Eq. 15); 'report' as the report did, from the raw output
+    with Eq. 5's scaler, x̂0 = s(t)·(x_t − out) (ForwardProcess.report_x0, always clipped)."""
     from tqdm.auto import tqdm
+    if decode not in ("eps", "report"):
+        raise ValueError(f"decode must be 'eps' or 'report', not {decode!r}")
     traj = {}
     for t_val in tqdm(range(fp.T, 0, -1), desc="report", disable=not progress, leave=False):
-        t, eps = _eps(model, fp, x, t_val)
-        x0 = fp.predict_x0(x, t, eps)
-        x0 = x0.clamp(-1, 1) if clip else x0
+        if decode == "report":
+            t, out = _out(model, x, t_val)
+            x0 = 2 * fp.report_x0(x, t, out) - 1                    # [0, 1] → [-1, 1]
+        else:
+            t, eps = _eps(model, fp, x, t_val)
+            x0 = fp.predict_x0(x, t, eps)
+            x0 = x0.clamp(-1, 1) if clip else x0
         x = fp.q_sample(x0, t - 1, _noise(x.shape, g, x.device)) if t_val > 1 else x0
         if t_val - 1 in keep:
             traj[t_val - 1] = x.cpu()
     return x, traj
 
 
-SAMPLERS = {"ddpm": p_sample_loop, "ddim": ddim_sample_loop, "report": report_sample_loop}
+@torch.no_grad()
+def report_first_loop(model, fp: ForwardProcess, x, g: torch.Generator, clip: bool = False,
+                      keep=(), progress: bool = False):
+    """The report's first sampler (its Section 5), read as Algorithm 2 [DDPM] with the network's
+    raw output in place of ε: x_{t-1} = scaler·(x_t − noise_scaler·out) + σ_t·z, where we read
+    its scaler as 1/sqrt(α_t), its noise_scaler as β_t/sqrt(1−ᾱ_t), and σ_t² = β_t (Algorithm
+    2's coefficients; the report names them without formulas). With an ε-model this is DDPM;
+    with the report-faithful model, out ≈ sqrt(1−ᾱ_t)·ε̂, so every step removes too little noise.
+    No x̂0 and no clipping, as in Algorithm 2 (clip=True clamps x_{t-1} to [-1, 1])."""
+    from tqdm.auto import tqdm
+    traj = {}
+    for t_val in tqdm(range(fp.T, 0, -1), desc="report (first)", disable=not progress, leave=False):
+        t, out = _out(model, x, t_val)
+        noise_scaler = fp.at(fp.betas, t) / (1 - fp.at(fp.alpha_bar, t)).sqrt()
+        x = (x - noise_scaler * out) / fp.at(fp.alphas, t).sqrt()
+        x = x + (fp.at(fp.betas, t).sqrt() * _noise(x.shape, g, x.device) if t_val > 1 else 0)
+        x = x.clamp(-1, 1) if clip else x
+        if t_val - 1 in keep:
+            traj[t_val - 1] = x.cpu()
+    return x, traj
+
+
+SAMPLERS = {"ddpm": p_sample_loop, "ddim": ddim_sample_loop, "report": report_sample_loop,
+            "report-first": report_first_loop}
 
 
 def sample(model, fp: ForwardProcess, method: str = "ddim", n: int = 64, size: int = 32,
@@ -2252,6 +2337,43 @@ def sample(model, fp: ForwardProcess, method: str = "ddim", n: int = 64, size: i
         outs.append(x.clamp(-1, 1).cpu())
         trajs.append(traj)
     return torch.cat(outs), {k: torch.cat([tr[k] for tr in trajs]) for k in trajs[0]}
+
+
+# The report's Figure 5, honestly: its two samplers with its own (report-faithful) model, beside
+# DDPM and DDIM with the corrected model of the same fold. name → (target, method, settings).
+FIG5_SAMPLERS = {
+    "report's first sampler (Algorithm 2, output as ε)": ("scaled_eps", "report-first", {}),
+    "report's iterative method (Eq. 5 decoding)": ("scaled_eps", "report", dict(decode="report")),
+    "DDPM-1000, corrected model": ("eps", "ddpm", {}),
+    "DDIM-50 (η = 0), corrected model": ("eps", "ddim", dict(steps=50)),
+}
+
+
+def figure5(cfg: Config, n: int = 16, seed: int = 0, fold: int = 0,
+            keep=tuple(range(900, -1, -100)), progress: bool = True):
+    """Every FIG5_SAMPLERS set from the same x_T (seed): the report-faithful and the corrected
+    model of one fold (the same training images and protocol). Returns ({name: x0}, {name: {t:
+    x_t}} for t in keep, a table per set with the mean and spread of its pixels in [0, 1] and
+    its share of dark pixels (all channels < 0.1), the real test images' row first)."""
+    dev = get_device()
+    rows = [_pixel_stats("real test images", to_float(eval_images(cfg, n=max(n, 64))))]
+    xs, trajs = {}, {}
+    for name, (target, method, kw) in FIG5_SAMPLERS.items():
+        c = dataclasses.replace(cfg, target=target)
+        model, fp = load_model(c, fold).to(dev), ForwardProcess.from_config(c).to(dev)
+        xs[name], trajs[name] = sample(model, fp, method, n, cfg.image_size, seed=seed,
+                                       keep=keep, progress=progress, **kw)
+        rows.append(_pixel_stats(name, xs[name]))
+    return xs, trajs, pd.DataFrame(rows)
+
+
+def _pixel_stats(name: str, x: torch.Tensor) -> dict:
+    """Brightness of images in [-1, 1] once shown ([0, 1]): mean, the mean per-image standard
+    deviation, and the share of dark pixels (every channel below 0.1)."""
+    u = to_unit(x)
+    return dict(images=name, n=len(x), mean=u.mean().item(),
+                std_within_image=u.flatten(1).std(1).mean().item(),
+                dark_share=(u < 0.1).all(1).float().mean().item())
 
 
 def gaussian_prior(model, fp: ForwardProcess, train: torch.Tensor, n: int = 500,
@@ -2794,6 +2916,54 @@ def plot_history(histories: dict, ax=None, title: str = "loss per epoch",
     return ax
 
 
+def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, axes=None):
+    """SSIM and PSNR of one-step x̂0 against t per method (a table1 frame): the mean over folds,
+    a band from the lowest to the highest fold; the report's values (report_table1) as black
+    marks, a range drawn where it gives its lowest and highest fold."""
+    import matplotlib.pyplot as plt
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8),
+                                                      layout="constrained")[1]
+    for (method, d), c in zip(df.groupby("method"), ("C0", "C3", "C2")):
+        a = d.groupby("t").agg(["mean", "min", "max"])
+        n = d.fold.nunique()
+        for ax, m in zip(axes, ("ssim_mean", "psnr_mean")):
+            ax.plot(a.index, a[m]["mean"], "o-", ms=3, color=c,
+                    label=f"ours, {method} ({n} fold{'s' * (n > 1)})")
+            ax.fill_between(a.index, a[m]["min"], a[m]["max"], color=c, alpha=0.2)
+    if report is not None:
+        for t, r in report.groupby("t"):
+            kw = dict(color="k", label="the report (its folds' range, or its value)"
+                      if t == report.t.min() else None)
+            if len(r) > 1:
+                axes[0].plot([t, t], [r.ssim.min(), r.ssim.max()], "-", lw=3, **kw)
+            else:
+                axes[0].plot(t, r.ssim.iloc[0], "kD", ms=5, label=kw["label"])
+    axes[0].set(xlabel="t", ylabel="SSIM", title="one-step x̂0: SSIM against the ground truth")
+    axes[1].set(xlabel="t", ylabel="PSNR (dB)", title="one-step x̂0: PSNR (the report gave none)")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    return axes
+
+
+def plot_figure5(xs: dict, trajs: dict, n_show: int = 8):
+    """The report's Figure 5 for each sampler of figure5: one sample's x_t at the kept t (left,
+    shown clipped to [-1, 1]; the last column is the sample), n_show final samples (middle),
+    and the mean brightness of the set at each kept t (right)."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(xs), 3, figsize=(16, 1.9 * len(xs)), layout="constrained",
+                             gridspec_kw=dict(width_ratios=(10, n_show * 0.8, 4)))
+    for row, name in zip(axes, xs):
+        ts = sorted(trajs[name], reverse=True)
+        show_grid(torch.cat([trajs[name][t][:1].clamp(-1, 1) for t in ts]), nrow=len(ts), ax=row[0])
+        row[0].set_title(f"{name}: one sample at t = {ts[0]} … {ts[-1]}", fontsize=9, loc="left")
+        show_grid(xs[name][:n_show], nrow=n_show, ax=row[1])
+        row[1].set_title(f"{n_show} samples", fontsize=9)
+        row[2].plot(ts, [to_unit(trajs[name][t]).mean().item() for t in ts], "o-", ms=3)
+        row[2].set(ylim=(0, 1), xlim=(max(ts) + 50, -50), ylabel="mean brightness")
+    axes[-1][2].set_xlabel("t (sampling runs right to left)")
+    return fig
+
+
 def plot_leakage(histories: dict, axes=None):
     """Leakage as the report should have measured it: per split (e.g. {'grouped': h, 'random':
     h}), the validation loss and the loss on Test/ by epoch (both with fixed noise and t), and
@@ -3116,8 +3286,10 @@ def main(argv=None) -> None:
     p.add_argument("--patience", type=_at_least(1), default=None)
 
     p = sub.add_parser("train-all", help="every run the notebooks need (resumed, or skipped "
-                       "when finished)")
+                       "when finished or committed)")
     p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    p.add_argument("--retrain", action="store_true",
+                   help="train the runs whose weights are committed too (into runs/)")
     p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
 
     p = sub.add_parser("submit", help="every run of train-all as one SLURM job array (sbatch)",
@@ -3219,6 +3391,10 @@ def _run(a) -> None:
         for over, fold in planned_runs():
             c = get_config(cfg.profile, generation=fold == "all", **over)
             out = run_out(a.out and Path(a.out).resolve(), c, fold)
+            if a.out is None and uses_committed(c, fold, a.retrain):
+                print(f"== {out}: committed ({committed_weights(c, fold).relative_to(ROOT)}), "
+                      f"not trained (--retrain trains it)", flush=True)
+                continue
             print(f"== {out}", flush=True)
             train(c, fold, resume=True, out=out)
     elif a.cmd == "submit":
