@@ -1762,6 +1762,22 @@ def run_summary(cfg: Config, fold, history: pd.DataFrame) -> dict:
                 images_per_s=history.images_per_s.median())
 
 
+def training_summary(runs: list[tuple[Config, object, pd.DataFrame | None]],
+                     cfg: Config) -> pd.DataFrame:
+    """The training table (figures/training_summary.csv): a run_summary row per (config, fold,
+    history); a run without a history (a committed model whose history is not committed) keeps
+    its row from the table already in cfg.fig_dir(), if it has one."""
+    path = cfg.fig_dir() / "training_summary.csv"
+    old = pd.read_csv(path).set_index("run") if path.exists() else pd.DataFrame()
+    rows = []
+    for c, fold, h in runs:
+        if h is not None:
+            rows.append(run_summary(c, fold, h))
+        elif (name := str(c.run_dir(fold).relative_to(ROOT / "runs" / c.profile))) in old.index:
+            rows.append(dict(run=name, **old.loc[name].to_dict()))
+    return pd.DataFrame(rows)
+
+
 def planned_runs() -> list[tuple[dict, object]]:
     """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
     generation model (on every training image), and on fold 0 the report-faithful target and
@@ -2092,6 +2108,18 @@ def split_leakage(cfg: Config, fold: int = 0) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+def leakage_table(histories: dict) -> pd.DataFrame:
+    """Per split ({name: history}), the validation and the Test/ loss (both with fixed noise and
+    t) at the best epoch and at the last, and Test/ ÷ validation: above 1, the validation loss
+    is optimistic about images the model has not seen."""
+    rows = []
+    for name, h in histories.items():
+        for when, r in (("best epoch", h.loc[h.val_loss.idxmin()]), ("last epoch", h.iloc[-1])):
+            rows.append(dict(split=name, when=when, epoch=int(r.epoch), val_loss=r.val_loss,
+                             test_loss=r.test_loss, test_over_val=r.test_loss / r.val_loss))
+    return pd.DataFrame(rows)
+
+
 def summarise(per_image: pd.DataFrame, by=("t",), batch: int = 64) -> pd.DataFrame:
     """Mean and std of SSIM and PSNR per group: ssim_std and psnr_std over the images, and
     ssim_std_batch and psnr_std_batch over the means of consecutive batches of `batch` images in
@@ -2352,7 +2380,8 @@ FIG5_SAMPLERS = {
 def figure5(cfg: Config, n: int = 16, seed: int = 0, fold: int = 0,
             keep=tuple(range(900, -1, -100)), progress: bool = True):
     """Every FIG5_SAMPLERS set from the same x_T (seed): the report-faithful and the corrected
-    model of one fold (the same training images and protocol). Returns ({name: x0}, {name: {t:
+    model of one fold (the same training images and protocol; trained first where missing,
+    see trained). Returns ({name: x0}, {name: {t:
     x_t}} for t in keep, a table per set with the mean and spread of its pixels in [0, 1] and
     its share of dark pixels (all channels < 0.1), the real test images' row first)."""
     dev = get_device()
@@ -2360,6 +2389,7 @@ def figure5(cfg: Config, n: int = 16, seed: int = 0, fold: int = 0,
     xs, trajs = {}, {}
     for name, (target, method, kw) in FIG5_SAMPLERS.items():
         c = dataclasses.replace(cfg, target=target)
+        trained(c, fold, progress=False)
         model, fp = load_model(c, fold).to(dev), ForwardProcess.from_config(c).to(dev)
         xs[name], trajs[name] = sample(model, fp, method, n, cfg.image_size, seed=seed,
                                        keep=keep, progress=progress, **kw)
@@ -2924,7 +2954,7 @@ def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, axes=None)
     axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8),
                                                       layout="constrained")[1]
     for (method, d), c in zip(df.groupby("method"), ("C0", "C3", "C2")):
-        a = d.groupby("t").agg(["mean", "min", "max"])
+        a = d.groupby("t")[["ssim_mean", "psnr_mean"]].agg(["mean", "min", "max"])
         n = d.fold.nunique()
         for ax, m in zip(axes, ("ssim_mean", "psnr_mean")):
             ax.plot(a.index, a[m]["mean"], "o-", ms=3, color=c,
@@ -3115,6 +3145,21 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
         f["n_eval"] = str(int(t1.n.iloc[0]))
         psnr = t1.groupby(["method", "t"]).psnr_mean.mean().unstack("method")
         f["table1_psnr"] = to_markdown(psnr.loc[[50, 100, 200, 500, 1000]].round(2).reset_index())
+        for method, key in (("corrected", "corrected"), ("report-faithful", "report")):
+            for t in (50, 200, 500, 800):
+                d = t1[(t1.method == method) & (t1.t == t)]
+                if len(d):
+                    f[f"psnr{t}_{key}"] = f"{d.psnr_mean.mean():.1f}"
+                    f[f"ssim{t}_{key}_lo"] = f"{d.ssim_mean.min():.3f}"
+    if (vs := csv("table1_vs_report")) is not None:
+        f["table1_vs_report"] = to_markdown(vs.drop(columns="report_what").round(3))
+    if (lk := csv("leakage")) is not None:
+        f["leakage_table"] = to_markdown(lk.round(4))
+        for split, r in lk[lk.when == "best epoch"].set_index("split").iterrows():
+            key = "random" if split.startswith("random") else "grouped"
+            f[f"leak_{key}"], f[f"leak_{key}_epoch"] = f"{r.test_over_val:.3f}", str(int(r.epoch))
+    if (f5 := csv("figure5_brightness")) is not None:
+        f["figure5_table"] = to_markdown(f5.round(3))
     if (g := csv("generation_metrics")) is not None:
         cols = ["sampler", "n", "ffd", "ffd_floor", "ffd_ratio", "ffd_class_mix", "kid",
                 "recognizability", "recognizability_ratio", "classes_covered", "nn_ssim_mean",

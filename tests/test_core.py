@@ -800,3 +800,47 @@ def test_plot_leakage_draws_both_losses_and_their_ratio():
     assert len(axes[0].lines) == 4
     assert np.allclose(axes[1].lines[0].get_ydata(), [1.0, 1.5, 2.0])      # grouped
     assert list(axes[1].lines[1].get_ydata()) == [1.0, 1.0, 1.0]          # random
+
+
+def test_trained_uses_committed_weights_and_trains_only_what_is_missing(tmp_path, monkeypatch,
+                                                                         capsys):
+    """With a fold's weights committed and no local run, trained() and train-all train nothing
+    (the committed history comes back); retrain=True / --retrain train it anyway."""
+    monkeypatch.setattr(dl, "ROOT", tmp_path)
+    cfg = smoke_cfg(data_dir=str(REPO / "runs" / "smoke" / "data"), max_epochs=1)
+    dl.train(cfg, 0, progress=False)
+    dl.export_ema(cfg, 0)
+    h = dl.run_history(cfg, 0)
+    shutil.rmtree(cfg.run_dir(0))
+    calls = []
+    monkeypatch.setattr(dl, "train", lambda c, k, **kw: calls.append(k) or h)
+    assert dl.uses_committed(cfg, 0) and dl.trained(cfg, 0).equals(h) and calls == []
+    dl.trained(cfg, 0, retrain=True)
+    assert calls == [0]
+    assert not dl.uses_committed(cfg, 1)                     # nothing committed: trained
+    dl.trained(cfg, 1)
+    assert calls == [0, 1]
+    monkeypatch.setattr(dl, "get_config", lambda *a, **kw: dataclasses.replace(cfg, **{
+        k: v for k, v in kw.items() if k != "generation"}))
+    monkeypatch.setattr(dl, "planned_runs", lambda: [({}, 0), ({}, 1)])
+    dl.main(["train-all", "--profile", "smoke"])
+    assert "committed" in capsys.readouterr().out and calls == [0, 1, 1]
+    dl.main(["train-all", "--profile", "smoke", "--retrain"])
+    assert calls == [0, 1, 1, 0, 1]
+
+
+def test_leakage_table_and_training_summary_keep_what_has_no_history(tmp_path, monkeypatch):
+    h = pd.DataFrame(dict(epoch=[1, 2, 3], train_loss=[0.5, 0.3, 0.2], val_loss=[0.4, 0.1, 0.2],
+                          test_loss=[0.4, 0.3, 0.3], seconds=[60.0] * 3, images_per_s=[10.0] * 3))
+    t = dl.leakage_table({"grouped": h}).set_index("when")
+    assert t.loc["best epoch", "epoch"] == 2 and np.isclose(t.loc["best epoch", "test_over_val"], 3)
+    assert np.isclose(t.loc["last epoch", "test_over_val"], 1.5)
+    monkeypatch.setattr(dl, "ROOT", tmp_path)
+    cfg = smoke_cfg()
+    old = pd.DataFrame([dict(run="eps-grouped/all", epochs=9, best_epoch=9, best_val_loss=0.01,
+                             final_train_loss=0.01, early_stopped=False, minutes=5.0,
+                             images_per_s=1.0)])
+    dl.write_csv(old, cfg.fig_dir() / "training_summary.csv")
+    s = dl.training_summary([(cfg, 0, h), (cfg, "all", None), (cfg, 1, None)], cfg)
+    assert list(s.run) == ["eps-grouped/fold0", "eps-grouped/all"]
+    assert s.iloc[0].best_epoch == 2 and s.iloc[0].minutes == 3.0 and s.iloc[1].epochs == 9

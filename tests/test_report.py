@@ -208,3 +208,20 @@ def test_report_norm_table(tmp_path):
                    "${norm_from_matched}, ${norm_from_clip}; real ${norm_real_nn_max}\n${norm_table}")
     assert "3×500: 12.50 → 3.50 (3.00–4.00), DDIM-20 4.50; from 400, n/a; real 0.999" in text
     assert "| norm-matched, not clipped | 400 | 3.50 (3.00–4.00) | 4.50 (4.00–5.00) | 0.97 |" in text
+
+
+def test_report_values_beside_ours(tmp_path):
+    """data/report_table1.csv holds typed-in values with their source; table1_vs_report puts ours
+    (mean, lowest and highest fold) beside them at each of their t, and plot_table1 draws them."""
+    rep = dl.report_table1()
+    assert {"t", "what", "ssim", "source"} <= set(rep.columns) and rep.source.str.len().min() > 10
+    assert rep.ssim.between(0, 1).all() and set(rep.t) <= set(dl.TABLE1_T)
+    df = _table1(tmp_path)
+    cmp = dl.table1_vs_report(df, rep).set_index("t")
+    assert list(cmp.index) == sorted(rep.t.unique())
+    d = df[(df.method == "corrected") & (df.t == 500)]
+    assert np.isclose(cmp.loc[500, "corrected ssim"], d.ssim_mean.mean())
+    assert cmp.loc[500, "corrected lowest fold"] == d.ssim_mean.min()
+    assert cmp.loc[500, "report"] == " – ".join(f"{v:.3f}" for v in rep[rep.t == 500].ssim)
+    axes = dl.plot_table1(df, rep)
+    assert len(axes[0].lines) == 2 + rep.t.nunique() and len(axes[1].lines) == 2

@@ -118,11 +118,11 @@ def tiny():
     return model, dl.ForwardProcess(50)
 
 
-SAMPLER_KW = {"ddpm": dict(var="beta"), "ddim": dict(steps=10), "report": {}}
+SAMPLER_KW = {"ddpm": dict(var="beta"), "ddim": dict(steps=10), "report": {}, "report-first": {}}
 
 
 def test_samplers_table():
-    assert set(dl.SAMPLERS) == {"ddpm", "ddim", "report"}
+    assert set(dl.SAMPLERS) == {"ddpm", "ddim", "report", "report-first"}
     with pytest.raises(ValueError, match="method"):
         dl.sample(nn.Linear(1, 1), dl.ForwardProcess(5), "euler", n=1, size=8, progress=False)
 
@@ -131,7 +131,8 @@ def test_samplers_table():
                                        ("ddpm", dict(var="beta_tilde")),
                                        ("ddim", dict(steps=10)),
                                        ("ddim", dict(steps=10, eta=1.0)),
-                                       ("report", {})])
+                                       ("report", {}), ("report", dict(decode="report")),
+                                       ("report-first", {})])
 def test_sampler_shape_range_and_seed(tiny, method, kw):
     model, fp = tiny
     run = lambda seed: dl.sample(model, fp, method, n=3, size=16, seed=seed, batch=2,
@@ -931,3 +932,96 @@ def test_classifier_does_not_depend_on_the_callers_rng():
         torch.manual_seed(s)
         weights.append(dl.train_classifier(cfg, progress=False)[0].state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. the report's samplers read literally (its Section 5), checked against float64 recursions
+
+
+class ScaledOptimalEps(OptimalEps):
+    """The ideal report-faithful network: it outputs its target sqrt(1-ᾱ_t)·ε* exactly."""
+
+    def forward(self, x, t):
+        return ((1 - self.ab[t - 1].view(-1, 1, 1, 1)).sqrt() * super().forward(x, t).double()).float()
+
+
+def _literal_run(loop, model, n_side: int = 64, seed: int = 0, **kw):
+    """loop with `model` on (1, 1, n_side, n_side) 1-pixel chains, and the noise it draws
+    (the same generator, replayed: one N(0, 1) draw of x's shape per step with t > 1)."""
+    fp = dl.ForwardProcess(T)
+    g = torch.Generator().manual_seed(seed)
+    xT = torch.randn(1, 1, n_side, n_side, generator=g)
+    x, _ = loop(model, fp, xT, g, **kw)
+    g2 = torch.Generator().manual_seed(seed)
+    torch.randn(1, 1, n_side, n_side, generator=g2)
+    z = [torch.randn(1, 1, n_side, n_side, generator=g2).double().numpy() for _ in range(T - 1)]
+    return xT.double().numpy(), x.double().numpy(), z
+
+
+def _out_coef(t: int, scaled: bool) -> float:
+    """The oracle's output is k·(x − sqrt(ᾱ_t)·μ): k of ε*, or of sqrt(1-ᾱ_t)·ε* (scaled)."""
+    _, ab = linear_alpha_bar()
+    a = ab[t - 1]
+    return np.sqrt(1 - a) / (a * S2 + 1 - a) * (np.sqrt(1 - a) if scaled else 1.0)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_report_first_sampler_is_algorithm2_with_the_raw_output(scaled):
+    """x_{t-1} = (x_t − β_t/sqrt(1-ᾱ_t)·out)/sqrt(α_t) + sqrt(β_t)·z, replayed in float64 with the
+    same z. With ε* it is DDPM (the data's variance); with the ideal report-faithful output it
+    removes too little noise and ends ~10× too wide, its mean still right."""
+    model = ScaledOptimalEps() if scaled else OptimalEps()
+    xT, x, z = _literal_run(dl.report_first_loop, model)
+    b, ab = linear_alpha_bar()
+    ref = xT
+    for i, t in enumerate(range(T, 0, -1)):
+        out = _out_coef(t, scaled) * (ref - np.sqrt(ab[t - 1]) * MU)
+        ref = (ref - b[t - 1] / np.sqrt(1 - ab[t - 1]) * out) / np.sqrt(1 - b[t - 1])
+        ref = ref + (np.sqrt(b[t - 1]) * z[i] if t > 1 else 0)
+    np.testing.assert_allclose(x, ref, rtol=0, atol=2e-4)
+    if scaled:
+        assert x.var() > 5 * S2 and abs(x.mean() - MU) < 0.1
+    else:
+        assert abs(x.var() - S2) < 0.15 * S2
+
+
+def test_report_iterative_method_with_its_own_decoding():
+    """decode='report': x̂0 = clip(s(t)·(x_t − out)) with Eq. 5's scaler, then q_sample to t−1,
+    replayed in float64; on the ideal report-faithful output it differs from decoding ε̂."""
+    fp = dl.ForwardProcess(T)
+    xT, x, z = _literal_run(dl.report_sample_loop, ScaledOptimalEps(), decode="report")
+    _, ab = linear_alpha_bar()
+    s = dl.ForwardProcess.report_scaler(torch.arange(1, T + 1)).numpy()
+    ref = xT
+    for i, t in enumerate(range(T, 0, -1)):
+        out = _out_coef(t, True) * (ref - np.sqrt(ab[t - 1]) * MU)
+        x0 = np.clip(np.float32(s[t - 1]) * (ref - out), -1, 1)
+        ref = np.sqrt(ab[t - 2]) * x0 + np.sqrt(1 - ab[t - 2]) * z[i] if t > 1 else x0
+    np.testing.assert_allclose(x, ref, rtol=0, atol=2e-4)
+    _, x_eps, _ = _literal_run(dl.report_sample_loop, ScaledOptimalEps())
+    assert np.abs(x - x_eps).max() > 0.01
+    with pytest.raises(ValueError, match="decode"):
+        dl.report_sample_loop(OptimalEps(), fp, torch.zeros(1, 1, 2, 2), torch.Generator(),
+                              decode="other")
+
+
+def test_figure5_samples_every_set_from_the_same_seed(tmp_path, monkeypatch):
+    """figure5 on two freshly trained smoke fold models (T = 50): one set per FIG5_SAMPLERS row
+    plus the real images' row, each kept t recorded, and the same seed gives the same sets."""
+    monkeypatch.setattr(dl, "ROOT", tmp_path)
+    cfg = dl.get_config("smoke", data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
+                                               "smoke" / "data"), T=50, max_epochs=1)
+    for target in ("eps", "scaled_eps"):
+        dl.train(dataclasses.replace(cfg, target=target), 0, progress=False)
+    xs, trajs, stats = dl.figure5(cfg, n=3, keep=(40, 20, 0), progress=False)
+    assert list(xs) == list(dl.FIG5_SAMPLERS) and len(stats) == len(xs) + 1
+    assert stats.images.iloc[0] == "real test images"
+    assert ((stats.dark_share >= 0) & (stats.dark_share <= 1)).all() and (stats.n[1:] == 3).all()
+    for name, x in xs.items():
+        assert x.shape == (3, 3, 16, 16) and sorted(trajs[name]) == [0, 20, 40]
+        assert torch.isfinite(x).all() and x.abs().max() <= 1
+    assert not torch.equal(xs["DDPM-1000, corrected model"], xs["DDIM-50 (η = 0), corrected model"])
+    again, _, _ = dl.figure5(cfg, n=3, keep=(0,), progress=False)
+    assert all(torch.equal(again[k], xs[k]) for k in xs)
+    fig = dl.plot_figure5(xs, trajs, n_show=3)
+    assert len(fig.axes) == 3 * len(xs)
