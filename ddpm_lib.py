@@ -70,7 +70,6 @@ class Config:
     width: int = 32                 # channels of the U-Net's first level (the report: 32)
     time_dim: int = 256             # sinusoidal time-embedding size
     heads: int = 4                  # attention heads at the bottleneck
-    eps_skip: bool = False          # ε̂ + s(t)·x_t, so the net sees ‖x_t‖ (not the report's U-Net)
     sigma_data: float = 0.0         # > 0: EDM preconditioning (ForwardProcess; not the report's)
     T: int = 1000                   # diffusion steps (the report: 1000)
     beta_1: float = 1e-3            # linear schedule ends (the report: 0.001 → 0.02)
@@ -91,18 +90,15 @@ class Config:
     bf16: bool | None = None        # bf16 autocast; None: chosen by measuring (speed_choice)
     channels_last: bool | None = None   # channels_last memory; None: chosen as bf16 is
     seed: int = 0
-    init: str = ""                  # start from these EMA weights (repo-relative): fine-tuning
+    init: str = ""                  # start from these EMA weights (repo-relative)
 
     def run_dir(self, fold) -> Path:
         name = "all" if fold == "all" else f"fold{int(fold)}"
         return ROOT / "runs" / self.profile / f"{self.target}-{self.split}" / name
 
     def fig_dir(self) -> Path:
-        """Figures of real runs go to figures/ (those of a profile made from another generation
-        model, b256 and the fine-tuned ones, to figures/<profile>/); the smoke profile's stay
-        out of it."""
-        d = {"smoke": ROOT / "runs" / "smoke" / "figures", "cpu": ROOT / "figures",
-             "full": ROOT / "figures"}.get(self.profile, ROOT / "figures" / self.profile)
+        """figures/ for real runs; the smoke profile's figures stay in runs/smoke/figures."""
+        d = ROOT / "runs" / "smoke" / "figures" if self.profile == "smoke" else ROOT / "figures"
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -113,6 +109,7 @@ RESUMABLE_KEYS = {"max_epochs", "patience", "profile"}
 # a resumed run keeps the checkpoint's (train).
 SPEED_KEYS = {"bf16", "channels_last"}
 
+# Profiles name a scale: the data, the network's size and how long it trains.
 PROFILES = {
     # synthetic fruit, a tiny model, a few steps: seconds. For tests and nbval in CI.
     "smoke": dict(data_dir="runs/smoke/data", image_size=16, width=8, time_dim=32, heads=2,
@@ -123,35 +120,17 @@ PROFILES = {
     # the report's setup: 100×100, 40 epochs, 5 folds; for a GPU.
     "full": dict(image_size=100, width=32, batch_size=64, max_epochs=40),
 }
-# the cpu profile with another generation model (GENERATION: batch 256, made on a GPU). Only that
-# model is b256's own (evaluate --what generation, sample); its figures go to figures/b256/.
-PROFILES["b256"] = dict(PROFILES["cpu"])
-# The committed cpu model trained on (GENERATION: init) with an output path ε̂ + s(t)·x_t that
-# sees ‖x_t‖ (eps_skip), and, as the control, without it. Figures to figures/<profile>/.
-PROFILES["skip"] = dict(PROFILES["cpu"], eps_skip=True)
-PROFILES["cpu-ft"] = dict(PROFILES["cpu"])
-# ... and, instead of s(t), EDM's preconditioning (ForwardProcess): σ_d = 0.7, the training
-# images' root mean square (0.708 at 32×32 in [-1, 1]).
-PROFILES["precond"] = dict(PROFILES["cpu"], sigma_data=0.7)
 
-
-# The generation model: trained on every training image ('all'), validated on Test/, for longer
-# and (on the CPU's short budget) with a larger learning rate than the report's per-fold runs.
+# The generation model: the same U-Net with EDM's preconditioning (sigma_data: σ_d = 0.7, the
+# training images' root mean square at 32×32 in [-1, 1]), trained on every training image
+# ('all'), validated on Test/, for longer and with a larger learning rate than the fold runs.
+# cpu: trained on for 100 epochs from the weights of the same network trained without
+# preconditioning for 140 epochs (init, committed; that recipe: lr 5e-4, EMA 0.9995, 140 epochs).
 GENERATION = {
-    "smoke": dict(max_epochs=2),
-    "cpu": dict(lr=5e-4, ema_decay=0.9995, max_epochs=140, patience=140),
-    "full": dict(max_epochs=40, patience=40),
-    # the cpu profile's network at 8× its batch: 24 epochs of 200 steps, 1.23M images (the cpu
-    # model: 22,260 steps, 0.71M images). 3.8 min on an H200, where the committed
-    # data/checkpoints/ddpm_b256_all_ema_fp16.pt was made (figures/b256/h200/); ~7 h on an
-    # AVX2 CPU with 2 cores (47 img/s).
-    "b256": dict(lr=5e-4, ema_decay=0.9995, batch_size=256, steps_per_epoch=200, max_epochs=24,
-                 patience=24),
-    # the committed cpu model trained on for 100 epochs with the same recipe: 'skip' with s(t)
-    # added at zero, 'precond' preconditioned, 'cpu-ft' as it is (the control)
-    **{p: dict(lr=5e-4, ema_decay=0.9995, max_epochs=100, patience=100,
-               init="data/checkpoints/ddpm_cpu_all_ema_fp16.pt")
-       for p in ("skip", "precond", "cpu-ft")},
+    "smoke": dict(max_epochs=2, sigma_data=0.7),
+    "cpu": dict(lr=5e-4, ema_decay=0.9995, max_epochs=100, patience=100, sigma_data=0.7,
+                init="data/checkpoints/ddpm_cpu_plain_all_ema_fp16.pt"),
+    "full": dict(max_epochs=40, patience=40, sigma_data=0.7),
 }
 
 
@@ -173,9 +152,7 @@ def get_config(profile: str | None = None, generation: bool = False, **overrides
 
 
 def get_device() -> torch.device:
-    """CUDA when there is a GPU, the CPU otherwise. Either way the host's malloc is first set to
-    keep freed memory (keep_freed_memory)."""
-    keep_freed_memory()
+    """CUDA when there is a GPU, the CPU otherwise."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -187,7 +164,7 @@ def keep_freed_memory() -> bool:
     step at batch 250 went from 208,000 minor page faults to 1,100 and from 145 to 200 images/s;
     a training step at batch 32 from 6,000–12,000 faults to none, a few % faster. The process
     keeps its peak memory. Returns False where there is no glibc (macOS, musl) or mallopt refuses
-    a setting."""
+    a setting. Called where training (_train) and sampling (sample) start."""
     import ctypes
     if not sys.platform.startswith("linux"):
         return False
@@ -198,6 +175,15 @@ def keep_freed_memory() -> bool:
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3              # <malloc.h>
     return all([mallopt(k, v) == 1 for k, v in ((M_MMAP_THRESHOLD, 32 << 20),    # try each
                                                  (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))])
+
+
+def tqdm(*args, **kw):
+    """tqdm.auto's progress bar; none where DDPM_PROGRESS=0 (`make figures` executes the notebooks
+    so, leaving no stale bars in their stored outputs)."""
+    from tqdm.auto import tqdm as bar
+    if os.environ.get("DDPM_PROGRESS") == "0":
+        kw["disable"] = True
+    return bar(*args, **kw)
 
 
 def seed_everything(seed: int) -> None:
@@ -576,7 +562,6 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
                 seed: int = 0, skip_bad: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Scan a Fruits-360 folder → (index, bad files). Columns: path (relative to root), label,
     split, video, frame, group, fold."""
-    from tqdm.auto import tqdm
     root = Path(root)
     dirs = _find_split_dirs(root)
     available = sorted(p.name for p in dirs["Training"].iterdir() if p.is_dir())
@@ -627,7 +612,6 @@ def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
     """Download with a progress bar, resuming a partial file (HTTP Range), then check the size."""
     import urllib.error
     import urllib.request
-    from tqdm.auto import tqdm
     part = dest.with_suffix(dest.suffix + ".part")
     have = part.stat().st_size if part.exists() else 0
     total = None
@@ -867,7 +851,6 @@ class Fruits(torch.utils.data.Dataset):
     def images(self) -> torch.Tensor:
         """uint8 (N, 3, size, size), decoded on first use."""
         if self._cache is None:
-            from tqdm.auto import tqdm
             out = torch.empty(len(self), 3, self.size, self.size, dtype=torch.uint8)
             for i, p in enumerate(tqdm(self.rows.path, desc=f"loading {len(self)} images",
                                        leave=False, disable=len(self) < 500)):
@@ -890,6 +873,14 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] → [0, 1], clamped."""
     return x.add(1).div(2).clamp(0, 1)
+
+
+def split_data(cfg: Config, split: str, classes=None) -> Fruits:
+    """The images of the dataset's own split ('train': Training/, 'test': Test/) at the
+    profile's size, unflipped; labels indexed by `classes` (default: sorted class names)."""
+    index = load_index(cfg)
+    rows = index[index.split == split]
+    return Fruits(rows, ROOT / cfg.data_dir / "fruits-360", cfg.image_size, classes=classes)
 
 
 def fold_datasets(cfg: Config, fold) -> tuple[Fruits, Fruits]:
@@ -990,11 +981,11 @@ class UNet(nn.Module):
     Works at any size ≥ 8 (100 → 50 → 25 → 12 and back; 32 → 16 → 8 → 4).
 
     Its convs feed GroupNorm(1, C) without a bias and `inc` has no residual, so net(c·x, t) =
-    net(x, t) for c > 0: it cannot see ‖x_t‖. skip=True (Config.eps_skip) adds s(t)·x_t to the
-    output, s(t) per channel from the time embedding, zero at start (the net is then the report's).
+    net(x, t) for c > 0: it cannot see ‖x_t‖ (scale_response). EDM's preconditioning
+    (ForwardProcess, sigma_data) supplies that part of ε̂ outside the network.
     """
 
-    def __init__(self, width: int = 32, time_dim: int = 256, heads: int = 4, skip: bool = False):
+    def __init__(self, width: int = 32, time_dim: int = 256, heads: int = 4):
         super().__init__()
         w = width
         self.temb = TimeEmbedding(time_dim)
@@ -1005,23 +996,16 @@ class UNet(nn.Module):
         self.up1, self.up2, self.up3 = Up(8 * w, 2 * w, time_dim), Up(4 * w, w, time_dim), \
             Up(2 * w, w, time_dim)
         self.outc = nn.Conv2d(w, 3, 1)
-        self.skip = nn.Sequential(nn.SiLU(), nn.Linear(time_dim, 3)) if skip else None
-        if skip:
-            nn.init.zeros_(self.skip[1].weight)
-            nn.init.zeros_(self.skip[1].bias)
 
     def forward(self, x, t):                                               # (B, 3, H, W), (B,)
         e = self.temb(t)                                                   # (B, time_dim)
-        x_in, x1 = x, self.inc(x)                                          # (B, w, H, W)
+        x1 = self.inc(x)                                                   # (B, w, H, W)
         x2 = self.down1(x1, e)                                             # (B, 2w, H/2, W/2)
         x3 = self.down2(x2, e)                                             # (B, 4w, H/4, W/4)
         x4 = self.attn(self.down3(x3, e))                                  # (B, 4w, H/8, W/8)
         x = self.up1(x4, x3, e)                                            # (B, 2w, H/4, W/4)
         x = self.up2(x, x2, e)                                             # (B, w, H/2, W/2)
-        out = self.outc(self.up3(x, x1, e))                                # (B, 3, H, W)
-        if self.skip is not None:
-            out = out + self.skip(e)[:, :, None, None] * x_in              # + s(t)·x_t
-        return out
+        return self.outc(self.up3(x, x1, e))                               # (B, 3, H, W)
 
 
 def n_params(model: nn.Module) -> int:
@@ -1029,7 +1013,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def build_model(cfg: Config, device: torch.device | None = None, verbose: bool = True) -> UNet:
-    model = UNet(cfg.width, cfg.time_dim, cfg.heads, cfg.eps_skip)
+    model = UNet(cfg.width, cfg.time_dim, cfg.heads)
     if verbose:
         print(f"UNet(width={cfg.width}): {n_params(model):,} parameters")
     model = model.to(device or get_device())
@@ -1174,88 +1158,6 @@ class ForwardProcess(nn.Module):
         return to_unit(s * (xt - out))
 
 
-class GaussianEps(nn.Module):
-    """The ε̂ that would be optimal if the data were Gaussian, N(μ, Σ) with the mean and
-    covariance of `images` (float, (N, C, H, W)): for x_t = a·x0 + s·ε (a² = ᾱ_t, s² = 1-ᾱ_t),
-
-        E[ε | x_t] = s·(a²Σ + s²I)⁻¹(x_t − a·μ),
-
-    computed along Σ's eigenvectors (from the SVD of the centred images; Σ is 0 off their span,
-    where ε̂ = (x_t − a·μ)/s). At large t, where x_t is nearly pure noise, this
-    closed form beats the cpu generation model's ε̂ (eps_error), so samplers can use it for
-    t ≥ `start` (see _eps) — the Gaussian structure of high-noise scores that Wang & Vastola
-    (2023, 'The hidden linear structure in diffusion models') use to skip the first steps.
-
-    labels ((N,) ints): a mixture instead, one Gaussian N(μ_k, Σ_k) per label k with weight
-    π_k = its share of the images, and E[ε | x_t] = Σ_k p(k | x_t)·E_k[ε | x_t] with
-    p(k | x_t) ∝ π_k·N(x_t; a·μ_k, a²Σ_k + s²I) — exact for such a mixture. Components of
-    lower rank are padded with zero eigenvalues, which change neither term. A call holds
-    (B, K, D) floats: ~1.3 GB at B = 250 with 105 components of 32×32 images."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, start: int = 1):
-        super().__init__()
-        x = images.flatten(1).double()                                  # (N, D)
-        labels = torch.zeros(len(x)) if labels is None else torch.as_tensor(labels)
-        mus, vs, lams, logw = [], [], [], []
-        for k in labels.unique():
-            xk = x[labels == k]
-            mu = xk.mean(0)
-            _, sv, vh = torch.linalg.svd(xk - mu, full_matrices=False)
-            mus.append(mu)
-            vs.append(vh.T)                                             # (D, r_k)
-            lams.append(sv ** 2 / max(len(xk) - 1, 1))                  # (r_k,) eigenvalues
-            logw.append(math.log(len(xk) / len(x)))
-        r = max(len(v) for v in lams)
-        pad = lambda v: F.pad(v, (0, r - v.shape[-1]))
-        mu = torch.stack(mus).float().view(-1, *images.shape[1:])
-        self.register_buffer("mu", mu)                                  # (K, C, H, W)
-        self.register_buffer("V", torch.stack([pad(v) for v in vs]).float())   # (K, D, r)
-        self.register_buffer("lam", torch.stack([pad(v) for v in lams]).float())  # (K, r)
-        self.register_buffer("log_w", torch.tensor(logw))              # (K,) log π_k
-        self.start = start                                   # t from which samplers use it
-
-    def forward(self, fp: ForwardProcess, xt, t):
-        ab = fp.at(fp.alpha_bar, t).view(-1, 1, 1)                      # (B, 1, 1)
-        s2 = 1 - ab
-        z = xt.flatten(1)[:, None] - ab.sqrt() * self.mu.flatten(1)     # (B, K, D)
-        proj = torch.einsum("bkd,kdr->bkr", z, self.V)                  # (B, K, r)
-        var = ab * self.lam + s2                                        # a²λ + s², (B, K, r)
-        c = proj * (s2.sqrt() / var - 1 / s2.sqrt())
-        eps = z / s2.sqrt() + torch.einsum("bkr,kdr->bkd", c, self.V)   # E_k[ε | x_t], (B, K, D)
-        if len(self.log_w) > 1:               # p(k | x_t), from log N up to a term shared by all k
-            z2, proj2, var = z.double().pow(2).sum(-1), proj.double().pow(2), var.double()
-            logp = self.log_w - 0.5 * (z2 / s2.double().flatten(1) + var.log().sum(-1)
-                                       + (proj2 * (1 / var - 1 / s2.double())).sum(-1))
-            eps = torch.einsum("bk,bkd->bd", logp.softmax(-1).float(), eps)[:, None]
-        return eps[:, 0].view_as(xt)
-
-
-class NormMatch(nn.Module):
-    """The network's ε̂ scaled by ‖x_t‖ / sqrt(E‖x_t‖²), so that its norm follows the input's,
-    where E‖x_t‖² = ᾱ_t·E‖x0‖² + (1-ᾱ_t)·D (Eq. 4; E‖x0‖² of `images`, float (N, C, H, W)).
-
-    Why: the report's U-Net cannot see the scale of its input. Every convolution before a
-    GroupNorm has no bias, and `inc` has no residual path, so net(c·x, t) = net(x, t) for any
-    c > 0, up to GroupNorm's ε (a test checks it to 1e-4). At large t the ideal ε̂ ≈ x_t grows
-    with x_t, but the network gives every sample the norm that is typical for t. The starting
-    noise's own norm differs between samples (±1.3 % for D = 3,072), and that difference is
-    never corrected. Along a deterministic chain, x̂0 = (x_t − sqrt(1-ᾱ)·ε̂)/sqrt(ᾱ) multiplies
-    it by up to sqrt((1-ᾱ)/ᾱ) ≈ 190 (Eq. 15). Clipping x̂0 hides this drift, and without
-    clipping DDIM diverges. Used for t ≥ `start`: at small t, ‖x_t‖ is mostly the image's own
-    norm, and there matching it can make ε̂ worse (eps_error decides; for the cpu generation
-    model on test images it helps from t = 400 up and halves the ε-MSE at t = 1000)."""
-
-    def __init__(self, images: torch.Tensor, start: int = 1):
-        super().__init__()
-        self.register_buffer("x0_sq", images.flatten(1).double().pow(2).sum(1).mean().float())
-        self.start = start
-
-    def forward(self, fp: ForwardProcess, xt, t, eps):
-        ab = fp.at(fp.alpha_bar, t).flatten()                             # (B,)
-        expected = (ab * self.x0_sq + (1 - ab) * xt[0].numel()).sqrt()    # sqrt E‖x_t‖², (B,)
-        return eps * (xt.flatten(1).norm(dim=1) / expected).view(-1, 1, 1, 1)
-
-
 @torch.no_grad()
 def _out(model, x, t_val: int):
     """The network's raw output at timestep t_val for every image of x, under autocast(), and
@@ -1265,18 +1167,11 @@ def _out(model, x, t_val: int):
         return t, model(x, t).float()
 
 
-def _eps(model, fp: ForwardProcess, x, t_val: int, prior: GaussianEps | None = None,
-         scale: float = 1.0, norm: NormMatch | None = None):
-    """ε̂ = net(x_t, t) / scale under autocast() (bf16 where fast; the scaled target divided back
-    out), or prior's closed form where t ≥ prior.start. scale > 1 is ε-scaling [EB]: a network
-    trained on true x_t over-predicts the noise of the x_t a sampler makes (exposure bias).
-    norm: the network's ε̂ norm-matched (NormMatch) where t ≥ norm.start."""
-    if prior is not None and t_val >= prior.start:
-        t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
-        return t, prior(fp, x, t)
+def _eps(model, fp: ForwardProcess, x, t_val: int):
+    """ε̂ = the network's output read as ε (the scaled target divided back out; with
+    preconditioning c_skip·x_t + c_out·F) under autocast() (bf16 where fast), and t (B,)."""
     t, out = _out(model, x, t_val)
-    eps = fp.eps_from_output(x, t, out) / scale
-    return t, norm(fp, x, t, eps) if norm is not None and t_val >= norm.start else eps
+    return t, fp.eps_from_output(x, t, out)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1497,10 +1392,10 @@ INIT_KEYS = ("image_size", "width", "time_dim", "heads", "T", "beta_1", "beta_T"
 
 
 def load_init(model: UNet, cfg: Config) -> None:
-    """Load cfg.init's EMA weights into `model`: all of them, with only eps_skip's s(t) (zero at
-    start) allowed to be new. So a fine-tuned run starts as exactly the model it came from (with
-    sigma_data, from its weights only: the preconditioning reads their output differently; a
-    preconditioned model can only be fine-tuned with the same sigma_data)."""
+    """Load cfg.init's EMA weights into `model`, all of them: a run with Config.init starts from
+    the weights of the model it came from (with sigma_data, from its weights only: the
+    preconditioning reads their output differently; a preconditioned model can only be trained
+    on with the same sigma_data)."""
     path = ROOT / cfg.init
     if not path.exists():
         raise FileNotFoundError(f"{path} (Config.init) not found: the model to fine-tune from")
@@ -1510,7 +1405,7 @@ def load_init(model: UNet, cfg: Config) -> None:
                  "the same network and schedule (Config.init), or set these to its values")
     missing, unexpected = model.load_state_dict({k: v.float() for k, v in ck["ema"].items()},
                                                 strict=False)
-    if unexpected or any(not k.startswith("skip.") for k in missing):
+    if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {missing}, "
                          f"unexpected {unexpected}")
 
@@ -1615,8 +1510,8 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
 
 def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dict,
            d: Dist) -> pd.DataFrame:
-    from tqdm.auto import tqdm
     device = get_device()
+    keep_freed_memory()
     if cfg.batch_size % d.world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {d.world} "
                          f"processes (torchrun --nproc_per_node): pick a count that divides it")
@@ -1625,6 +1520,10 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
         raise FileExistsError(f"{ckpt_path} exists: pass --resume (resume=True) to continue it, "
                               f"or delete {out} to start over")
     ck = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    if ck and str(ck.get("fold", fold)) != str(fold):
+        raise ValueError(f"{ckpt_path} is a run of fold {ck['fold']}, not of fold {fold}: "
+                         f"resume it with --fold {ck['fold']}, or start fold {fold} in "
+                         f"another --out folder")
     if ck:
         check_config(ck["config"], cfg, ckpt_path)
     speed = resumed_speed(ck["config"], cfg, device, ckpt_path) if ck else \
@@ -1644,10 +1543,6 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
     fp = ForwardProcess.from_config(cfg).to(device)
     stopper, history, start = EarlyStopping(cfg.patience), [], 0
     if ck:
-        if str(ck.get("fold", fold)) != str(fold):
-            raise ValueError(f"{ckpt_path} is a run of fold {ck['fold']}, not of fold {fold}: "
-                             f"resume it with --fold {ck['fold']}, or start fold {fold} in "
-                             f"another --out folder")
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["optimizer"])
@@ -1958,7 +1853,6 @@ EVAL = {
     "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),     # 6 gave acc 0.76
     "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
 }
-EVAL.update({p: dict(EVAL["cpu"]) for p in ("b256", "skip", "precond", "cpu-ft")})
 TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timesteps
 
 
@@ -2037,48 +1931,24 @@ def one_step_eval(model, fp: ForwardProcess, images: torch.Tensor, ts=TABLE1_T, 
 
 
 @torch.no_grad()
-def eps_error(model, fp: ForwardProcess, images: torch.Tensor, prior: GaussianEps | None = None,
-              ts=TABLE1_T, seed: int = 0, batch: int = 250, norm: NormMatch | None = None
-              ) -> pd.DataFrame:
-    """The network's ε-MSE at each t on noised images (uint8, the noise of one_step_eval), beside
-    that of the Gaussian predictor `prior` (GaussianEps: the best ε̂ for data that is only the
-    training images' mean and covariance, or for a mixture of such Gaussians). An ε error
-    becomes an x̂0 error sqrt((1−ᾱ_t)/ᾱ_t) times larger (Eq. 15): ×190 at t = T on the linear
-    schedule, so where the network is worse than the Gaussian (large t) its x̂0 lies far
-    outside [-1, 1] and sampling leans on clipping it (see ddim_sample_loop). fp on the
-    model's device. One row per t: t, network, and gaussian (if prior) and norm_matched (the
-    network's ε̂ through `norm`, a NormMatch, at every t) if given."""
+def scale_response(model, fp: ForwardProcess, images: torch.Tensor, ts=(100, 300, 500, 700, 900,
+                   1000), c: float = 1.1, seed: int = 0) -> pd.DataFrame:
+    """Whether ε̂ follows the scale of its input: images (uint8) noised to each t (Eq. 4), then
+    the mean over images of ‖ε̂(c·x_t, t)‖ / ‖ε̂(x_t, t)‖. At large t, x_t is nearly ε and the
+    ideal ε̂ ≈ x_t grows with it (ratio → c); the report's U-Net, whose convolutions feed
+    GroupNorm(1, C) without a bias (UNet), returns the same ε̂ for both (ratio 1). fp on the
+    model's device. One row per t: t, ratio, and c."""
     device = next(model.parameters(), torch.empty(0)).device
-    alts = {"gaussian": prior, "norm_matched": norm}
-    alts = {k: v.to(device) for k, v in alts.items() if v is not None}
+    x0 = to_float(images).to(device)
     rows = []
     for t_val in ts:
         g = torch.Generator().manual_seed(seed * 100_003 + t_val)
-        se = torch.zeros(1 + len(alts), dtype=torch.float64, device=device)
-        for i in range(0, len(images), batch):
-            x0 = to_float(images[i:i + batch]).to(device)
-            t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
-            eps = torch.randn(x0.shape, generator=g).to(device)
-            xt = fp.q_sample(x0, t, eps)
-            net = _eps(model, fp, xt, t_val)[1]
-            preds = [net] + [m(fp, xt, t) if k == "gaussian" else m(fp, xt, t, net)
-                             for k, m in alts.items()]
-            se += torch.stack([(p - eps).pow(2).sum() for p in preds]).double()
-        errs = (se / images.numel()).tolist()
-        rows.append(dict(t=t_val, network=errs[0], **dict(zip(alts, errs[1:]))))
+        t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
+        xt = fp.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(device))
+        a, b = _eps(model, fp, c * xt, t_val)[1], _eps(model, fp, xt, t_val)[1]
+        ratio = (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).mean().item()
+        rows.append(dict(t=t_val, ratio=ratio, c=c))
     return pd.DataFrame(rows)
-
-
-def takeover_start(err: pd.DataFrame, col: str = "gaussian") -> int:
-    """The smallest t of eps_error's grid from which on the ε-MSE of its column `col` (the
-    Gaussian predictor, or the norm-matched network) is below the network's at every larger t
-    (the grid's last t + 1 if not even there: never use it)."""
-    start, err = int(err.t.max()) + 1, err.sort_values("t", ascending=False)
-    for t, alt, net in zip(err.t, err[col], err.network):
-        if alt >= net:
-            break
-        start = int(t)
-    return start
 
 
 def eval_images(cfg: Config, n: int | None = None) -> torch.Tensor:
@@ -2139,7 +2009,6 @@ def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> p
     models), and the report-faithful mode ('scaled_eps' models, its Eq. 5 scaler) where such a model is trained.
     Long format: method, fold, t, ssim_mean, ssim_std, psnr_mean, psnr_std, n, ssim_std_batch,
     psnr_std_batch (summarise)."""
-    from tqdm.auto import tqdm
     images = eval_images(cfg)
     fp_cfgs = [("corrected", cfg), ("report-faithful", dataclasses.replace(cfg, target="scaled_eps"))]
     parts = []
@@ -2225,16 +2094,15 @@ def _noise(shape, g: torch.Generator, device) -> torch.Tensor:
 
 @torch.no_grad()
 def p_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, var: str = "beta", clip: bool = True,
-                  eps_scale: float = 1.0, keep=(), progress: bool = False):
+                  keep=(), progress: bool = False):
     """DDPM ancestral sampling, Algorithm 2 [DDPM]: x_{t-1} = μ̃_t(x_t, x̂0) + σ_t·z with
     σ_t² = β_t ('beta') or β̃_t ('beta_tilde'). μ̃ from the posterior (Eq. 7) equals Algorithm 2's
-    (x_t − β_t/sqrt(1-ᾱ_t)·ε̂)/sqrt(α_t) when x̂0 is not clipped. eps_scale: see _eps."""
-    from tqdm.auto import tqdm
+    (x_t − β_t/sqrt(1-ᾱ_t)·ε̂)/sqrt(α_t) when x̂0 is not clipped."""
     if var not in ("beta", "beta_tilde"):
         raise ValueError(f"var must be 'beta' or 'beta_tilde', not {var!r}")
     traj = {}
     for t_val in tqdm(range(fp.T, 0, -1), desc="DDPM", disable=not progress, leave=False):
-        t, eps = _eps(model, fp, x, t_val, scale=eps_scale)
+        t, eps = _eps(model, fp, x, t_val)
         x0 = fp.predict_x0(x, t, eps)
         x0 = x0.clamp(-1, 1) if clip else x0
         mean, beta_tilde = fp.q_posterior(x0, x, t)
@@ -2247,38 +2115,22 @@ def p_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, var: str = "
 
 @torch.no_grad()
 def ddim_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, steps: int = 50, eta: float = 0.0,
-                     clip: bool = True, recompute_eps: bool = False, prior: GaussianEps | None = None,
-                     eps_scale: float = 1.0, norm: NormMatch | None = None, keep=(),
-                     progress: bool = False):
+                     clip: bool = True, recompute_eps: bool = False, keep=(), progress: bool = False):
     """DDIM [DDIM] Eq. 12 over `steps` evenly spaced timesteps; eta=0 is deterministic, eta=1
     ancestral-like. x_{τ'} = sqrt(ᾱ_τ')·x̂0 + sqrt(1-ᾱ_τ'-σ²)·ε̂ + σ·z.
 
     clip: x̂0 is clipped to [-1, 1]. ε̂ is then either kept as the network gave it
     (recompute_eps=False, as diffusers' DDIMScheduler does by default) or re-derived from the
     clipped x̂0 (True, as improved-diffusion does); with eta=1 and steps=T the latter is exactly
-    DDPM's posterior step with σ² = β̃_t (a test checks it). They differ in where the clipped-away
-    part of x̂0 (a network error, large at high t) goes: re-deriving ε̂ puts it into the 'noise'
-    term, which a deterministic chain carries to the end. Measured on the cpu generation model
-    (500 samples): at η = 0 FFD 26 kept vs 42 re-derived (figures/generation_metrics.csv); at
-    η = 1 re-deriving is the better one (5.4 vs 7.7 kept, in a separate 500-sample check).
-
-    prior: a GaussianEps gives ε̂ for t ≥ prior.start instead of the network (see _eps).
-    eps_scale: the network's ε̂ is divided by it (ε-scaling [EB], see _eps). Measured with the cpu
-    generation model, η = 1 with ε̂ re-derived, 50 steps, 500 samples, sample seeds 0–3, outside
-    generation_metrics (a script; classifier of seed 0, floor 1.745): FFD / floor 3.47, 2.97,
-    3.16, 3.81 at 1.0 and 2.97, 2.62, 2.70, 3.62 at 1.01 (mean 3.35 → 2.98, every seed lower);
-    1.02 is worse (3.72, 4.01 on seeds 0 and 1). At 100 steps, seeds 0–3: 2.66, 2.83, 2.36, 2.20
-    at 1.0 and 2.22, 2.66, 2.21, 1.89 at 1.01 (mean 2.51 → 2.25).
-    norm: a NormMatch rescales the network's ε̂ for t ≥ norm.start (see _eps); it is meant for
-    clip=False. Measured on the cpu generation model (norm_metrics, 3 seeds × 500 samples),
-    DDIM-50 FFD / floor: x̂0 clipped 9.1–14.1, not clipped 732–796, norm-matched and not
-    clipped 3.6–3.9."""
-    from tqdm.auto import tqdm
+    DDPM's posterior step with σ² = β̃_t (a test checks it). At η = 0 nothing corrects an error
+    in ε̂ later, and x̂0 multiplies it by sqrt((1−ᾱ_t)/ᾱ_t) (Eq. 15, up to ~190 at t = T): with
+    the report's U-Net, which cannot see ‖x_t‖ (UNet), an unclipped deterministic chain drifts
+    (scale_response; notebook 05)."""
     traj = {}
     ts = np.linspace(fp.T, 1, steps).round().astype(int)
     for i in tqdm(range(len(ts)), desc=f"DDIM-{steps}", disable=not progress, leave=False):
         t_val, t_prev = int(ts[i]), int(ts[i + 1]) if i + 1 < len(ts) else 0
-        t, eps = _eps(model, fp, x, t_val, prior, eps_scale, norm)
+        t, eps = _eps(model, fp, x, t_val)
         ab = fp.at(fp.alpha_bar, t)
         ab_prev = fp.alpha_bar[t_prev - 1] if t_prev > 0 else torch.ones((), device=x.device)
         x0 = fp.predict_x0(x, t, eps)
@@ -2304,7 +2156,6 @@ def report_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, clip: b
     It ignores the posterior q(x_{t-1}|x_t, x0), which is why it does not sample the data.
     decode: 'eps' forms x̂0 from ε̂ (Eq. 15); 'report' as the report did, from the raw output
     with Eq. 5's scaler, x̂0 = s(t)·(x_t − out) (ForwardProcess.report_x0, always clipped)."""
-    from tqdm.auto import tqdm
     if decode not in ("eps", "report"):
         raise ValueError(f"decode must be 'eps' or 'report', not {decode!r}")
     traj = {}
@@ -2331,7 +2182,6 @@ def report_first_loop(model, fp: ForwardProcess, x, g: torch.Generator, clip: bo
     2's coefficients; the report names them without formulas). With an ε-model this is DDPM;
     with the report-faithful model, out ≈ sqrt(1−ᾱ_t)·ε̂, so every step removes too little noise.
     No x̂0 and no clipping, as in Algorithm 2 (clip=True clamps x_{t-1} to [-1, 1])."""
-    from tqdm.auto import tqdm
     traj = {}
     for t_val in tqdm(range(fp.T, 0, -1), desc="report (first)", disable=not progress, leave=False):
         t, out = _out(model, x, t_val)
@@ -2353,10 +2203,10 @@ def sample(model, fp: ForwardProcess, method: str = "ddim", n: int = 64, size: i
     """n images in [-1, 1] from x_T ~ N(0, I) with a seeded generator, in batches.
     method: 'ddpm' (var='beta'|'beta_tilde'), 'ddim' (steps, eta) or 'report'.
     Returns (x0 (n, 3, size, size) on the CPU, {t: x_t (n, …)} for t in keep)."""
-    from tqdm.auto import tqdm
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {sorted(SAMPLERS)}, not {method!r}")
     device = next(model.parameters(), torch.empty(0)).device
+    keep_freed_memory()
     g = torch.Generator().manual_seed(seed)
     outs, trajs = [], []
     for i in tqdm(range(0, n, batch), desc=f"sampling {method}", disable=not progress or n <= batch):
@@ -2406,55 +2256,6 @@ def _pixel_stats(name: str, x: torch.Tensor) -> dict:
                 dark_share=(u < 0.1).all(1).float().mean().item())
 
 
-def gaussian_prior(model, fp: ForwardProcess, train: torch.Tensor, n: int = 500,
-                   max_images: int = 5000, seed: int = 0, labels: torch.Tensor | None = None,
-                   held_out: torch.Tensor | None = None) -> GaussianEps:
-    """GaussianEps of (a seeded subset of at most max_images) training images (uint8), a
-    mixture with one Gaussian per label if `labels` (one per training image) are given, used
-    from the t on where its ε-MSE beats the model's (eps_error over Table 1's grid;
-    takeover_start) on the held_out images (uint8), or on n training images if None.
-    A mixture of many small components nearly contains its training images, so on those it
-    beats the network down to small t: choose its start on images it was not fitted to."""
-    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    fit = perm[:max_images]
-    prior = GaussianEps(to_float(train[fit]), None if labels is None else labels[fit])
-    prior = prior.to(next(model.parameters()).device)
-    check = train[perm[:n]] if held_out is None else held_out
-    prior.start = takeover_start(eps_error(model, fp, check, prior, seed=seed + 1))
-    return prior
-
-
-# ε̂ at high t: 'one' Gaussian of all training images (GEN_SAMPLERS' prior=True), or a mixture
-# with a Gaussian per class, or per video segment (a fold's block of one rotation video: the
-# index's `group`, 105 of them in the cpu subset) → the index column that labels its components.
-PRIOR_KINDS = {"one": None, "class": "label", "segment": "group"}
-
-
-def fit_prior(cfg: Config, model, fp: ForwardProcess, train_ds: Fruits, kind: str = "one",
-              seed: int | None = None) -> GaussianEps:
-    """gaussian_prior of a PRIOR_KINDS kind. The mixtures take their start from eval_images (held
-    out: the generation model's validation split), since on training images the per-segment
-    mixture beat the cpu generation model from t = 50 on (on test images: from t = 450); 'one'
-    keeps the training images, as in generation_metrics (one Gaussian contains no image)."""
-    if kind not in PRIOR_KINDS:
-        raise ValueError(f"the prior must be one of {sorted(PRIOR_KINDS)}, not {kind!r}")
-    seed = cfg.seed if seed is None else seed
-    if PRIOR_KINDS[kind] is None:
-        return gaussian_prior(model, fp, train_ds.images, seed=seed)
-    labels = torch.as_tensor(pd.factorize(train_ds.rows[PRIOR_KINDS[kind]])[0])
-    return gaussian_prior(model, fp, train_ds.images, seed=seed, labels=labels,
-                          held_out=eval_images(cfg))
-
-
-def fit_norm(cfg: Config, model, fp: ForwardProcess, train: torch.Tensor) -> NormMatch:
-    """NormMatch with E‖x0‖² of the training images (uint8), used from the t on where its ε-MSE
-    beats the network's on eval_images (held out; eps_error, takeover_start)."""
-    norm = NormMatch(to_float(train)).to(next(model.parameters()).device)
-    err = eps_error(model, fp, eval_images(cfg), norm=norm, seed=cfg.seed + 1)
-    norm.start = takeover_start(err, "norm_matched")
-    return norm
-
-
 # -----------------------------------------------------------------------------------------------
 # sample quality: a fruit classifier's features instead of Inception (nothing to download)
 
@@ -2483,7 +2284,6 @@ class FruitClassifier(nn.Module):
 def train_classifier(cfg: Config, progress: bool = True):
     """Train (or load) the fruit classifier on every training image; returns (model, classes,
     test accuracy). Seeded; the checkpoint is runs/<profile>/classifier.pt."""
-    from tqdm.auto import tqdm
     path = ROOT / "runs" / cfg.profile / "classifier.pt"
     index = load_index(cfg)
     classes = sorted(index.label.unique())
@@ -2496,9 +2296,7 @@ def train_classifier(cfg: Config, progress: bool = True):
             return clf.eval(), classes, ck["test_acc"]
     seed_everything(cfg.seed)                      # before the network: its initial weights too
     clf = FruitClassifier(len(classes))
-    root = ROOT / cfg.data_dir / "fruits-360"
-    tr = Fruits(index[index.split == "train"], root, cfg.image_size, classes=classes)
-    te = Fruits(index[index.split == "test"], root, cfg.image_size, classes=classes)
+    tr, te = split_data(cfg, "train", classes), split_data(cfg, "test", classes)
     opt = torch.optim.Adam(clf.parameters(), 1e-3)
     g = torch.Generator().manual_seed(cfg.seed)
     for epoch in tqdm(range(epochs), desc="classifier", disable=not progress):
@@ -2561,27 +2359,16 @@ def kid(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 50, subset_size: int 
 
 
 def ffd_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor, n: int,
-              repeats: int = 5, seed: int = 0, mix: torch.Tensor | None = None,
-              labels: torch.Tensor | None = None) -> float:
+              repeats: int = 5, seed: int = 0) -> float:
     """The FFD of n real training images (uint8) against real_test, mean over `repeats` random
     subsets: what a perfect generator scores with n samples. Like FID, FFD is biased upward for
     small n (measured here: ~4.6 at n = 100, ~1.9 at n = 500), so a sample set is compared with
-    the floor at its own n.
-
-    mix (counts per class, with the training images' `labels`): draw that many images of each
-    class instead (at most all of a class; n is then mix's total) — what real images score with
-    a sample set's class proportions, i.e. the part of its FFD that comes from drawing the
-    classes in the wrong proportions rather than from the images themselves."""
+    the floor at its own n."""
     g = torch.Generator().manual_seed(seed)
     fr, _ = classify(clf, real_test)
-
-    def subset():
-        if mix is None:
-            return torch.randperm(len(train), generator=g)[:n]
-        return torch.cat([pool[torch.randperm(len(pool), generator=g)[:int(k)]] for pool, k in
-                          ((torch.nonzero(labels == c).flatten(), k) for c, k in enumerate(mix))])
-    return float(np.mean([frechet_distance(classify(clf, to_float(train[subset()]))[0], fr)
-                          for _ in range(repeats)]))
+    return float(np.mean([frechet_distance(
+        classify(clf, to_float(train[torch.randperm(len(train), generator=g)[:n]]))[0], fr)
+        for _ in range(repeats)]))
 
 
 def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | None,
@@ -2609,11 +2396,10 @@ def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | Non
 
 def generation_model(cfg: Config, train_if_missing: bool = True, committed: bool = False
                      ) -> UNet:
-    """The generation model ('all' fold, GENERATION settings): the local run if there is one
-    (committed=True: the committed export if there is one), else the other, else
+    """The profile's generation model ('all' fold, GENERATION settings): the local run if there
+    is one (committed=True: the committed export if there is one), else the other, else
     (train_if_missing, and only for a profile that commits none: SHIPPED) train it now."""
-    gcfg = get_config(cfg.profile, generation=True,
-                      **{k: getattr(cfg, k) for k in ("target", "sigma_data", "data_dir")})
+    gcfg = get_config(cfg.profile, generation=True, data_dir=cfg.data_dir)
     local, shipped = gcfg.run_dir("all") / "best.pt", shipped_checkpoint(gcfg)
     if not local.exists() and not shipped.exists():
         cmd = train_command(gcfg, "all")
@@ -2629,7 +2415,7 @@ def generation_model(cfg: Config, train_if_missing: bool = True, committed: bool
 
 
 # The profiles whose generation model is committed (data/checkpoints/): never trained implicitly.
-SHIPPED = ("cpu", "b256", "skip", "cpu-ft", "precond")
+SHIPPED = ("cpu",)
 
 
 def shipped_checkpoint(cfg: Config) -> Path:
@@ -2637,44 +2423,55 @@ def shipped_checkpoint(cfg: Config) -> Path:
     return ROOT / "data" / "checkpoints" / f"ddpm_{cfg.profile}_all_ema_fp16.pt"
 
 
-# The rows of generation_metrics: name → (method, sampler settings).
-# DDIM at η = 0 keeps the network's ε̂ after clipping x̂0; the 're-derived ε̂' row shows the other
-# choice, and η = 1 re-derives it, which makes its step DDPM's posterior step (ddim_sample_loop).
-# prior=True: ε̂ from the training images' Gaussian (GaussianEps) where it beats the network.
-GEN_SAMPLERS = {"report's method (T=1000)": ("report", {}), "DDPM-1000": ("ddpm", dict(var="beta")),
-                "DDIM-50": ("ddim", dict(steps=50)), "DDIM-20": ("ddim", dict(steps=20)),
-                "DDIM-50, re-derived ε̂": ("ddim", dict(steps=50, recompute_eps=True)),
-                "DDIM-50, η=1": ("ddim", dict(steps=50, eta=1.0, recompute_eps=True)),
-                "DDIM-50, Gaussian ε̂ at high t": ("ddim", dict(steps=50, prior=True)),
-                "DDIM-50, η=1, Gaussian ε̂ at high t": ("ddim", dict(steps=50, eta=1.0,
-                                                                    recompute_eps=True, prior=True))}
+def story_models(cfg: Config) -> dict:
+    """The two models of GEN_SAMPLERS, each as (model, its ForwardProcess) on the device:
+    'fold0', the corrected fold-0 run (the report's U-Net under the report's protocol; trained
+    first where missing), and 'generation', the preconditioned generation_model."""
+    dev = get_device()
+    c = dataclasses.replace(cfg, target="eps", split="grouped")
+    trained(c, 0, progress=False)
+    gcfg = get_config(cfg.profile, generation=True, data_dir=cfg.data_dir)
+    return {"fold0": (load_model(c, 0).to(dev), ForwardProcess.from_config(c).to(dev)),
+            "generation": (generation_model(cfg), ForwardProcess.from_config(gcfg).to(dev))}
 
 
-def _scoring_setup(cfg: Config, model: UNet, progress: bool, prior: bool = True,
-                   model_cfg: Config | None = None):
+# The rows of generation_metrics in the order of notebook 05's story: name → (model of
+# story_models, method, sampler settings). The report's U-Net samples with DDPM, but its
+# deterministic DDIM drifts (it cannot see ‖x_t‖), which clipping x̂0 hides; preconditioning
+# fixes DDIM without clipping.
+GEN_SAMPLERS = {
+    "report's method, report's U-Net": ("fold0", "report", {}),
+    "DDPM-1000, report's U-Net": ("fold0", "ddpm", {}),
+    "DDIM-50 (η = 0), report's U-Net, x̂0 clipped": ("fold0", "ddim", dict(steps=50)),
+    "DDIM-50 (η = 0), report's U-Net": ("fold0", "ddim", dict(steps=50, clip=False)),
+    "DDPM-1000, preconditioned": ("generation", "ddpm", {}),
+    "DDIM-50 (η = 0), preconditioned": ("generation", "ddim", dict(steps=50, clip=False)),
+    "DDIM-20 (η = 0), preconditioned": ("generation", "ddim", dict(steps=20, clip=False)),
+}
+
+
+def scoring_setup(cfg: Config, progress: bool = True):
     """What scoring samples needs: (classes, training Fruits, test images (uint8), classifier,
-    its test accuracy, ForwardProcess on the model's device (of model_cfg, the model's own
-    config, if given: its preconditioning), the Gaussian prior or None)."""
-    index = load_index(cfg)
-    classes = sorted(index.label.unique())
-    root = ROOT / cfg.data_dir / "fruits-360"
-    train_ds = Fruits(index[index.split == "train"], root, cfg.image_size, classes=classes)
-    test_imgs = Fruits(index[index.split == "test"], root, cfg.image_size).images
+    its test accuracy)."""
+    classes = sorted(load_index(cfg).label.unique())
+    train_ds, test_imgs = split_data(cfg, "train", classes), split_data(cfg, "test").images
     clf, _, acc = train_classifier(cfg, progress)
-    fp = ForwardProcess.from_config(model_cfg or cfg).to(next(model.parameters()).device)
-    return classes, train_ds, test_imgs, clf, acc, fp, \
-        fit_prior(cfg, model, fp, train_ds) if prior else None
+    return classes, train_ds, test_imgs, clf, acc
 
 
-def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """Sample with every sampler and score each set (and real images, as the reference).
-    Returns (one row per sampler, {name: samples}); samples are also saved to runs/."""
+def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_report: int | None = None,
+                       progress: bool = True) -> tuple[pd.DataFrame, dict]:
+    """Sample every GEN_SAMPLERS row with its model (story_models) and score each set, after
+    real training and test images (the references). n samples a row (default EVAL's), n_report
+    for the report's method. Returns (one row per set, {name: samples}); samples are also saved
+    to runs/<profile>/samples.pt."""
     ev = EVAL[cfg.profile]
-    classes, train_ds, test_imgs, clf, acc, fp, prior = _scoring_setup(cfg, model, progress)
+    n, n_report = n or ev["n_samples"], n_report or ev["n_report"]
+    classes, train_ds, test_imgs, clf, acc = scoring_setup(cfg, progress)
     train_imgs = train_ds.images
     rows, samples = [], {}
     g = torch.Generator().manual_seed(cfg.seed)
-    real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:ev["n_samples"]]])
+    real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:n]])
     real_test = to_float(test_imgs)
     # the references: real training images against the test set (the floor of FFD and KID),
     # real test images against the training set (how near a real unseen image comes to a copy)
@@ -2682,209 +2479,40 @@ def generation_metrics(cfg: Config, model: UNet, progress: bool = True) -> tuple
                      **quality(clf, real_train, real_test, None, len(classes))))
     rows.append(dict(sampler="real: test images", seconds_per_image=np.nan,
                      **quality(clf, real_test, None, train_imgs, len(classes))))
-    for name, (method, kw) in GEN_SAMPLERS.items():
-        n = ev["n_report"] if method == "report" else ev["n_samples"]
-        if kw.get("prior"):
-            kw = {**kw, "prior": prior}
+    for name, (key, method, kw) in GEN_SAMPLERS.items():
+        model, fp = models[key]
+        k = n_report if method == "report" else n
         t0 = time.perf_counter()
-        x, _ = sample(model, fp, method, n, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
-        secs = (time.perf_counter() - t0) / n
+        x, _ = sample(model, fp, method, k, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
+        secs = (time.perf_counter() - t0) / k
         samples[name] = x
         rows.append(dict(sampler=name, **quality(clf, x, real_test, train_imgs, len(classes)),
-                         seconds_per_image=secs,
-                         gaussian_from_t=kw["prior"].start if "prior" in kw else np.nan))
+                         seconds_per_image=secs))
     df = pd.DataFrame(rows)
     # FFD against the floor at the same n (real training images, mean of 5 subsets)
-    floors = {n: ffd_floor(clf, train_imgs, real_test, n, seed=cfg.seed)
-              for n in df[df.ffd.notna()].n.unique()}
+    floors = {k: ffd_floor(clf, train_imgs, real_test, k, seed=cfg.seed)
+              for k in df[df.ffd.notna()].n.unique()}
     df.insert(df.columns.get_loc("ffd") + 1, "ffd_floor", df.n.map(floors))
     df.insert(df.columns.get_loc("ffd") + 2, "ffd_ratio", df.ffd / df.ffd_floor)
-    # ... and against real training images drawn in the set's own class proportions
-    sets = {"real: training images": real_train, **samples}
-    mixes = {k: torch.bincount(classify(clf, x)[1].argmax(1), minlength=len(classes))
-             for k, x in sets.items()}
-    df.insert(df.columns.get_loc("ffd") + 3, "ffd_class_mix", df.sampler.map(
-        {k: ffd_floor(clf, train_imgs, real_test, int(m.sum()), seed=cfg.seed, mix=m,
-                      labels=train_ds.labels) for k, m in mixes.items()}))
     real_rec = df.set_index("sampler").recognizability["real: test images"]
     df.insert(df.columns.get_loc("recognizability") + 1, "recognizability_ratio",
               df.recognizability / real_rec)            # against real test images
     df["classifier_test_acc"] = acc          # the feature extractor's own accuracy on Test/
-    out = ROOT / "runs" / cfg.profile / "samples.pt"
-    save_checkpoint(samples, out)
+    save_checkpoint(samples, ROOT / "runs" / cfg.profile / "samples.pt")
     return df, samples
 
 
-def _sample_and_score(cfg: Config, model: UNet, fp: ForwardProcess, name: str, seed: int,
-                      clf: FruitClassifier, real_test, train, n_classes: int, **over):
-    """n_samples of GEN_SAMPLERS[name] (its settings updated by `over`) drawn with `seed`, and
-    their quality (see quality) with seconds_per_image: (samples, that dict)."""
-    method, kw = GEN_SAMPLERS[name]
-    n = EVAL[cfg.profile]["n_samples"]
-    t0 = time.perf_counter()
-    x, _ = sample(model, fp, method, n, cfg.image_size, seed=seed, progress=False, **{**kw, **over})
-    secs = (time.perf_counter() - t0) / n
-    return x, dict(quality(clf, x, real_test, train, n_classes), seconds_per_image=secs)
-
-
-# The sweep: the best deterministic and the best stochastic cheap row of GEN_SAMPLERS.
-SWEEP_SAMPLERS = ("DDIM-50, Gaussian ε̂ at high t", "DDIM-50, η=1")
-
-
-def sampler_sweep(cfg: Config, model: UNet, steps=(20, 50, 100, 200), seeds=(0, 1),
-                  progress: bool = True) -> pd.DataFrame:
-    """FFD of each SWEEP_SAMPLERS row run with every step count in `steps`, for every sample seed
-    in `seeds` (n_samples each; same classifier, prior and floor as generation_metrics, so the
-    row with 50 steps and seed cfg.seed is the table's). A gap to the floor that shrinks with
-    more steps is discretisation error; one that stays is the network's. The spread over seeds
-    is how much one draw of n_samples moves FFD. One row per (sampler, steps, seed)."""
-    from tqdm.auto import tqdm
-    n = EVAL[cfg.profile]["n_samples"]
-    classes, train_ds, test_imgs, clf, _, fp, prior = _scoring_setup(cfg, model, progress)
-    real_test = to_float(test_imgs)
-    floor = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
-    runs = [(name, k, seed) for name in SWEEP_SAMPLERS for k in steps for seed in seeds]
-    rows = []
-    for name, k, seed in tqdm(runs, desc="sampler sweep", disable=not progress):
-        use = GEN_SAMPLERS[name][1].get("prior")
-        _, q = _sample_and_score(cfg, model, fp, name, seed, clf, real_test, None, len(classes),
-                                 steps=k, prior=prior if use else None)
-        rows.append(dict(sampler=name.replace("DDIM-50", "DDIM"), steps=k, seed=seed, n=n,
-                         ffd=q["ffd"], ffd_floor=floor, ffd_ratio=q["ffd"] / floor,
-                         recognizability=q["recognizability"],
-                         classes_covered=q["classes_covered"],
-                         seconds_per_image=q["seconds_per_image"]))
-    return pd.DataFrame(rows)
-
-
-# The mixture table: the cheap samplers of GEN_SAMPLERS with ε̂ at high t from each PRIOR_KINDS
-# prior, or from the network alone (None).
-MIXTURE_SAMPLERS = ("DDIM-50", "DDIM-20", "DDIM-50, η=1")
-MIXTURE_PRIORS = {"network only": None, "one Gaussian": "one", "a Gaussian per class": "class",
-                  "a Gaussian per video segment": "segment"}
-
-
-def _seeds_table(cfg: Config, model: UNet, samplers, by: str, variants, seeds, progress: bool,
-                 prior: bool = False, model_cfg: Config | None = None) -> tuple[pd.DataFrame, dict]:
-    """Each of `samplers` (GEN_SAMPLERS rows) in each variant, for every sample seed in `seeds`:
-    FFD against the floor, recognizability, classes covered and the SSIM to the nearest
-    training image (a prior that holds the training images could make samples copy them; real
-    test images are the reference row). variants(fp, train_ds, prior) → {name: (sampler
-    settings, the t from which they change ε̂, or nan)}, called once after the scoring setup
-    (prior: with its Gaussian prior; model_cfg: see _scoring_setup). Returns (one row per
-    (sampler, variant in column `by`, seed), {(sampler, variant): samples of the first seed})."""
-    from tqdm.auto import tqdm
-    n = EVAL[cfg.profile]["n_samples"]
-    classes, train_ds, test_imgs, clf, _, fp, one = _scoring_setup(cfg, model, progress, prior,
-                                                                  model_cfg)
-    train_imgs, real_test = train_ds.images, to_float(test_imgs)
-    floor = ffd_floor(clf, train_imgs, real_test, n, seed=cfg.seed)
-    over = variants(fp, train_ds, one)
-    rows = [{"sampler": "real: test images", by: "", "seed": np.nan,
-             **quality(clf, real_test, None, train_imgs, len(classes)), "from_t": np.nan}]
-    runs = [(s, v, seed) for s in samplers for v in over for seed in seeds]
-    samples = {}
-    for name, v, seed in tqdm(runs, desc=f"{by} table", disable=not progress):
-        x, q = _sample_and_score(cfg, model, fp, name, seed, clf, real_test, train_imgs,
-                                 len(classes), **over[v][0])
-        samples.setdefault((name, v), x)
-        rows.append({"sampler": name, by: v, "seed": seed, **q, "from_t": over[v][1]})
-    df = pd.DataFrame(rows)
-    df.insert(df.columns.get_loc("ffd") + 1, "ffd_floor", np.where(df.ffd.notna(), floor, np.nan))
-    df.insert(df.columns.get_loc("ffd") + 2, "ffd_ratio", df.ffd / df.ffd_floor)
-    return df, samples
-
-
-def mixture_metrics(cfg: Config, model: UNet, seeds=(0, 1), progress: bool = True
-                    ) -> tuple[pd.DataFrame, dict]:
-    """Each MIXTURE_SAMPLERS row with ε̂ from each MIXTURE_PRIORS prior for t ≥ its start (the
-    network below), for every sample seed in `seeds` (_seeds_table; column 'prior')."""
-    def variants(fp, train_ds, one):
-        priors = {name: None if kind is None else one if kind == "one" else
-                  fit_prior(cfg, model, fp, train_ds, kind) for name, kind in MIXTURE_PRIORS.items()}
-        return {name: (dict(prior=p), np.nan if p is None else p.start)
-                for name, p in priors.items()}
-    return _seeds_table(cfg, model, MIXTURE_SAMPLERS, "prior", variants, seeds, progress,
-                        prior=True)
-
-
-# The norm table: deterministic DDIM with the network alone, x̂0 clipped (GEN_SAMPLERS' rows),
-# not clipped, and not clipped with the network's ε̂ norm-matched (NormMatch) at large t, also
-# with ε-scaling [EB]: λ = 1.005 was the better of 1.005 and 1.01 on DDIM-50, sample seeds 0–1
-# (FFD / floor 2.77, 3.22 against 5.17 on seed 0 with 1.01), tried by a script.
-# NORM_KEYS: the report's short names of the variants.
-NORM_SAMPLERS = ("DDIM-50", "DDIM-20")
-NORM_VARIANTS = {"x̂0 clipped": dict(clip=True), "not clipped": dict(clip=False),
-                 "norm-matched, not clipped": dict(clip=False, norm=True),
-                 "norm-matched, ε̂/1.005, not clipped": dict(clip=False, norm=True, eps_scale=1.005)}
-NORM_KEYS = {"x̂0 clipped": "clip", "not clipped": "noclip", "norm-matched, not clipped": "matched",
-             "norm-matched, ε̂/1.005, not clipped": "scaled"}
-
-
-def norm_metrics(cfg: Config, model: UNet, seeds=(0, 1, 2), progress: bool = True
-                 ) -> tuple[pd.DataFrame, dict]:
-    """Each NORM_SAMPLERS row in each NORM_VARIANTS form, for every sample seed in `seeds`
-    (_seeds_table; column 'variant'). The NormMatch is fitted once (fit_norm)."""
-    def variants(fp, train_ds, _):
-        norm = fit_norm(cfg, model, fp, train_ds.images)
-        return {v: ({**kw, "norm": norm if kw.get("norm") else None},
-                    norm.start if kw.get("norm") else np.nan) for v, kw in NORM_VARIANTS.items()}
-    return _seeds_table(cfg, model, NORM_SAMPLERS, "variant", variants, seeds, progress)
-
-
-# The fine-tuning table: deterministic DDIM (NORM_SAMPLERS), x̂0 clipped and not, of the cpu model
-# as committed, trained on for 100 epochs (cpu-ft, the control), trained on with s(t) (skip) and
-# trained on preconditioned (precond), all scored with one classifier. FT_PROFILES: the table's
-# model name → its profile.
-FT_PROFILES = {"cpu model": "cpu", "trained on (cpu-ft)": "cpu-ft",
-               "trained on with s(t) (skip)": "skip",
-               "trained on, preconditioned (precond)": "precond"}
-FT_VARIANTS = ("x̂0 clipped", "not clipped")
-
-
-def finetune_metrics(cfg: Config, models: dict, seeds=(0, 1, 2), progress: bool = True
-                     ) -> tuple[pd.DataFrame, dict]:
-    """Each NORM_SAMPLERS row in each FT_VARIANTS form for each of `models` ({name: (UNet, its
-    config)}: the config gives its ForwardProcess) and every sample seed in `seeds`, all scored
-    with cfg's classifier (_seeds_table per model; the table's columns 'model' and 'variant').
-    Returns (the real test images' row, then one row per (model, sampler, variant, seed);
-    {(model, sampler, variant): samples of the first seed})."""
-    def variants(fp, train_ds, one):
-        return {v: (NORM_VARIANTS[v], np.nan) for v in FT_VARIANTS}
-    dfs, samples = [], {}
-    for name, (model, model_cfg) in models.items():
-        df, x = _seeds_table(cfg, model, NORM_SAMPLERS, "variant", variants, seeds, progress,
-                             model_cfg=model_cfg)
-        real = df.sampler == "real: test images"                  # the same for every model
-        df = df.assign(model=np.where(real, "", name))
-        dfs.append(df[~real] if dfs else df)
-        samples.update({(name, *k): v for k, v in x.items()})
-    df = pd.concat(dfs, ignore_index=True)
-    return df[["model"] + [c for c in df if c != "model"]], samples
-
-
-# The timesteps of the fine-tuning ε-MSE table: where the models differ (large t), and t = 100.
-FT_EPS_T = (100, 300, 500, 700, 900, 1000)
-FT_MIXTURE = "a Gaussian per video segment"
-
-
-def finetune_eps_error(cfg: Config, models: dict, ts=FT_EPS_T) -> pd.DataFrame:
-    """The ε-MSE (eps_error; bf16 where sampling uses it) of each of `models` ({name: (UNet, its
-    config)}) on cfg's eval_images at `ts`, beside that of the training images' per-video-segment
-    Gaussian mixture (fit_prior 'segment'; GaussianEps), the best ε̂ at high t found so far.
-    One row per t, a column per model, then the mixture's."""
-    index = load_index(cfg)
-    train_ds = Fruits(index[index.split == "train"], ROOT / cfg.data_dir / "fruits-360",
-                      cfg.image_size)
-    images, cols = eval_images(cfg), {}
-    for name, (model, model_cfg) in models.items():
-        fp = ForwardProcess.from_config(model_cfg).to(next(model.parameters()).device)
-        mix = None if cols else fit_prior(cfg, model, fp, train_ds, "segment")  # once: 1st model
-        err = eps_error(model, fp, images, mix, ts).set_index("t")
-        cols[name] = err.network
-        if mix is not None:
-            mix_err = err.gaussian
-    return pd.DataFrame({**cols, FT_MIXTURE: mix_err}).reset_index()
+def class_shares(clf: FruitClassifier, classes: list, sets: dict, p_min: float = 0.9
+                 ) -> pd.DataFrame:
+    """The classifier's label for each image of each set ({name: images in [-1, 1]}): its most
+    likely class where p ≥ p_min, else 'unrecognized'; as shares of each set (a column per
+    set, a row per label)."""
+    out = {}
+    for name, x in sets.items():
+        conf, pred = classify(clf, x)[1].max(1)
+        labels = [classes[j] if c >= p_min else "unrecognized" for c, j in zip(conf, pred)]
+        out[name] = pd.Series(labels).value_counts(normalize=True)
+    return pd.DataFrame(out).fillna(0.0).reindex([*classes, "unrecognized"]).fillna(0.0)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -3015,54 +2643,6 @@ def plot_leakage(histories: dict, axes=None):
     return axes
 
 
-def plot_sampler_sweep(sw: pd.DataFrame, refs: dict | None = None, target: float = 3.0, ax=None):
-    """FFD / floor against the number of steps (log axis) of a sampler_sweep: each seed a dot,
-    their mean a line; the floor, the target ratio, and refs {label: (steps, ratio)} as stars."""
-    import matplotlib.pyplot as plt
-    ax = ax or plt.subplots(figsize=(7.5, 4))[1]
-    for i, (name, d) in enumerate(sw.groupby("sampler", sort=False)):
-        ax.scatter(d.steps, d.ffd_ratio, s=16, alpha=0.5, color=f"C{i}")
-        m = d.groupby("steps").ffd_ratio.mean()
-        ax.plot(m.index, m.values, "o-", color=f"C{i}",
-                label=f"{name}: mean of {d.seed.nunique()} seeds (dots: each seed)")
-    for j, (label, (k, r)) in enumerate((refs or {}).items(), start=sw.sampler.nunique()):
-        ax.plot([k], [r], "*", ms=13, color=f"C{j}", label=label)
-    ax.axhline(1, color="gray", lw=1, ls="--", label="floor: real training images")
-    ax.axhline(target, color="k", lw=1, ls=":", label=f"target: {target:g}× the floor")
-    ax.set(xscale="log", xlabel="steps (network evaluations per sample)", ylabel="FFD / floor",
-           ylim=(0, None))
-    ax.legend(fontsize=8)
-    return ax
-
-
-def plot_ffd_ratio(df: pd.DataFrame, by: str = "prior", legend: str = "ε̂ at high t from",
-                   title: str = "FFD / floor by where ε̂ at high t comes from", target: float = 3.0,
-                   ax=None):
-    """FFD / floor of a _seeds_table table (mixture_metrics': by="prior"; norm_metrics':
-    by="variant"; finetune_metrics': by="model", sampler and variant joined): a group per
-    sampler, a colour per value of `by`, each seed a dot and their mean a bar; log axis (ratios
-    there span 1 to ~1000)."""
-    import matplotlib.pyplot as plt
-    d = df[df.ffd_ratio.notna()]
-    samplers, variants = list(dict.fromkeys(d.sampler)), list(dict.fromkeys(d[by]))
-    ax = ax or plt.subplots(figsize=(8, 4))[1]
-    w = 0.8 / len(variants)
-    for j, p in enumerate(variants):
-        for i, s in enumerate(samplers):
-            r = d[(d.sampler == s) & (d[by] == p)].ffd_ratio
-            x = i - 0.4 + w * (j + 0.5)
-            ax.bar(x, r.mean(), w * 0.9, color=f"C{j}", alpha=0.45, label=p if i == 0 else None)
-            ax.plot([x] * len(r), r, "o", color=f"C{j}", ms=4)
-    ax.axhline(1, color="gray", lw=1, ls="--", label="floor: real training images")
-    ax.axhline(target, color="k", lw=1, ls=":", label=f"target: {target:g}× the floor")
-    ax.set_xticks(range(len(samplers)), samplers)
-    ax.set(yscale="log", ylabel="FFD / floor", title=f"{title}: {d.seed.nunique()} seeds of "
-           f"{int(d.n.iloc[0])} samples (dots)")
-    ax.legend(fontsize=8, title=legend, title_fontsize=8, loc="upper left",
-              bbox_to_anchor=(1.01, 1))
-    return ax
-
-
 def save_fig(fig, name: str, cfg: Config) -> Path:
     """<name>.png in cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke profile's go to
     runs/smoke/figures)."""
@@ -3076,59 +2656,9 @@ def save_fig(fig, name: str, cfg: Config) -> Path:
 # report: report/template.md filled from the tables in figures/
 
 
-# The b256 model's figures: scored here (b256/), and what its GPU run measured (h200/: its
-# training, its tables, and the cpu model scored there with the same classifier (h200/cpu/)).
-B256_FIGS = {"b256": "b256", "b256_h200": "b256/h200", "b256_h200_cpu": "b256/h200/cpu"}
-# The cpu model trained on with s(t) (skip), preconditioned (precond) and as it is (cpu-ft):
-# their figures, field prefixes.
-FT_FIGS = {"skip": "skip", "precond": "precond", "cpuft": "cpu-ft"}
-
-
-def _seeds_fields(df: pd.DataFrame, by: str, prefix: str, table: str, keys: dict) -> dict:
-    """The report's pieces of a table with one row per (sampler, `by`, seed) and a real test
-    images' row (mixture_metrics: by prior; norm_metrics: by variant). Per value of `by`: where
-    it starts, FFD / floor per sampler "mean (min–max)" over the seeds, and over all its rows the
-    lowest recognizability and the SSIM to the training images (finetune_metrics' table: by
-    "model, variant", the two joined; a 'from t' column only where some value of `by` has a
-    start). Field names:
-    <prefix>_<sampler>_<key> (ddim50, ddim20, ddim50eta1; key from `keys`), <prefix>_from_<key>,
-    … and `table` for the markdown table."""
-    f, d = {}, df[df.ffd_ratio.notna()]
-    if not len(d):
-        return f
-    r = d.groupby([by, "sampler"], sort=False).ffd_ratio.agg(["mean", "min", "max"])
-    cell = r.apply(lambda a: f"{a['mean']:.2f} ({a['min']:.2f}–{a['max']:.2f})", axis=1)
-    groups = d.groupby(by, sort=False)
-    start = groups.from_t.first().map(lambda v: "—" if pd.isna(v) else f"{v:.0f}")
-    t = pd.concat([start.rename("from t") if d.from_t.notna().any() else None,
-                   cell.unstack("sampler"),
-                   groups.recognizability.min().rename("recognizability (lowest)"),
-                   groups.nn_ssim_mean.mean().rename("SSIM to nearest training image (mean)"),
-                   groups.nn_ssim_max.max().rename("(max)")], axis=1)
-    f[table] = to_markdown(t.reset_index())
-    f[f"{prefix}_seeds"], f[f"{prefix}_n"] = str(d.seed.nunique()), str(int(d.n.iloc[0]))
-    f[f"{prefix}_floor"] = f"{d.ffd_floor.iloc[0]:.3f}"
-    for (v, name), a in r.iterrows():
-        key = f"{prefix}_{name.replace('DDIM-', 'ddim').replace(', η=1', 'eta1')}_{keys.get(v, v)}"
-        f[key], f[key + "_range"] = f"{a['mean']:.2f}", f"{a['min']:.2f}–{a['max']:.2f}"
-    for v, g in groups:
-        k = lambda what: f"{prefix}_{what}_{keys.get(v, v)}"
-        f[k("from")] = "n/a" if pd.isna(g.from_t.iloc[0]) else str(int(g.from_t.iloc[0]))
-        f[k("nn_max")], f[k("nn_mean")] = f"{g.nn_ssim_max.max():.3f}", f"{g.nn_ssim_mean.mean():.3f}"
-        f[k("rec_min")] = f"{g.recognizability.min():.3g}"
-        f[k("classes_min")] = str(int(g.classes_covered.min()))
-    real = df[df.sampler == "real: test images"]
-    if len(real):
-        f[f"{prefix}_real_nn_max"] = f"{real.nn_ssim_max.iloc[0]:.3f}"
-        f[f"{prefix}_real_nn_mean"] = f"{real.nn_ssim_mean.iloc[0]:.3f}"
-    return f
-
-
-def _report_fields(figs: Path, nested: bool = True) -> dict:
+def _report_fields(figs: Path) -> dict:
     """Named pieces of the report (markdown tables and headline numbers) from figures/*.csv;
-    a piece whose table is not there yet is left out (write_report marks it missing). nested:
-    also the other generation models' folders (B256_FIGS, FT_FIGS), their fields prefixed with
-    the key."""
+    a piece whose table is not there yet is left out (write_report marks it missing)."""
     def csv(name):
         p = figs / f"{name}.csv"
         return pd.read_csv(p) if p.exists() else None
@@ -3151,6 +2681,11 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
                 if len(d):
                     f[f"psnr{t}_{key}"] = f"{d.psnr_mean.mean():.1f}"
                     f[f"ssim{t}_{key}_lo"] = f"{d.ssim_mean.min():.3f}"
+        if "ssim_std_batch" in t1:       # ± over single images and over 64-image batch means
+            std = (t1[t1.t.isin([50, 200, 500, 800])].groupby(["method", "t"])
+                   [["ssim_std", "ssim_std_batch"]].mean())
+            f["table1_std"] = to_markdown(std.assign(ratio=std.ssim_std / std.ssim_std_batch)
+                                          .round(4).reset_index())
     if (vs := csv("table1_vs_report")) is not None:
         f["table1_vs_report"] = to_markdown(vs.drop(columns="report_what").round(3))
     if (lk := csv("leakage")) is not None:
@@ -3161,81 +2696,42 @@ def _report_fields(figs: Path, nested: bool = True) -> dict:
     if (f5 := csv("figure5_brightness")) is not None:
         f["figure5_table"] = to_markdown(f5.round(3))
     if (g := csv("generation_metrics")) is not None:
-        cols = ["sampler", "n", "ffd", "ffd_floor", "ffd_ratio", "ffd_class_mix", "kid",
-                "recognizability", "recognizability_ratio", "classes_covered", "nn_ssim_mean",
-                "nn_ssim_max", "seconds_per_image", "gaussian_from_t"]
+        cols = ["sampler", "n", "ffd", "ffd_floor", "ffd_ratio", "kid", "recognizability",
+                "recognizability_ratio", "classes_covered", "nn_ssim_mean", "nn_ssim_max",
+                "seconds_per_image"]
         f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
         row = g.set_index("sampler")
-        for name, key in (("DDIM-50", "ddim50"), ("DDIM-50, η=1", "ddim50eta1"),
-                          ("DDIM-50, re-derived ε̂", "ddim50re"), ("DDIM-20", "ddim20"),
-                          ("DDIM-50, Gaussian ε̂ at high t", "ddim50g"),
-                          ("DDIM-50, η=1, Gaussian ε̂ at high t", "ddim50eta1g"),
-                          ("DDPM-1000", "ddpm"), ("report's method (T=1000)", "reportgen"),
-                          ("real: test images", "real"), ("real: training images", "floor")):
+        keys = dict(zip(GEN_SAMPLERS, ("reportgen", "ddpm_fold0", "ddim50clip_fold0",
+                                       "ddim50_fold0", "ddpm_gen", "ddim50_gen", "ddim20_gen")))
+        keys.update({"real: test images": "real", "real: training images": "floor"})
+        for name, key in keys.items():
             if name in row.index:
-                for col in ("ffd", "ffd_floor", "ffd_ratio", "ffd_class_mix", "recognizability",
+                for col in ("ffd", "ffd_floor", "ffd_ratio", "recognizability",
                             "recognizability_ratio", "classes_covered", "nn_ssim_max", "n",
-                            "gaussian_from_t"):
-                    if col not in row:
-                        continue
+                            "seconds_per_image"):
                     v = row.loc[name, col]
                     f[f"{key}_{col}"] = "n/a" if pd.isna(v) else f"{v:.3g}"
-        if "classifier_test_acc" in g:
-            f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
-    if (sw := csv("sampler_sweep")) is not None:
-        # FFD / floor per (steps, sampler) over the seeds: "mean ± std (min–max)"
-        r = sw.groupby(["steps", "sampler"], sort=False).ffd_ratio.agg(["mean", "std", "min", "max"])
-        cell = r.apply(lambda a: f"{a['mean']:.2f} ± {a['std']:.2f} ({a['min']:.2f}–{a['max']:.2f})",
-                       axis=1)
-        f["sweep_table"] = to_markdown(cell.unstack("sampler").reset_index())
-        f["sweep_seeds"], f["sweep_n"] = str(sw.seed.nunique()), str(int(sw.n.iloc[0]))
-        for (k, name), a in r.iterrows():
-            key = f"sweep_{'eta1' if 'η=1' in name else 'eta0'}_{k}"
-            f[key], f[key + "_range"] = f"{a['mean']:.2f}", f"{a['min']:.2f}–{a['max']:.2f}"
-    if (mx := csv("generation_mixture")) is not None:
-        f.update(_seeds_fields(mx, "prior", "mix", "mixture_table",
-                               {name: kind or "net" for name, kind in MIXTURE_PRIORS.items()}))
-    if (nt := csv("generation_norm")) is not None:
-        f.update(_seeds_fields(nt, "variant", "norm", "norm_table", NORM_KEYS))
-    if (ft := csv("generation_finetune")) is not None:         # keys: <profile>_<variant>
-        by = "model, variant"
-        ft[by] = np.where(ft.model.notna(), ft.model + ", " + ft.variant.fillna(""), "")
-        f.update(_seeds_fields(ft, by, "ft", "ft_table", {
-            f"{m}, {v}": f"{p.replace('-', '')}_{NORM_KEYS[v]}" for m, p in FT_PROFILES.items()
-            for v in FT_VARIANTS}))
-    if (fe := csv("finetune_eps_error")) is not None:           # keys: fteps_<profile>_<t>
-        f["fteps_table"] = to_markdown(fe.assign(**{c: fe[c].map("{:.3g}".format)
-                                                     for c in fe.columns[1:]}))
-        keys = {m: p.replace("-", "") for m, p in FT_PROFILES.items()} | {FT_MIXTURE: "segment"}
-        for c in fe.columns[1:]:
-            f.update({f"fteps_{keys[c]}_{t}": f"{v:.3g}" for t, v in zip(fe.t, fe[c])})
+        f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
+    if (sr := csv("scale_response")) is not None:
+        f["scale_table"] = to_markdown(sr.round(4))
+        for model, d in sr.groupby("model"):
+            f[f"scale_{model}_1000"] = f"{d.set_index('t').ratio[1000]:.3f}"
     if (h := csv("training_summary")) is not None:
         f["training_table"] = to_markdown(h)
-        gen = h[h.run.str.endswith("/all")]
-        if len(gen):
-            f["gen_epochs"] = str(int(gen.epochs.iloc[0]))
-            f["gen_best_val_loss"] = f"{gen.best_val_loss.iloc[0]:.4g}"
+        folds = h[h.run.str.startswith("eps-grouped/fold")]
+        if len(folds):
+            f["fold_epochs"] = ", ".join(str(int(e)) for e in folds.epochs)
+            f["fold_minutes"] = f"{folds.minutes.sum():.0f}"
+            f["folds_early_stopped"] = str(int(folds.early_stopped.sum()))
     if (gt := csv("generation_training")) is not None:            # `train --fold all`'s summary
         f["generation_training_table"] = to_markdown(gt)
         f["gen_minutes"], f["gen_img_s"] = f"{gt.minutes[0]:.1f}", f"{gt.images_per_s[0]:,.0f}"
         f["gen_best_val_loss"] = f"{gt.best_val_loss[0]:.4g}"
-    if (b := csv("bench")) is not None:
+        f["gen_epochs"] = str(int(gt.epochs[0]))
+    if (b := csv("bench")) is not None:                                      # `make bench`
         cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
                 "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
-        f["bench_table"] = "Speed on this machine (`make bench`):\n\n" + to_markdown(
-            b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
-    if not nested:
-        return f
-    for key, sub in {**B256_FIGS, **FT_FIGS}.items():
-        if (figs / sub).is_dir():
-            f.update({f"{key}_{k}": v for k, v in _report_fields(figs / sub, False).items()})
-    # FFD / floor of both generation models scored with the same classifier, where they ran
-    sets = {"cpu model (H200)": B256_FIGS["b256_h200_cpu"],
-            "b256 model (H200)": B256_FIGS["b256_h200"], "b256 model (CPU)": B256_FIGS["b256"]}
-    r = {k: pd.read_csv(p).set_index("sampler").ffd_ratio for k, d in sets.items()
-         if (p := figs / d / "generation_metrics.csv").exists()}
-    if len(r) > 1:
-        f["b256_comparison"] = to_markdown(pd.DataFrame(r).dropna(how="all").reset_index())
+        f["bench_table"] = to_markdown(b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
     return f
 
 
@@ -3302,44 +2798,162 @@ def _eta(v: str) -> float:
     return x
 
 
+# What each profile is, for --help.
+PROFILE_HELP = {"smoke": "synthetic fruit, a tiny model, seconds (tests, CI)",
+                "cpu": "the real 10-class subset at 32×32, the report's protocol (2-core CPU)",
+                "full": "the report's 100×100 setup (a GPU)"}
+
+
+def cmd_data(a) -> None:
+    t0 = time.perf_counter()
+    index = prepare_data(a.src, a.url, a.synthetic, a.out, a.classes, a.split, a.seed, a.skip_bad)
+    counts = index[index.split == "train"].fold.value_counts().sort_index()
+    print(f"{len(index)} images ({(index.split == 'train').sum()} train, "
+          f"{(index.split == 'test').sum()} test, {index.label.nunique()} classes) → "
+          f"{Path(a.out) / 'index.csv'} in {time.perf_counter() - t0:.1f} s; rows per fold: "
+          + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
+def cmd_train(a) -> None:
+    over = {k: v for k, v in dict(target=a.target, split=a.split, max_epochs=a.max_epochs,
+                                   patience=a.patience).items() if v is not None}
+    cfg = get_config(a.profile, generation=a.fold == "all", **over)
+    h = train(cfg, a.fold, resume=a.resume, out=a.out)
+    if len(h):
+        b = h.loc[h.val_loss.idxmin()]
+        print(f"done: {len(h)} epochs, best val loss {b.val_loss:.4f} at epoch {b.epoch:.0f}, "
+              f"{h.images_per_s.median():.0f} img/s")
+        if a.fold == "all" and a.out is None:                  # the generation model's run
+            s = pd.DataFrame([run_summary(cfg, a.fold, h)])
+            print(f"summary → {save_table(s, 'generation_training', cfg)}")
+
+
+def cmd_train_all(a) -> None:
+    cfg = get_config(a.profile)
+    for over, fold in planned_runs():
+        c = get_config(cfg.profile, generation=fold == "all", **over)
+        out = run_out(a.out and Path(a.out).resolve(), c, fold)
+        if a.out is None and uses_committed(c, fold, a.retrain):
+            print(f"== {out}: committed ({committed_weights(c, fold).relative_to(ROOT)}), "
+                  f"not trained (--retrain trains it)", flush=True)
+            continue
+        print(f"== {out}", flush=True)
+        train(c, fold, resume=True, out=out)
+
+
+def cmd_submit(a) -> None:
+    profile = get_config(a.profile).profile
+    sl = Slurm(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Slurm)})
+    r = submit(profile, sl, a.out and Path(a.out).resolve(), a.max_epochs, a.wait, a.dry_run,
+               a.tasks)
+    logs = Path(a.out or ROOT / "runs" / profile) / "slurm"
+    print(r if a.dry_run else f"submitted job array {r} ({a.tasks or len(planned_runs())} "
+          f"tasks; script and logs in {logs})")
+
+
+def cmd_evaluate(a) -> None:
+    cfg = get_config(a.profile)
+    if a.what in ("table1", "both"):
+        df = table1(cfg)
+        print(f"Table 1 → {save_table(df, 'table1_ssim', cfg)}")
+        print(table1_wide(df).to_string(index=False))
+    if a.what in ("generation", "both"):
+        df, _ = generation_metrics(cfg, story_models(cfg), a.n)
+        print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
+        print(df.to_string(index=False))
+
+
+def cmd_export(a) -> None:
+    over = {k: v for k, v in dict(target=a.target, split=a.split).items() if v}
+    cfg = get_config(a.profile, generation=a.fold == "all", **over)
+    path = export_ema(cfg, a.fold, shipped_checkpoint(cfg) if a.fold == "all" else None)
+    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_report(a) -> None:
+    print(f"report → {write_report(get_config(a.profile))}")
+
+
+def cmd_sample(a) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    for flag in ("steps", "eta"):
+        if getattr(a, flag) is not None and a.method != "ddim":
+            raise ValueError(f"--{flag} is a DDIM option ({a.method} always runs all T steps): "
+                             f"add --method ddim or leave --{flag} out")
+    a.steps, a.eta = a.steps or 50, a.eta or 0.0
+    cfg = get_config(a.profile)
+    if a.steps > cfg.T:
+        raise ValueError(f"--steps {a.steps} is more than the schedule's T = {cfg.T} steps")
+    model = generation_model(cfg)
+    fp = ForwardProcess.from_config(get_config(cfg.profile, generation=True)).to(get_device())
+    kw = dict(steps=a.steps, eta=a.eta) if a.method == "ddim" else {}
+    x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, clip=not a.no_clip, **kw)
+    ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
+    name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
+            f"{'_noclip' * a.no_clip}_seed{a.seed}")
+    print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, where it has one that says something."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "") or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+COMMANDS = {"data": cmd_data, "train": cmd_train, "train-all": cmd_train_all,
+            "submit": cmd_submit, "evaluate": cmd_evaluate, "export": cmd_export,
+            "report": cmd_report, "sample": cmd_sample}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m ddpm_lib", description=__doc__.split("\n")[1])
     sub = ap.add_subparsers(dest="cmd", required=True)
+    fmt = dict(formatter_class=_Help)
+    profiles = "; ".join(f"{k}: {v}" for k, v in PROFILE_HELP.items())
 
-    p = sub.add_parser("data", help="index a Fruits-360 folder/zip/URL (or make a synthetic set)")
+    def parser(name: str, help: str):
+        p = sub.add_parser(name, help=help, description=help, **fmt)
+        if name != "data":
+            p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                           help=f"{profiles} (default: DDPM_PROFILE, else full with a GPU and "
+                                f"cpu without)")
+        return p
+
+    p = parser("data", "index a Fruits-360 folder/zip/URL (or make a synthetic set)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--from", dest="src", help="folder or .zip with Training/ and Test/")
     src.add_argument("--url", nargs="?", const=DEFAULT_URL, help="download the archive first")
     src.add_argument("--synthetic", action="store_true", help="fake fruit, for tests only")
-    p.add_argument("--out", default="data", help="where index.csv goes (default: data)")
+    p.add_argument("--out", default="data", help="where index.csv goes")
     p.add_argument("--classes", nargs="+", help="class folder names (default: the 10 of the "
                    "shared subset when indexing it, else all)")
     p.add_argument("--split", choices=["grouped", "random"], default="grouped")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable files out, listed")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the seed of the random split")
 
-    p = sub.add_parser("train", help="train one fold (or 'all') of a profile")
+    p = parser("train", "train one fold (or 'all': the generation model) of a profile")
     p.add_argument("--fold", default=0, type=_fold_arg,
-                   help="0..4, or 'all' (train on every training image)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    p.add_argument("--resume", action="store_true")
+                   help="0..4, or 'all' (the generation model: every training image)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run")
     p.add_argument("--out", default=None, help="run folder (default: runs/<profile>/…)")
     p.add_argument("--target", choices=["eps", "scaled_eps"], default=None,
-                   help="scaled_eps: the report-faithful target")
-    p.add_argument("--split", choices=["grouped", "random"], default=None)
+                   help="scaled_eps: the report-faithful target (default: eps)")
+    p.add_argument("--split", choices=["grouped", "random"], default=None,
+                   help="random: the report's leaking split (default: grouped)")
     p.add_argument("--max-epochs", type=_at_least(1), default=None)
     p.add_argument("--patience", type=_at_least(1), default=None)
 
-    p = sub.add_parser("train-all", help="every run the notebooks need (resumed, or skipped "
-                       "when finished or committed)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    p = parser("train-all", "every run the notebooks need (resumed, or skipped when finished or "
+               "committed)")
     p.add_argument("--retrain", action="store_true",
                    help="train the runs whose weights are committed too (into runs/)")
     p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
 
-    p = sub.add_parser("submit", help="every run of train-all as one SLURM job array (sbatch)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    p = parser("submit", "every run of train-all as one SLURM job array (sbatch)")
     for f in dataclasses.fields(Slurm):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
@@ -3349,54 +2963,31 @@ def main(argv=None) -> None:
     p.add_argument("--wait", action="store_true", help="return when every task has ended")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
-    p = sub.add_parser("evaluate", help="Table 1 (one-step SSIM/PSNR) and generation metrics")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    p.add_argument("--what", choices=["table1", "generation", "both", "sweep", "mixture", "norm",
-                                      "finetune"],
-                   default="both", help="sweep: FFD of the cheap samplers over --steps and "
-                   "--seeds (sampler_sweep; ~30 min under cpu with the defaults); mixture: the "
-                   "cheap samplers with ε̂ at high t from Gaussian mixtures (mixture_metrics; "
-                   "~40 min under cpu on 2 AVX2 cores); norm: deterministic DDIM with the network "
-                   "alone, x̂0 clipped or not, and norm-matched (norm_metrics; ~45 min); "
-                   "finetune: that without norm matching for the committed cpu model and the "
-                   "three trained on from it (FT_PROFILES), scored with --profile's classifier "
-                   "(14 min on 2 cores with native bf16)")
-    p.add_argument("--steps", type=int, nargs="+", default=None, help="sweep's step counts")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="sample seeds of the sweep and the mixture, norm and fine-tuning tables")
+    p = parser("evaluate", "Table 1 (one-step SSIM/PSNR) and the generation metrics")
+    p.add_argument("--what", choices=["table1", "generation", "both"], default="both")
+    p.add_argument("--n", type=_at_least(2), default=None,
+                   help="samples per sampler (default: the profile's, EVAL)")
 
-    p = sub.add_parser("export", help="write a run's best EMA weights in half precision for "
-                       "committing (the generation model; a fold run's with its history)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    p = parser("export", "write a run's best EMA weights in half precision for committing (the "
+               "generation model; a fold run's with its history)")
     p.add_argument("--fold", default="all", type=_fold_arg)
     p.add_argument("--target", choices=["eps", "scaled_eps"], default=None)
     p.add_argument("--split", choices=["grouped", "random"], default=None)
 
-    p = sub.add_parser("report", help="report/report.md from report/template.md and figures/")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
+    parser("report", "report/report.md from report/template.md and figures/")
 
-    p = sub.add_parser("sample", help="draw samples from the generation model into figures/")
-    p.add_argument("--profile", choices=sorted(PROFILES), default=None)
-    p.add_argument("--method", choices=sorted(SAMPLERS), default="ddim")
-    p.add_argument("--n", type=_at_least(1), default=64)
+    p = parser("sample", "draw samples from the generation model into figures/")
+    p.add_argument("--method", choices=sorted(SAMPLERS), default="ddim", help="the sampler")
+    p.add_argument("--n", type=_at_least(1), default=64, help="how many samples")
     p.add_argument("--steps", type=_at_least(1), default=None, help="DDIM steps (default 50, "
                    "at most T)")
     p.add_argument("--eta", type=_eta, default=None, help="DDIM η in [0, 1] (default 0)")
-    p.add_argument("--recompute-eps", action="store_true",
-                   help="DDIM: re-derive ε̂ from the clipped x̂0 (default: keep the network's)")
-    p.add_argument("--gaussian", nargs="?", const="one", choices=sorted(PRIOR_KINDS),
-                   help="DDIM: ε̂ from the training images' Gaussian ('one', the default), or a "
-                   "mixture with one per 'class' or per video 'segment', where it beats the "
-                   "network's (large t; measured first)")
-    p.add_argument("--norm-match", action="store_true", help="DDIM: the network's ε̂ norm-matched "
-                   "to x_t where that beats it (large t; measured first), x̂0 not clipped")
-    p.add_argument("--eps-scale", type=float, default=1.0, help="DDPM/DDIM: divide the network's "
-                   "ε̂ by this (ε-scaling, Ning et al. 2024; 1.01 helped DDIM-50 at η = 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
+    p.add_argument("--seed", type=int, default=0, help="the seed of x_T and of every z")
 
     a = ap.parse_args(argv)
     try:
-        _run(a)
+        COMMANDS[a.cmd](a)
     except Interrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         sys.exit(128 + e.signum)
@@ -3406,143 +2997,6 @@ def main(argv=None) -> None:
     except (DataError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError,
             RunLocked) as e:                                 # CheckpointError is a ValueError
         sys.exit(f"error: {e}")
-
-
-def _run(a) -> None:
-    if a.cmd == "data":
-        t0 = time.perf_counter()
-        index = prepare_data(a.src, a.url, a.synthetic, a.out, a.classes, a.split, a.seed,
-                             a.skip_bad)
-        counts = index[index.split == "train"].fold.value_counts().sort_index()
-        print(f"{len(index)} images ({(index.split == 'train').sum()} train, "
-              f"{(index.split == 'test').sum()} test, {index.label.nunique()} classes) → "
-              f"{Path(a.out) / 'index.csv'} in {time.perf_counter() - t0:.1f} s; rows per fold: "
-              + ", ".join(f"{k}: {v}" for k, v in counts.items()))
-    elif a.cmd == "train":
-        over = {k: v for k, v in dict(target=a.target, split=a.split, max_epochs=a.max_epochs,
-                                       patience=a.patience).items() if v is not None}
-        fold = a.fold
-        cfg = get_config(a.profile, generation=fold == "all", **over)
-        h = train(cfg, fold, resume=a.resume, out=a.out)
-        if len(h):
-            b = h.loc[h.val_loss.idxmin()]
-            print(f"done: {len(h)} epochs, best val loss {b.val_loss:.4f} at epoch {b.epoch:.0f}, "
-                  f"{h.images_per_s.median():.0f} img/s")
-            if fold == "all" and a.out is None:                  # the generation model's run
-                s = pd.DataFrame([run_summary(cfg, fold, h)])
-                print(f"summary → {save_table(s, 'generation_training', cfg)}")
-    elif a.cmd == "train-all":
-        cfg = get_config(a.profile)
-        for over, fold in planned_runs():
-            c = get_config(cfg.profile, generation=fold == "all", **over)
-            out = run_out(a.out and Path(a.out).resolve(), c, fold)
-            if a.out is None and uses_committed(c, fold, a.retrain):
-                print(f"== {out}: committed ({committed_weights(c, fold).relative_to(ROOT)}), "
-                      f"not trained (--retrain trains it)", flush=True)
-                continue
-            print(f"== {out}", flush=True)
-            train(c, fold, resume=True, out=out)
-    elif a.cmd == "submit":
-        profile = get_config(a.profile).profile
-        sl = Slurm(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Slurm)})
-        r = submit(profile, sl, a.out and Path(a.out).resolve(), a.max_epochs, a.wait, a.dry_run,
-                   a.tasks)
-        logs = Path(a.out or ROOT / "runs" / profile) / "slurm"
-        print(r if a.dry_run else f"submitted job array {r} ({a.tasks or len(planned_runs())} "
-              f"tasks; script and logs in {logs})")
-    elif a.cmd == "evaluate":
-        cfg = get_config(a.profile)
-        if a.what in ("table1", "both"):
-            df = table1(cfg)
-            print(f"Table 1 → {save_table(df, 'table1_ssim', cfg)}")
-            print(table1_wide(df).to_string(index=False))
-        if a.what in ("generation", "both"):
-            df, _ = generation_metrics(cfg, generation_model(cfg))
-            print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
-            print(df.to_string(index=False))
-        if a.what == "sweep":
-            kw = {k: tuple(v) for k, v in (("steps", a.steps), ("seeds", a.seeds)) if v}
-            df = sampler_sweep(cfg, generation_model(cfg), **kw)
-            print(f"sampler sweep → {save_table(df, 'sampler_sweep', cfg)}")
-            print(df.to_string(index=False))
-        if a.what in ("mixture", "norm", "finetune"):       # _seeds_table's tables
-            import matplotlib
-            matplotlib.use("Agg")
-            kw = {"seeds": tuple(a.seeds)} if a.seeds else {}
-            if a.what == "finetune":
-                cfgs = {name: get_config(p) for name, p in FT_PROFILES.items()}
-                models = {name: (generation_model(c, committed=True), c)    # as shipped
-                          for name, c in cfgs.items()}
-                df, _ = finetune_metrics(cfg, models, **kw)
-                err = finetune_eps_error(cfg, models)
-                print(f"ε-MSE by t → {save_table(err, 'finetune_eps_error', cfg)}")
-                print(err.to_string(index=False))
-                plot_df = df.assign(sampler=df.sampler + ", " + df.variant)
-                plot_kw = dict(by="model", legend="generation model",
-                               title="FFD / floor of deterministic DDIM")
-            else:
-                metrics, plot_kw = {"mixture": (mixture_metrics, {}), "norm": (norm_metrics, dict(
-                    by="variant", legend="network only, η = 0",
-                    title="FFD / floor of deterministic DDIM"))}[a.what]
-                df, _ = metrics(cfg, generation_model(cfg), **kw)
-                plot_df = df
-            table, fig = {"mixture": ("generation_mixture", "mixture_ffd"),
-                          "norm": ("generation_norm", "norm_ffd"),
-                          "finetune": ("generation_finetune", "finetune_ffd")}[a.what]
-            print(f"{a.what} table → {save_table(df, table, cfg)}")
-            print(df.to_string(index=False))
-            print(f"figure → {save_fig(plot_ffd_ratio(plot_df, **plot_kw).figure, fig, cfg)}")
-    elif a.cmd == "export":
-        fold = a.fold
-        over = {k: v for k, v in dict(target=a.target, split=a.split).items() if v}
-        cfg = get_config(a.profile, generation=fold == "all", **over)
-        path = export_ema(cfg, fold, shipped_checkpoint(cfg) if fold == "all" else None)
-        print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
-    elif a.cmd == "report":
-        print(f"report → {write_report(get_config(a.profile))}")
-    elif a.cmd == "sample":
-        import matplotlib
-        matplotlib.use("Agg")
-        for flag in ("gaussian", "norm_match"):
-            if getattr(a, flag) and a.method != "ddim":
-                raise ValueError(f"--{flag.replace('_', '-')} is a DDIM option (add --method ddim)")
-        if a.gaussian and a.norm_match:
-            raise ValueError("use one of --gaussian and --norm-match: both change ε̂ at large t")
-        if a.eps_scale <= 0:
-            raise ValueError(f"--eps-scale must be > 0 (about 1.01), not {a.eps_scale}")
-        if a.eps_scale != 1.0 and a.method == "report":
-            raise ValueError("--eps-scale is a DDPM/DDIM option (the report's method has none)")
-        for flag in ("steps", "eta"):
-            if getattr(a, flag) is not None and a.method != "ddim":
-                raise ValueError(f"--{flag} is a DDIM option ({a.method} always runs all T steps"
-                                 f"): add --method ddim or leave --{flag} out")
-        a.steps, a.eta = a.steps or 50, a.eta or 0.0
-        cfg = get_config(a.profile)
-        if a.steps > cfg.T:
-            raise ValueError(f"--steps {a.steps} is more than the schedule's T = {cfg.T} steps")
-        model = generation_model(cfg)
-        fp = ForwardProcess.from_config(cfg).to(get_device())
-        kw = dict(steps=a.steps, eta=a.eta, recompute_eps=a.recompute_eps) \
-            if a.method == "ddim" else {}
-        if a.eps_scale != 1.0:
-            kw["eps_scale"] = a.eps_scale
-        if a.gaussian or a.norm_match:
-            index = load_index(cfg)
-            train_ds = Fruits(index[index.split == "train"], ROOT / cfg.data_dir / "fruits-360",
-                              cfg.image_size)
-        if a.gaussian:
-            kw["prior"] = fit_prior(cfg, model, fp, train_ds, a.gaussian)
-            print(f"Gaussian ε̂ ({a.gaussian}) for t ≥ {kw['prior'].start}")
-        if a.norm_match:
-            kw.update(norm=fit_norm(cfg, model, fp, train_ds.images), clip=False)
-            print(f"norm-matched ε̂ for t ≥ {kw['norm'].start}, x̂0 not clipped")
-        x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
-        prior_tag = {None: "", "one": "_gaussian"}.get(a.gaussian, f"_gaussian-{a.gaussian}")
-        ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
-        name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
-                f"{prior_tag}{'_normmatch' * a.norm_match}"
-                f"{f'_eps{a.eps_scale:g}' * (a.eps_scale != 1.0)}_seed{a.seed}")
-        print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
 
 
 if __name__ == "__main__":

@@ -205,11 +205,11 @@ def test_preconditioned_target_has_unit_variance_and_inverts():
             dl.ForwardProcess(10, **bad)
 
 
-def test_preconditioned_run_trains_and_is_kept_apart(tmp_path):
+def test_preconditioned_run_trains_and_is_kept_apart(tmp_path, monkeypatch):
     """A run with sigma_data trains from a plain model's weights (finite losses); its checkpoint
     is refused under a plain config, and as the init of a run with another sigma_data (a plain
-    one included); generation_model keeps the caller's sigma_data, so the plain smoke
-    generation model is refused under a preconditioned config instead of being misread."""
+    one included); the generation model is preconditioned (GENERATION), so a plain run where
+    it lives is refused instead of being misread."""
     plain = tmp_path / "plain"
     dl.train(smoke_cfg(max_epochs=1), 0, out=plain, progress=False)
     h = dl.train(smoke_cfg(sigma_data=0.7, init=str(plain / "best.pt"), max_epochs=1), 0,
@@ -223,9 +223,12 @@ def test_preconditioned_run_trains_and_is_kept_apart(tmp_path):
         with pytest.raises(ValueError, match="sigma_data"):
             dl.load_init(model, smoke_cfg(sigma_data=other, init=str(pre)))
     dl.load_init(model, smoke_cfg(sigma_data=0.7, init=str(pre)))
-    dl.generation_model(smoke_cfg())                  # trains the smoke one if missing
+    assert dl.get_config("smoke", generation=True).sigma_data == 0.7
+    data = str(REPO / "runs" / "smoke" / "data")
+    monkeypatch.setattr(dl, "ROOT", tmp_path)
+    dl.train(smoke_cfg(data_dir=data, max_epochs=1), "all", progress=False)   # plain, same folder
     with pytest.raises(ValueError, match="sigma_data"):
-        dl.generation_model(smoke_cfg(sigma_data=0.7), train_if_missing=False)
+        dl.generation_model(smoke_cfg(data_dir=data), train_if_missing=False)
 
 
 def test_predict_x0_inverts_q_sample():
@@ -504,14 +507,13 @@ def test_resume_with_other_config_is_refused(tmp_path):
     assert list(h.epoch) == [1, 2]
 
 
-def test_fine_tune_starts_from_init_and_refuses_another_model(tmp_path):
-    """Config.init: the run starts from that checkpoint's EMA weights (eps_skip's s(t) the only
-    new weights, at zero, so the model is unchanged), records it in its config, and refuses a
-    checkpoint of another model or a missing file. A checkpoint older than a setting counts as
-    made with its default (the committed models predate eps_skip)."""
+def test_init_starts_from_its_weights_and_refuses_another_model(tmp_path):
+    """Config.init: the run starts from that checkpoint's EMA weights (the model is unchanged),
+    records it in its config, and refuses a checkpoint of another model or a missing file. A
+    checkpoint older than a setting counts as made with its default."""
     src = tmp_path / "src"
     dl.train(smoke_cfg(max_epochs=1), 0, out=src, progress=False)
-    cfg = smoke_cfg(eps_skip=True, init=str(src / "best.pt"), max_epochs=1)
+    cfg = smoke_cfg(init=str(src / "best.pt"), max_epochs=1)
     model = dl.build_model(cfg, torch.device("cpu"), verbose=False).eval()
     dl.load_init(model, cfg)
     ref = dl.load_model(smoke_cfg(), path=src / "best.pt")
@@ -523,17 +525,17 @@ def test_fine_tune_starts_from_init_and_refuses_another_model(tmp_path):
         == str(src / "best.pt")
     with pytest.raises(ValueError, match="width"):
         dl.load_init(model, smoke_cfg(width=16, init=str(src / "best.pt")))
-    with pytest.raises(FileNotFoundError, match="fine-tune"):
+    with pytest.raises(FileNotFoundError, match="Config.init"):
         dl.load_init(model, smoke_cfg(init=str(tmp_path / "none.pt")))
-    with pytest.raises(FileNotFoundError, match="fine-tune"):        # train() loads it first
+    with pytest.raises(FileNotFoundError, match="Config.init"):        # train() loads it first
         dl.train(smoke_cfg(init=str(tmp_path / "none.pt")), 0, out=tmp_path / "x", progress=False)
     assert not (tmp_path / "x" / "checkpoint.pt").exists()
     old = {k: v for k, v in dl.load_checkpoint(src / "best.pt")["config"].items()
-           if k != "eps_skip"}
+           if k != "sigma_data"}
     dl.check_config(old, smoke_cfg(), src)
-    with pytest.raises(ValueError, match="eps_skip"):
-        dl.check_config(old, smoke_cfg(eps_skip=True), src)
-    (src / "best.pt").rename(src / "gone.pt")        # a resumed fine-tune no longer needs it
+    with pytest.raises(ValueError, match="sigma_data"):
+        dl.check_config(old, smoke_cfg(sigma_data=0.7), src)
+    (src / "best.pt").rename(src / "gone.pt")        # a resumed run no longer needs it
     h = dl.train(dataclasses.replace(cfg, max_epochs=2), 0, out=tmp_path / "ft", resume=True,
                  progress=False)
     assert list(h.epoch) == [1, 2]
@@ -626,49 +628,32 @@ def test_profiles(monkeypatch):
     assert str(e.value.code).startswith("error:") and "bogus" in str(e.value.code)
 
 
-def test_b256_profile_is_the_cpu_network_trained_at_batch_256():
-    """b256 differs from cpu only in its generation model's training (and where its figures go),
-    so its committed model is scored exactly like the cpu one."""
-    cpu, b = dl.get_config("cpu"), dl.get_config("b256")
-    assert dataclasses.replace(b, profile="cpu") == cpu and dl.EVAL["b256"] == dl.EVAL["cpu"]
-    assert b.fig_dir() == dl.ROOT / "figures" / "b256" != cpu.fig_dir()
-    g = dl.get_config("b256", generation=True)
-    assert (g.batch_size, g.steps_per_epoch, g.max_epochs) == (256, 200, 24)
+def test_profiles_name_a_scale_and_the_generation_model_is_preconditioned():
+    """Three profiles, each a scale; in each, the generation model is the same network with EDM's
+    preconditioning, and every other setting of the fold runs is the profile's own."""
+    assert set(dl.PROFILES) == set(dl.GENERATION) == set(dl.EVAL) == set(dl.PROFILE_HELP) \
+        == {"smoke", "cpu", "full"}
+    for p in dl.PROFILES:
+        c, g = dl.get_config(p), dl.get_config(p, generation=True)
+        assert c.sigma_data == 0 and g.sigma_data == 0.7
+        assert (g.width, g.image_size, g.T, g.target) == (c.width, c.image_size, c.T, c.target)
 
 
-def test_fine_tuned_profiles_are_the_cpu_model_trained_on():
-    """skip is the cpu profile with s(t) (eps_skip), precond with EDM's preconditioning
-    (sigma_data), cpu-ft the cpu profile itself (the control); their generation models start
-    from the committed cpu model and train on alike."""
-    cpu, skip, ft = dl.get_config("cpu"), dl.get_config("skip"), dl.get_config("cpu-ft")
-    pre = dl.get_config("precond")
-    assert dataclasses.replace(skip, profile="cpu", eps_skip=False) == cpu and skip.eps_skip
-    assert dataclasses.replace(pre, profile="cpu", sigma_data=0.0) == cpu and pre.sigma_data
-    assert dataclasses.replace(ft, profile="cpu") == cpu
-    assert skip.fig_dir() == dl.ROOT / "figures" / "skip" and ft.fig_dir().name == "cpu-ft"
-    gs, gf = dl.get_config("skip", generation=True), dl.get_config("cpu-ft", generation=True)
-    gp = dl.get_config("precond", generation=True)
-    assert dataclasses.replace(gs, profile="cpu-ft", eps_skip=False) == gf
-    assert dataclasses.replace(gp, profile="cpu-ft", sigma_data=0.0) == gf
-    assert gs.init == "data/checkpoints/ddpm_cpu_all_ema_fp16.pt" and gs.max_epochs == 100
-    assert dl.EVAL["skip"] == dl.EVAL["precond"] == dl.EVAL["cpu-ft"] == dl.EVAL["cpu"]
-
-
-@pytest.mark.parametrize("profile", ["cpu", "b256", "skip", "precond", "cpu-ft"])
-def test_committed_generation_models_load(profile):
-    """The committed generation models: half-precision EMA weights, at most 10 MB, made with their
-    profile's settings (another config is refused), all the cpu profile's network (skip: with
-    s(t), 3 × 257 weights more)."""
-    cfg = dl.get_config(profile, generation=True)
-    path = dl.shipped_checkpoint(cfg)
-    assert path.stat().st_size <= 10e6
-    ck = dl.load_checkpoint(path)
-    assert {v.dtype for v in ck["ema"].values() if v.is_floating_point()} == {torch.float16}
-    model = dl.load_model(cfg, "all", path)
-    assert dl.n_params(model) == dl.n_params(dl.build_model(dl.get_config("cpu"), verbose=False)) \
-        + 3 * (cfg.time_dim + 1) * cfg.eps_skip
+def test_committed_generation_model_loads():
+    """The committed generation model (and the plain model it was trained on from): half-precision
+    EMA weights, at most 10 MB, made with the profile's settings (another config is refused)."""
+    cfg = dl.get_config("cpu", generation=True)
+    for path in (dl.shipped_checkpoint(cfg), dl.ROOT / cfg.init):
+        assert path.stat().st_size <= 10e6
+        ck = dl.load_checkpoint(path)
+        assert {v.dtype for v in ck["ema"].values() if v.is_floating_point()} == {torch.float16}
+    model = dl.load_model(cfg, "all", dl.shipped_checkpoint(cfg))
+    assert dl.n_params(model) == dl.n_params(dl.build_model(dl.get_config("cpu"), verbose=False))
     with pytest.raises(ValueError, match="another config"):
-        dl.load_model(dl.get_config(profile, generation=True, batch_size=99), "all", path)
+        dl.load_model(dl.get_config("cpu", generation=True, batch_size=99), "all",
+                      dl.shipped_checkpoint(cfg))
+    with pytest.raises(ValueError, match="sigma_data"):       # the plain init is not it
+        dl.load_model(cfg, "all", dl.ROOT / cfg.init)
 
 
 def test_cli_train_all_writes_the_generation_summary(tmp_path, capsys):
@@ -705,10 +690,8 @@ def test_timestep_out_of_range_raises():
 
 
 def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
-    """`sample` hands --steps, --eta, --recompute-eps, --gaussian [kind] (a fitted GaussianEps),
-    --eps-scale and --norm-match (a fitted NormMatch, no clipping) to the DDIM sampler and saves
-    a grid; --gaussian or --norm-match with another sampler, and --eps-scale with the report's
-    method, are errors."""
+    """`sample` hands --steps, --eta and --no-clip to the DDIM sampler and saves a grid named by
+    them; --steps or --eta with another sampler is an error."""
     seen = {}
     real = dl.SAMPLERS["ddim"]
 
@@ -717,45 +700,20 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
         return real(*args, **kw)
     monkeypatch.setitem(dl.SAMPLERS, "ddim", spy)
     dl.main(["sample", "--profile", "smoke", "--n", "4", "--steps", "3", "--eta", "0.5",
-             "--recompute-eps", "--seed", "7"])
-    assert (seen["steps"], seen["eta"], seen["recompute_eps"]) == (3, 0.5, True)
+             "--seed", "7"])
+    assert (seen["steps"], seen["eta"], seen["clip"]) == (3, 0.5, True)
     out = smoke_cfg().fig_dir() / "samples_ddim3_eta0.5_seed7.png"
     assert out.exists() and str(out.name) in capsys.readouterr().out
-    seen.clear()
-    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--gaussian"])
-    prior = seen["prior"]
-    assert isinstance(prior, dl.GaussianEps) and 1 <= prior.start <= smoke_cfg().T + 1
-    printed = capsys.readouterr().out
-    assert f"t ≥ {prior.start}" in printed and "samples_ddim3_gaussian_seed0.png" in printed
+    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--no-clip"])
+    assert seen["clip"] is False and "samples_ddim3_noclip_seed0.png" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="DDIM option"):
-        dl.main(["sample", "--profile", "smoke", "--method", "ddpm", "--gaussian"])
-    seen.clear()
-    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--gaussian", "segment"])
-    index = dl.load_index(smoke_cfg())
-    assert len(seen["prior"].log_w) == index[index.split == "train"].group.nunique() > 1
-    assert "samples_ddim3_gaussian-segment_seed0.png" in capsys.readouterr().out
-    seen.clear()
-    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--eps-scale", "1.01"])
-    assert seen["eps_scale"] == 1.01 and "samples_ddim3_eps1.01_seed0.png" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="DDPM/DDIM option"):
-        dl.main(["sample", "--profile", "smoke", "--method", "report", "--eps-scale", "1.01"])
-    with pytest.raises(SystemExit, match="must be > 0"):
-        dl.main(["sample", "--profile", "smoke", "--eps-scale", "0"])
-    seen.clear()
-    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--norm-match"])
-    assert isinstance(seen["norm"], dl.NormMatch) and seen["clip"] is False
-    assert 1 <= seen["norm"].start <= smoke_cfg().T + 1
-    assert "samples_ddim3_normmatch_seed0.png" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--norm-match is a DDIM option"):
-        dl.main(["sample", "--profile", "smoke", "--method", "ddpm", "--norm-match"])
-    with pytest.raises(SystemExit, match="one of --gaussian and --norm-match"):
-        dl.main(["sample", "--profile", "smoke", "--gaussian", "--norm-match"])
+        dl.main(["sample", "--profile", "smoke", "--method", "ddpm", "--steps", "3"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_get_device_keeps_freed_memory():
-    """get_device sets glibc's malloc to keep freed memory (mallopt accepts every setting; the
-    speed it buys is measured by tests/bench.py, not here)."""
+def test_sampling_keeps_freed_memory_and_get_device_does_not(monkeypatch):
+    """get_device has no side effect; sampling (and training) set glibc's malloc to keep freed
+    memory (mallopt accepts every setting; the speed it buys is measured by tests/bench.py)."""
     import ctypes
     try:
         ctypes.CDLL("libc.so.6").mallopt
@@ -763,6 +721,9 @@ def test_get_device_keeps_freed_memory():
         pytest.skip("no glibc (musl?)")
     dl.keep_freed_memory.cache_clear()
     assert dl.get_device().type in ("cpu", "cuda")
+    assert dl.keep_freed_memory.cache_info().currsize == 0
+    dl.sample(dl.UNet(8, 32, 2), dl.ForwardProcess(5), "ddim", n=1, size=8, steps=2,
+              progress=False)
     assert dl.keep_freed_memory.cache_info().currsize == 1 and dl.keep_freed_memory() is True
 
 

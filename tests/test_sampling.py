@@ -249,20 +249,6 @@ def test_preconditioning_alone_is_the_gaussian_optimum():
     assert np.abs(run(0.5) - ref).mean() > 0.01
 
 
-def test_eps_scale_divides_the_networks_eps():
-    """ε-scaling: DDIM (η = 0) with eps_scale = λ is Eq. 12 with ε*/λ exactly, and DDPM's output
-    moments are the recursion's with ε*/λ; λ = 1 is the plain sampler, bit for bit."""
-    xT, x = gaussian_run(dl.ddim_sample_loop, steps=50, eps_scale=1.05)
-    ref = ddim_reference(xT.double().numpy(), 50, scale=1.05)
-    np.testing.assert_allclose(x.double().numpy(), ref, rtol=0, atol=1e-4)
-    assert np.abs(ref - ddim_reference(xT.double().numpy(), 50)).mean() > 0.01
-    assert torch.equal(gaussian_run(dl.ddim_sample_loop, steps=50, eps_scale=1.0)[1],
-                       gaussian_run(dl.ddim_sample_loop, steps=50)[1])
-    _, x = gaussian_run(dl.p_sample_loop, eps_scale=1.05)
-    check_moments(x, *exact_moments("beta", scale=1.05))
-    assert exact_moments("beta", scale=1.05)[1] > 1.08 * exact_moments("beta")[1]   # > 5 SE
-
-
 def test_ddim_many_steps_samples_the_gaussian():
     xT, x = gaussian_run(dl.ddim_sample_loop, steps=1000, eta=0.0)
     n = x.numel()
@@ -374,36 +360,6 @@ def test_ffd_floor_is_larger_for_fewer_samples():
     assert dl.ffd_floor(clf, train, test, 20) == small          # seeded
 
 
-def test_ffd_floor_with_a_class_mix():
-    """mix draws real images in given class proportions: with the test set's own proportions it
-    scores like the plain floor; with all of one class it scores far worse (the part of a sample
-    set's FFD that its class proportions alone explain)."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-
-    def images(lo, hi):                           # 200 flat images, grey level in [lo, hi)
-        level = torch.randint(lo, hi, (200, 1, 1, 1), generator=g)
-        return (level + torch.randint(-10, 11, (200, 3, 16, 16), generator=g)).clamp(0, 255) \
-            .to(torch.uint8)
-    dark, bright = images(10, 110), images(146, 246)
-    train, labels = torch.cat([dark, bright]), torch.tensor([0] * 200 + [1] * 200)
-    test = dl.to_float(torch.cat([dark[:100], bright[:100]]).flip(-1))
-    clf = dl.FruitClassifier(2, width=4)
-    for m in clf.modules():                       # untrained, but BatchNorm set to the data's
-        if isinstance(m, nn.BatchNorm2d):         # statistics so that the features vary
-            m.momentum = None
-    with torch.no_grad():
-        clf.train()(dl.to_float(train))
-    clf.eval()
-    plain = dl.ffd_floor(clf, train, test, 100)
-    balanced = dl.ffd_floor(clf, train, test, 100, mix=torch.tensor([50, 50]), labels=labels)
-    one_class = dl.ffd_floor(clf, train, test, 100, mix=torch.tensor([100, 0]), labels=labels)
-    assert one_class > 5 * max(balanced, plain), (plain, balanced, one_class)
-    # the draw takes exactly the requested classes: all dark = the floor of the dark images alone
-    assert dl.ffd_floor(clf, train, test, 100, repeats=1, mix=torch.tensor([100, 0]),
-                        labels=labels) == dl.ffd_floor(clf, dark, test, 100, repeats=1)
-
-
 def test_kid():
     rng = np.random.default_rng(0)
     f, f2 = (torch.tensor(rng.normal(size=(600, 32))) for _ in range(2))
@@ -417,7 +373,6 @@ def test_kid():
 
 
 def test_nearest_ssim_finds_a_copy():
-    g = torch.Generator().manual_seed(0)
     train = (_structured(12, 16, seed=2) * 255).round().to(torch.uint8)
     copies = dl.to_float(train[[3, 8]])
     s = dl.nearest_ssim(copies, train, batch=1)
@@ -506,135 +461,6 @@ def gaussian_images(n: int, seed: int = 0) -> torch.Tensor:
     return MU + np.sqrt(S2) * torch.randn(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
-def test_gaussian_eps_fitted_to_gaussian_data_is_the_optimal_eps():
-    """GaussianEps fitted to N(μ, s²·I) samples is that data's ε* (OptimalEps, written
-    independently) up to the estimation error of μ and Σ from 20,000 samples: the same ε-MSE on
-    fresh data within 2 % at every t, and the same ε̂ at large t (where Σ matters little)."""
-    fp = dl.ForwardProcess(T)
-    prior = dl.GaussianEps(gaussian_images(20_000))
-    assert prior.lam.shape == (1, 48) and (prior.lam - S2).abs().max() < 0.15 * S2  # spread ±11 %
-    x0, g = gaussian_images(4000, seed=1), torch.Generator().manual_seed(2)
-    for t_val in (1, 50, 300, 700, 1000):
-        t, eps = torch.full((len(x0),), t_val), torch.randn(x0.shape, generator=g)
-        xt = fp.q_sample(x0, t, eps)
-        fit, opt = prior(fp, xt, t), OptimalEps()(xt, t)
-        mse_fit, mse_opt = (fit - eps).pow(2).mean(), (opt - eps).pow(2).mean()
-        assert 0.98 * mse_opt < mse_fit < 1.02 * mse_opt, (t_val, mse_fit, mse_opt)
-        if t_val >= 700:
-            torch.testing.assert_close(fit, opt, rtol=0, atol=0.01)
-
-
-def test_gaussian_eps_knows_the_covariance():
-    """On correlated data (every pixel the same value + small noise) the full-covariance
-    predictor beats one that knows only the mean, and on data that is one image it is exact."""
-    fp, t_val = dl.ForwardProcess(50), 30
-    g = torch.Generator().manual_seed(0)
-    x0 = torch.randn(4000, 1, 1, 1, generator=g) * 0.5 + 0.02 * torch.randn(4000, 3, 4, 4, generator=g)
-    t = torch.full((4000,), t_val)
-    eps = torch.randn(x0.shape, generator=g)
-    xt = fp.q_sample(x0, t, eps)
-    mse = (dl.GaussianEps(x0)(fp, xt, t) - eps).pow(2).mean()
-    ab = fp.alpha_bar[t_val - 1]
-    mean_only = ((xt - ab.sqrt() * x0.mean(0)) / (1 - ab).sqrt() - eps).pow(2).mean()
-    assert mse < 0.5 * mean_only, (mse, mean_only)
-    one = x0[:1].expand(100, -1, -1, -1)
-    xt1 = fp.q_sample(one, t[:100], eps[:100])
-    torch.testing.assert_close(dl.GaussianEps(one)(fp, xt1, t[:100]), eps[:100], rtol=0, atol=1e-4)
-
-
-def test_eps_error_and_takeover_start():
-    """eps_error: a network that outputs 0 has ε-MSE ≈ 1 at every t; the Gaussian predictor is
-    exact on images that are all the same, and not on varied ones.
-    takeover_start: the first t of the run where the Gaussian stays better to the end."""
-    fp, ts = dl.ForwardProcess(50), (1, 10, 25, 50)
-    flat = torch.full((8, 3, 8, 8), 200, dtype=torch.uint8)
-    df = dl.eps_error(Zero(), fp, flat, dl.GaussianEps(dl.to_float(flat)), ts=ts)
-    assert list(df.t) == list(ts)
-    assert (df.gaussian < 1e-8).all(), df
-    assert ((df.network - 1).abs() < 0.15).all(), df
-    assert dl.takeover_start(df) == 1
-    g = torch.Generator().manual_seed(0)
-    varied = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8, generator=g)
-    err = dl.eps_error(Zero(), fp, varied, dl.GaussianEps(dl.to_float(varied)), ts=ts).gaussian
-    assert ((err > 1e-4) & (err < 0.1)).all(), err     # it knows 8 images' span, not the images
-    table = lambda gauss, net: pd.DataFrame(dict(t=[50, 40, 30, 20, 10], gaussian=gauss, network=net))
-    assert dl.takeover_start(table([1, 1, 5, 1, 1], [2, 2, 2, 2, 2])) == 40   # unordered rows
-    assert dl.takeover_start(table([3, 3, 3, 3, 3], [2, 2, 2, 2, 2])) == 51   # never
-    assert dl.takeover_start(table([3, 1, 1, 1, 1], [2, 2, 2, 2, 2])) == 51   # not at the end
-    other = table([1, 1, 5, 1, 1], [2, 2, 2, 2, 2]).rename(columns={"gaussian": "norm_matched"})
-    assert dl.takeover_start(other, "norm_matched") == 40                   # another column
-
-
-def test_eps_error_of_the_norm_matched_network():
-    """eps_error(norm=…): a norm_matched column, and no gaussian one without a prior. For the
-    scale-blind ε* norm matching helps at large t (ε̂ ≈ x_t there) and not at small t."""
-    fp = dl.ForwardProcess(T)
-    images = ((gaussian_images(500) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    norm = dl.NormMatch(dl.to_float(images))
-    df = dl.eps_error(ScaleBlind(norm.x0_sq), fp, images, norm=norm, ts=(100, 900)).set_index("t")
-    assert list(df.columns) == ["network", "norm_matched"]
-    assert df.norm_matched[900] < 0.1 * df.network[900], df
-    assert df.norm_matched[100] > 0.9 * df.network[100], df
-    prior = dl.GaussianEps(dl.to_float(images))
-    both = dl.eps_error(ScaleBlind(norm.x0_sq), fp, images, prior, norm=norm, ts=(100, 900))
-    alone = dl.eps_error(ScaleBlind(norm.x0_sq), fp, images, prior, ts=(100, 900))
-    assert list(both.columns) == ["t", "network", "gaussian", "norm_matched"]
-    pd.testing.assert_frame_equal(both[alone.columns], alone)
-    assert np.allclose(both.norm_matched, df.norm_matched)
-
-
-def test_ddim_with_a_gaussian_prior():
-    """prior.start decides who gives ε̂: from start = 1 on the network is never called (DDIM with
-    the prior equals DDIM driven by ε* on N(μ, s²) data); above T the prior is never used."""
-    class Fails(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.p = nn.Parameter(torch.zeros(()))
-
-        def forward(self, x, t):
-            raise AssertionError("the network was called")
-    fp = dl.ForwardProcess(T)
-    prior = dl.GaussianEps(gaussian_images(20_000), start=1)
-    xT = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(2))
-    run = lambda model, **kw: dl.ddim_sample_loop(model, fp, xT.clone(), torch.Generator(),
-                                                  steps=20, **kw)[0]
-    torch.testing.assert_close(run(Fails(), prior=prior), run(OptimalEps()), rtol=0, atol=0.03)
-    prior.start = T + 1
-    assert torch.equal(run(OptimalEps(), prior=prior), run(OptimalEps()))
-    prior.start = 500
-    with pytest.raises(AssertionError, match="network was called"):
-        run(Fails(), prior=prior)
-
-
-def test_unet_cannot_see_the_scale_of_its_input():
-    """The report's U-Net: bias-free convolutions before every GroupNorm and no residual path
-    in `inc`, so net(c·x, t) = net(x, t) for c > 0 (why NormMatch exists); a shift it sees."""
-    torch.manual_seed(0)
-    net = dl.UNet(8, 32, 2).eval()
-    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), 700)
-    with torch.no_grad():
-        out = net(x, t)
-        torch.testing.assert_close(net(2.5 * x, t), out, rtol=0, atol=1e-4)
-        assert (net(x + 0.3, t) - out).abs().max() > 0.01
-
-
-def test_eps_skip_starts_as_the_report_unet_and_sees_the_scale():
-    """skip=True (Config.eps_skip): with the report's U-Net's weights and s(t) still zero it
-    gives the same ε̂, so a fine-tune starts as the model it came from; with s(t) ≠ 0 the output
-    moves with ‖x_t‖: net(c·x) − net(x) = (c − 1)·s(t)·x."""
-    torch.manual_seed(0)
-    net, skip = dl.UNet(8, 32, 2).eval(), dl.UNet(8, 32, 2, skip=True).eval()
-    missing, unexpected = skip.load_state_dict(net.state_dict(), strict=False)
-    assert sorted(missing) == ["skip.1.bias", "skip.1.weight"] and not unexpected
-    x, t = torch.randn(4, 3, 16, 16), torch.full((4,), 700)
-    with torch.no_grad():
-        torch.testing.assert_close(skip(x, t), net(x, t), rtol=0, atol=0)
-        s = torch.tensor([0.5, -0.2, 1.0])
-        skip.skip[1].bias.copy_(s)                              # s(t) = its bias while W = 0
-        torch.testing.assert_close(skip(2.5 * x, t) - skip(x, t), 1.5 * s.view(1, 3, 1, 1) * x,
-                                   rtol=0, atol=1e-4)
-
-
 class ScaleBlind(nn.Module):
     """ε* of N(μ, s²) data (OptimalEps) applied to the input rescaled to its expected norm
     sqrt(E‖x_t‖²): like the report's U-Net, blind to ‖x_t‖, and otherwise optimal."""
@@ -649,123 +475,68 @@ class ScaleBlind(nn.Module):
         return self.opt(x * (m / x.flatten(1).norm(dim=1)).view(-1, 1, 1, 1), t)
 
 
-def test_norm_match_rescales_eps_by_the_inputs_norm():
-    """NormMatch: E‖x0‖² of its images, and ε̂·‖x_t‖ / sqrt(ᾱ·E‖x0‖² + (1-ᾱ)·D), which makes a
-    scale-blind ε̂ scale with its input again."""
-    x0 = gaussian_images(20_000)
-    norm = dl.NormMatch(x0)
-    assert abs(norm.x0_sq.item() - 48 * (MU ** 2 + S2)) < 0.05
-    fp, g = dl.ForwardProcess(T), torch.Generator().manual_seed(1)
-    t, eps = torch.full((8,), 600), torch.randn(8, 3, 4, 4, generator=g)
-    xt = fp.q_sample(x0[:8], t, eps)
-    ab = fp.alpha_bar[599]
-    want = eps * (xt.flatten(1).norm(dim=1) / (ab * norm.x0_sq + (1 - ab) * 48).sqrt()).view(-1, 1, 1, 1)
-    torch.testing.assert_close(norm(fp, xt, t, eps), want)
-    blind = ScaleBlind(norm.x0_sq)
-    torch.testing.assert_close(blind(2 * xt, t), blind(xt, t))
-    torch.testing.assert_close(norm(fp, 2 * xt, t, blind(2 * xt, t)), 2 * norm(fp, xt, t, blind(xt, t)))
+class EpsIsX(nn.Module):
+    """ε̂ = x_t: the large-t limit of the ideal ε̂, which scales with its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        return x + self.p
 
 
-def test_norm_match_stops_the_drift_of_a_scale_blind_eps():
-    """Deterministic DDIM without clipping, driven by the scale-blind ε*, diverges (the starting
-    noise's norm is never corrected); norm-matched it returns what ε* itself returns."""
+def test_scale_response_reads_the_scale_an_eps_follows():
+    """scale_response gives c for ε̂ = x_t, c for a preconditioned F ≡ 0 (ε̂ = c_skip·x_t), and 1
+    for the report's U-Net, whose convolutions feed GroupNorm(1, C) without a bias (a property of
+    its architecture, here measured by the function under test)."""
+    images = (torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    fp, ts = dl.ForwardProcess(T), (100, 1000)
+    r = dl.scale_response(EpsIsX(), fp, images, ts, c=1.1)
+    assert list(r.t) == list(ts) and np.allclose(r.ratio, 1.1, atol=1e-5) and (r.c == 1.1).all()
+    r = dl.scale_response(Zero(), dl.ForwardProcess(T, sigma_data=0.7), images, ts, c=0.8)
+    assert np.allclose(r.ratio, 0.8, atol=1e-5)
+    torch.manual_seed(0)
+    r = dl.scale_response(dl.UNet(8, 32, 2).eval(), fp, images, ts, c=2.0)
+    assert np.allclose(r.ratio, 1.0, atol=1e-3)
+
+
+def test_scale_blind_eps_drifts_in_deterministic_ddim():
+    """Deterministic DDIM without clipping, driven by ε* of Gaussian data made blind to ‖x_t‖
+    (ScaleBlind), ends far wider than with ε* itself: the starting noise's norm is never
+    corrected. The mechanism notebook 05 shows."""
     fp = dl.ForwardProcess(T)
-    norm = dl.NormMatch(gaussian_images(20_000), start=1)
+    x0_sq = gaussian_images(20_000).flatten(1).pow(2).sum(1).mean()
     xT = torch.randn(4000, 3, 4, 4, generator=torch.Generator().manual_seed(2))
-    run = lambda model, **kw: dl.ddim_sample_loop(model, fp, xT.clone(), torch.Generator(),
-                                                  steps=50, clip=False, **kw)[0]
-    opt, blind = run(OptimalEps()), run(ScaleBlind(norm.x0_sq))
-    fixed = run(ScaleBlind(norm.x0_sq), norm=norm)
+    run = lambda model: dl.ddim_sample_loop(model, fp, xT.clone(), torch.Generator(), steps=50,
+                                            clip=False)[0]
+    opt, blind = run(OptimalEps()), run(ScaleBlind(x0_sq))
     assert blind.var() > 100 * opt.var()                     # measured: 180 against 0.027
-    assert abs(fixed.mean() - opt.mean()) < 0.02 and abs(fixed.var() / opt.var() - 1) < 0.2
-    norm.start = T + 1                                          # never used: plain DDIM
-    assert torch.equal(run(ScaleBlind(norm.x0_sq), norm=norm), blind)
-    norm.start = T                                              # used at the first step only
-    assert not torch.equal(run(ScaleBlind(norm.x0_sq), norm=norm), blind)
 
 
-def _two_blobs(n: int, w: float = 0.3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n 'images' (3, 2, 2): a share w of N(-0.5, 0.1²) per pixel (label 0), the rest of
-    N(+0.5 + a pixel-dependent shift, 0.1²) (label 1)."""
-    g = torch.Generator().manual_seed(seed)
-    labels = (torch.rand(n, generator=g) > w).long()
-    shift = torch.linspace(0, 0.2, 12).view(3, 2, 2)
-    x = torch.where(labels.view(-1, 1, 1, 1) == 1, 0.5 + shift, -0.5 + 0 * shift)
-    return x + 0.1 * torch.randn(n, 3, 2, 2, generator=g), labels
-
-
-def _mixture_eps_dense(x0, labels, fp, xt, t_val):
-    """E[ε | x_t] for the mixture of the labels' Gaussians (sample means and covariances, weights
-    their shares), computed densely: Bayes over the components with torch's MultivariateNormal,
-    then each component's linear estimator s·(a²Σ + s²I)⁻¹(x_t − a·μ). float64."""
-    a2 = fp.alpha_bar[t_val - 1].double()
-    a, s2, d = a2.sqrt(), 1 - a2, x0[0].numel()
-    logp, eps = [], []
-    for k in labels.unique():
-        xk = x0[labels == k].flatten(1).double()
-        mu, cov = xk.mean(0), torch.cov(xk.T)
-        c = a2 * cov + s2 * torch.eye(d, dtype=torch.float64)
-        mvn = torch.distributions.MultivariateNormal(a * mu, covariance_matrix=c)
-        logp.append(mvn.log_prob(xt.flatten(1)) + (labels == k).double().mean().log())
-        eps.append(s2.sqrt() * torch.linalg.solve(c, (xt.flatten(1) - a * mu).T).T)
-    w = torch.stack(logp, 1).softmax(1)                                 # (B, K)
-    return torch.einsum("bk,kbd->bd", w, torch.stack(eps)).view_as(xt)
-
-
-def test_gaussian_eps_with_labels_is_the_mixtures_posterior_mean():
-    """GaussianEps(images, labels) is the dense E[ε | x_t] of the labels' Gaussian mixture,
-    including a component of 6 images (rank 5 < D = 12: padded with zero eigenvalues), and
-    without labels that of one Gaussian."""
-    x0, labels = _two_blobs(3000)
-    few = 1.5 + 0.1 * torch.randn(6, 3, 2, 2, generator=torch.Generator().manual_seed(3))
-    x0, labels = torch.cat([x0, few]), torch.cat([labels, torch.full((6,), 2)])
-    fp = dl.ForwardProcess(T)
-    prior = dl.GaussianEps(x0, labels)
-    assert prior.mu.shape == (3, 3, 2, 2) and prior.V.shape == (3, 12, 12)
-    assert (prior.lam[2, 5:] < 1e-9).all() and (prior.lam[2, :5] > 1e-4).all()
-    xt = torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(1)).double()
-    xt[:8] += 1.5 * fp.alpha_bar[99].sqrt()                      # some near the small component
-    for t_val in (5, 100, 400, 900):
-        t = torch.full((64,), t_val)
-        got = prior(fp, xt.float(), t).double()
-        torch.testing.assert_close(got, _mixture_eps_dense(x0, labels, fp, xt, t_val),
-                                   rtol=0, atol=2e-4)
-        got1 = dl.GaussianEps(x0)(fp, xt.float(), t).double()
-        torch.testing.assert_close(got1, _mixture_eps_dense(x0, torch.zeros(len(x0)), fp, xt, t_val),
-                                   rtol=0, atol=2e-4)
-
-
-def test_ddim_with_a_mixture_prior_draws_the_components_in_their_shares():
-    """DDIM (η = 0) driven by the mixture alone (start = 1: the network is never called) on
-    two-blob data draws 30 % / 70 % of its samples from the blobs; one Gaussian of the same
-    data puts many samples between them, where there is no data."""
-    x0, labels = _two_blobs(3000)
-    fp = dl.ForwardProcess(T)
-    xT = torch.randn(2000, 3, 2, 2, generator=torch.Generator().manual_seed(2))
-    run = lambda prior: dl.ddim_sample_loop(Zero(), fp, xT.clone(), torch.Generator(), steps=50,
-                                            prior=prior, clip=False)[0]
-    m = run(dl.GaussianEps(x0, labels, start=1)).mean((1, 2, 3))      # a sample's mean pixel
-    assert abs((m < 0).float().mean() - 0.3) < 0.04                    # 3.5 standard errors
-    assert ((m + 0.5).abs() < 0.2).float().mean() + ((m - 0.6).abs() < 0.2).float().mean() > 0.98
-    m1 = run(dl.GaussianEps(x0, start=1)).mean((1, 2, 3))
-    assert (m1.abs() < 0.3).float().mean() > 0.2, (m1.abs() < 0.3).float().mean()
-
-
-def test_gaussian_prior_chooses_its_start_on_held_out_images(monkeypatch):
-    """With held_out, eps_error (which decides the start) sees the held-out images, not training
-    images; without, n training images. The mixture has a component per label."""
-    seen = []
-    real = dl.eps_error
-    monkeypatch.setattr(dl, "eps_error", lambda m, fp, imgs, prior, **kw:
-                        seen.append(imgs) or real(m, fp, imgs, prior, ts=(10, 50), **kw))
-    g = torch.Generator().manual_seed(0)
-    train = torch.randint(0, 256, (40, 3, 4, 4), dtype=torch.uint8, generator=g)
-    held = torch.randint(0, 256, (30, 3, 4, 4), dtype=torch.uint8, generator=g)
-    fp = dl.ForwardProcess(50)
-    prior = dl.gaussian_prior(Zero(), fp, train, n=20, labels=torch.arange(40) % 4, held_out=held)
-    assert len(prior.log_w) == 4 and torch.equal(seen[-1], held)
-    dl.gaussian_prior(Zero(), fp, train, n=20)
-    assert len(seen[-1]) == 20 and any(torch.equal(seen[-1][0], im) for im in train)
+def test_generation_metrics_scores_every_story_row(tmp_path, monkeypatch):
+    """generation_metrics on the smoke profile's two story models: the two real references, then
+    one row per GEN_SAMPLERS entry with n (n_report for the report's method) samples in [-1, 1],
+    FFD over the floor at each row's n, and the samples saved; class_shares sums to 1 per set."""
+    monkeypatch.setattr(dl, "ROOT", tmp_path)
+    cfg = dl.get_config("smoke", data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
+                                               "smoke" / "data"), T=20)
+    monkeypatch.setitem(dl.GENERATION, "smoke", dict(dl.GENERATION["smoke"], T=20))
+    models = dl.story_models(cfg)
+    assert models["generation"][1].sigma_data == 0.7 and models["fold0"][1].sigma_data == 0
+    df, samples = dl.generation_metrics(cfg, models, n=6, n_report=4, progress=False)
+    assert list(df.sampler) == ["real: training images", "real: test images", *dl.GEN_SAMPLERS]
+    assert list(samples) == list(dl.GEN_SAMPLERS)
+    for name, (_, method, _) in dl.GEN_SAMPLERS.items():
+        assert samples[name].shape == ((4 if method == "report" else 6), 3, 16, 16)
+        assert samples[name].abs().max() <= 1
+    rows = df.set_index("sampler").loc[list(dl.GEN_SAMPLERS)]
+    assert np.allclose(rows.ffd_ratio, rows.ffd / rows.ffd_floor) and rows.ffd.notna().all()
+    assert (tmp_path / "runs" / "smoke" / "samples.pt").exists()
+    clf, classes, _ = dl.train_classifier(cfg, progress=False)
+    shares = dl.class_shares(clf, classes, samples)
+    assert list(shares.index) == [*classes, "unrecognized"]
+    assert np.allclose(shares.sum(), 1.0)
 
 
 def test_table1_wide_layout():
@@ -818,23 +589,6 @@ def test_ddpm_rejects_unknown_variance():
                          torch.Generator(), var="betta")
 
 
-def test_sampler_sweep_from_the_command_line_is_seeded():
-    """`evaluate --what sweep`: one row per (sampler, steps, seed), the ratio to the floor, and
-    the same FFD again for the same seed (sampler_sweep called directly), another for another."""
-    cfg = dl.get_config("smoke")
-    dl.main(["evaluate", "--profile", "smoke", "--what", "sweep", "--steps", "4", "8",
-             "--seeds", "0", "1"])
-    sw = pd.read_csv(cfg.fig_dir() / "sampler_sweep.csv")
-    assert len(sw) == 2 * 2 * 2 and sw.steps.tolist()[:4] == [4, 4, 8, 8]
-    assert set(sw.sampler) == {"DDIM, Gaussian ε̂ at high t", "DDIM, η=1"}
-    assert np.allclose(sw.ffd_ratio, sw.ffd / sw.ffd_floor)
-    again = dl.sampler_sweep(cfg, dl.generation_model(cfg), steps=(4,), seeds=(1,), progress=False)
-    first = sw[(sw.steps == 4) & (sw.seed == 1)].reset_index(drop=True)
-    assert np.allclose(again.ffd, first.ffd, rtol=1e-5)
-    eta1 = sw[(sw.sampler == "DDIM, η=1") & (sw.steps == 4)]
-    assert eta1.ffd.nunique() == 2                                   # seeds 0 and 1 differ
-
-
 def _seeds_table_from_the_command_line(what: str, by: str, variants, samplers, metrics):
     """`evaluate --what <what>` for sample seeds 0 and 1 (a _seeds_table): the real test images'
     row, then one row per (sampler, variant in column `by`, seed) with the ratio to the floor and
@@ -855,70 +609,6 @@ def _seeds_table_from_the_command_line(what: str, by: str, variants, samplers, m
     assert np.allclose(again.ffd[1:], d[d.seed == 1].ffd, rtol=1e-5)
     assert len(samples) == len(samplers) * len(variants)
     return d, samples
-
-
-def test_mixture_table_from_the_command_line_is_seeded():
-    """`evaluate --what mixture`: a start for every prior but 'network only', and a prior used
-    changes the samples."""
-    d, samples = _seeds_table_from_the_command_line("mixture", "prior", dl.MIXTURE_PRIORS,
-                                                    dl.MIXTURE_SAMPLERS, dl.mixture_metrics)
-    T = dl.get_config("smoke").T
-    net = d.prior == "network only"
-    assert d[net].from_t.isna().all() and d[~net].from_t.between(1, T + 1).all()
-    assert (d[~net].from_t <= T).any()                       # some prior is used (checked below)
-    for (name, prior), x in samples.items():
-        if prior != "network only" and d[d.prior == prior].from_t.iloc[0] <= T:
-            assert not torch.equal(x, samples[(name, "network only")]), (name, prior)
-
-
-def test_norm_table_from_the_command_line_is_seeded():
-    """`evaluate --what norm`: a start only for the norm-matched rows, and each variant changes
-    the samples."""
-    d, samples = _seeds_table_from_the_command_line("norm", "variant", dl.NORM_VARIANTS,
-                                                    dl.NORM_SAMPLERS, dl.norm_metrics)
-    T = dl.get_config("smoke").T
-    matched = d.variant.str.startswith("norm-matched")
-    assert d[~matched].from_t.isna().all() and (d[matched].from_t <= T).all()   # used: below
-    for a, b in (("x̂0 clipped", "not clipped"), ("not clipped", "norm-matched, not clipped"),
-                 ("norm-matched, not clipped", "norm-matched, ε̂/1.005, not clipped")):
-        assert not torch.equal(samples[("DDIM-20", a)], samples[("DDIM-20", b)]), (a, b)
-
-
-def test_finetune_table_from_the_command_line(monkeypatch):
-    """`evaluate --what finetune`: the real test images' row, then one row per (model, sampler,
-    variant, seed), every model scored with --profile's classifier (one floor), and its figure,
-    and the ε-MSE by t of each model and of the per-segment mixture;
-    the same model twice scores the same, and s(t) ≠ 0, preconditioning (each model is sampled
-    with its own config's ForwardProcess) or not clipping changes the samples."""
-    cfg = dl.get_config("smoke")
-    (cfg.fig_dir() / "finetune_ffd.png").unlink(missing_ok=True)
-    monkeypatch.setattr(dl, "FT_PROFILES", {"a": "smoke", "b": "smoke"})
-    dl.main(["evaluate", "--profile", "smoke", "--what", "finetune", "--seeds", "0", "1"])
-    df = pd.read_csv(cfg.fig_dir() / "generation_finetune.csv")
-    assert df.sampler[0] == "real: test images" and len(df) == 1 + 2 * 2 * 2 * 2
-    d = df.iloc[1:]
-    assert set(d.model) == {"a", "b"} and set(d.variant) == set(dl.FT_VARIANTS)
-    assert set(d.sampler) == set(dl.NORM_SAMPLERS) and d.ffd_floor.nunique() == 1
-    assert np.allclose(d.ffd_ratio, d.ffd / d.ffd_floor)
-    assert np.allclose(d[d.model == "a"].ffd, d[d.model == "b"].ffd)
-    assert (cfg.fig_dir() / "finetune_ffd.png").exists()
-    err = pd.read_csv(cfg.fig_dir() / "finetune_eps_error.csv")
-    assert list(err.columns) == ["t", "a", "b", dl.FT_MIXTURE] and tuple(err.t) == dl.FT_EPS_T
-    assert np.allclose(err.a, err.b) and (err[["a", dl.FT_MIXTURE]] > 0).all().all()
-    assert not np.allclose(err.a, err[dl.FT_MIXTURE])
-    base = dl.generation_model(cfg)
-    skip = dl.UNet(cfg.width, cfg.time_dim, cfg.heads, skip=True).eval().requires_grad_(False)
-    skip.load_state_dict(base.state_dict(), strict=False)
-    skip.skip[1].bias.fill_(0.1)
-    pre = dataclasses.replace(cfg, sigma_data=0.7)              # the same weights, preconditioned
-    again, x = dl.finetune_metrics(cfg, {"a": (base, cfg), "s": (skip, cfg), "p": (base, pre)},
-                                   seeds=(0,), progress=False)
-    assert np.allclose(again[again.model == "a"].ffd, d[(d.model == "a") & (d.seed == 0)].ffd,
-                       rtol=1e-5)
-    for other in ("s", "p"):
-        assert not torch.equal(x[("a", "DDIM-20", "x̂0 clipped")],
-                               x[(other, "DDIM-20", "x̂0 clipped")]), other
-    assert not torch.equal(x[("a", "DDIM-20", "x̂0 clipped")], x[("a", "DDIM-20", "not clipped")])
 
 
 def test_classifier_does_not_depend_on_the_callers_rng():
