@@ -4,7 +4,7 @@ Denoising Diffusion Probabilistic Models on Fruits-360 — the one module the no
 It reproduces, and corrects, a course report that trained a DDPM with a custom U-Net on
 Fruits-360 (5-fold training, one-step SSIM at t = 50…1000, generation experiments). Read top to
 bottom it follows the method: helpers → data → model → diffusion → training → evaluation →
-sampling → plotting → command line.
+sampling → sample quality → plotting → report → command line.
 
 References
   [DDPM]  J. Ho, A. Jain, P. Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020.
@@ -12,8 +12,6 @@ References
   [IDDPM] A. Nichol, P. Dhariwal. Improved Denoising Diffusion Probabilistic Models. ICML 2021.
   [EDM]   T. Karras, M. Aittala, T. Aila, S. Laine. Elucidating the Design Space of
           Diffusion-Based Generative Models. NeurIPS 2022 (preconditioning, Table 1).
-  [EB]    M. Ning, M. Li, J. Su, A. A. Salah, I. O. Ertugrul. Elucidating the Exposure Bias in
-          Diffusion Models. ICLR 2024 (ε-scaling).
   [SSIM]  Z. Wang et al. Image quality assessment: from error visibility to structural
           similarity. IEEE TIP 2004 (computed as scikit-image's structural_similarity).
   Data:   H. Mureșan, M. Oltean. Fruit recognition from images using deep learning. 2018
@@ -160,10 +158,8 @@ def get_device() -> torch.device:
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep the memory a step frees for the next step (mmap only above
     32 MiB, give memory back to the OS only above 1 GiB free) instead of returning it and
-    page-faulting it in again. Measured on a 2-core AVX2 machine (tests/bench.py): a sampling
-    step at batch 250 went from 208,000 minor page faults to 1,100 and from 145 to 200 images/s;
-    a training step at batch 32 from 6,000–12,000 faults to none, a few % faster. The process
-    keeps its peak memory. Returns False where there is no glibc (macOS, musl) or mallopt refuses
+    page-faulting it in again (tests/bench.py measures what it buys). The process keeps its
+    peak memory. Returns False where there is no glibc (macOS, musl) or mallopt refuses
     a setting. Called where training (_train) and sampling (sample) start."""
     import ctypes
     if not sys.platform.startswith("linux"):
@@ -1850,7 +1846,7 @@ def uses_committed(cfg: Config, fold, retrain: bool = False) -> bool:
 # samples of the report's method (1000 steps and only the baseline: fewer), classifier epochs.
 EVAL = {
     "smoke": dict(n_eval=32, n_samples=16, n_report=8, clf_epochs=1),
-    "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),     # 6 gave acc 0.76
+    "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),
     "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
 }
 TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timesteps
@@ -2362,8 +2358,7 @@ def ffd_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor
               repeats: int = 5, seed: int = 0) -> float:
     """The FFD of n real training images (uint8) against real_test, mean over `repeats` random
     subsets: what a perfect generator scores with n samples. Like FID, FFD is biased upward for
-    small n (measured here: ~4.6 at n = 100, ~1.9 at n = 500), so a sample set is compared with
-    the floor at its own n."""
+    small n, so a sample set is compared with the floor at its own n."""
     g = torch.Generator().manual_seed(seed)
     fr, _ = classify(clf, real_test)
     return float(np.mean([frechet_distance(
@@ -2601,6 +2596,22 @@ def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, axes=None)
     for ax in axes:
         ax.legend(fontsize=8)
     return axes
+
+
+def plot_figure4(rows: dict, ts):
+    """The report's Figure 4: one row of images per entry of `rows` ({title: (len(ts), 3, H, W)
+    in [0, 1]}), one column per timestep in ts, labelled 't = …'."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * len(ts), 1.45 * len(rows)),
+                             layout="constrained", squeeze=False)
+    for ax, (name, x) in zip(axes[:, 0], rows.items()):
+        s = x.shape[-1] + 1                                         # image_grid pads by 1 pixel
+        ax.imshow(image_grid(x.cpu() * 2 - 1, nrow=len(ts)))         # image_grid takes [-1, 1]
+        ax.set_title(name, fontsize=9, loc="left")
+        ax.set_xticks([1 + s * i + s / 2 for i in range(len(ts))], [f"t = {v}" for v in ts],
+                      fontsize=7)
+        ax.set_yticks([])
+    return fig
 
 
 def plot_figure5(xs: dict, trajs: dict, n_show: int = 8):

@@ -805,3 +805,11 @@ def test_leakage_table_and_training_summary_keep_what_has_no_history(tmp_path, m
     s = dl.training_summary([(cfg, 0, h), (cfg, "all", None), (cfg, 1, None)], cfg)
     assert list(s.run) == ["eps-grouped/fold0", "eps-grouped/all"]
     assert s.iloc[0].best_epoch == 2 and s.iloc[0].minutes == 3.0 and s.iloc[1].epochs == 9
+
+
+def test_plot_figure4_one_row_per_entry_one_column_per_t():
+    rows = {"a": torch.zeros(3, 3, 8, 8), "b": torch.ones(3, 3, 8, 8)}
+    fig = dl.plot_figure4(rows, (50, 500, 1000))
+    assert [ax.get_title(loc="left") for ax in fig.axes] == ["a", "b"]
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["t = 50", "t = 500", "t = 1000"]
+    assert fig.axes[1].images[0].get_array().min() == 1.0          # the ones shown white

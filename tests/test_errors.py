@@ -1,6 +1,5 @@
 """Bad input, faults and interruption: each case gets a message that names the file or flag and
-says what to do, a non-zero exit, and nothing already written is lost. One test per case (the
-README's "What happens when…" table lists them)."""
+says what to do, a non-zero exit, and nothing already written is lost. One test per case."""
 import os
 import shutil
 import signal
