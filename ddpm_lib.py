@@ -2626,7 +2626,7 @@ def plot_figure5(xs: dict, trajs: dict, n_show: int = 8):
         show_grid(torch.cat([trajs[name][t][:1].clamp(-1, 1) for t in ts]), nrow=len(ts), ax=row[0])
         row[0].set_title(f"{name}: one sample at t = {ts[0]} … {ts[-1]}", fontsize=9, loc="left")
         show_grid(xs[name][:n_show], nrow=n_show, ax=row[1])
-        row[1].set_title(f"{n_show} samples", fontsize=9)
+        row[1].set_title(f"{len(xs[name][:n_show])} samples", fontsize=9)
         row[2].plot(ts, [to_unit(trajs[name][t]).mean().item() for t in ts], "o-", ms=3)
         row[2].set(ylim=(0, 1), xlim=(max(ts) + 50, -50), ylabel="mean brightness")
     axes[-1][2].set_xlabel("t (sampling runs right to left)")

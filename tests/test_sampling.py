@@ -713,5 +713,5 @@ def test_figure5_samples_every_set_from_the_same_seed(tmp_path, monkeypatch):
     assert not torch.equal(xs["DDPM-1000, corrected model"], xs["DDIM-50 (η = 0), corrected model"])
     again, _, _ = dl.figure5(cfg, n=3, keep=(0,), progress=False)
     assert all(torch.equal(again[k], xs[k]) for k in xs)
-    fig = dl.plot_figure5(xs, trajs, n_show=3)
-    assert len(fig.axes) == 3 * len(xs)
+    fig = dl.plot_figure5(xs, trajs, n_show=8)
+    assert len(fig.axes) == 3 * len(xs) and fig.axes[1].get_title() == "3 samples"
