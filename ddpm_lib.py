@@ -2704,6 +2704,7 @@ def _report_fields(figs: Path) -> dict:
         for split, r in lk[lk.when == "best epoch"].set_index("split").iterrows():
             key = "random" if split.startswith("random") else "grouped"
             f[f"leak_{key}"], f[f"leak_{key}_epoch"] = f"{r.test_over_val:.3f}", str(int(r.epoch))
+            f[f"leak_{key}_val"], f[f"leak_{key}_test"] = f"{r.val_loss:.5f}", f"{r.test_loss:.5f}"
     if (f5 := csv("figure5_brightness")) is not None:
         f["figure5_table"] = to_markdown(f5.round(3))
     if (g := csv("generation_metrics")) is not None:

@@ -108,3 +108,13 @@ def test_report_values_beside_ours(tmp_path):
     assert cmp.loc[500, "report"] == " – ".join(f"{v:.3f}" for v in rep[rep.t == 500].ssim)
     axes = dl.plot_table1(df, rep)
     assert len(axes[0].lines) == 2 + rep.t.nunique() and len(axes[1].lines) == 2
+
+
+def test_report_leakage_fields(tmp_path):
+    """Per split at the best epoch: Test/ ÷ validation, the epoch, and both losses."""
+    h = pd.DataFrame(dict(epoch=[1, 2], val_loss=[0.02, 0.010], test_loss=[0.02, 0.012]))
+    dl.write_csv(dl.leakage_table({"grouped": h, "random (the report's)": h.assign(val_loss=[0.02, 0.008])}),
+                 tmp_path / "leakage.csv")
+    text = _render(tmp_path, "${leak_grouped} ${leak_grouped_epoch} ${leak_grouped_val} "
+                   "${leak_random} ${leak_random_val} ${leak_random_test}")
+    assert text == "1.200 2 0.01000 1.500 0.00800 0.01200"
