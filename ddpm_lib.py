@@ -12,6 +12,7 @@ References
   [IDDPM] A. Nichol, P. Dhariwal. Improved Denoising Diffusion Probabilistic Models. ICML 2021.
   [EDM]   T. Karras, M. Aittala, T. Aila, S. Laine. Elucidating the Design Space of
           Diffusion-Based Generative Models. NeurIPS 2022 (preconditioning, Table 1).
+  [CFG]   J. Ho, T. Salimans. Classifier-Free Diffusion Guidance. NeurIPS 2021 Workshop.
   [SSIM]  Z. Wang et al. Image quality assessment: from error visibility to structural
           similarity. IEEE TIP 2004 (computed as scikit-image's structural_similarity).
   Data:   H. Mureșan, M. Oltean. Fruit recognition from images using deep learning. 2018
@@ -88,10 +89,12 @@ class Config:
     bf16: bool | None = None        # bf16 autocast; None: chosen by measuring (speed_choice)
     channels_last: bool | None = None   # channels_last memory; None: chosen as bf16 is
     seed: int = 0
-    init: str = ""                  # start from these EMA weights (repo-relative)
+    snapshot_every: int = 0         # > 0: keep the EMA weights of every this many epochs
+    n_classes: int = 0              # > 0: class-conditional, with a null class [CFG]
+    p_uncond: float = 0.1           # conditional: share of training labels dropped to null
 
     def run_dir(self, fold) -> Path:
-        name = "all" if fold == "all" else f"fold{int(fold)}"
+        name = ("all" if fold == "all" else f"fold{int(fold)}") + "_cond" * bool(self.n_classes)
         return ROOT / "runs" / self.profile / f"{self.target}-{self.split}" / name
 
     def fig_dir(self) -> Path:
@@ -102,7 +105,7 @@ class Config:
 
 
 # Settings that may differ when a run is resumed (everything else must match the checkpoint).
-RESUMABLE_KEYS = {"max_epochs", "patience", "profile"}
+RESUMABLE_KEYS = {"max_epochs", "patience", "profile", "snapshot_every"}
 # Settings of speed only (precision and memory layout): check_config passes them by default, and
 # a resumed run keeps the checkpoint's (train).
 SPEED_KEYS = {"bf16", "channels_last"}
@@ -120,14 +123,13 @@ PROFILES = {
 }
 
 # The generation model: the same U-Net with EDM's preconditioning (sigma_data: σ_d = 0.7, the
-# training images' root mean square at 32×32 in [-1, 1]), trained on every training image
-# ('all'), validated on Test/, for longer and with a larger learning rate than the fold runs.
-# cpu: trained on for 100 epochs from the weights of the same network trained without
-# preconditioning for 140 epochs (init, committed; that recipe: lr 5e-4, EMA 0.9995, 140 epochs).
+# training images' root mean square at 32×32 in [-1, 1]), trained from scratch on every training
+# image ('all'), validated on Test/, for longer and with a larger learning rate than the fold
+# runs; cpu keeps snapshots of its EMA weights along the way (time_to_quality scores them).
 GENERATION = {
-    "smoke": dict(max_epochs=2, sigma_data=0.7),
-    "cpu": dict(lr=5e-4, ema_decay=0.9995, max_epochs=100, patience=100, sigma_data=0.7,
-                init="data/checkpoints/ddpm_cpu_plain_all_ema_fp16.pt"),
+    "smoke": dict(max_epochs=2, sigma_data=0.7, snapshot_every=1),
+    "cpu": dict(lr=5e-4, ema_decay=0.9995, max_epochs=60, patience=60, sigma_data=0.7,
+                snapshot_every=10),
     "full": dict(max_epochs=40, patience=40, sigma_data=0.7),
 }
 
@@ -140,13 +142,18 @@ def default_profile() -> str:
     return p
 
 
-def get_config(profile: str | None = None, generation: bool = False, **overrides) -> Config:
-    """The profile's settings (+ GENERATION's for the generation model), then `overrides`."""
+def get_config(profile: str | None = None, generation: bool = False, conditional: bool = False,
+               **overrides) -> Config:
+    """The profile's settings (+ GENERATION's for the generation model), then `overrides`;
+    conditional: the class-conditional generation model, over the index's classes."""
     profile = profile or default_profile()
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: choose one of {sorted(PROFILES)}")
-    gen = GENERATION[profile] if generation else {}
-    return Config(profile=profile, **{**PROFILES[profile], **gen, **overrides})
+    gen = GENERATION[profile] if generation or conditional else {}
+    cfg = Config(profile=profile, **{**PROFILES[profile], **gen, **overrides})
+    if conditional:
+        cfg = dataclasses.replace(cfg, n_classes=load_index(cfg).label.nunique())
+    return cfg
 
 
 def get_device() -> torch.device:
@@ -979,12 +986,17 @@ class UNet(nn.Module):
     Its convs feed GroupNorm(1, C) without a bias and `inc` has no residual, so net(c·x, t) =
     net(x, t) for c > 0: it cannot see ‖x_t‖ (scale_response). EDM's preconditioning
     (ForwardProcess, sigma_data) supplies that part of ε̂ outside the network.
+
+    n_classes > 0 (not the report's): a learned class embedding is added to the time embedding;
+    label n_classes is the null class ("no class"), which y=None means [CFG].
     """
 
-    def __init__(self, width: int = 32, time_dim: int = 256, heads: int = 4):
+    def __init__(self, width: int = 32, time_dim: int = 256, heads: int = 4, n_classes: int = 0):
         super().__init__()
         w = width
+        self.n_classes = n_classes
         self.temb = TimeEmbedding(time_dim)
+        self.cemb = nn.Embedding(n_classes + 1, time_dim) if n_classes else None
         self.inc = DoubleConv(3, w)
         self.down1, self.down2, self.down3 = Down(w, 2 * w, time_dim), \
             Down(2 * w, 4 * w, time_dim), Down(4 * w, 4 * w, time_dim)
@@ -993,8 +1005,10 @@ class UNet(nn.Module):
             Up(2 * w, w, time_dim)
         self.outc = nn.Conv2d(w, 3, 1)
 
-    def forward(self, x, t):                                               # (B, 3, H, W), (B,)
+    def forward(self, x, t, y=None):                                       # (B, 3, H, W), (B,)
         e = self.temb(t)                                                   # (B, time_dim)
+        if self.cemb is not None:                                          # y: (B,) or None
+            e = e + self.cemb(torch.full_like(t, self.n_classes) if y is None else y)
         x1 = self.inc(x)                                                   # (B, w, H, W)
         x2 = self.down1(x1, e)                                             # (B, 2w, H/2, W/2)
         x3 = self.down2(x2, e)                                             # (B, 4w, H/4, W/4)
@@ -1009,7 +1023,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def build_model(cfg: Config, device: torch.device | None = None, verbose: bool = True) -> UNet:
-    model = UNet(cfg.width, cfg.time_dim, cfg.heads)
+    model = UNet(cfg.width, cfg.time_dim, cfg.heads, cfg.n_classes)
     if verbose:
         print(f"UNet(width={cfg.width}): {n_params(model):,} parameters")
     model = model.to(device or get_device())
@@ -1220,11 +1234,12 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-def diffusion_loss(model, fp: ForwardProcess, x0, t, eps) -> torch.Tensor:
+def diffusion_loss(model, fp: ForwardProcess, x0, t, eps, y=None) -> torch.Tensor:
     """Algorithm 1 [DDPM]: ‖target − net(x_t, t)‖², target ε (or the report's scaled ε, or with
-    sigma_data F's target: the ε-MSE weighted by 1/c_out², see ForwardProcess)."""
+    sigma_data F's target: the ε-MSE weighted by 1/c_out², see ForwardProcess); y: class labels
+    of a conditional model (None: unconditional)."""
     xt, target = fp(x0, t, eps)
-    return F.mse_loss(model(xt, t).float(), target)
+    return F.mse_loss((model(xt, t) if y is None else model(xt, t, y)).float(), target)
 
 
 def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Adam:
@@ -1255,7 +1270,7 @@ def time_train_steps(cfg: Config, precision: str, memory: str, device: torch.dev
     image size and batch, on one random batch, in `precision` and `memory`: one warm-up step,
     then steps for about `seconds` (at least one). The global RNG states are left as they were."""
     c = dataclasses.replace(cfg, bf16=precision == "bf16", channels_last=memory == "channels_last")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():    # also when sampling asks
         model = build_model(c, device, verbose=False).train()
         ema, opt = EMA(model, c.ema_decay), make_optimizer(model, c)
         fp = ForwardProcess.from_config(c).to(device)
@@ -1275,17 +1290,24 @@ def time_train_steps(cfg: Config, precision: str, memory: str, device: torch.dev
     return n * c.batch_size / (time.perf_counter() - t0)
 
 
-def epoch_batches(images: torch.Tensor, cfg: Config, fp: ForwardProcess, g: torch.Generator):
-    """One epoch of (x0, t, ε) from the uint8 cache; every draw comes from the epoch's generator,
-    so an epoch is reproduced exactly after a resume."""
+def epoch_batches(images: torch.Tensor, cfg: Config, fp: ForwardProcess, g: torch.Generator,
+                  labels: torch.Tensor | None = None):
+    """One epoch of (x0, t, ε, y) from the uint8 cache; every draw comes from the epoch's
+    generator, so an epoch is reproduced exactly after a resume. y: None, or for a conditional
+    config the labels with a share p_uncond replaced by the null class n_classes [CFG]."""
     n, bs = len(images), min(cfg.batch_size, len(images))
     steps = cfg.steps_per_epoch or n // bs
     perm = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-steps * bs // n))])
     for s in range(steps):
-        x0 = to_float(images[perm[s * bs:(s + 1) * bs]])                  # (B, 3, H, W)
+        idx = perm[s * bs:(s + 1) * bs]
+        x0 = to_float(images[idx])                                         # (B, 3, H, W)
         if cfg.flip:
             x0 = torch.where(torch.rand(bs, 1, 1, 1, generator=g) < 0.5, x0.flip(-1), x0)
-        yield x0, fp.sample_t(bs, g), torch.randn(x0.shape, generator=g)
+        t, eps = fp.sample_t(bs, g), torch.randn(x0.shape, generator=g)
+        y = None
+        if cfg.n_classes:                                                  # (B,) label dropout
+            y = torch.where(torch.rand(bs, generator=g) < cfg.p_uncond, cfg.n_classes, labels[idx])
+        yield x0, t, eps, y
 
 
 @torch.no_grad()
@@ -1293,7 +1315,8 @@ def validation_loss(model, fp: ForwardProcess, images: torch.Tensor, cfg: Config
                     device: torch.device, batch: int = 256) -> float:
     """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with
     sigma_data, not comparable with the others) over the validation images, with fixed, seeded
-    noise and timesteps so that epochs are comparable."""
+    noise and timesteps so that epochs are comparable. A conditional model is validated with the
+    null class."""
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     total, count = 0.0, 0
     for i in range(0, len(images), batch):
@@ -1382,30 +1405,6 @@ def set_rng_state(s: dict) -> None:
     random.setstate((version, tuple(mt), gauss_next))
 
 
-# What a checkpoint to fine-tune from (Config.init) must share with the run.
-INIT_KEYS = ("image_size", "width", "time_dim", "heads", "T", "beta_1", "beta_T", "schedule",
-             "target")
-
-
-def load_init(model: UNet, cfg: Config) -> None:
-    """Load cfg.init's EMA weights into `model`, all of them: a run with Config.init starts from
-    the weights of the model it came from (with sigma_data, from its weights only: the
-    preconditioning reads their output differently; a preconditioned model can only be trained
-    on with the same sigma_data)."""
-    path = ROOT / cfg.init
-    if not path.exists():
-        raise FileNotFoundError(f"{path} (Config.init) not found: the model to fine-tune from")
-    ck = load_checkpoint(path)
-    keys = INIT_KEYS + (("sigma_data",) if ck["config"].get("sigma_data") else ())
-    check_config(ck["config"], cfg, path, keys=keys, advice="Fine-tune from a model of "
-                 "the same network and schedule (Config.init), or set these to its values")
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in ck["ema"].items()},
-                                                strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing {missing}, "
-                         f"unexpected {unexpected}")
-
-
 def resumed_speed(saved: dict, cfg: Config, device: torch.device, path: Path) -> dict:
     """A resumed run's precision and memory layout: those it started with, from its checkpoint's
     config (which holds them as bf16/channels_last; bf16 runs only where native, as it did in
@@ -1476,6 +1475,7 @@ def train_command(cfg: Config, fold, out: Path | str | None = None) -> str:
     cmd = f"python -m ddpm_lib train --profile {cfg.profile} --fold {fold}"
     cmd += f" --target {cfg.target}" * (cfg.target != "eps")
     cmd += f" --split {cfg.split}" * (cfg.split != "grouped")
+    cmd += " --conditional" * bool(cfg.n_classes)
     if out is not None and Path(out).resolve() != cfg.run_dir(fold).resolve():
         cmd += f" --out {out}"
     return cmd
@@ -1532,8 +1532,6 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
         print(speed_line(speed), flush=True)
     seed_everything(cfg.seed)
     model = build_model(cfg, device, verbose=progress)
-    if cfg.init and not ck:
-        load_init(model, cfg)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
     fp = ForwardProcess.from_config(cfg).to(device)
@@ -1572,15 +1570,18 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
         g = torch.Generator().manual_seed(_fold_seed(cfg, fold, epoch))
         model.train()
         t0, losses = time.perf_counter(), []
-        bar = tqdm(epoch_batches(images, cfg, fp, g), total=steps, disable=not progress,
-                   desc=f"fold {fold} epoch {epoch + 1}/{cfg.max_epochs}", unit="step")
-        for x0, t, eps in bar:
+        bar = tqdm(epoch_batches(images, cfg, fp, g, train_ds.labels), total=steps,
+                   disable=not progress, desc=f"fold {fold} epoch {epoch + 1}/{cfg.max_epochs}",
+                   unit="step")
+        for x0, t, eps, y in bar:
             if d.world > 1:                                       # this process's slice
                 b = len(x0) // d.world
-                x0, t, eps = (v[d.rank * b:(d.rank + 1) * b] for v in (x0, t, eps))
+                x0, t, eps, y = (v if v is None else v[d.rank * b:(d.rank + 1) * b]
+                                 for v in (x0, t, eps, y))
             x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
+            y = y if y is None else y.to(device)
             with autocast(device, cfg.bf16):
-                loss = diffusion_loss(net, fp, x0, t, eps)
+                loss = diffusion_loss(net, fp, x0, t, eps, y)
             # one collective a step: the global batch's loss and whether any process was
             # signalled, so that all processes stop (or raise) at the same step
             both = _all_sum(d, torch.stack([loss.detach().float().cpu(),
@@ -1630,6 +1631,10 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
         if improved and d.main:
             save_checkpoint({"config": dataclasses.asdict(cfg), "ema": ema.model.state_dict(),
                              "epoch": epoch + 1, "val_loss": val}, out / "best.pt")
+        if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0 and d.main:
+            save_checkpoint({"config": dataclasses.asdict(cfg), "epoch": epoch + 1,
+                             "ema": {k: v.half() for k, v in ema.model.state_dict().items()}},
+                            out / f"ema_epoch{epoch + 1:04d}.pt")
         if d.main:
             save_checkpoint({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
                              "ema": ema.state_dict(), "optimizer": opt.state_dict(),
@@ -1672,16 +1677,19 @@ def training_summary(runs: list[tuple[Config, object, pd.DataFrame | None]],
 def planned_runs() -> list[tuple[dict, object]]:
     """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
     generation model (on every training image), and on fold 0 the report-faithful target and
-    the report's random split. Fold 0 and the generation model come first: they are what the
-    later notebooks need most when a CPU run is cut short."""
+    the report's random split, then the class-conditional generation model. Fold 0 and the
+    generation model come first: they are what the later notebooks need most when a CPU run is
+    cut short."""
     return ([({}, 0), ({}, "all")] + [({}, k) for k in range(1, 5)]
-            + [(dict(target="scaled_eps"), 0), (dict(split="random"), 0)])
+            + [(dict(target="scaled_eps"), 0), (dict(split="random"), 0),
+               (dict(conditional=True), "all")])
 
 
 def run_args(over: dict, fold) -> list[str]:
     """The `train` flags of one planned run (see planned_runs)."""
-    return ["--fold", str(fold)] + [a for k in ("target", "split") if k in over
-                                    for a in (f"--{k}", over[k])]
+    return (["--fold", str(fold)] + [a for k in ("target", "split") if k in over
+                                     for a in (f"--{k}", over[k])]
+            + ["--conditional"] * over.get("conditional", False))
 
 
 def run_out(base: Path | None, cfg: Config, fold) -> Path:
@@ -2194,20 +2202,46 @@ SAMPLERS = {"ddpm": p_sample_loop, "ddim": ddim_sample_loop, "report": report_sa
             "report-first": report_first_loop}
 
 
+class Guided(nn.Module):
+    """Classifier-free guidance [CFG] of a conditional UNet, as a model of (x_t, t) that every
+    sampler takes: out = out_∅ + w·(out_c − out_∅), the conditional (labels y) and the null-class
+    pass in one batch. w = 0 is the unconditional model, w = 1 the plain conditional one (the
+    paper's 1 + w is our w), exactly (torch.lerp). Guiding the raw output guides ε̂ alike: ε̂ is
+    affine in it with the same coefficients for both passes (ForwardProcess.eps_from_output)."""
+
+    def __init__(self, model: UNet, y: torch.Tensor, w: float):
+        super().__init__()
+        if not model.n_classes:
+            raise ValueError("guidance needs a class-conditional model (Config.n_classes > 0; "
+                             "`train --fold all --conditional`)")
+        self.model, self.y, self.w = model, y, float(w)
+
+    def forward(self, x, t):                                               # (B, 3, H, W), (B,)
+        null = torch.full_like(self.y, self.model.n_classes)
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, null]))
+        c, u = out.chunk(2)                                                # 2 × (B, 3, H, W)
+        return torch.lerp(u, c, self.w)
+
+
 def sample(model, fp: ForwardProcess, method: str = "ddim", n: int = 64, size: int = 32,
-           seed: int = 0, batch: int = 250, keep=(), progress: bool = True, **kw):
+           seed: int = 0, batch: int = 250, keep=(), progress: bool = True,
+           y: torch.Tensor | None = None, w: float = 1.0, **kw):
     """n images in [-1, 1] from x_T ~ N(0, I) with a seeded generator, in batches.
-    method: 'ddpm' (var='beta'|'beta_tilde'), 'ddim' (steps, eta) or 'report'.
+    method: 'ddpm' (var='beta'|'beta_tilde'), 'ddim' (steps, eta) or 'report'. y: (n,) class
+    labels for a conditional model, sampled with guidance weight w (Guided).
     Returns (x0 (n, 3, size, size) on the CPU, {t: x_t (n, …)} for t in keep)."""
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {sorted(SAMPLERS)}, not {method!r}")
+    if y is not None and len(y) != n:
+        raise ValueError(f"{len(y)} labels for {n} samples: give one class label per sample")
     device = next(model.parameters(), torch.empty(0)).device
     keep_freed_memory()
     g = torch.Generator().manual_seed(seed)
     outs, trajs = [], []
     for i in tqdm(range(0, n, batch), desc=f"sampling {method}", disable=not progress or n <= batch):
         xT = _noise((min(batch, n - i), 3, size, size), g, device)
-        x, traj = SAMPLERS[method](model, fp, xT, g, keep=keep, progress=progress, **kw)
+        m = model if y is None else Guided(model, y[i:i + len(xT)].to(device), w)
+        x, traj = SAMPLERS[method](m, fp, xT, g, keep=keep, progress=progress, **kw)
         outs.append(x.clamp(-1, 1).cpu())
         trajs.append(traj)
     return torch.cat(outs), {k: torch.cat([tr[k] for tr in trajs]) for k in trajs[0]}
@@ -2392,12 +2426,14 @@ def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | Non
 
 
 
-def generation_model(cfg: Config, train_if_missing: bool = True, committed: bool = False
-                     ) -> UNet:
-    """The profile's generation model ('all' fold, GENERATION settings): the local run if there
-    is one (committed=True: the committed export if there is one), else the other, else
-    (train_if_missing, and only for a profile that commits none: SHIPPED) train it now."""
-    gcfg = get_config(cfg.profile, generation=True, data_dir=cfg.data_dir)
+def generation_model(cfg: Config, train_if_missing: bool = True, committed: bool = False,
+                     conditional: bool = False) -> UNet:
+    """The profile's generation model ('all' fold, GENERATION settings; conditional: the
+    class-conditional one): the local run if there is one (committed=True: the committed export
+    if there is one), else the other, else (train_if_missing, and only for a profile that
+    commits none: SHIPPED) train it now."""
+    gcfg = get_config(cfg.profile, generation=True, conditional=conditional,
+                      data_dir=cfg.data_dir)
     local, shipped = gcfg.run_dir("all") / "best.pt", shipped_checkpoint(gcfg)
     if not local.exists() and not shipped.exists():
         cmd = train_command(gcfg, "all")
@@ -2417,8 +2453,10 @@ SHIPPED = ("cpu",)
 
 
 def shipped_checkpoint(cfg: Config) -> Path:
-    """Where the committed EMA weights of a profile's generation model live (≤ 10 MB)."""
-    return ROOT / "data" / "checkpoints" / f"ddpm_{cfg.profile}_all_ema_fp16.pt"
+    """Where the committed EMA weights of a profile's generation model (conditional: its
+    class-conditional one) live (≤ 10 MB)."""
+    cond = "_cond" * bool(cfg.n_classes)
+    return ROOT / "data" / "checkpoints" / f"ddpm_{cfg.profile}_all{cond}_ema_fp16.pt"
 
 
 def story_models(cfg: Config) -> dict:
@@ -2511,6 +2549,105 @@ def class_shares(clf: FruitClassifier, classes: list, sets: dict, p_min: float =
         labels = [classes[j] if c >= p_min else "unrecognized" for c, j in zip(conf, pred)]
         out[name] = pd.Series(labels).value_counts(normalize=True)
     return pd.DataFrame(out).fillna(0.0).reindex([*classes, "unrecognized"]).fillna(0.0)
+
+
+def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool = True
+                    ) -> pd.DataFrame:
+    """Score the EMA snapshots of the generation run (GENERATION's snapshot_every) after their
+    epochs of training: n DDIM samples each (η = 0, not clipped, seed cfg.seed), their FFD
+    against its floor at n and their recognizability. Times from the run's history: train_minutes
+    as the run measured them (validation included), idle_minutes the training steps alone at its
+    fastest epoch's rate (where a run shared its cores for a while: the rate of the machine to
+    itself)."""
+    gcfg = get_config(cfg.profile, generation=True, data_dir=cfg.data_dir)
+    run, dev = gcfg.run_dir("all"), get_device()
+    snaps = sorted(run.glob("ema_epoch*.pt"))
+    if not snaps:
+        raise FileNotFoundError(f"no snapshots (ema_epoch*.pt) in {run}: they are kept while the "
+                                f"generation model trains (`{train_command(gcfg, 'all')}`), "
+                                f"every snapshot_every epochs")
+    hist = pd.read_csv(run / "history.csv")
+    per_epoch = (gcfg.steps_per_epoch or len(split_data(gcfg, "train")) // gcfg.batch_size) \
+        * gcfg.batch_size
+    classes, train_ds, test_imgs, clf, _ = scoring_setup(cfg, progress)
+    real_test = to_float(test_imgs)
+    floor = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
+    fp, rows = ForwardProcess.from_config(gcfg).to(dev), []
+    for path in tqdm(snaps, desc="snapshots", disable=not progress):
+        epoch = load_checkpoint(path)["epoch"]
+        model = load_model(gcfg, "all", path).to(dev)
+        x, _ = sample(model, fp, "ddim", n, gcfg.image_size, cfg.seed, steps=steps, clip=False,
+                      progress=False)
+        q, h = quality(clf, x, real_test, None, len(classes)), hist[hist.epoch <= epoch]
+        rows.append(dict(epoch=epoch, images=epoch * per_epoch,
+                         train_minutes=h.seconds.sum() / 60,
+                         idle_minutes=epoch * per_epoch / hist.images_per_s.max() / 60,
+                         n=n, ffd=q["ffd"], ffd_floor=floor, ffd_ratio=q["ffd"] / floor,
+                         recognizability=q["recognizability"],
+                         classes_covered=q["classes_covered"]))
+    return pd.DataFrame(rows)
+
+
+# Classifier-free guidance weights scored by guidance_metrics (0: unconditional, 1: conditional).
+GUIDANCE_W = (0, 1, 2, 3, 5)
+
+
+def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: int = 50,
+                     progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Sample n_per_class images of every class at each guidance weight w with the
+    class-conditional generation model (DDIM, η = 0, not clipped; the same x_T for every w) and
+    score them with the fruit classifier: accuracy on the requested class, recognizability, FFD
+    (per class against that class's test images, and over all), nearest-training SSIM. The
+    unconditional generation model draws as many samples from the same seed for comparison, and
+    the real test images give the nearest-training SSIM a real unseen image reaches.
+    Returns (one row per set, one row per (w, class), {w: samples (class-major)})."""
+    dev = get_device()
+    ccfg = get_config(cfg.profile, conditional=True, data_dir=cfg.data_dir)
+    cond = generation_model(cfg, conditional=True).to(dev)
+    fp = ForwardProcess.from_config(ccfg).to(dev)
+    classes, train_ds, test_imgs, clf, acc = scoring_setup(cfg, progress)
+    k = len(classes)
+    test = split_data(cfg, "test", classes)
+    real_test, train_imgs = to_float(test.images), train_ds.images
+    y = torch.arange(k).repeat_interleave(n_per_class)                   # (k·n,) class-major
+    rows = [dict(set="real: test images", w=np.nan, accuracy=np.nan,
+                 **quality(clf, real_test, None, train_imgs, k))]
+    unc, _ = sample(generation_model(cfg).to(dev), fp, "ddim", len(y), cfg.image_size,
+                    cfg.seed, steps=steps, clip=False, progress=progress)
+    rows.append(dict(set="unconditional model", w=np.nan, accuracy=np.nan,
+                     **quality(clf, unc, real_test, train_imgs, k)))
+    by_class, samples = [], {}
+    for w in tqdm(ws, desc="guidance weights", disable=not progress):
+        x, _ = sample(cond, fp, "ddim", len(y), cfg.image_size, cfg.seed, y=y, w=w,
+                      steps=steps, clip=False, progress=progress)
+        samples[w] = x
+        f, p = classify(clf, x)
+        hit = (p.argmax(1) == y).float()
+        for c in range(k):
+            m = y == c
+            fc, _ = classify(clf, real_test[test.labels == c])
+            by_class.append(dict(w=w, cls=classes[c], accuracy=hit[m].mean().item(),
+                                 recognizability=(p[m].max(1).values >= 0.9).float().mean().item(),
+                                 ffd=frechet_distance(f[m], fc)))
+        rows.append(dict(set="conditional model", w=w, accuracy=hit.mean().item(),
+                         **quality(clf, x, real_test, train_imgs, k)))
+    df, per = pd.DataFrame(rows), pd.DataFrame(by_class)
+    worst = per.groupby("w").accuracy.min()
+    df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))
+    df.insert(df.columns.get_loc("ffd") + 1, "ffd_vs_unconditional",
+              df.ffd / df.set_index("set").ffd["unconditional model"])
+    df["steps"], df["n_per_class"], df["classifier_test_acc"] = steps, n_per_class, acc
+    return df, per, samples
+
+
+def pick_w(df: pd.DataFrame, ffd_max: float = 1.5) -> float:
+    """The guidance weight to show: of guidance_metrics' conditional rows whose FFD is at most
+    ffd_max × the unconditional model's, the one with the highest accuracy (the smaller w on a
+    tie); the highest accuracy of all where none is."""
+    g = df[df.set == "conditional model"]
+    ok = g[g.ffd_vs_unconditional <= ffd_max]
+    g = ok if len(ok) else g
+    return float(g.sort_values(["accuracy", "w"], ascending=[False, True]).w.iloc[0])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2657,6 +2794,64 @@ def plot_leakage(histories: dict, axes=None):
     return axes
 
 
+def plot_time_to_quality(df: pd.DataFrame, ffd_aim: float = 3.0, rec_aim: float = 0.95,
+                         axes=None):
+    """time_to_quality's table: FFD ÷ its floor (log scale) and recognizability against the
+    training minutes at the idle rate, with the aims drawn as dashed lines."""
+    import matplotlib.pyplot as plt
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8))[1]
+    x = df.idle_minutes
+    axes[0].plot(x, df.ffd_ratio, "o-")
+    axes[0].axhline(ffd_aim, ls="--", color="grey", label=f"aim: {ffd_aim:g}× the floor")
+    axes[0].set(yscale="log", ylabel="FFD ÷ floor", title=f"FFD (DDIM, n = {df.n.iloc[0]})")
+    axes[1].plot(x, df.recognizability, "o-")
+    axes[1].axhline(rec_aim, ls="--", color="grey", label=f"aim: {rec_aim:g}")
+    axes[1].set(ylim=(0, 1.02), ylabel="share with p ≥ 0.9", title="recognizability")
+    for ax in axes:
+        ax.set_xlabel("training minutes (2 cores, idle rate)")
+        ax.legend(fontsize=8)
+        top = ax.secondary_xaxis("top", functions=(lambda m: m / x.iloc[-1] * df.epoch.iloc[-1],
+                                                   lambda e: e / df.epoch.iloc[-1] * x.iloc[-1]))
+        top.set_xlabel("epoch", fontsize=8)
+    return axes
+
+
+def plot_guidance(df: pd.DataFrame, per: pd.DataFrame, axes=None):
+    """guidance_metrics' tables against w: accuracy on the requested class (mean, and each class
+    faintly) and FFD over all classes, the unconditional model's as a dashed line."""
+    import matplotlib.pyplot as plt
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8))[1]
+    g = df[df.set == "conditional model"]
+    for _, c in per.groupby("cls"):
+        axes[0].plot(c.w, c.accuracy, "-", color="grey", lw=0.6, alpha=0.6)
+    axes[0].plot(g.w, g.accuracy, "o-", lw=2, label="mean over classes (grey: each class)")
+    axes[0].set(ylim=(0, 1.02), ylabel="classifier's accuracy on the requested class",
+                title="fidelity")
+    axes[1].plot(g.w, g.ffd, "o-", label="conditional model")
+    axes[1].axhline(df.set_index("set").ffd["unconditional model"], ls="--", color="grey",
+                    label="unconditional model")
+    axes[1].set(ylabel="FFD (all classes)", title="diversity and realism")
+    for ax in axes:
+        ax.set_xlabel("guidance weight w (0: unconditional, 1: conditional)")
+        ax.legend(fontsize=8)
+    return axes
+
+
+def plot_class_grid(x: torch.Tensor, classes: list, n_show: int = 8, title: str | None = None):
+    """Class-major samples (len(classes)·n each, as guidance_metrics draws them): a row of the
+    first n_show per class, labelled with the class."""
+    import matplotlib.pyplot as plt
+    k = len(classes)
+    x = x.view(k, -1, *x.shape[1:])[:, :n_show].flatten(0, 1)
+    fig, ax = plt.subplots(figsize=(0.9 * n_show + 1.6, 0.9 * k), layout="constrained")
+    ax.imshow(image_grid(x, nrow=n_show))
+    s = x.shape[-1] + 1                                                 # image_grid pads by 1
+    ax.set_yticks([1 + s * i + s / 2 for i in range(k)], classes, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title(title or "", fontsize=9, loc="left")
+    return fig
+
+
 def save_fig(fig, name: str, cfg: Config) -> Path:
     """<name>.png in cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke profile's go to
     runs/smoke/figures)."""
@@ -2747,6 +2942,31 @@ def _report_fields(figs: Path) -> dict:
         f["gen_minutes"], f["gen_img_s"] = f"{gt.minutes[0]:.1f}", f"{gt.images_per_s[0]:,.0f}"
         f["gen_best_val_loss"] = f"{gt.best_val_loss[0]:.4g}"
         f["gen_epochs"] = str(int(gt.epochs[0]))
+    if (tq := csv("generation_time_to_quality")) is not None:        # `evaluate --what curve`
+        f["ttq_table"] = to_markdown(tq.round(3))
+        ok = tq[(tq.ffd_ratio < 3) & (tq.recognizability >= 0.95)]
+        f["ttq_cross"] = (f"{ok.idle_minutes.iloc[0]:.0f} min (epoch {int(ok.epoch.iloc[0])})"
+                          if len(ok) else "not within the run")
+        last = tq.iloc[-1]
+        f["ttq_last_epoch"], f["ttq_last_min"] = str(int(last.epoch)), f"{last.idle_minutes:.0f}"
+        f["ttq_last_ffd_ratio"] = f"{last.ffd_ratio:.2f}"
+        f["ttq_last_rec"] = f"{last.recognizability:.3f}"
+        f["ttq_n"] = str(int(last.n))
+    if (gd := csv("guidance")) is not None:                          # notebook 05, section 5
+        cols = ["set", "w", "n", "accuracy", "min_class_accuracy", "recognizability", "ffd",
+                "ffd_vs_unconditional", "kid", "nn_ssim_mean", "nn_ssim_max"]
+        f["guidance_table"] = to_markdown(gd[[c for c in cols if c in gd]].round(3))
+        w = pick_w(gd)
+        r = gd[(gd.set == "conditional model") & (gd.w == w)].iloc[0]
+        real = gd.set_index("set").loc["real: test images"]
+        f["guidance_w"], f["guidance_n_per_class"] = f"{w:g}", str(int(gd.n_per_class.iloc[0]))
+        for col in ("accuracy", "min_class_accuracy", "recognizability", "ffd_vs_unconditional",
+                    "nn_ssim_max"):
+            f[f"guidance_{col}"] = f"{r[col]:.3f}"
+        f["guidance_real_nn_ssim_max"] = f"{real.nn_ssim_max:.3f}"
+    if (gc := csv("guidance_by_class")) is not None:
+        f["guidance_class_table"] = to_markdown(
+            gc.pivot(index="cls", columns="w", values="accuracy").round(3).reset_index())
     if (b := csv("bench")) is not None:                                      # `make bench`
         cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
                 "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
@@ -2834,9 +3054,11 @@ def cmd_data(a) -> None:
 
 
 def cmd_train(a) -> None:
+    if a.conditional and a.fold != "all":
+        raise ValueError("--conditional is the class-conditional generation model: add --fold all")
     over = {k: v for k, v in dict(target=a.target, split=a.split, max_epochs=a.max_epochs,
                                    patience=a.patience).items() if v is not None}
-    cfg = get_config(a.profile, generation=a.fold == "all", **over)
+    cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
     h = train(cfg, a.fold, resume=a.resume, out=a.out)
     if len(h):
         b = h.loc[h.val_loss.idxmin()]
@@ -2844,7 +3066,8 @@ def cmd_train(a) -> None:
               f"{h.images_per_s.median():.0f} img/s")
         if a.fold == "all" and a.out is None:                  # the generation model's run
             s = pd.DataFrame([run_summary(cfg, a.fold, h)])
-            print(f"summary → {save_table(s, 'generation_training', cfg)}")
+            name = "generation_training" + "_cond" * a.conditional
+            print(f"summary → {save_table(s, name, cfg)}")
 
 
 def cmd_train_all(a) -> None:
@@ -2880,11 +3103,26 @@ def cmd_evaluate(a) -> None:
         df, _ = generation_metrics(cfg, story_models(cfg), a.n)
         print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
         print(df.to_string(index=False))
+    if a.what == "curve":
+        df = time_to_quality(cfg, a.n or 500)
+        print(f"time to quality → {save_table(df, 'generation_time_to_quality', cfg)}, "
+              f"{save_fig(plot_time_to_quality(df)[0].figure, 'generation_time_to_quality', cfg)}")
+        print(df.to_string(index=False))
+    if a.what == "guidance":
+        df, per, xs = guidance_metrics(cfg, a.n or 50)
+        save_table(per, "guidance_by_class", cfg)
+        w = pick_w(df)
+        classes = sorted(load_index(cfg).label.unique())
+        grid = plot_class_grid(xs[w], classes, title=f"w = {w:g}")
+        print(f"guidance → {save_table(df, 'guidance', cfg)}, "
+              f"{save_fig(plot_guidance(df, per)[0].figure, 'guidance', cfg)}, "
+              f"{save_fig(grid, 'guidance_grid', cfg)} (w = {w:g})")
+        print(df.to_string(index=False))
 
 
 def cmd_export(a) -> None:
     over = {k: v for k, v in dict(target=a.target, split=a.split).items() if v}
-    cfg = get_config(a.profile, generation=a.fold == "all", **over)
+    cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
     path = export_ema(cfg, a.fold, shipped_checkpoint(cfg) if a.fold == "all" else None)
     print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
 
@@ -2904,15 +3142,23 @@ def cmd_sample(a) -> None:
     cfg = get_config(a.profile)
     if a.steps > cfg.T:
         raise ValueError(f"--steps {a.steps} is more than the schedule's T = {cfg.T} steps")
-    model = generation_model(cfg)
-    fp = ForwardProcess.from_config(get_config(cfg.profile, generation=True)).to(get_device())
     kw = dict(steps=a.steps, eta=a.eta) if a.method == "ddim" else {}
     if a.method != "report-first":           # it has no x̂0; its own clip clamps x_t (off)
         kw["clip"] = not a.no_clip
+    cond = a.fruit is not None
+    if cond:                                 # the class-conditional model, guided
+        classes = sorted(load_index(cfg).label.unique())
+        if a.fruit not in classes:
+            raise ValueError(f"--fruit {a.fruit!r} is not a class of {cfg.data_dir}/index.csv: "
+                             f"choose one of {classes}")
+        kw.update(y=torch.full((a.n,), classes.index(a.fruit)), w=a.w)
+    model = generation_model(cfg, conditional=cond)
+    fp = ForwardProcess.from_config(get_config(cfg.profile, generation=True)).to(get_device())
     x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
     ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
+    what = f"_{a.fruit.replace(' ', '_')}_w{a.w:g}" if cond else ""
     name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
-            f"{'_noclip' * a.no_clip}_seed{a.seed}")
+            f"{'_noclip' * a.no_clip}{what}_seed{a.seed}")
     print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
 
 
@@ -2967,6 +3213,8 @@ def main(argv=None) -> None:
                    help="random: the report's leaking split (default: grouped)")
     p.add_argument("--max-epochs", type=_at_least(1), default=None)
     p.add_argument("--patience", type=_at_least(1), default=None)
+    p.add_argument("--conditional", action="store_true", help="with --fold all: the "
+                   "class-conditional generation model (classifier-free guidance)")
 
     p = parser("train-all", "every run the notebooks need (resumed, or skipped when finished or "
                "committed)")
@@ -2984,16 +3232,20 @@ def main(argv=None) -> None:
     p.add_argument("--wait", action="store_true", help="return when every task has ended")
     p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
 
-    p = parser("evaluate", "Table 1 (one-step SSIM/PSNR) and the generation metrics")
-    p.add_argument("--what", choices=["table1", "generation", "both"], default="both")
+    p = parser("evaluate", "Table 1 (one-step SSIM/PSNR) and the generation metrics; curve: the "
+               "generation run's snapshots scored; guidance: the conditional model by w")
+    p.add_argument("--what", choices=["table1", "generation", "both", "curve", "guidance"],
+                   default="both")
     p.add_argument("--n", type=_at_least(2), default=None,
-                   help="samples per sampler (default: the profile's, EVAL)")
+                   help="samples per sampler (default: the profile's, EVAL; curve: 500 per "
+                        "snapshot; guidance: 50 per class)")
 
     p = parser("export", "write a run's best EMA weights in half precision for committing (the "
                "generation model; a fold run's with its history)")
     p.add_argument("--fold", default="all", type=_fold_arg)
     p.add_argument("--target", choices=["eps", "scaled_eps"], default=None)
     p.add_argument("--split", choices=["grouped", "random"], default=None)
+    p.add_argument("--conditional", action="store_true", help="the class-conditional model")
 
     parser("report", "report/report.md from report/template.md and figures/")
 
@@ -3005,6 +3257,10 @@ def main(argv=None) -> None:
     p.add_argument("--eta", type=_eta, default=None, help="DDIM η in [0, 1] (default 0)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
     p.add_argument("--seed", type=int, default=0, help="the seed of x_T and of every z")
+    p.add_argument("--fruit", default=None, help="a class name (e.g. 'Banana 1'): samples of it "
+                   "from the class-conditional model")
+    p.add_argument("--w", type=float, default=3.0, help="with --fruit: the guidance weight "
+                   "(0: unconditional, 1: conditional)")
 
     a = ap.parse_args(argv)
     try:

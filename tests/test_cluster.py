@@ -220,7 +220,7 @@ def test_array_matches_train_all(slurm, tmp_path, capsys):
         print(f"\n  smoke runs: train-all {t_local:.1f} s, SLURM array {t_array:.1f} s")
     runs = [dl.run_out(tmp_path, dl.get_config("smoke", fold == "all", **over), fold)
             for over, fold in dl.planned_runs()]
-    assert len(runs) == len(dl.planned_runs()) == 8
+    assert len(runs) == len(dl.planned_runs()) == 9
     for run in runs:
         rel = run.relative_to(tmp_path)
         assert max_diff(tmp_path / "local" / rel, tmp_path / "array" / rel) == 0.0, rel

@@ -206,23 +206,16 @@ def test_preconditioned_target_has_unit_variance_and_inverts():
 
 
 def test_preconditioned_run_trains_and_is_kept_apart(tmp_path, monkeypatch):
-    """A run with sigma_data trains from a plain model's weights (finite losses); its checkpoint
-    is refused under a plain config, and as the init of a run with another sigma_data (a plain
-    one included); the generation model is preconditioned (GENERATION), so a plain run where
-    it lives is refused instead of being misread."""
-    plain = tmp_path / "plain"
-    dl.train(smoke_cfg(max_epochs=1), 0, out=plain, progress=False)
-    h = dl.train(smoke_cfg(sigma_data=0.7, init=str(plain / "best.pt"), max_epochs=1), 0,
-                 out=tmp_path / "pre", progress=False)
+    """A run with sigma_data trains (finite losses); its checkpoint is refused under a plain
+    config or another sigma_data; the generation model is preconditioned (GENERATION), so a
+    plain run where it lives is refused instead of being misread."""
+    h = dl.train(smoke_cfg(sigma_data=0.7, max_epochs=1), 0, out=tmp_path / "pre",
+                 progress=False)
     assert np.isfinite(h.train_loss).all() and np.isfinite(h.val_loss).all()
     pre = tmp_path / "pre" / "best.pt"
-    with pytest.raises(ValueError, match="sigma_data"):
-        dl.load_model(smoke_cfg(), path=pre)
-    model = dl.build_model(smoke_cfg(), torch.device("cpu"), verbose=False)
     for other in (0.0, 0.5):
         with pytest.raises(ValueError, match="sigma_data"):
-            dl.load_init(model, smoke_cfg(sigma_data=other, init=str(pre)))
-    dl.load_init(model, smoke_cfg(sigma_data=0.7, init=str(pre)))
+            dl.load_model(smoke_cfg(sigma_data=other), path=pre)
     assert dl.get_config("smoke", generation=True).sigma_data == 0.7
     data = str(REPO / "runs" / "smoke" / "data")
     monkeypatch.setattr(dl, "ROOT", tmp_path)
@@ -507,38 +500,17 @@ def test_resume_with_other_config_is_refused(tmp_path):
     assert list(h.epoch) == [1, 2]
 
 
-def test_init_starts_from_its_weights_and_refuses_another_model(tmp_path):
-    """Config.init: the run starts from that checkpoint's EMA weights (the model is unchanged),
-    records it in its config, and refuses a checkpoint of another model or a missing file. A
-    checkpoint older than a setting counts as made with its default."""
+def test_a_setting_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
+    """check_config reads a setting the checkpoint predates as made with its default (the
+    committed fold runs predate sigma_data, n_classes and snapshot_every)."""
     src = tmp_path / "src"
     dl.train(smoke_cfg(max_epochs=1), 0, out=src, progress=False)
-    cfg = smoke_cfg(init=str(src / "best.pt"), max_epochs=1)
-    model = dl.build_model(cfg, torch.device("cpu"), verbose=False).eval()
-    dl.load_init(model, cfg)
-    ref = dl.load_model(smoke_cfg(), path=src / "best.pt")
-    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 900])
-    with torch.no_grad():
-        torch.testing.assert_close(model(x, t), ref(x, t), rtol=0, atol=0)
-    dl.train(cfg, 0, out=tmp_path / "ft", progress=False)
-    assert dl.load_checkpoint(tmp_path / "ft" / "best.pt")["config"]["init"] \
-        == str(src / "best.pt")
-    with pytest.raises(ValueError, match="width"):
-        dl.load_init(model, smoke_cfg(width=16, init=str(src / "best.pt")))
-    with pytest.raises(FileNotFoundError, match="Config.init"):
-        dl.load_init(model, smoke_cfg(init=str(tmp_path / "none.pt")))
-    with pytest.raises(FileNotFoundError, match="Config.init"):        # train() loads it first
-        dl.train(smoke_cfg(init=str(tmp_path / "none.pt")), 0, out=tmp_path / "x", progress=False)
-    assert not (tmp_path / "x" / "checkpoint.pt").exists()
-    old = {k: v for k, v in dl.load_checkpoint(src / "best.pt")["config"].items()
-           if k != "sigma_data"}
+    new = ("sigma_data", "n_classes", "p_uncond", "snapshot_every")
+    old = {k: v for k, v in dl.load_checkpoint(src / "best.pt")["config"].items() if k not in new}
     dl.check_config(old, smoke_cfg(), src)
-    with pytest.raises(ValueError, match="sigma_data"):
-        dl.check_config(old, smoke_cfg(sigma_data=0.7), src)
-    (src / "best.pt").rename(src / "gone.pt")        # a resumed run no longer needs it
-    h = dl.train(dataclasses.replace(cfg, max_epochs=2), 0, out=tmp_path / "ft", resume=True,
-                 progress=False)
-    assert list(h.epoch) == [1, 2]
+    for k, v in dict(sigma_data=0.7, n_classes=3).items():
+        with pytest.raises(ValueError, match=k):
+            dl.check_config(old, smoke_cfg(**{k: v}), src)
 
 
 def test_generation_model_committed_prefers_the_export(tmp_path, monkeypatch):
@@ -640,10 +612,12 @@ def test_profiles_name_a_scale_and_the_generation_model_is_preconditioned():
 
 
 def test_committed_generation_model_loads():
-    """The committed generation model (and the plain model it was trained on from): half-precision
+    """The committed generation models (unconditional and class-conditional): half-precision
     EMA weights, at most 10 MB, made with the profile's settings (another config is refused)."""
     cfg = dl.get_config("cpu", generation=True)
-    for path in (dl.shipped_checkpoint(cfg), dl.ROOT / cfg.init):
+    cond = dataclasses.replace(cfg, n_classes=10)
+    for c in (cfg, cond):
+        path = dl.shipped_checkpoint(c)
         assert path.stat().st_size <= 10e6
         ck = dl.load_checkpoint(path)
         assert {v.dtype for v in ck["ema"].values() if v.is_floating_point()} == {torch.float16}
@@ -652,8 +626,11 @@ def test_committed_generation_model_loads():
     with pytest.raises(ValueError, match="another config"):
         dl.load_model(dl.get_config("cpu", generation=True, batch_size=99), "all",
                       dl.shipped_checkpoint(cfg))
-    with pytest.raises(ValueError, match="sigma_data"):       # the plain init is not it
-        dl.load_model(cfg, "all", dl.ROOT / cfg.init)
+    with pytest.raises(ValueError, match="sigma_data"):       # not the report's U-Net's
+        dl.load_model(dl.get_config("cpu"), "all", dl.shipped_checkpoint(cfg))
+    with pytest.raises(ValueError, match="n_classes"):        # nor the conditional one
+        dl.load_model(cond, "all", dl.shipped_checkpoint(cfg))
+    assert dl.load_model(cond, "all", dl.shipped_checkpoint(cond)).n_classes == 10
 
 
 def test_cli_train_all_writes_the_generation_summary(tmp_path, capsys):

@@ -250,6 +250,7 @@ def test_bad_numbers_are_named(args, words, capsys):
     (["--steps", "5000"], "more than the schedule's T"),
     (["--method", "ddpm", "--steps", "7"], "--steps is a DDIM option"),
     (["--method", "report", "--eta", "0.5"], "--eta is a DDIM option"),
+    (["--fruit", "Durian"], "is not a class of"),
 ])
 def test_sampler_flags_that_do_not_apply(args, words, capsys):
     code, msg = main_error(["sample", "--profile", "smoke", *args], capsys)
