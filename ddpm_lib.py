@@ -2616,6 +2616,7 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
                     cfg.seed, steps=steps, clip=False, progress=progress)
     rows.append(dict(set="unconditional model", w=np.nan, accuracy=np.nan,
                      **quality(clf, unc, real_test, train_imgs, k)))
+    f_test = [classify(clf, real_test[test.labels == c])[0] for c in range(k)]    # per class
     by_class, samples = [], {}
     for w in tqdm(ws, desc="guidance weights", disable=not progress):
         x, _ = sample(cond, fp, "ddim", len(y), cfg.image_size, cfg.seed, y=y, w=w,
@@ -2625,10 +2626,9 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
         hit = (p.argmax(1) == y).float()
         for c in range(k):
             m = y == c
-            fc, _ = classify(clf, real_test[test.labels == c])
             by_class.append(dict(w=w, cls=classes[c], accuracy=hit[m].mean().item(),
                                  recognizability=(p[m].max(1).values >= 0.9).float().mean().item(),
-                                 ffd=frechet_distance(f[m], fc)))
+                                 ffd=frechet_distance(f[m], f_test[c])))
         rows.append(dict(set="conditional model", w=w, accuracy=hit.mean().item(),
                          **quality(clf, x, real_test, train_imgs, k)))
     df, per = pd.DataFrame(rows), pd.DataFrame(by_class)

@@ -3,7 +3,7 @@
 The guided samplers are checked on a case with a known answer: two classes of Gaussian data,
 x0 | c ~ N(μ_c, s²) per pixel. The exact conditional ε* of each class is the closed form of
 tests/test_sampling.py, and the exact unconditional ε* (the null class) is the mixture's,
-ε*_∅ = Σ_c r_c(x_t)·ε*_c with r_c the posterior weight of class c given x_t. Guidance must then
+ε*_∅ = Σ_c r_c(x_t)·ε*_c with r_c the posterior weight of class c given x_t. Guided DDIM must then
 pull the samples of a class toward its mean as w grows, past it for w > 1.
 """
 from __future__ import annotations
@@ -129,7 +129,9 @@ def test_guided_sampling_on_two_gaussians_moves_toward_the_class():
     """With the exact ε* of two Gaussian classes (means −0.5 and 0.5): unconditional (w = 0)
     samples split between the classes (mean ≈ 0); w = 1 gives class 1's N(0.5, s²) (DDIM-100,
     η = 0: its discretisation error only); the mean of class-1 samples grows with w, past 0.5
-    for w > 1, and class 0 mirrors it."""
+    for w > 1 (the guided ε̂ at the different t is not the noising of one distribution, and the
+    deterministic chain follows it),
+    and class 0 mirrors it; DDPM-1000 draws class 1 for w ≥ 1."""
     oracle, fp = TwoGaussians(), dl.ForwardProcess(T)
     n = 256
     means = {}
@@ -146,6 +148,14 @@ def test_guided_sampling_on_two_gaussians_moves_toward_the_class():
     assert (means[1, 1] > 0).all() and (means[1, 0] < 0).any()
     for w in (0, 1, 2, 3, 5):                          # class 0 is the mirror image
         assert abs(means[0, w].mean().item() + means[1, w].mean().item()) < 0.15
+    # DDPM-1000 takes the guided model alike. Its chain targets p_c^w·p^(1−w) at every t, which
+    # is p_c where the classes do not overlap: class 1's mean at w = 1 and at w = 3, and class
+    # 0's without guidance toward class 1 (w = 0 splits the two)
+    y = torch.ones(n, dtype=torch.long)
+    m = {w: dl.sample(oracle, fp, "ddpm", n, 2, seed=0, y=y, w=w, clip=False,
+                      progress=False)[0].mean((1, 2, 3)) for w in (0, 1, 3)}
+    assert abs(m[1].mean() - 0.5) < 0.03 and abs(m[3].mean() - 0.5) < 0.03, m
+    assert (m[1] > 0).all() and (m[0] < 0).any() and (m[0] > 0).any()
 
 
 # -----------------------------------------------------------------------------------------------
