@@ -2567,9 +2567,8 @@ def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool =
                                 f"generation model trains (`{train_command(gcfg, 'all')}`), "
                                 f"every snapshot_every epochs")
     hist = pd.read_csv(run / "history.csv")
-    per_epoch = (gcfg.steps_per_epoch or len(split_data(gcfg, "train")) // gcfg.batch_size) \
-        * gcfg.batch_size
     classes, train_ds, test_imgs, clf, _ = scoring_setup(cfg, progress)
+    per_epoch = (gcfg.steps_per_epoch or len(train_ds) // gcfg.batch_size) * gcfg.batch_size
     real_test = to_float(test_imgs)
     floor = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
     fp, rows = ForwardProcess.from_config(gcfg).to(dev), []
