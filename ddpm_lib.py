@@ -3,8 +3,36 @@ Denoising Diffusion Probabilistic Models on Fruits-360 — the one module the no
 
 It reproduces, and corrects, a course report that trained a DDPM with a custom U-Net on
 Fruits-360 (5-fold training, one-step SSIM at t = 50…1000, generation experiments). Read top to
-bottom it follows the method: helpers → data → model → diffusion → training → evaluation →
-sampling → sample quality → plotting → report → command line.
+bottom it follows the method: settings → diffusion → U-Net → the report's own versions → data →
+training → evaluation → generation → sample quality → plotting → files.
+
+Where the papers' equations live (x in [-1, 1], t = 1..T)
+  Eq. 4 [DDPM]: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (the report's Eq. 3)   Diffusion.q_sample
+  ε̂ from the network's output (ε, scaled ε, or preconditioned)    Diffusion.eps_from_output, eps_hat
+  Eq. 15: x̂0 = (x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t                            Diffusion.predict_x0
+  Eqs. 6–7: the posterior q(x_{t−1} | x_t, x0)                     Diffusion.q_posterior
+  Algorithm 1: one training step on ‖ε − ε_θ(x_t, t)‖²            diffusion_loss, optimizer_step
+  Algorithm 2: one sampling step                                   p_sample
+  [DDIM] Eq. 12: one DDIM step (η = 0: deterministic)              ddim_step
+  any step from x_T to x_0, keeping the trajectory                 sample_loop, sample
+  [CFG] classifier-free guidance                                   Guided
+  [EDM] Table 1: preconditioning, ε̂ = c_skip·x_t + c_out·F        Diffusion (sigma_data > 0)
+  the report's target √(1−ᾱ_t)·ε                                   Diffusion (target='scaled_eps')
+  the report's Eq. 5 scaler and its one-step decoding              report_scaler, report_x0
+  the report's two samplers (its Sections 4–5)                     report_step, report_first_step
+  the report's Table 1 protocol                                    one_step_eval, table1
+
+What the report got wrong, and the switch that reproduces it (Config.target):
+  'eps'        — the corrected method: the network predicts ε, the unscaled noise of Eq. 4 [DDPM].
+  'scaled_eps' — report-faithful: the target is √(1−ᾱ_t)·ε, and one-step reconstructions are
+                 the report's scaler·(x_t − output), Eq. 5's scaler with the per-step α_t
+                 (report_x0).
+
+Every number here is computed in fp32 unless a caller asks otherwise (sample's bf16); training
+picks its precision by measuring (ddpm_train.speed_choice), and nothing else does. Two companion
+modules hold what the notebooks never call: ddpm_train.py (the training run: checkpoints,
+resuming, torchrun, SLURM, speed measurement) and ddpm_cli.py (`python -m ddpm_lib …`, the data
+command's download and unpacking, the report writer).
 
 References
   [DDPM]  J. Ho, A. Jain, P. Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020.
@@ -17,16 +45,9 @@ References
           similarity. IEEE TIP 2004 (computed as scikit-image's structural_similarity).
   Data:   H. Mureșan, M. Oltean. Fruit recognition from images using deep learning. 2018
           (Fruits-360, CC BY-SA 4.0).
-
-What the report got wrong, and the switch that reproduces it (Config.target):
-  'eps'        — the corrected method: the network predicts ε, the unscaled noise of Eq. 4 [DDPM].
-  'scaled_eps' — report-faithful: the target is sqrt(1-ᾱ_t)·ε, and one-step reconstructions are
-                 the report's scaler·(x_t − output), Eq. 5's scaler with the per-step α_t
-                 (see ForwardProcess.report_x0).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -39,7 +60,6 @@ import sys
 import tempfile
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,27 +69,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent
-SHARED_SUBSET = ROOT.parent / "shared" / "fruits-360-subset"
-DEFAULT_URL = "https://github.com/fruits-360/fruits-360-100x100/archive/refs/heads/main.zip"
+# -----------------------------------------------------------------------------------------------
+# settings: one Config per run, the profiles, the device
+
+
+ROOT = Path(__file__).resolve().parent          # the repository: Config.root's default
 SUBSET_CLASSES = ("Apple Golden 1", "Banana 1", "Grape White 1", "Kiwi 1", "Lemon 1", "Mango 1",
                   "Orange 1", "Pineapple 1", "Strawberry 1", "Tomato 1")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
-
-# -----------------------------------------------------------------------------------------------
-# helpers
 
 
 @dataclass
 class Config:
     """Every setting of a run. A checkpoint stores it; resuming with another one is refused."""
     profile: str = "cpu"
-    data_dir: str = "data"          # holds index.csv and fruits-360/ (relative to the repo root)
+    root: str = ""                  # where data/, runs/ and figures/ are ('': the repository)
+    data_dir: str = "data"          # holds index.csv and fruits-360/ (relative to root)
     image_size: int = 32            # training resolution (the dataset's images are 100×100)
     width: int = 32                 # channels of the U-Net's first level (the report: 32)
     time_dim: int = 256             # sinusoidal time-embedding size
     heads: int = 4                  # attention heads at the bottleneck
-    sigma_data: float = 0.0         # > 0: EDM preconditioning (ForwardProcess; not the report's)
+    sigma_data: float = 0.0         # > 0: EDM preconditioning (Diffusion; not the report's)
     T: int = 1000                   # diffusion steps (the report: 1000)
     beta_1: float = 1e-3            # linear schedule ends (the report: 0.001 → 0.02)
     beta_T: float = 0.02
@@ -86,29 +106,43 @@ class Config:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     flip: bool = True               # random horizontal flips
-    bf16: bool | None = None        # bf16 autocast; None: chosen by measuring (speed_choice)
-    channels_last: bool | None = None   # channels_last memory; None: chosen as bf16 is
+    bf16: bool | None = None        # training in bf16 autocast; None: measured (ddpm_train)
+    channels_last: bool | None = None   # training in channels_last; None: measured too
     seed: int = 0
     snapshot_every: int = 0         # > 0: keep the EMA weights of every this many epochs
     n_classes: int = 0              # > 0: class-conditional, with a null class [CFG]
     p_uncond: float = 0.1           # conditional: share of training labels dropped to null
 
-    def run_dir(self, fold) -> Path:
+    @property
+    def home(self) -> Path:
+        """The folder that data_dir, runs/, figures/ and data/checkpoints/ are relative to."""
+        return Path(self.root) if self.root else ROOT
+
+    def run_name(self, fold) -> str:
+        """A run's subfolder, the same under runs/<profile>/ and data/checkpoints/runs/<profile>/."""
         name = ("all" if fold == "all" else f"fold{int(fold)}") + "_cond" * bool(self.n_classes)
-        return ROOT / "runs" / self.profile / f"{self.target}-{self.split}" / name
+        return f"{self.target}-{self.split}/{name}"
+
+    def run_dir(self, fold) -> Path:
+        return self.home / "runs" / self.profile / self.run_name(fold)
 
     def fig_dir(self) -> Path:
-        """figures/ for real runs; the smoke profile's figures stay in runs/smoke/figures."""
-        d = ROOT / "runs" / "smoke" / "figures" if self.profile == "smoke" else ROOT / "figures"
+        """Where this profile's figures and tables go: figures/ for cpu (the committed ones),
+        figures/<profile>/ for any other, runs/smoke/figures for smoke (tests and CI)."""
+        d = {"cpu": self.home / "figures", "smoke": self.home / "runs" / "smoke" / "figures"}.get(
+            self.profile, self.home / "figures" / self.profile)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
 
 # Settings that may differ when a run is resumed (everything else must match the checkpoint).
-RESUMABLE_KEYS = {"max_epochs", "patience", "profile", "snapshot_every"}
+RESUMABLE_KEYS = {"max_epochs", "patience", "profile", "snapshot_every", "root"}
+
+
 # Settings of speed only (precision and memory layout): check_config passes them by default, and
 # a resumed run keeps the checkpoint's (train).
 SPEED_KEYS = {"bf16", "channels_last"}
+
 
 # Profiles name a scale: the data, the network's size and how long it trains.
 PROFILES = {
@@ -122,6 +156,7 @@ PROFILES = {
     "full": dict(image_size=100, width=32, batch_size=64, max_epochs=40),
 }
 
+
 # The generation model: the same U-Net with EDM's preconditioning (sigma_data: σ_d = 0.7, the
 # training images' root mean square at 32×32 in [-1, 1]), trained from scratch on every training
 # image ('all'), validated on Test/, for longer and with a larger learning rate than the fold
@@ -132,6 +167,18 @@ GENERATION = {
                 snapshot_every=10),
     "full": dict(max_epochs=40, patience=40, sigma_data=0.7),
 }
+
+
+# How much each profile evaluates: test images for Table 1, samples per sampler (DDPM, DDIM),
+# samples of the report's method (1000 steps and only the baseline: fewer), classifier epochs.
+EVAL = {
+    "smoke": dict(n_eval=32, n_samples=16, n_report=8, clf_epochs=1),
+    "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),
+    "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
+}
+
+
+TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timesteps
 
 
 def default_profile() -> str:
@@ -161,6 +208,35 @@ def get_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def tqdm(*args, **kw):
+    """tqdm.auto's progress bar; none where DDPM_PROGRESS=0 (`make figures` executes the notebooks
+    so, leaving no stale bars in their stored outputs)."""
+    from tqdm.auto import tqdm as bar
+    if os.environ.get("DDPM_PROGRESS") == "0":
+        kw["disable"] = True
+    return bar(*args, **kw)
+
+
+def bf16_fast(device: torch.device) -> bool:
+    """Whether bf16 is native on `device`: CUDA, or a CPU with AVX512-BF16 or AMX (emulated on
+    an AVX2 CPU, it is slower than fp32)."""
+    return device.type == "cuda" or (device.type == "cpu"
+                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast when `enabled` and bf16_fast(device); a no-op otherwise. Training passes its
+    Config.bf16, sample its bf16 argument; evaluation never asks (fp32)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16,
+                          enabled=bool(enabled) and bf16_fast(device))
+
+
 @functools.cache
 def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep the memory a step frees for the next step (mmap only above
@@ -180,262 +256,505 @@ def keep_freed_memory() -> bool:
                                                  (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))])
 
 
-def tqdm(*args, **kw):
-    """tqdm.auto's progress bar; none where DDPM_PROGRESS=0 (`make figures` executes the notebooks
-    so, leaving no stale bars in their stored outputs)."""
-    from tqdm.auto import tqdm as bar
-    if os.environ.get("DDPM_PROGRESS") == "0":
-        kw["disable"] = True
-    return bar(*args, **kw)
+# -----------------------------------------------------------------------------------------------
+# diffusion [DDPM]: the schedule, q(x_t | x_0), the reverse step, sampling
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def make_betas(T: int = 1000, schedule: str = "linear", beta_1: float = 1e-3,
+               beta_T: float = 0.02) -> torch.Tensor:
+    """β_1..β_T, exactly T of them (float64). The report's torch.arange(0.001, 0.02, step) could
+    give T+1 values; linspace cannot."""
+    if schedule == "linear":
+        return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
+    if schedule == "cosine":                               # [IDDPM] Eq. 17, s = 0.008
+        s = 0.008
+        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    raise ValueError(f"schedule must be 'linear' or 'cosine', not {schedule!r}")
 
 
-def bf16_fast(device: torch.device) -> bool:
-    """Whether bf16 is native on `device`: CUDA, or a CPU with AVX512-BF16 or AMX (emulated on
-    an AVX2 CPU, it is slower than fp32)."""
-    return device.type == "cuda" or (device.type == "cpu"
-                                     and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+class Diffusion(nn.Module):
+    """The Gaussian diffusion of [DDPM] (the report called its forward half ForwardProcess): the
+    schedule, q(x_t | x_0), the network's output read as ε̂ and x̂0, and the posterior
+    q(x_{t-1} | x_t, x_0) that the reverse step uses. Timesteps t are 1..T as in [DDPM]; the
+    schedule tensors are buffers, so .to(device) carries them.
+
+    Calling it on (x0, t) returns (x_t, target): x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε (Eq. 4),
+    target = ε (corrected) or sqrt(1-ᾱ_t)·ε (report-faithful 'scaled_eps').
+
+    sigma_data > 0 (Config.sigma_data; not the report's) preconditions the network as EDM does
+    [EDM]: ε̂ = c_skip(t)·x_t + c_out(t)·F(x_t, t), where c_skip·x_t is E[ε | x_t] and c_out² the
+    variance left, were x0 ~ N(0, σ_d²·I); F's target (ε − c_skip·x_t)/c_out then has unit
+    variance at every t, so the MSE on it is EDM's loss weighting (1/c_out² on the ε-MSE). At
+    t = T, c_skip ≈ 1 and c_out ≈ 0.0035 (σ_d = 0.7): ε̂ ≈ x_t by construction, where the report's
+    U-Net, blind to the scale of x_t (UNet), has to make x_t's norm up. EDM's input scaling c_in
+    is left out (that U-Net ignores it), and t stays uniform (EDM draws log σ from a normal).
+    """
+
+    def __init__(self, T: int = 1000, schedule: str = "linear", beta_1: float = 1e-3,
+                 beta_T: float = 0.02, target: str = "eps", sigma_data: float = 0.0):
+        super().__init__()
+        if target not in ("eps", "scaled_eps"):
+            raise ValueError(f"target must be 'eps' or 'scaled_eps', not {target!r}")
+        if sigma_data < 0 or (sigma_data and target != "eps"):
+            raise ValueError(f"sigma_data (preconditioning) must be ≥ 0 and needs target='eps', "
+                             f"got {sigma_data} with {target!r}: the report-faithful mode is the "
+                             f"report's network without it (use a profile such as cpu)")
+        self.T, self.target, self.sigma_data = T, target, sigma_data
+        b = make_betas(T, schedule, beta_1, beta_T)
+        ab = torch.cumprod(1 - b, 0)
+        ab_prev = torch.cat([torch.ones(1, dtype=b.dtype), ab[:-1]])
+        reg = lambda name, v: self.register_buffer(name, v.float(), persistent=False)
+        reg("betas", b)                                             # β_t
+        reg("alphas", 1 - b)                                        # α_t = 1 - β_t
+        reg("alpha_bar", ab)                                        # ᾱ_t = Π_{s≤t} α_s
+        reg("alpha_bar_prev", ab_prev)                              # ᾱ_{t-1}, ᾱ_0 = 1
+        reg("beta_tilde", b * (1 - ab_prev) / (1 - ab))             # β̃_t, Eq. 7
+        reg("post_c0", ab_prev.sqrt() * b / (1 - ab))               # μ̃_t coefficient of x0 (Eq. 7)
+        reg("post_ct", (1 - b).sqrt() * (1 - ab_prev) / (1 - ab))  # μ̃_t coefficient of x_t
+        if sigma_data:            # EDM's preconditioning [EDM, Table 1]: ε̂ = c_skip·x_t + c_out·F
+            v = ab * sigma_data ** 2 + 1 - ab                       # E[x_t²] if E[x0²] = σ_d²
+            reg("c_skip", (1 - ab).sqrt() / v)                      # E[ε | x_t] if x0 ~ N(0, σ_d²)
+            reg("c_out", ab.sqrt() * sigma_data / v.sqrt())         # sd(ε | x_t) then
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Diffusion":
+        return cls(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.target, cfg.sigma_data)
+
+    def at(self, buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """buf at timesteps t (1-based), shaped (B, 1, 1, 1) to broadcast over images.
+        t is range-checked on the CPU only: on CUDA the check would cost a host sync per call
+        (several per sampling step), and an index out of range fails there anyway (device-side
+        assert), just with a less helpful message."""
+        if t.device.type == "cpu" and (t.min() < 1 or t.max() > self.T):
+            raise IndexError(f"timesteps run from 1 to {self.T}, got {t.min().item()}..{t.max().item()}")
+        return buf[t - 1].view(-1, 1, 1, 1)
+
+    def sample_t(self, n: int, generator=None, device=None) -> torch.Tensor:
+        return torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
+
+    def q_sample(self, x0, t, eps):
+        """x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε  (Eq. 4)."""
+        ab = self.at(self.alpha_bar, t)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+
+    def forward(self, x0, t, eps=None):
+        eps = torch.randn_like(x0) if eps is None else eps
+        xt = self.q_sample(x0, t, eps)
+        if self.sigma_data:                                         # F's target: unit variance
+            target = (eps - self.at(self.c_skip, t) * xt) / self.at(self.c_out, t)
+        else:
+            target = eps if self.target == "eps" else (1 - self.at(self.alpha_bar, t)).sqrt() * eps
+        return xt, target
+
+    def eps_from_output(self, xt, t, out):
+        """The network's output as ε̂ (the scaled target divided back out; with sigma_data,
+        c_skip·x_t + c_out·out)."""
+        if self.sigma_data:
+            return self.at(self.c_skip, t) * xt + self.at(self.c_out, t) * out
+        return out if self.target == "eps" else out / (1 - self.at(self.alpha_bar, t)).sqrt()
+
+    def predict_x0(self, xt, t, eps):
+        """x̂0 = (x_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t)  (Eq. 4 solved for x0; Eq. 15)."""
+        ab = self.at(self.alpha_bar, t)
+        return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+    def q_posterior(self, x0, xt, t):
+        """Mean and variance of q(x_{t-1} | x_t, x0)  (Eqs. 6–7)."""
+        mean = self.at(self.post_c0, t) * x0 + self.at(self.post_ct, t) * xt
+        return mean, self.at(self.beta_tilde, t)
 
 
-def autocast(device: torch.device, enabled: bool | None = None):
-    """bf16 autocast when `enabled` and bf16_fast(device); a no-op otherwise. Training passes its
-    Config.bf16; evaluation and sampling pass None: speed_choice's precision for the default
-    profile (from its cache: measured at most once on a machine)."""
-    if enabled is None:
-        enabled = bf16_fast(device) and speed_choice(get_config(), device)["precision"] == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and bf16_fast(device))
+def noise_like(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """z ~ N(0, I) of x's shape, drawn on the CPU from g (the same numbers on any device)."""
+    return torch.randn(x.shape, generator=g).to(x.device)
 
 
-# speed_choice's candidates (the first of each: the plain form) and how the train line names them
-PRECISIONS, MEMORIES = ("fp32", "bf16"), ("nchw", "channels_last")
-MEMORY_NAMES = {"nchw": "NCHW", "channels_last": "channels_last"}
-_SPEED_MEMO: dict = {}           # (cache file, speed_key) → its entry, read or measured once
+def eps_hat(model, diff: Diffusion, x, t):
+    """ε̂ = ε_θ(x_t, t): the network's output read as ε (Diffusion.eps_from_output)."""
+    return diff.eps_from_output(x, t, model(x, t).float())
 
 
-class SpeedError(ValueError):
-    """A precision or memory layout that cannot be used as asked (bf16 where it is emulated)."""
+def _t(x, t: int) -> torch.Tensor:
+    return torch.full((len(x),), t, device=x.device, dtype=torch.long)            # (B,)
 
 
-def speed_cache_path() -> Path:
-    """Where speed_choice keeps its measurements: $XDG_CACHE_HOME (else ~/.cache) /
-    ddpm-fruits360/speed.json, outside the repository."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ddpm-fruits360" / "speed.json"
+@torch.no_grad()
+def p_sample(model, diff: Diffusion, x, t: int, t_prev: int, g, var: str = "beta",
+             clip: bool = True):
+    """One step of Algorithm 2 [DDPM], x_t → x_{t−1} (t_prev = t − 1):
+    x_{t−1} = μ̃_t(x_t, x̂0) + σ_t·z, with σ_t² = β_t ('beta') or β̃_t ('beta_tilde'), no noise at
+    t = 1. With x̂0 unclipped, μ̃_t (Eq. 7) is Algorithm 2's (x_t − β_t/√(1−ᾱ_t)·ε̂)/√α_t."""
+    tt = _t(x, t)
+    eps = eps_hat(model, diff, x, tt)                                   # ε_θ(x_t, t)
+    x0 = diff.predict_x0(x, tt, eps)                                    # Eq. 15
+    x0 = x0.clamp(-1, 1) if clip else x0
+    mean, beta_tilde = diff.q_posterior(x0, x, tt)                      # μ̃_t, β̃_t (Eqs. 6–7)
+    sigma2 = diff.at(diff.betas, tt) if var == "beta" else beta_tilde
+    return mean + sigma2.sqrt() * noise_like(x, g) if t > 1 else mean
 
 
-@functools.cache
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo; platform.processor() where there is none)."""
-    import platform
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+@torch.no_grad()
+def ddim_step(model, diff: Diffusion, x, t: int, t_prev: int, g, eta: float = 0.0,
+              clip: bool = True, recompute_eps: bool = False):
+    """One DDIM step [DDIM] Eq. 12, x_t → x_{t_prev} (t_prev < t; 0: the end):
+    x_{t_prev} = √ᾱ_{t_prev}·x̂0 + √(1 − ᾱ_{t_prev} − σ²)·ε̂ + σ·z, σ from η (Eq. 16).
+
+    clip: x̂0 is clipped to [-1, 1]; ε̂ is then kept as the network gave it (recompute_eps=False,
+    as diffusers' DDIMScheduler does) or re-derived from the clipped x̂0 (True, as
+    improved-diffusion does; with η = 1 and every step this is DDPM's step with σ² = β̃_t). At
+    η = 0 nothing corrects an error in ε̂ later, and x̂0 multiplies it by √((1−ᾱ_t)/ᾱ_t) (Eq. 15,
+    up to ~190 at t = T): the report's U-Net, blind to ‖x_t‖ (UNet), drifts unclipped."""
+    ab = diff.alpha_bar[t - 1]                                          # ᾱ_t
+    ab_prev = diff.alpha_bar[t_prev - 1] if t_prev > 0 else torch.ones_like(ab)
+    eps = eps_hat(model, diff, x, _t(x, t))                             # ε_θ(x_t, t)
+    x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()                        # Eq. 15
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        if recompute_eps:
+            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()                # Eq. 4 solved for ε
+    sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()   # Eq. 16
+    x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps
+    return x + sigma * noise_like(x, g) if t_prev > 0 and eta > 0 else x
 
 
-def speed_key(cfg: Config) -> str:
-    """What a measurement holds for: this CPU, its core and thread counts, torch's version, and
-    the network, image size and batch of cfg."""
-    return (f"{cpu_name()} | {os.cpu_count()} cpus, {torch.get_num_threads()} threads | torch "
-            f"{torch.__version__} | {cfg.image_size}px, width {cfg.width}, batch {cfg.batch_size}")
+def timesteps(T: int, steps: int | None = None) -> list[int]:
+    """The t a sampler visits: T, T−1, …, 1 (steps None), or `steps` of them evenly spaced."""
+    if steps is None:
+        return list(range(T, 0, -1))
+    return [int(v) for v in np.linspace(T, 1, steps).round()]
 
 
-def _speed_fixed(cfg: Config, device: torch.device) -> dict:
-    """{'precision'/'memory': (value, why)} for what is not left to measuring: the Config's
-    bf16/channels_last where set, else DDPM_PRECISION/DDPM_MEMORY. bf16 where it is not native
-    is refused."""
-    fixed = {}
-    for name, attr, values in (("precision", "bf16", PRECISIONS),
-                               ("memory", "channels_last", MEMORIES)):
-        var, v = f"DDPM_{name.upper()}", getattr(cfg, attr)
-        if v is not None:
-            fixed[name] = (values[bool(v)], f"the profile's {attr}={v}")
-        elif os.environ.get(var):
-            if os.environ[var] not in values:
-                raise SpeedError(f"{var}={os.environ[var]!r}: choose one of {', '.join(values)}, "
-                                 f"or unset it to have it measured")
-            fixed[name] = (os.environ[var], f"forced by {var}")
-    if fixed.get("precision", ("",))[0] == "bf16" and not bf16_fast(device):
-        raise SpeedError(f"bf16 asked for ({fixed['precision'][1]}), but this CPU ({cpu_name()}, "
-                         f"{torch.backends.cpu.get_cpu_capability()}) has no native bf16 "
-                         f"(AVX512-BF16 or AMX): emulated, it runs many times slower than fp32. "
-                         f"Use DDPM_PRECISION=fp32, or unset it to have it measured")
-    return fixed
+@torch.no_grad()
+def sample_loop(step, model, diff: Diffusion, x, ts, g, keep=(), progress: bool = False,
+                desc: str = "sampling", **kw):
+    """Run `step(model, diff, x, t, t_prev, g, **kw)` from x = x_T down the timesteps ts (each
+    step goes from ts[i] to ts[i+1], the last to 0). Returns (x_0, {k: x at k}) for each k in
+    keep, recorded at the first step that reaches or passes k (on the CPU)."""
+    traj, ts = {}, [*ts, 0]
+    for t, t_prev in tqdm(list(zip(ts[:-1], ts[1:])), desc=desc, disable=not progress,
+                          leave=False):
+        x = step(model, diff, x, t, t_prev, g, **kw)
+        for k in keep:
+            if t_prev <= k < t:
+                traj[k] = x.cpu()
+    return x, traj
 
 
-def _read_speed_cache(path: Path) -> dict:
-    import json
-    try:
-        data = json.loads(path.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
+class Guided(nn.Module):
+    """Classifier-free guidance [CFG] of a conditional UNet, as a model of (x_t, t) that every
+    sampler takes: out = out_∅ + w·(out_c − out_∅), the conditional (labels y) and the null-class
+    pass in one batch. w = 0 is the unconditional model, w = 1 the plain conditional one (the
+    paper's 1 + w is our w), exactly (torch.lerp). Guiding the raw output guides ε̂ alike: ε̂ is
+    affine in it with the same coefficients for both passes (Diffusion.eps_from_output)."""
+
+    def __init__(self, model: nn.Module, y: torch.Tensor, w: float):
+        super().__init__()
+        if not model.n_classes:
+            raise ValueError("guidance needs a class-conditional model (Config.n_classes > 0; "
+                             "`train --fold all --conditional`)")
+        self.model, self.y, self.w = model, y, float(w)
+
+    def forward(self, x, t):                                               # (B, 3, H, W), (B,)
+        null = torch.full_like(self.y, self.model.n_classes)
+        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, null]))
+        c, u = out.chunk(2)                                                # 2 × (B, 3, H, W)
+        return torch.lerp(u, c, self.w)
 
 
-def speed_choice(cfg: Config, device: torch.device | None = None, timer=None,
-                 seconds: float = 1.0) -> dict:
-    """How to train cfg's network fastest on `device`: {'precision': 'fp32'|'bf16', 'memory':
-    'nchw'|'channels_last', 'how': why, in words, 'img_s': {'precision/memory': images/s measured},
-    'seconds': time spent measuring now}.
-
-    What the Config sets (bf16, channels_last not None) is kept; what it leaves open,
-    DDPM_PRECISION / DDPM_MEMORY force; bf16 forced where it is not native is refused
-    (SpeedError). On CUDA the rest is bf16 + channels_last. On a CPU the rest is measured:
-    `timer(cfg, precision, memory, device, seconds)` (default time_train_steps) gives the
-    training images/s of each candidate (bf16 only where native), the fastest is taken, and the
-    numbers are kept in speed_cache_path() under speed_key(cfg), so a machine measures once."""
-    device = device or get_device()
-    fixed = _speed_fixed(cfg, device)
-    why = [w for _, w in fixed.values()]
-    if device.type == "cuda" or len(fixed) == 2:
-        p, m = fixed.get("precision", ("bf16",))[0], fixed.get("memory", ("channels_last",))[0]
-        return dict(precision=p, memory=m, how="; ".join(dict.fromkeys(why)) or "CUDA",
-                    img_s={}, seconds=0.0)
-    cands = [f"{p}/{m}" for p in PRECISIONS[:1 + bf16_fast(device)] for m in MEMORIES
-             if fixed.get("precision", (p,))[0] == p and fixed.get("memory", (m,))[0] == m]
-    path, key = speed_cache_path(), speed_key(cfg)
-    entry = _SPEED_MEMO.get((str(path), key)) or _read_speed_cache(path).get(key) or {}
-    img_s, t0 = dict(entry.get("img_s", {})), time.perf_counter()
-    todo = [c for c in cands if c not in img_s]
-    for c in todo:
-        img_s[c] = float((timer or time_train_steps)(cfg, *c.split("/"), device, seconds))
-    secs = time.perf_counter() - t0
-    best = max(cands, key=lambda c: img_s[c])
-    if todo:
-        import json
-        full = max(img_s, key=img_s.get)
-        data = _read_speed_cache(path)
-        data[key] = entry = dict(img_s=img_s, precision=full.split("/")[0],
-                                 memory=full.split("/")[1], seconds=round(secs, 1))
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-            print(f"speed: measured {', '.join(todo)} in {secs:.1f} s → {path}", flush=True)
-        except OSError as e:
-            warnings.warn(f"could not write {path} ({e}): the choice is measured again next time")
-    _SPEED_MEMO[(str(path), key)] = entry
-    ranked = sorted(cands, key=lambda c: -img_s[c])
-    why.insert(0, ("measured " if todo else "measured earlier ")
-               + " vs ".join(f"{img_s[c]:.3g}" for c in ranked) + " img/s ("
-               + ", ".join(c.replace("/", " ") for c in ranked) + ")")
-    p, m = best.split("/")
-    return dict(precision=p, memory=m, how="; ".join(why), img_s={c: img_s[c] for c in cands},
-                seconds=secs)
+def sample(model, diff: Diffusion, method: str = "ddim", n: int = 64, size: int = 32,
+           seed: int = 0, batch: int = 250, keep=(), progress: bool = True,
+           y: torch.Tensor | None = None, w: float = 1.0, steps: int | None = None,
+           bf16: bool = False, **kw):
+    """n images in [-1, 1] from x_T ~ N(0, I) with a seeded generator, in batches.
+    method: a key of SAMPLERS — 'ddpm' (p_sample: var, clip), 'ddim' (ddim_step: steps, default
+    50, eta, clip, recompute_eps), 'report' and 'report-first' (the report's samplers). y: (n,)
+    class labels for a conditional model, sampled with guidance weight w (Guided). bf16: the
+    network in bf16 autocast where it is native (default fp32).
+    Returns (x0 (n, 3, size, size) on the CPU, {t: x_t (n, …)} for t in keep)."""
+    if method not in SAMPLERS:
+        raise ValueError(f"method must be one of {sorted(SAMPLERS)}, not {method!r}")
+    if y is not None and len(y) != n:
+        raise ValueError(f"{len(y)} labels for {n} samples: give one class label per sample")
+    if steps is not None and method != "ddim":
+        raise ValueError(f"steps is a DDIM setting ({method} runs every one of the T steps)")
+    if kw.get("var", "beta") not in ("beta", "beta_tilde"):
+        raise ValueError(f"var must be 'beta' or 'beta_tilde', not {kw['var']!r}")
+    if kw.get("decode", "eps") not in ("eps", "report"):
+        raise ValueError(f"decode must be 'eps' or 'report', not {kw['decode']!r}")
+    ts = timesteps(diff.T, steps or 50 if method == "ddim" else None)
+    device = next(model.parameters(), torch.empty(0)).device
+    keep_freed_memory()
+    g = torch.Generator().manual_seed(seed)
+    outs, trajs = [], []
+    for i in tqdm(range(0, n, batch), desc=f"sampling {method}", disable=not progress or n <= batch):
+        xT = noise_like(torch.empty(min(batch, n - i), 3, size, size, device=device), g)
+        m = model if y is None else Guided(model, y[i:i + len(xT)].to(device), w)
+        with autocast(device, bf16):
+            x, traj = sample_loop(SAMPLERS[method], m, diff, xT, ts, g, keep, progress,
+                                  desc=f"{method}-{len(ts)}", **kw)
+        outs.append(x.clamp(-1, 1).cpu())
+        trajs.append(traj)
+    return torch.cat(outs), {k: torch.cat([tr[k] for tr in trajs]) for k in trajs[0]}
 
 
-def speed_line(choice: dict) -> str:
-    """The line train() prints where it starts: precision, memory layout and why."""
-    return (f"precision: {choice['precision']}, memory: {MEMORY_NAMES[choice['memory']]} — "
-            f"{choice['how']}")
+# -----------------------------------------------------------------------------------------------
+# the U-Net: the report's network (its Section 3.1 and Figure 2)
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path | str):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-    Readers never see a half-written file, and the previous file survives a failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+class TimeEmbedding(nn.Module):
+    """Sinusoidal embedding of the timestep t (as in Transformer positions) [DDPM §4]."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:               # (B,) → (B, dim)
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        a = t.float()[:, None] * freqs[None]
+        return torch.cat([a.sin(), a.cos()], dim=1)
 
 
-def write_csv(df: pd.DataFrame, path: Path | str) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+class DoubleConv(nn.Module):
+    """3×3 conv → GroupNorm → GELU → 3×3 conv → GroupNorm (+ input, then GELU, if residual)."""
+
+    def __init__(self, c_in: int, c_out: int, c_mid: int | None = None, residual: bool = False):
+        super().__init__()
+        c_mid = c_mid or c_out
+        self.residual = residual
+        self.net = nn.Sequential(
+            nn.Conv2d(c_in, c_mid, 3, padding=1, bias=False), nn.GroupNorm(1, c_mid), nn.GELU(),
+            nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False), nn.GroupNorm(1, c_out))
+
+    def forward(self, x):
+        return F.gelu(x + self.net(x)) if self.residual else self.net(x)
 
 
-def remove_partial(folder: Path | str) -> list[Path]:
-    """Delete the temporary files atomic_path leaves when a process is killed mid-write."""
-    left = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
-    for p in left:
-        p.unlink(missing_ok=True)
-    return left
+class Down(nn.Module):
+    """2×2 max-pool, two double convs (the first residual), plus the projected time embedding."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True),
+                                  DoubleConv(c_in, c_out))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(t_dim, c_out))
+
+    def forward(self, x, temb):
+        return self.conv(x) + self.emb(temb)[:, :, None, None]
 
 
-class RunLocked(RuntimeError):
-    """Another process is writing the same run folder."""
+class Up(nn.Module):
+    """Bilinear ×2 to the skip's exact size, concatenate, two double convs, time embedding."""
+
+    def __init__(self, c_in: int, c_out: int, t_dim: int):
+        super().__init__()
+        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True),
+                                  DoubleConv(c_in, c_out, c_in // 2))
+        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(t_dim, c_out))
+
+    def forward(self, x, skip, temb):
+        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+        x = self.conv(torch.cat([skip, x], dim=1))
+        return x + self.emb(temb)[:, :, None, None]
 
 
-@contextlib.contextmanager
-def run_lock(folder: Path | str):
-    """Hold an exclusive lock on folder/.lock (fcntl.flock, with our pid in the file) for the
-    block, or raise RunLocked naming the process that holds it. The kernel drops the lock
-    when its process dies, so the lock of a killed run never blocks the next one."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:                      # no flock (Windows): run unlocked
-        yield
-        return
-    with open(folder / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            pid = f.read().strip() or "?"
-            raise RunLocked(f"{folder} is in use by another process (pid {pid}): wait for it to "
-                            f"finish or stop it (kill {pid}), or use another --out folder") from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the H·W positions, with LayerNorm and a feed-forward,
+    both residual. Uses the fused scaled_dot_product_attention kernel."""
+
+    def __init__(self, c: int, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.ln = nn.LayerNorm(c)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.proj = nn.Linear(c, c)
+        self.ff = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.GELU(), nn.Linear(c, c))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = x.flatten(2).transpose(1, 2)                                   # (B, HW, C)
+        q, k, v = self.qkv(self.ln(h)).view(B, H * W, 3, self.heads, C // self.heads) \
+            .permute(2, 0, 3, 1, 4)                                        # 3 × (B, nh, HW, hs)
+        a = F.scaled_dot_product_attention(q, k, v)                        # (B, nh, HW, hs)
+        h = h + self.proj(a.transpose(1, 2).reshape(B, H * W, C))
+        h = h + self.ff(h)
+        return h.transpose(1, 2).reshape(B, C, H, W)
 
 
-class Interrupted(RuntimeError):
-    """SIGINT or SIGTERM arrived during training; `signum` says which."""
+class UNet(nn.Module):
+    """The report's U-Net: 32→64→128→128 channels (width w = 32), attention at the bottleneck.
+    Works at any size ≥ 8 (100 → 50 → 25 → 12 and back; 32 → 16 → 8 → 4).
 
-    def __init__(self, msg: str, signum: int):
-        super().__init__(msg)
-        self.signum = signum
+    Its convs feed GroupNorm(1, C) without a bias and `inc` has no residual, so net(c·x, t) =
+    net(x, t) for c > 0: it cannot see ‖x_t‖ (scale_response). EDM's preconditioning
+    (Diffusion, sigma_data) supplies that part of ε̂ outside the network.
+
+    n_classes > 0 (not the report's): a learned class embedding is added to the time embedding;
+    label n_classes is the null class ("no class"), which y=None means [CFG].
+    """
+
+    def __init__(self, width: int = 32, time_dim: int = 256, heads: int = 4, n_classes: int = 0):
+        super().__init__()
+        w = width
+        self.n_classes = n_classes
+        self.temb = TimeEmbedding(time_dim)
+        self.cemb = nn.Embedding(n_classes + 1, time_dim) if n_classes else None
+        self.inc = DoubleConv(3, w)
+        self.down1, self.down2, self.down3 = Down(w, 2 * w, time_dim), \
+            Down(2 * w, 4 * w, time_dim), Down(4 * w, 4 * w, time_dim)
+        self.attn = SelfAttention(4 * w, heads)
+        self.up1, self.up2, self.up3 = Up(8 * w, 2 * w, time_dim), Up(4 * w, w, time_dim), \
+            Up(2 * w, w, time_dim)
+        self.outc = nn.Conv2d(w, 3, 1)
+
+    def forward(self, x, t, y=None):                                       # (B, 3, H, W), (B,)
+        e = self.temb(t)                                                   # (B, time_dim)
+        if self.cemb is not None:                                          # y: (B,) or None
+            e = e + self.cemb(torch.full_like(t, self.n_classes) if y is None else y)
+        x1 = self.inc(x)                                                   # (B, w, H, W)
+        x2 = self.down1(x1, e)                                             # (B, 2w, H/2, W/2)
+        x3 = self.down2(x2, e)                                             # (B, 4w, H/4, W/4)
+        x4 = self.attn(self.down3(x3, e))                                  # (B, 4w, H/8, W/8)
+        x = self.up1(x4, x3, e)                                            # (B, 2w, H/4, W/4)
+        x = self.up2(x, x2, e)                                             # (B, w, H/2, W/2)
+        return self.outc(self.up3(x, x1, e))                               # (B, 3, H, W)
 
 
-@contextlib.contextmanager
-def catch_stop_signals():
-    """For the block, SIGINT and SIGTERM (what Ctrl-C and a SLURM time limit send) only set
-    flag["signum"], so the caller can stop at a safe point. Outside the main thread: a no-op."""
-    import signal
-    import threading
-    flag = {"signum": 0}
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in old:
-        signal.signal(s, lambda signum, frame: flag.update(signum=signum))
-    try:
-        yield flag
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build_model(cfg: Config, device: torch.device | None = None, verbose: bool = True) -> UNet:
+    model = UNet(cfg.width, cfg.time_dim, cfg.heads, cfg.n_classes)
+    if verbose:
+        print(f"UNet(width={cfg.width}): {n_params(model):,} parameters")
+    model = model.to(device or get_device())
+    return model.to(memory_format=torch.channels_last) if channels_last(cfg) else model
+
+
+def channels_last(cfg: Config) -> bool:
+    """Whether cfg's tensors are in channels_last memory (Config.channels_last; None: no)."""
+    return bool(cfg.channels_last)
+
+
+# -----------------------------------------------------------------------------------------------
+# the report's own versions, kept apart from the corrected method: its target (Diffusion with
+# target='scaled_eps'), its Eq. 5 decoding, its two samplers and its Figure 5
+
+
+def report_scaler(t, scaler: str = "eq5"):
+    """The report's decoding scale s(t) at timesteps t (B,), float64. 'eq5': its Eq. 5,
+    s(t) = (1/√α_t − 1)·8·(t/50)² + 1; 'alpha': 1/√α_t alone, "the 1/√α of the original
+    literature" that Eq. 5 starts from (the report: images stayed too dark with it). α_t = 1 − β_t
+    is the per-step α of the report's linear schedule (β from 1e-3 to 0.02, T = 1000) — [DDPM]
+    Algorithm 2's 1/√α_t, not the cumulative ᾱ_t — whatever the model's own schedule."""
+    a = (1 - make_betas(1000)).to(t.device)[t - 1]                          # α_t = 1 − β_t
+    if scaler == "alpha":
+        return 1 / a.sqrt()
+    if scaler != "eq5":
+        raise ValueError(f"scaler must be 'eq5' or 'alpha', not {scaler!r}")
+    return (1 / a.sqrt() - 1) * 8 * (t.double() / 50) ** 2 + 1              # Eq. 5
+
+
+def report_x0(xt, t, out, scaler: str = "eq5"):
+    """The report-faithful one-step reconstruction, in [0, 1], read literally from its Appendix
+    A: scaler · (noised image − predicted noise), with the network's raw output (trained on
+    √(1−ᾱ_t)·ε) as the predicted noise and report_scaler's s(t). A network that learned its
+    target exactly leaves x_t − out = √ᾱ_t·x0, which s(t) approximately divides back. Our
+    reading where the text is silent: the scaling acts on [-1, 1] images (the network's scale, so
+    x0 = 0 stays fixed), then the result is mapped to [0, 1] and clipped (to_unit). The report's
+    code for this step is not public."""
+    s = report_scaler(t, scaler).float().view(-1, 1, 1, 1)
+    return to_unit(s * (xt - out))
+
+
+@torch.no_grad()
+def report_step(model, diff: Diffusion, x, t: int, t_prev: int, g, clip: bool = True,
+                decode: str = "eps"):
+    """One step of the report's iterative method (its Section 4, Figure 5): predict the noise,
+    remove all of it (x̂0), then noise x̂0 afresh to t − 1: x_{t−1} = q_sample(x̂0, t − 1, z).
+    It ignores the posterior q(x_{t−1} | x_t, x0), which is why it does not sample the data.
+    decode: 'eps' forms x̂0 from ε̂ (Eq. 15); 'report' as the report did, from the raw output
+    with Eq. 5's scaler (report_x0, always clipped)."""
+    tt = _t(x, t)
+    if decode == "report":
+        x0 = 2 * report_x0(x, tt, model(x, tt).float()) - 1                 # [0, 1] → [-1, 1]
+    else:
+        x0 = diff.predict_x0(x, tt, eps_hat(model, diff, x, tt))
+        x0 = x0.clamp(-1, 1) if clip else x0
+    return diff.q_sample(x0, tt - 1, noise_like(x, g)) if t > 1 else x0
+
+
+@torch.no_grad()
+def report_first_step(model, diff: Diffusion, x, t: int, t_prev: int, g, clip: bool = False):
+    """One step of the report's first sampler (its Section 5), read as Algorithm 2 [DDPM] with
+    the network's raw output in place of ε: x_{t−1} = scaler·(x_t − noise_scaler·out) + σ_t·z,
+    where we read its scaler as 1/√α_t, its noise_scaler as β_t/√(1−ᾱ_t), and σ_t² = β_t
+    (Algorithm 2's coefficients; the report names them without formulas). With an ε-model this
+    is DDPM; with the report-faithful model, out ≈ √(1−ᾱ_t)·ε̂, so every step removes too little
+    noise. No x̂0 and no clipping, as in Algorithm 2 (clip=True clamps x_{t−1} to [-1, 1])."""
+    tt = _t(x, t)
+    beta, ab, a = diff.at(diff.betas, tt), diff.at(diff.alpha_bar, tt), diff.at(diff.alphas, tt)
+    x = (x - beta / (1 - ab).sqrt() * model(x, tt).float()) / a.sqrt()
+    x = x + beta.sqrt() * noise_like(x, g) if t > 1 else x
+    return x.clamp(-1, 1) if clip else x
+
+
+# sample's methods: the step each runs from x_T to x_0 (sample_loop)
+SAMPLERS = {"ddpm": p_sample, "ddim": ddim_step, "report": report_step,
+            "report-first": report_first_step}
+
+
+# The report's Figure 5, honestly: its two samplers with its own (report-faithful) model, beside
+# DDPM and DDIM with the corrected model of the same fold. name → (target, method, settings).
+FIG5_SAMPLERS = {
+    "report's first sampler (Algorithm 2, output as ε)": ("scaled_eps", "report-first", {}),
+    "report's iterative method (Eq. 5 decoding)": ("scaled_eps", "report", dict(decode="report")),
+    "DDPM-1000, corrected model": ("eps", "ddpm", {}),
+    "DDIM-50 (η = 0), corrected model": ("eps", "ddim", dict(steps=50)),
+}
+
+
+def figure5(cfg: Config, n: int = 16, seed: int = 0, fold: int = 0,
+            keep=tuple(range(900, -1, -100)), progress: bool = True):
+    """Every FIG5_SAMPLERS set from the same x_T (seed): the report-faithful and the corrected
+    model of one fold (the same training images and protocol; trained first where missing,
+    see trained). Returns ({name: x0}, {name: {t: x_t}} for t in keep, a table per set with
+    the mean and spread of its pixels in [0, 1] and its share of dark pixels (all channels
+    < 0.1), the real test images' row first)."""
+    dev = get_device()
+    rows = [_pixel_stats("real test images", to_float(eval_images(cfg, n=max(n, 64))))]
+    models = {}                                        # target → (model, its Diffusion)
+    for target in dict.fromkeys(t for t, _, _ in FIG5_SAMPLERS.values()):
+        c = dataclasses.replace(cfg, target=target)
+        trained(c, fold, progress=False)
+        models[target] = load_model(c, fold).to(dev), Diffusion.from_config(c).to(dev)
+    xs, trajs = {}, {}
+    for name, (target, method, kw) in FIG5_SAMPLERS.items():
+        model, fp = models[target]
+        xs[name], trajs[name] = sample(model, fp, method, n, cfg.image_size, seed=seed,
+                                       keep=keep, progress=progress, **kw)
+        rows.append(_pixel_stats(name, xs[name]))
+    return xs, trajs, pd.DataFrame(rows)
+
+
+def _pixel_stats(name: str, x: torch.Tensor) -> dict:
+    """Brightness of images in [-1, 1] once shown ([0, 1]): mean, the mean per-image standard
+    deviation, and the share of dark pixels (every channel below 0.1)."""
+    u = to_unit(x)
+    return dict(images=name, n=len(x), mean=u.mean().item(),
+                std_within_image=u.flatten(1).std(1).mean().item(),
+                dark_share=(u < 0.1).all(1).float().mean().item())
+
+
+# -----------------------------------------------------------------------------------------------
+# data: Fruits-360's own Training/ and Test/, folds without leakage
 
 
 class DataError(ValueError):
     """Bad input data, with a message that says which file and what to do."""
 
-
-# -----------------------------------------------------------------------------------------------
-# data
 
 # File names: `N_100.jpg` (first video), `r_N_100.jpg`, `r2_…`, and newer `r0_…`, `r1_…`.
 NAME_RE = re.compile(r"^(?:(?P<video>[a-z]+\d*)_)?(?P<frame>\d+)(?:_\d+)?$", re.IGNORECASE)
@@ -611,178 +930,12 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
     return df, bad
 
 
-def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
-    """Download with a progress bar, resuming a partial file (HTTP Range), then check the size."""
-    import urllib.error
-    import urllib.request
-    part = dest.with_suffix(dest.suffix + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    total = None
-    try:
-        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        r = urllib.request.urlopen(req, timeout=60)
-    except urllib.error.HTTPError as e:
-        if not (have and e.code == 416):    # 416: nothing past `have`, the .part is complete
-            raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
-        r = None
-    except (urllib.error.URLError, OSError, ValueError) as e:   # no network, bad host or URL
-        raise DataError(f"cannot download {url}: {getattr(e, 'reason', e)}. Check the address and "
-                        f"the network, or download the archive yourself and pass --from "
-                        f"<file.zip>") from None
-    if r is not None:
-        with r:
-            if have and r.status != 206:    # the server ignored the range: start again
-                have = 0
-            total = r.headers.get("Content-Length")
-            total = int(total) + have if total is not None else None
-            with open(part, "ab" if have else "wb") as f, \
-                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-    size = part.stat().st_size
-    want = expected_size or total
-    if want is not None and size != want:
-        raise DataError(f"download of {url} is {size} bytes, expected {want}: rerun the same "
-                        f"command to resume it, or delete {part} to start over")
-    os.replace(part, dest)
-    return dest
-
-
-@contextlib.contextmanager
-def _unpack(src: Path, dest: Path):
-    """Unpack a zip into a temporary folder beside dest and yield it; only if the block
-    succeeds (the new images indexed) does it replace dest. If dest already holds this very
-    zip (its size and mtime are stamped in dest/.source), yield dest itself."""
-    stamp = f"{src.stat().st_size} {src.stat().st_mtime_ns}"
-    if (dest / ".source").is_file() and (dest / ".source").read_text() == stamp:
-        yield dest
-        return
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".unzip-"))
-    try:
-        try:
-            with zipfile.ZipFile(src) as z:
-                bad = z.testzip()
-                if bad is not None:
-                    raise DataError(f"{src} is damaged (member {bad} fails its CRC check): "
-                                    f"download it again")
-                z.extractall(tmp)
-        except zipfile.BadZipFile as e:
-            raise DataError(f"{src} is damaged ({e}): download it again") from e
-        (tmp / ".source").write_text(stamp)
-        yield tmp
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def prepare_data(src: Path | str | None = None, url: str | None = None, synthetic: bool = False,
-                 out: Path | str = "data", classes=None, split: str = "grouped", seed: int = 0,
-                 skip_bad: bool = False, synthetic_size: int = 100) -> pd.DataFrame:
-    """The `data` command: put the images at out/fruits-360 (a link, or the unpacked zip) and
-    write out/index.csv. Sources: a folder or .zip (src), a URL, or the synthetic set."""
-    out = ROOT / out if not Path(out).is_absolute() else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    remove_partial(out)                     # of an index write that was killed
-    link = out / "fruits-360"
-    if synthetic:
-        src = make_synthetic(out / "synthetic-fruits", size=synthetic_size, seed=seed)
-    elif url:
-        src = _fetch_url(url, out / Path(url.split("?")[0]).name)
-    if src is None:
-        raise DataError("no data source: pass --from PATH, --url URL or --synthetic")
-    src = Path(src).resolve()
-    if src.suffix.lower() == ".zip":
-        if not zipfile.is_zipfile(src):
-            raise DataError(f"{src} is not a valid zip file: download it again")
-        dest = out / (src.stem + "-unpacked")
-        with _unpack(src, dest) as staged:              # dest is replaced only on success
-            root = _find_split_dirs(staged)["Training"].parent
-            index = _index_folder(root, out, classes, split, seed, skip_bad)
-        root = dest / root.relative_to(staged)
-    else:
-        root = _find_split_dirs(src)["Training"].parent
-        index = _index_folder(root, out, classes, split, seed, skip_bad)
-    write_csv(index, out / "index.csv")
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    if not link.exists():                   # a real folder at out/fruits-360 is the source itself
-        link.symlink_to(root, target_is_directory=True)
-    return index
-
-
-def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
-                  skip_bad: bool) -> pd.DataFrame:
-    """build_index of root, reporting what it skipped or resized; nothing is written."""
-    link = out / "fruits-360"
-    if classes is None and root.resolve() == SHARED_SUBSET.resolve():
-        classes = SUBSET_CLASSES
-    if link.exists() and not link.is_symlink() and link.resolve() != root.resolve():
-        raise DataError(f"{link} is a real folder, not a link this command made: move it away "
-                        f"(or pass --from {link}) — it is not deleted")
-    index, bad = build_index(root, classes, split=split, seed=seed, skip_bad=skip_bad)
-    if bad:
-        print(f"skipped {len(bad)} files (unreadable, or named outside the dataset's scheme):\n  "
-              + "\n  ".join(bad))
-    resized = index.attrs.get("resized", [])
-    if resized:
-        print(f"warning: {len(resized)} images are not square (first: {resized[0]}); they are "
-              f"resized to a square, so their aspect ratio changes")
-    if index.empty:
-        raise DataError(f"no readable image in {root}: nothing indexed")
-    return index
-
-
-def make_synthetic(root: Path | str, n_classes: int = 3, frames: int = 40, size: int = 100,
-                   seed: int = 0) -> Path:
-    """A small, deterministic fake Fruits-360: coloured blobs on white, 'rotating' over frames,
-    two videos per class ('' and 'r'), every 4th frame in Test/. For tests and offline use only —
-    never real results."""
-    from PIL import Image, ImageDraw
-    root = Path(root)
-    settings = f"n_classes={n_classes} frames={frames} size={size} seed={seed}"
-    if (root / ".complete").is_file() and (root / ".complete").read_text() == settings:
-        return root
-    rng = np.random.default_rng(seed)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None,
-                                prefix=".synthetic-"))
-    try:
-        for c in range(n_classes):
-            colour = tuple(int(v) for v in rng.integers(30, 220, 3))
-            aspect = 0.6 + 0.4 * rng.random()
-            for video in ("", "r"):
-                for f in range(frames):
-                    split = "Test" if f % 4 == 3 else "Training"
-                    d = tmp / split / f"Fake {c} 1"
-                    d.mkdir(parents=True, exist_ok=True)
-                    im = Image.new("RGB", (size, size), (255, 255, 255))
-                    draw = ImageDraw.Draw(im)
-                    phase = 2 * math.pi * f / frames
-                    rx, ry = size * 0.35 * (0.75 + 0.25 * math.cos(phase)), size * 0.35 * aspect
-                    cx, cy = size / 2, size / 2
-                    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=colour)
-                    hx = cx + rx * 0.5 * math.sin(phase)
-                    draw.ellipse([hx - size * .06, cy - ry * .6, hx + size * .06, cy - ry * .3],
-                                 fill=tuple(min(255, v + 60) for v in colour))
-                    name = f"{video + '_' if video else ''}{f}_100.jpg"
-                    im.save(d / name, quality=95)
-        (tmp / ".complete").write_text(settings)
-        if root.exists():
-            shutil.rmtree(root)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
 def load_index(cfg: Config) -> pd.DataFrame:
     """Read data_dir/index.csv; the smoke profile makes its synthetic set on first use."""
-    d = ROOT / cfg.data_dir
+    d = cfg.home / cfg.data_dir
     path = d / "index.csv"
     if not path.exists() and cfg.profile == "smoke":
+        from ddpm_cli import prepare_data
         prepare_data(synthetic=True, out=d, seed=cfg.seed, split=cfg.split, synthetic_size=32)
     if not path.exists():
         raise DataError(f"{path} not found: run `python -m ddpm_lib data --from "
@@ -883,309 +1036,20 @@ def split_data(cfg: Config, split: str, classes=None) -> Fruits:
     profile's size, unflipped; labels indexed by `classes` (default: sorted class names)."""
     index = load_index(cfg)
     rows = index[index.split == split]
-    return Fruits(rows, ROOT / cfg.data_dir / "fruits-360", cfg.image_size, classes=classes)
+    return Fruits(rows, cfg.home / cfg.data_dir / "fruits-360", cfg.image_size, classes=classes)
 
 
 def fold_datasets(cfg: Config, fold) -> tuple[Fruits, Fruits]:
     index = load_index(cfg)
     tr, val = fold_rows(index, fold, PURGE_K if cfg.split == "grouped" else 0)
-    root = ROOT / cfg.data_dir / "fruits-360"
+    root = cfg.home / cfg.data_dir / "fruits-360"
     classes = sorted(index.label.unique())
     return (Fruits(tr, root, cfg.image_size, cfg.flip, classes),
             Fruits(val, root, cfg.image_size, False, classes))
 
 
 # -----------------------------------------------------------------------------------------------
-# model: the report's U-Net (its Section 3.1 and Figure 2)
-
-
-class TimeEmbedding(nn.Module):
-    """Sinusoidal embedding of the timestep t (as in Transformer positions) [DDPM §4]."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:               # (B,) → (B, dim)
-        half = self.dim // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
-        a = t.float()[:, None] * freqs[None]
-        return torch.cat([a.sin(), a.cos()], dim=1)
-
-
-class DoubleConv(nn.Module):
-    """3×3 conv → GroupNorm → GELU → 3×3 conv → GroupNorm (+ input, then GELU, if residual)."""
-
-    def __init__(self, c_in: int, c_out: int, c_mid: int | None = None, residual: bool = False):
-        super().__init__()
-        c_mid = c_mid or c_out
-        self.residual = residual
-        self.net = nn.Sequential(
-            nn.Conv2d(c_in, c_mid, 3, padding=1, bias=False), nn.GroupNorm(1, c_mid), nn.GELU(),
-            nn.Conv2d(c_mid, c_out, 3, padding=1, bias=False), nn.GroupNorm(1, c_out))
-
-    def forward(self, x):
-        return F.gelu(x + self.net(x)) if self.residual else self.net(x)
-
-
-class Down(nn.Module):
-    """2×2 max-pool, two double convs (the first residual), plus the projected time embedding."""
-
-    def __init__(self, c_in: int, c_out: int, t_dim: int):
-        super().__init__()
-        self.conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(c_in, c_in, residual=True),
-                                  DoubleConv(c_in, c_out))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(t_dim, c_out))
-
-    def forward(self, x, temb):
-        return self.conv(x) + self.emb(temb)[:, :, None, None]
-
-
-class Up(nn.Module):
-    """Bilinear ×2 to the skip's exact size, concatenate, two double convs, time embedding."""
-
-    def __init__(self, c_in: int, c_out: int, t_dim: int):
-        super().__init__()
-        self.conv = nn.Sequential(DoubleConv(c_in, c_in, residual=True),
-                                  DoubleConv(c_in, c_out, c_in // 2))
-        self.emb = nn.Sequential(nn.SiLU(), nn.Linear(t_dim, c_out))
-
-    def forward(self, x, skip, temb):
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
-        x = self.conv(torch.cat([skip, x], dim=1))
-        return x + self.emb(temb)[:, :, None, None]
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over the H·W positions, with LayerNorm and a feed-forward,
-    both residual. Uses the fused scaled_dot_product_attention kernel."""
-
-    def __init__(self, c: int, heads: int = 4):
-        super().__init__()
-        self.heads = heads
-        self.ln = nn.LayerNorm(c)
-        self.qkv = nn.Linear(c, 3 * c)
-        self.proj = nn.Linear(c, c)
-        self.ff = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, c), nn.GELU(), nn.Linear(c, c))
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        h = x.flatten(2).transpose(1, 2)                                   # (B, HW, C)
-        q, k, v = self.qkv(self.ln(h)).view(B, H * W, 3, self.heads, C // self.heads) \
-            .permute(2, 0, 3, 1, 4)                                        # 3 × (B, nh, HW, hs)
-        a = F.scaled_dot_product_attention(q, k, v)                        # (B, nh, HW, hs)
-        h = h + self.proj(a.transpose(1, 2).reshape(B, H * W, C))
-        h = h + self.ff(h)
-        return h.transpose(1, 2).reshape(B, C, H, W)
-
-
-class UNet(nn.Module):
-    """The report's U-Net: 32→64→128→128 channels (width w = 32), attention at the bottleneck.
-    Works at any size ≥ 8 (100 → 50 → 25 → 12 and back; 32 → 16 → 8 → 4).
-
-    Its convs feed GroupNorm(1, C) without a bias and `inc` has no residual, so net(c·x, t) =
-    net(x, t) for c > 0: it cannot see ‖x_t‖ (scale_response). EDM's preconditioning
-    (ForwardProcess, sigma_data) supplies that part of ε̂ outside the network.
-
-    n_classes > 0 (not the report's): a learned class embedding is added to the time embedding;
-    label n_classes is the null class ("no class"), which y=None means [CFG].
-    """
-
-    def __init__(self, width: int = 32, time_dim: int = 256, heads: int = 4, n_classes: int = 0):
-        super().__init__()
-        w = width
-        self.n_classes = n_classes
-        self.temb = TimeEmbedding(time_dim)
-        self.cemb = nn.Embedding(n_classes + 1, time_dim) if n_classes else None
-        self.inc = DoubleConv(3, w)
-        self.down1, self.down2, self.down3 = Down(w, 2 * w, time_dim), \
-            Down(2 * w, 4 * w, time_dim), Down(4 * w, 4 * w, time_dim)
-        self.attn = SelfAttention(4 * w, heads)
-        self.up1, self.up2, self.up3 = Up(8 * w, 2 * w, time_dim), Up(4 * w, w, time_dim), \
-            Up(2 * w, w, time_dim)
-        self.outc = nn.Conv2d(w, 3, 1)
-
-    def forward(self, x, t, y=None):                                       # (B, 3, H, W), (B,)
-        e = self.temb(t)                                                   # (B, time_dim)
-        if self.cemb is not None:                                          # y: (B,) or None
-            e = e + self.cemb(torch.full_like(t, self.n_classes) if y is None else y)
-        x1 = self.inc(x)                                                   # (B, w, H, W)
-        x2 = self.down1(x1, e)                                             # (B, 2w, H/2, W/2)
-        x3 = self.down2(x2, e)                                             # (B, 4w, H/4, W/4)
-        x4 = self.attn(self.down3(x3, e))                                  # (B, 4w, H/8, W/8)
-        x = self.up1(x4, x3, e)                                            # (B, 2w, H/4, W/4)
-        x = self.up2(x, x2, e)                                             # (B, w, H/2, W/2)
-        return self.outc(self.up3(x, x1, e))                               # (B, 3, H, W)
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def build_model(cfg: Config, device: torch.device | None = None, verbose: bool = True) -> UNet:
-    model = UNet(cfg.width, cfg.time_dim, cfg.heads, cfg.n_classes)
-    if verbose:
-        print(f"UNet(width={cfg.width}): {n_params(model):,} parameters")
-    model = model.to(device or get_device())
-    return model.to(memory_format=torch.channels_last) if channels_last(cfg, device) else model
-
-
-def channels_last(cfg: Config, device: torch.device | None = None) -> bool:
-    """Config.channels_last, or where it is None speed_choice's memory layout."""
-    if cfg.channels_last is not None:
-        return cfg.channels_last
-    return speed_choice(cfg, device or get_device())["memory"] == "channels_last"
-
-
-# -----------------------------------------------------------------------------------------------
-# diffusion
-
-
-def make_betas(T: int = 1000, schedule: str = "linear", beta_1: float = 1e-3,
-               beta_T: float = 0.02) -> torch.Tensor:
-    """β_1..β_T, exactly T of them (float64). The report's torch.arange(0.001, 0.02, step) could
-    give T+1 values; linspace cannot."""
-    if schedule == "linear":
-        return torch.linspace(beta_1, beta_T, T, dtype=torch.float64)
-    if schedule == "cosine":                               # [IDDPM] Eq. 17, s = 0.008
-        s = 0.008
-        f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
-        return (1 - f[1:] / f[:-1]).clamp(max=0.999)
-    raise ValueError(f"schedule must be 'linear' or 'cosine', not {schedule!r}")
-
-
-class ForwardProcess(nn.Module):
-    """q(x_t | x_0) and its helpers (the report's name). Timesteps t are 1..T as in [DDPM];
-    the schedule tensors are buffers, so .to(device) carries them.
-
-    Calling it on (x0, t) returns (x_t, target): x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε (Eq. 4),
-    target = ε (corrected) or sqrt(1-ᾱ_t)·ε (report-faithful 'scaled_eps').
-
-    sigma_data > 0 (Config.sigma_data; not the report's) preconditions the network as EDM does
-    [EDM]: ε̂ = c_skip(t)·x_t + c_out(t)·F(x_t, t), where c_skip·x_t is E[ε | x_t] and c_out² the
-    variance left, were x0 ~ N(0, σ_d²·I); F's target (ε − c_skip·x_t)/c_out then has unit
-    variance at every t, so the MSE on it is EDM's loss weighting (1/c_out² on the ε-MSE). At
-    t = T, c_skip ≈ 1 and c_out ≈ 0.0035 (σ_d = 0.7): ε̂ ≈ x_t by construction, where the report's
-    U-Net, blind to the scale of x_t (UNet), has to make x_t's norm up. EDM's input scaling c_in
-    is left out (that U-Net ignores it), and t stays uniform (EDM draws log σ from a normal).
-    """
-
-    def __init__(self, T: int = 1000, schedule: str = "linear", beta_1: float = 1e-3,
-                 beta_T: float = 0.02, target: str = "eps", sigma_data: float = 0.0):
-        super().__init__()
-        if target not in ("eps", "scaled_eps"):
-            raise ValueError(f"target must be 'eps' or 'scaled_eps', not {target!r}")
-        if sigma_data < 0 or (sigma_data and target != "eps"):
-            raise ValueError(f"sigma_data (preconditioning) must be ≥ 0 and needs target='eps', "
-                             f"got {sigma_data} with {target!r}: the report-faithful mode is the "
-                             f"report's network without it (use a profile such as cpu)")
-        self.T, self.target, self.sigma_data = T, target, sigma_data
-        b = make_betas(T, schedule, beta_1, beta_T)
-        ab = torch.cumprod(1 - b, 0)
-        ab_prev = torch.cat([torch.ones(1, dtype=b.dtype), ab[:-1]])
-        reg = lambda name, v: self.register_buffer(name, v.float(), persistent=False)
-        reg("betas", b)                                             # β_t
-        reg("alphas", 1 - b)                                        # α_t = 1 - β_t
-        reg("alpha_bar", ab)                                        # ᾱ_t = Π_{s≤t} α_s
-        reg("alpha_bar_prev", ab_prev)                              # ᾱ_{t-1}, ᾱ_0 = 1
-        reg("beta_tilde", b * (1 - ab_prev) / (1 - ab))             # β̃_t, Eq. 7
-        reg("post_c0", ab_prev.sqrt() * b / (1 - ab))               # μ̃_t coefficient of x0 (Eq. 7)
-        reg("post_ct", (1 - b).sqrt() * (1 - ab_prev) / (1 - ab))  # μ̃_t coefficient of x_t
-        if sigma_data:            # EDM's preconditioning [EDM, Table 1]: ε̂ = c_skip·x_t + c_out·F
-            v = ab * sigma_data ** 2 + 1 - ab                       # E[x_t²] if E[x0²] = σ_d²
-            reg("c_skip", (1 - ab).sqrt() / v)                      # E[ε | x_t] if x0 ~ N(0, σ_d²)
-            reg("c_out", ab.sqrt() * sigma_data / v.sqrt())         # sd(ε | x_t) then
-
-    @classmethod
-    def from_config(cls, cfg: Config) -> "ForwardProcess":
-        return cls(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.target, cfg.sigma_data)
-
-    def at(self, buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """buf at timesteps t (1-based), shaped (B, 1, 1, 1) to broadcast over images.
-        t is range-checked on the CPU only: on CUDA the check would cost a host sync per call
-        (several per sampling step), and an index out of range fails there anyway (device-side
-        assert), just with a less helpful message."""
-        if t.device.type == "cpu" and (t.min() < 1 or t.max() > self.T):
-            raise IndexError(f"timesteps run from 1 to {self.T}, got {t.min().item()}..{t.max().item()}")
-        return buf[t - 1].view(-1, 1, 1, 1)
-
-    def sample_t(self, n: int, generator=None, device=None) -> torch.Tensor:
-        return torch.randint(1, self.T + 1, (n,), generator=generator, device=device)
-
-    def q_sample(self, x0, t, eps):
-        """x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε  (Eq. 4)."""
-        ab = self.at(self.alpha_bar, t)
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * eps
-
-    def forward(self, x0, t, eps=None):
-        eps = torch.randn_like(x0) if eps is None else eps
-        xt = self.q_sample(x0, t, eps)
-        if self.sigma_data:                                         # F's target: unit variance
-            target = (eps - self.at(self.c_skip, t) * xt) / self.at(self.c_out, t)
-        else:
-            target = eps if self.target == "eps" else (1 - self.at(self.alpha_bar, t)).sqrt() * eps
-        return xt, target
-
-    def eps_from_output(self, xt, t, out):
-        """The network's output as ε̂ (the scaled target divided back out; with sigma_data,
-        c_skip·x_t + c_out·out)."""
-        if self.sigma_data:
-            return self.at(self.c_skip, t) * xt + self.at(self.c_out, t) * out
-        return out if self.target == "eps" else out / (1 - self.at(self.alpha_bar, t)).sqrt()
-
-    def predict_x0(self, xt, t, eps):
-        """x̂0 = (x_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t)  (Eq. 4 solved for x0; Eq. 15)."""
-        ab = self.at(self.alpha_bar, t)
-        return (xt - (1 - ab).sqrt() * eps) / ab.sqrt()
-
-    def q_posterior(self, x0, xt, t):
-        """Mean and variance of q(x_{t-1} | x_t, x0)  (Eqs. 6–7)."""
-        mean = self.at(self.post_c0, t) * x0 + self.at(self.post_ct, t) * xt
-        return mean, self.at(self.beta_tilde, t)
-
-    @staticmethod
-    def report_scaler(t):
-        """The report's Eq. 5, s(t) = (1/sqrt(α_t) − 1)·8·(t/50)² + 1, with the per-step
-        α_t = 1 − β_t of the report's linear schedule (β from 1e-3 to 0.02, T = 1000), whatever
-        this process's own schedule. The report builds it from "the 1/√α of the original
-        literature", which is the per-step 1/sqrt(α_t) of [DDPM] Algorithm 2, not the cumulative
-        ᾱ_t; s(t) then stays close to the exact correction 1/sqrt(ᾱ_t) (report_x0)."""
-        a = (1 - make_betas(1000)).to(t.device)[t - 1]             # α_t = 1 − β_t
-        return (1 / a.sqrt() - 1) * 8 * (t.double() / 50) ** 2 + 1  # Eq. 5
-
-    def report_x0(self, xt, t, out):
-        """The report-faithful one-step reconstruction, in [0, 1], read literally from its
-        Appendix A: output = scaler · (noised_image − predicted_noise), with the network's output
-        (trained on sqrt(1−ᾱ_t)·ε) as the predicted noise and Eq. 5's scaler (report_scaler) —
-        which the report introduces because the subtraction alone leaves images too dark, and
-        credits with "quite high fidelity in the lower time steps". A network that learned its
-        target exactly leaves x_t − out = sqrt(ᾱ_t)·x0, which the scaler approximately divides
-        back. Our interpretation where the text is silent: the scaling acts on [-1, 1] images
-        (the network's scale, so x0 = 0 stays fixed), and the result is then mapped to [0, 1]
-        and clipped as in the corrected path (to_unit). The report's code for this step is not
-        public."""
-        s = self.report_scaler(t).float().view(-1, 1, 1, 1)
-        return to_unit(s * (xt - out))
-
-
-@torch.no_grad()
-def _out(model, x, t_val: int):
-    """The network's raw output at timestep t_val for every image of x, under autocast(), and
-    t as a (B,) tensor."""
-    t = torch.full((len(x),), t_val, device=x.device, dtype=torch.long)
-    with autocast(x.device):
-        return t, model(x, t).float()
-
-
-def _eps(model, fp: ForwardProcess, x, t_val: int):
-    """ε̂ = the network's output read as ε (the scaled target divided back out; with
-    preconditioning c_skip·x_t + c_out·F) under autocast() (bf16 where fast), and t (B,)."""
-    t, out = _out(model, x, t_val)
-    return t, fp.eps_from_output(x, t, out)
-
-
-# -----------------------------------------------------------------------------------------------
-# training
+# training: Algorithm 1, EMA, early stopping; which weights a run uses
 
 
 class EMA:
@@ -1234,9 +1098,9 @@ class EarlyStopping:
         return self.bad_epochs >= self.patience
 
 
-def diffusion_loss(model, fp: ForwardProcess, x0, t, eps, y=None) -> torch.Tensor:
+def diffusion_loss(model, fp: Diffusion, x0, t, eps, y=None) -> torch.Tensor:
     """Algorithm 1 [DDPM]: ‖target − net(x_t, t)‖², target ε (or the report's scaled ε, or with
-    sigma_data F's target: the ε-MSE weighted by 1/c_out², see ForwardProcess); y: class labels
+    sigma_data F's target: the ε-MSE weighted by 1/c_out², see Diffusion); y: class labels
     of a conditional model (None: unconditional)."""
     xt, target = fp(x0, t, eps)
     return F.mse_loss((model(xt, t) if y is None else model(xt, t, y)).float(), target)
@@ -1251,12 +1115,12 @@ def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Adam:
 
 def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last(cfg, device) else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(cfg) else x
 
 
 def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, loss: torch.Tensor,
                    cfg: Config) -> None:
-    """train()'s update after the loss: backward, gradient clipping, Adam, EMA."""
+    """Algorithm 1's update after the loss: backward, gradient clipping, Adam, EMA."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -1264,33 +1128,7 @@ def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, los
     ema.update(model)
 
 
-def time_train_steps(cfg: Config, precision: str, memory: str, device: torch.device,
-                     seconds: float = 1.0) -> float:
-    """Images/s of train()'s step (forward, backward, clip, Adam, EMA) of cfg's network at its
-    image size and batch, on one random batch, in `precision` and `memory`: one warm-up step,
-    then steps for about `seconds` (at least one). The global RNG states are left as they were."""
-    c = dataclasses.replace(cfg, bf16=precision == "bf16", channels_last=memory == "channels_last")
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():    # also when sampling asks
-        model = build_model(c, device, verbose=False).train()
-        ema, opt = EMA(model, c.ema_decay), make_optimizer(model, c)
-        fp = ForwardProcess.from_config(c).to(device)
-        g = torch.Generator().manual_seed(0)
-        x0 = torch.rand(c.batch_size, 3, c.image_size, c.image_size, generator=g) * 2 - 1
-        t, eps = fp.sample_t(c.batch_size, g), torch.randn(x0.shape, generator=g)
-        x0, t, eps = to_device(x0, c, device), t.to(device), eps.to(device)
-        n, t0 = -1, 0.0
-        while n < 1 or time.perf_counter() - t0 < seconds:
-            with autocast(device, c.bf16):
-                loss = diffusion_loss(model, fp, x0, t, eps)
-            optimizer_step(model, ema, opt, loss, c)
-            loss.item()
-            n += 1
-            if n == 0:                                  # the warm-up step is not counted
-                t0 = time.perf_counter()
-    return n * c.batch_size / (time.perf_counter() - t0)
-
-
-def epoch_batches(images: torch.Tensor, cfg: Config, fp: ForwardProcess, g: torch.Generator,
+def epoch_batches(images: torch.Tensor, cfg: Config, fp: Diffusion, g: torch.Generator,
                   labels: torch.Tensor | None = None):
     """One epoch of (x0, t, ε, y) from the uint8 cache; every draw comes from the epoch's
     generator, so an epoch is reproduced exactly after a resume. y: None, or for a conditional
@@ -1311,7 +1149,7 @@ def epoch_batches(images: torch.Tensor, cfg: Config, fp: ForwardProcess, g: torc
 
 
 @torch.no_grad()
-def validation_loss(model, fp: ForwardProcess, images: torch.Tensor, cfg: Config,
+def validation_loss(model, fp: Diffusion, images: torch.Tensor, cfg: Config,
                     device: torch.device, batch: int = 256) -> float:
     """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with
     sigma_data, not comparable with the others) over the validation images, with fixed, seeded
@@ -1331,143 +1169,15 @@ def validation_loss(model, fp: ForwardProcess, images: torch.Tensor, cfg: Config
     return total / count
 
 
-def check_config(saved: dict, cfg: Config, path: Path, keys=None,
-                 advice: str = "Resume with the checkpoint's settings, or start a new run in "
-                               "another --out folder") -> None:
-    """Refuse a checkpoint whose config differs from cfg in `keys` (default: all but
-    RESUMABLE_KEYS and SPEED_KEYS), saying `advice`. A setting newer than the checkpoint counts as its
-    default."""
-    default = {f.name: f.default for f in dataclasses.fields(Config)}
-    diff = {k: (saved.get(k, default[k]), v) for k, v in dataclasses.asdict(cfg).items()
-            if (k in keys if keys else k not in RESUMABLE_KEYS | SPEED_KEYS)
-            and saved.get(k, default[k]) != v}
-    if diff:
-        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"{path} was made with another config ({lines}). {advice}")
-
-
-class CheckpointError(ValueError):
-    """A model file that cannot be read: truncated, corrupt, or holding more than tensors."""
-
-
-def load_checkpoint(path: Path | str) -> dict:
-    """Read one of our checkpoints with torch.load(weights_only=True): tensors and plain data
-    only, so a file from elsewhere cannot run code while it loads."""
-    import pickle
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except pickle.UnpicklingError as e:
-        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
-        if why:                                    # a class or function: could run code
-            raise CheckpointError(
-                f"{path} holds more than tensors and plain data, so it was not loaded (loading "
-                f"it could run code: {why}). Use a checkpoint written by this repository's own "
-                f"train or export, or delete it") from None
-        err = e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        err = e
-    raise CheckpointError(
-        f"{path} is not a readable checkpoint (truncated, empty or corrupt: "
-        f"{type(err).__name__}). Delete it and train again, or restore it from its source")
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save through atomic_path: the previous file survives a failed write."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    except (OSError, RuntimeError) as e:
-        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else float("nan")
-        raise CheckpointError(
-            f"could not write {path} ({str(e).splitlines()[0][:160]}; {free:.0f} MB free on its "
-            f"disk — is it full?). The previous version of the file, if any, is intact: free "
-            f"space, then rerun (with --resume for training)") from None
-
-
-def rng_state() -> dict:
-    """The global RNG states as tensors and lists (loadable with weights_only=True)."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, mt, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": [version, list(mt), gauss_next]}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    name, keys, pos, has_gauss, gauss = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, mt, gauss_next = s["python"]
-    random.setstate((version, tuple(mt), gauss_next))
-
-
-def resumed_speed(saved: dict, cfg: Config, device: torch.device, path: Path) -> dict:
-    """A resumed run's precision and memory layout: those it started with, from its checkpoint's
-    config (which holds them as bf16/channels_last; bf16 runs only where native, as it did in
-    checkpoints older than speed_choice). A Config that sets others is refused."""
-    p = "bf16" if saved.get("bf16", True) and bf16_fast(device) else "fp32"
-    m = "channels_last" if saved.get("channels_last", True) else "nchw"
-    for attr, v in (("bf16", p == "bf16"), ("channels_last", m == "channels_last")):
-        if getattr(cfg, attr) not in (None, v):
-            raise ValueError(f"{path} was trained with {attr}={v}, not {getattr(cfg, attr)}: a run "
-                             f"keeps its precision and memory layout. Resume it with {attr}={v} "
-                             f"(or unset), or start a new run in another --out folder")
-    return dict(precision=p, memory=m, how=f"kept from {path} (the run started with it)",
-                img_s={}, seconds=0.0)
-
-
-def _fold_seed(cfg: Config, fold, epoch: int) -> int:
-    return cfg.seed * 1_000_003 + (99 if fold == "all" else int(fold)) * 1009 + epoch
-
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without one)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_setup() -> Dist:
-    """Join torchrun's process group when WORLD_SIZE > 1 (NCCL with CUDA, gloo on the CPU, one
-    GPU per process); a single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    import torch.distributed as tdist
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    if not tdist.is_initialized():
-        tdist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(tdist.get_rank(), tdist.get_world_size(), local)
-
-
-def _all_sum(d: Dist, x: torch.Tensor) -> torch.Tensor:
-    """x summed over the processes of d (x itself for one process)."""
-    if d.world > 1:
-        import torch.distributed as tdist
-        tdist.all_reduce(x)
-    return x
-
-
-def _from_rank0(d: Dist, v):
-    """Rank 0's value of v on every process, so all take the same decisions (early stopping,
-    precision)."""
-    if d.world == 1:
-        return v
-    import torch.distributed as tdist
-    x = [v]
-    tdist.broadcast_object_list(x, src=0)
-    return x[0]
+def planned_runs() -> list[tuple[dict, object]]:
+    """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
+    generation model (on every training image), and on fold 0 the report-faithful target and
+    the report's random split, then the class-conditional generation model. Fold 0 and the
+    generation model come first: they are what the later notebooks need most when a CPU run is
+    cut short."""
+    return ([({}, 0), ({}, "all")] + [({}, k) for k in range(1, 5)]
+            + [(dict(target="scaled_eps"), 0), (dict(split="random"), 0),
+               (dict(conditional=True), "all")])
 
 
 def train_command(cfg: Config, fold, out: Path | str | None = None) -> str:
@@ -1481,177 +1191,71 @@ def train_command(cfg: Config, fold, out: Path | str | None = None) -> str:
     return cmd
 
 
-def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = None,
-          progress: bool = True) -> pd.DataFrame:
-    """Train one fold ('all': every training image, validated on Test/) and return its history.
-
-    After every epoch an atomic checkpoint (model, EMA, optimizer, epoch, early-stopping state,
-    history, RNG states, fold, config) goes to out/checkpoint.pt, the best EMA weights to
-    out/best.pt and the history to out/history.csv. resume=True continues a stopped run (and
-    returns at once when it has finished); a killed and resumed run ends with the same weights
-    as an unbroken one. The run folder is locked for the run (run_lock); SIGINT and SIGTERM
-    stop it at the next step with the last epoch's checkpoint kept (raises Interrupted).
-
-    Under torchrun (WORLD_SIZE > 1) every process draws the same global batch of cfg.batch_size
-    and trains on its 1/WORLD_SIZE slice with DistributedDataParallel, so an update is the
-    single-process update of that batch; rank 0 alone writes checkpoints and history.
-    """
-    out = Path(out) if out else cfg.run_dir(fold)
-    d = dist_setup()
-    with run_lock(out) if d.main else contextlib.nullcontext(), catch_stop_signals() as stop:
-        if d.main:
-            remove_partial(out)
-        return _train(cfg, fold, resume, out, progress and d.main, stop, d)
+def committed_dir(cfg: Config, fold) -> Path:
+    """Where a run's committed export lives: data/checkpoints/runs/<profile>/ + its run_name,
+    holding ema_fp16.pt (ddpm_train.export_ema) and history.csv."""
+    return cfg.home / "data" / "checkpoints" / "runs" / cfg.profile / cfg.run_name(fold)
 
 
-def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dict,
-           d: Dist) -> pd.DataFrame:
-    device = get_device()
-    keep_freed_memory()
-    if cfg.batch_size % d.world:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {d.world} "
-                         f"processes (torchrun --nproc_per_node): pick a count that divides it")
-    ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not resume:
-        raise FileExistsError(f"{ckpt_path} exists: pass --resume (resume=True) to continue it, "
-                              f"or delete {out} to start over")
-    ck = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
-    if ck and str(ck.get("fold", fold)) != str(fold):
-        raise ValueError(f"{ckpt_path} is a run of fold {ck['fold']}, not of fold {fold}: "
-                         f"resume it with --fold {ck['fold']}, or start fold {fold} in "
-                         f"another --out folder")
-    if ck:
-        check_config(ck["config"], cfg, ckpt_path)
-    speed = resumed_speed(ck["config"], cfg, device, ckpt_path) if ck else \
-        speed_choice(cfg, device)
-    if not ck and d.world > 1:                       # one choice for all processes: rank 0's
-        speed = _from_rank0(d, speed)
-    cfg = dataclasses.replace(cfg, bf16=speed["precision"] == "bf16",
-                              channels_last=speed["memory"] == "channels_last")
-    if progress:
-        print(speed_line(speed), flush=True)
-    seed_everything(cfg.seed)
-    model = build_model(cfg, device, verbose=progress)
-    ema = EMA(model, cfg.ema_decay)
-    opt = make_optimizer(model, cfg)
-    fp = ForwardProcess.from_config(cfg).to(device)
-    stopper, history, start = EarlyStopping(cfg.patience), [], 0
-    if ck:
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        stopper = EarlyStopping(cfg.patience, ck["best_val"], ck["bad_epochs"])
-        history, start = ck["history"], ck["epoch"]
-        set_rng_state(ck["rng"])
-    if stopper.stop or start >= cfg.max_epochs:
-        if not (out / "best.pt").exists():
-            raise FileNotFoundError(
-                f"{out / 'best.pt'} is missing, but {ckpt_path} says the run finished (epoch "
-                f"{start}): its best weights are gone. Delete {out} and train again: "
-                f"{train_command(cfg, fold, out)}")
-        return pd.DataFrame(history)
+def weights(cfg: Config, fold, committed: bool = False) -> Path:
+    """The one answer to "which weights does this run use?": the local run's best.pt where it
+    exists, else the committed export (committed=True: the committed export first). The path
+    may not exist; load_model then says how to train it."""
+    local, export = cfg.run_dir(fold) / "best.pt", committed_dir(cfg, fold) / "ema_fp16.pt"
+    return next((p for p in ((export, local) if committed else (local, export)) if p.exists()),
+                local)
 
-    train_ds, val_ds = fold_datasets(cfg, fold)
-    images = train_ds.images.pin_memory() if device.type == "cuda" else train_ds.images
-    val_images = val_ds.images
-    if cfg.val_images and len(val_images) > cfg.val_images:
-        sel = torch.randperm(len(val_images), generator=torch.Generator().manual_seed(cfg.seed))
-        val_images = val_images[sel[:cfg.val_images]]
-    # the same Test/ images for every fold (fixed noise and t): how optimistic validation is
-    test_images = eval_images(cfg) if fold != "all" else None
-    steps = cfg.steps_per_epoch or len(images) // min(cfg.batch_size, len(images))
-    if d.world > 1:                                  # after loading: DDP broadcasts rank 0's
-        from torch.nn.parallel import DistributedDataParallel
-        net = DistributedDataParallel(model, device_ids=[d.local_rank] if device.type == "cuda"
-                                      else None)
-    else:
-        net = model
-    for epoch in range(start, cfg.max_epochs):
-        g = torch.Generator().manual_seed(_fold_seed(cfg, fold, epoch))
-        model.train()
-        t0, losses = time.perf_counter(), []
-        bar = tqdm(epoch_batches(images, cfg, fp, g, train_ds.labels), total=steps,
-                   disable=not progress, desc=f"fold {fold} epoch {epoch + 1}/{cfg.max_epochs}",
-                   unit="step")
-        for x0, t, eps, y in bar:
-            if d.world > 1:                                       # this process's slice
-                b = len(x0) // d.world
-                x0, t, eps, y = (v if v is None else v[d.rank * b:(d.rank + 1) * b]
-                                 for v in (x0, t, eps, y))
-            x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
-            y = y if y is None else y.to(device)
-            with autocast(device, cfg.bf16):
-                loss = diffusion_loss(net, fp, x0, t, eps, y)
-            # one collective a step: the global batch's loss and whether any process was
-            # signalled, so that all processes stop (or raise) at the same step
-            both = _all_sum(d, torch.stack([loss.detach().float().cpu(),
-                                            torch.tensor(float(stop["signum"]))]))
-            if both[1] > 0:
-                stop["signum"] = stop["signum"] or 15                    # SIGTERM elsewhere
-                break
-            step_loss = both[0] / d.world
-            if not torch.isfinite(step_loss):
-                raise FloatingPointError(
-                    f"loss is {step_loss.item()} at fold {fold}, epoch {epoch + 1}, step "
-                    f"{len(losses) + 1}: training stopped. The last good checkpoint ({ckpt_path}, "
-                    f"epoch {start if not history else history[-1]['epoch']}) is intact; lower "
-                    f"the learning rate or check the data, then rerun with --resume")
-            optimizer_step(model, ema, opt, loss, cfg)
-            losses.append(step_loss.item())
-            rate = len(losses) * len(x0) * d.world / (time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{rate:.0f}")
-        if stop["signum"]:
-            import signal
-            last = history[-1]["epoch"] if history else 0
-            kept = f"{ckpt_path} (epoch {last}) is kept" if last else "nothing was saved yet"
-            raise Interrupted(f"interrupted by {signal.Signals(stop['signum']).name} in epoch "
-                              f"{epoch + 1} of fold {fold}: {kept}. Continue with "
-                              f"`{train_command(cfg, fold, out)} --resume`", stop["signum"])
-        train_secs = time.perf_counter() - t0
-        model.eval()
-        val = _from_rank0(d, validation_loss(ema.model, fp, val_images, cfg, device))
-        if not math.isfinite(val):
-            raise FloatingPointError(f"validation loss is {val} after epoch {epoch + 1}; the last "
-                                     f"good checkpoint {ckpt_path} is intact")
-        improved = stopper.step(val)
-        test = (validation_loss(ema.model, fp, test_images, cfg, device)
-                if test_images is not None else val)
-        secs = time.perf_counter() - t0
-        history.append(dict(epoch=epoch + 1, train_loss=float(np.mean(losses)), val_loss=val,
-                            test_loss=test,
-                            seconds=secs, lr=opt.param_groups[0]["lr"],
-                            images_per_s=len(losses) * cfg.batch_size / train_secs,
-                            best=improved, precision=speed["precision"],
-                            memory=speed["memory"], processes=d.world))
-        if progress:
-            left = (cfg.max_epochs - epoch - 1) * np.mean([h["seconds"] for h in history[start:]])
-            print(f"fold {fold} epoch {epoch + 1}: train {history[-1]['train_loss']:.4f} "
-                  f"val {val:.4f}{' *' if improved else ''}  {secs:.0f}s "
-                  f"(≤{left / 60:.0f} min left)", flush=True)
-        if improved and d.main:
-            save_checkpoint({"config": dataclasses.asdict(cfg), "ema": ema.model.state_dict(),
-                             "epoch": epoch + 1, "val_loss": val}, out / "best.pt")
-        if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0 and d.main:
-            save_checkpoint({"config": dataclasses.asdict(cfg), "epoch": epoch + 1,
-                             "ema": {k: v.half() for k, v in ema.model.state_dict().items()}},
-                            out / f"ema_epoch{epoch + 1:04d}.pt")
-        if d.main:
-            save_checkpoint({"config": dataclasses.asdict(cfg), "model": model.state_dict(),
-                             "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                             "epoch": epoch + 1, "best_val": stopper.best,
-                             "bad_epochs": stopper.bad_epochs, "history": history,
-                             "fold": str(fold), "rng": rng_state(), "speed": speed}, ckpt_path)
-            write_csv(pd.DataFrame(history), out / "history.csv")
-        if stopper.stop:
-            break
-    return pd.DataFrame(history)
+
+def uses_committed(cfg: Config, fold, retrain: bool = False) -> bool:
+    """Whether a run is taken from its committed export instead of trained: the export exists,
+    no local run has started (runs/…/checkpoint.pt), and retrain is False."""
+    return (not retrain and (committed_dir(cfg, fold) / "ema_fp16.pt").exists()
+            and not (cfg.run_dir(fold) / "checkpoint.pt").exists())
+
+
+def run_history(cfg: Config, fold) -> pd.DataFrame | None:
+    """A run's history: the local run's, else the committed one, else None."""
+    for d in (cfg.run_dir(fold), committed_dir(cfg, fold)):
+        if (d / "history.csv").exists():
+            return pd.read_csv(d / "history.csv")
+    return None
+
+
+def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
+    """The EMA weights of a trained run in eval mode, on the CPU: `path` (a best.pt or an
+    export), else weights(cfg, fold)."""
+    path = Path(path) if path is not None else weights(cfg, fold)
+    if not path.exists():
+        ckpt = path.parent / "checkpoint.pt"
+        advice = (f"{ckpt} exists: continue that run with `{train_command(cfg, fold, path.parent)}"
+                  f" --resume` (if it had finished, its best weights are gone: delete "
+                  f"{path.parent} and train again)" if ckpt.exists() else
+                  f"train it first with `{train_command(cfg, fold, path.parent)}`")
+        raise FileNotFoundError(f"{path} not found: {advice}")
+    ck = load_checkpoint(path)
+    check_config(ck["config"], cfg, path)
+    model = build_model(cfg, torch.device("cpu"), verbose=False)
+    model.load_state_dict({k: v.float() for k, v in ck["ema"].items()})
+    return model.eval().requires_grad_(False)
+
+
+def trained(cfg: Config, fold, progress: bool = True, retrain: bool = False
+            ) -> pd.DataFrame | None:
+    """A run's history, training only what is missing: where uses_committed, the committed
+    history (None where none is committed) and nothing is trained; otherwise the local run,
+    trained or resumed where it stopped (ddpm_train.train; retrain=True trains even where weights
+    are committed, into runs/, which weights() then prefers)."""
+    if uses_committed(cfg, fold, retrain):
+        return run_history(cfg, fold)
+    from ddpm_train import train
+    return train(cfg, fold, resume=True, progress=progress)
 
 
 def run_summary(cfg: Config, fold, history: pd.DataFrame) -> dict:
     """One row of the training table: the run, its epochs, its best epoch (whose EMA weights are
     kept in best.pt), whether early stopping ended it, and its time."""
     best = history.loc[history.val_loss.idxmin()]
-    return dict(run=str(cfg.run_dir(fold).relative_to(ROOT / "runs" / cfg.profile)),
+    return dict(run=cfg.run_name(fold),
                 epochs=len(history), best_epoch=int(best.epoch), best_val_loss=best.val_loss,
                 final_train_loss=history.train_loss.iloc[-1],
                 early_stopped=len(history) < cfg.max_epochs, minutes=history.seconds.sum() / 60,
@@ -1669,195 +1273,13 @@ def training_summary(runs: list[tuple[Config, object, pd.DataFrame | None]],
     for c, fold, h in runs:
         if h is not None:
             rows.append(run_summary(c, fold, h))
-        elif (name := str(c.run_dir(fold).relative_to(ROOT / "runs" / c.profile))) in old.index:
+        elif (name := c.run_name(fold)) in old.index:
             rows.append(dict(run=name, **old.loc[name].to_dict()))
     return pd.DataFrame(rows)
 
 
-def planned_runs() -> list[tuple[dict, object]]:
-    """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
-    generation model (on every training image), and on fold 0 the report-faithful target and
-    the report's random split, then the class-conditional generation model. Fold 0 and the
-    generation model come first: they are what the later notebooks need most when a CPU run is
-    cut short."""
-    return ([({}, 0), ({}, "all")] + [({}, k) for k in range(1, 5)]
-            + [(dict(target="scaled_eps"), 0), (dict(split="random"), 0),
-               (dict(conditional=True), "all")])
-
-
-def run_args(over: dict, fold) -> list[str]:
-    """The `train` flags of one planned run (see planned_runs)."""
-    return (["--fold", str(fold)] + [a for k in ("target", "split") if k in over
-                                     for a in (f"--{k}", over[k])]
-            + ["--conditional"] * over.get("conditional", False))
-
-
-def run_out(base: Path | None, cfg: Config, fold) -> Path:
-    """A run's folder: its usual one (base None), or the same subfolder under base."""
-    d = cfg.run_dir(fold)
-    return d if base is None else Path(base) / d.relative_to(ROOT / "runs" / cfg.profile)
-
-
-@dataclass
-class Slurm:
-    """The sbatch settings of `submit` (each is a flag of the command; '' leaves it to the
-    cluster's default)."""
-    partition: str = ""
-    account: str = ""
-    time: str = "04:00:00"          # per array task; a task that hits it is requeued
-    cpus_per_task: int = 2
-    gpus_per_task: int = 0          # > 1: the task runs torchrun with one process per GPU
-    mem: str = ""
-    signal_secs: int = 180          # SIGTERM this long before the time limit (--signal)
-
-
-def slurm_script(profile: str, sl: Slurm, out: Path | None = None, max_epochs: int | None = None,
-                 log_dir: Path | None = None, tasks: str = "") -> str:
-    """An sbatch script: one array task per planned run, each `train … --resume`. SLURM's
-    warning signal (--signal=B:TERM) reaches the task; train() stops at the next step with the
-    last epoch's checkpoint kept, and the task requeues itself to continue where it stopped.
-    out: a base folder for the runs instead of runs/<profile>/ (each run in its usual subfolder);
-    tasks: which of them (sbatch's --array syntax, e.g. '0,6'; default all)."""
-    import shlex
-    runs = planned_runs()
-    log_dir = log_dir or ROOT / "runs" / profile / "slurm"
-    opts = dict(job_name=f"ddpm-{profile}", array=tasks or f"0-{len(runs) - 1}", time=sl.time,
-                cpus_per_task=sl.cpus_per_task, partition=sl.partition, account=sl.account,
-                mem=sl.mem, gpus_per_task=sl.gpus_per_task or "",
-                signal=f"B:TERM@{sl.signal_secs}", output=f"{log_dir}/%A_%a.out")
-    head = [f"#SBATCH --{k.replace('_', '-')}={v}" for k, v in opts.items() if v != ""]
-    head += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
-    py = shlex.quote(sys.executable)
-    launch = (f"{py} -m torch.distributed.run --standalone --nproc_per_node={sl.gpus_per_task}"
-              if sl.gpus_per_task > 1 else py)
-    cases = []
-    for i, (over, fold) in enumerate(runs):
-        args = run_args(over, fold)
-        if out is not None:
-            args += ["--out", str(run_out(out, get_config(profile, fold == "all", **over), fold))]
-        args += ["--max-epochs", str(max_epochs)] if max_epochs else []
-        cases.append(f"  {i}) args=({' '.join(shlex.quote(a) for a in args)}) ;;")
-    return "\n".join(["#!/bin/bash", *head, "",
-                      f"# written by `python -m ddpm_lib submit --profile {profile}`; the runs of "
-                      f"`train-all`, one per task", f"cd {shlex.quote(str(ROOT))}",
-                      "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
-                      "case $SLURM_ARRAY_TASK_ID in", *cases, "esac",
-                      f"{launch} -m ddpm_lib train --profile {profile} \"${{args[@]}}\" --resume &",
-                      "pid=$! term=0",
-                      "trap 'term=1; kill -TERM $pid' TERM     # SLURM's warning before the limit",
-                      "wait $pid; rc=$?",
-                      "while kill -0 $pid 2>/dev/null; do wait $pid; rc=$?; done",
-                      'if [ $term = 1 ]; then',
-                      '  echo "requeued to continue (train --resume)"',
-                      '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"',
-                      "fi", "exit $rc", ""])
-
-
-def submit(profile: str, sl: Slurm, out: Path | None = None, max_epochs: int | None = None,
-           wait: bool = False, dry_run: bool = False, tasks: str = "") -> str:
-    """Write the array script to runs/<profile>/slurm/array.sh and sbatch it; returns the job
-    id (dry_run: the script, nothing submitted)."""
-    import subprocess
-    log_dir = (Path(out) if out else ROOT / "runs" / profile) / "slurm"
-    script = slurm_script(profile, sl, out, max_epochs, log_dir, tasks)
-    if dry_run:
-        return script
-    if shutil.which("sbatch") is None:
-        raise FileNotFoundError("sbatch not found: `submit` needs a SLURM cluster (run it on a "
-                                "login node). On one machine use `python -m ddpm_lib train-all`; "
-                                "`submit --dry-run` prints the script")
-    log_dir.mkdir(parents=True, exist_ok=True)
-    path = log_dir / "array.sh"
-    with atomic_path(path) as tmp:
-        tmp.write_text(script)
-    r = subprocess.run(["sbatch", "--parsable", *(["--wait"] * wait), str(path)],
-                       capture_output=True, text=True)
-    if r.returncode and not (wait and r.stdout.strip()):
-        raise RuntimeError(f"sbatch {path} failed (exit {r.returncode}): {r.stderr.strip()}")
-    return r.stdout.strip().split(";")[0]
-
-
-def committed_run(cfg: Config, fold) -> Path:
-    """Where a fold run's committed export lives: data/checkpoints/runs/ + its runs/ subfolder,
-    holding ema_fp16.pt (export_ema) and history.csv."""
-    return ROOT / "data" / "checkpoints" / cfg.run_dir(fold).relative_to(ROOT)
-
-
-def run_history(cfg: Config, fold) -> pd.DataFrame | None:
-    """A fold run's history: the local run's, else the committed one, else None."""
-    for d in (cfg.run_dir(fold), committed_run(cfg, fold)):
-        if (d / "history.csv").exists():
-            return pd.read_csv(d / "history.csv")
-    return None
-
-
-def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
-    """The best EMA weights of a trained fold, in eval mode: `path` (a best.pt or a file written
-    by export_ema), else the local run's best.pt, else its committed export (committed_run)."""
-    if path is None:
-        local, shipped = cfg.run_dir(fold) / "best.pt", committed_run(cfg, fold) / "ema_fp16.pt"
-        path = shipped if shipped.exists() and not local.exists() else local
-    path = Path(path)
-    if not path.exists():
-        ckpt = path.parent / "checkpoint.pt"
-        advice = (f"{ckpt} exists: continue that run with `{train_command(cfg, fold, path.parent)}"
-                  f" --resume` (if it had finished, its best weights are gone: delete "
-                  f"{path.parent} and train again)" if ckpt.exists() else
-                  f"train it first with `{train_command(cfg, fold, path.parent)}`")
-        raise FileNotFoundError(f"{path} not found: {advice}")
-    ck = load_checkpoint(path)
-    check_config(ck["config"], cfg, path)
-    model = build_model(cfg, verbose=False)
-    model.load_state_dict({k: v.float() for k, v in ck["ema"].items()})
-    return model.eval().requires_grad_(False)
-
-
-def export_ema(cfg: Config, fold, path: Path | str | None = None) -> Path:
-    """Write the best EMA weights in half precision (≈ 2 bytes a parameter) for committing, by
-    default with the run's history to committed_run(cfg, fold)."""
-    ck = load_checkpoint(cfg.run_dir(fold) / "best.pt")
-    ck["ema"] = {k: v.half() for k, v in ck["ema"].items()}
-    if path is None:
-        path = committed_run(cfg, fold) / "ema_fp16.pt"
-        write_csv(pd.read_csv(cfg.run_dir(fold) / "history.csv"), path.parent / "history.csv")
-    save_checkpoint(ck, Path(path))
-    return Path(path)
-
-
-def committed_weights(cfg: Config, fold) -> Path:
-    """The committed EMA weights of a run: the generation model's shipped checkpoint (fold
-    'all'), else the fold run's export (committed_run)."""
-    return shipped_checkpoint(cfg) if fold == "all" else committed_run(cfg, fold) / "ema_fp16.pt"
-
-
-def trained(cfg: Config, fold, progress: bool = True, retrain: bool = False
-            ) -> pd.DataFrame | None:
-    """A run's history, training only what is missing: with committed weights and no local run,
-    the committed history (None where none is committed) and nothing is trained; otherwise the
-    local run, resumed where it stopped (train). retrain=True trains even where weights are
-    committed (into runs/, which load_model then prefers)."""
-    if uses_committed(cfg, fold, retrain):
-        return run_history(cfg, fold)
-    return train(cfg, fold, resume=True, progress=progress)
-
-
-def uses_committed(cfg: Config, fold, retrain: bool = False) -> bool:
-    """Whether trained() takes a run's committed weights instead of training (see there)."""
-    return (not retrain and committed_weights(cfg, fold).exists()
-            and not (cfg.run_dir(fold) / "checkpoint.pt").exists())
-
-
 # -----------------------------------------------------------------------------------------------
-# evaluation
-
-# How much each profile evaluates: test images for Table 1, samples per sampler (DDPM, DDIM),
-# samples of the report's method (1000 steps and only the baseline: fewer), classifier epochs.
-EVAL = {
-    "smoke": dict(n_eval=32, n_samples=16, n_report=8, clf_epochs=1),
-    "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),
-    "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
-}
-TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timesteps
+# evaluation: the report's Table 1 (one-step x̂0, SSIM) and leakage
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win: int = 7) -> torch.Tensor:
@@ -1900,24 +1322,23 @@ def nearest_ssim(x: torch.Tensor, train: torch.Tensor, batch: int = 64) -> torch
 
 
 @torch.no_grad()
-def reconstruct(model, fp: ForwardProcess, xt: torch.Tensor, t: torch.Tensor,
+def reconstruct(model, fp: Diffusion, xt: torch.Tensor, t: torch.Tensor,
                 report: bool = False) -> torch.Tensor:
     """The one-step x̂0 of Table 1, in [0, 1]: the network's output read as ε (the scaled target
     divided back out) and Eq. 4 solved for x0 (Eq. 15); report=True: the report's decoding,
-    Eq. 5's scaler times (x_t − output) (ForwardProcess.report_x0)."""
-    with autocast(xt.device):
-        out = model(xt, t).float()
+    Eq. 5's scaler times (x_t − output) (report_x0)."""
+    out = model(xt, t).float()
     if report:
-        return fp.report_x0(xt, t, out)
+        return report_x0(xt, t, out)
     return to_unit(fp.predict_x0(xt, t, fp.eps_from_output(xt, t, out)))
 
 
 @torch.no_grad()
-def one_step_eval(model, fp: ForwardProcess, images: torch.Tensor, ts=TABLE1_T, seed: int = 0,
+def one_step_eval(model, fp: Diffusion, images: torch.Tensor, ts=TABLE1_T, seed: int = 0,
                   report: bool = False, batch: int = 250) -> pd.DataFrame:
     """The report's Table 1 protocol for one model: noise the images (uint8) to each t with fixed
     seeded noise, predict x̂0 in one step, and score SSIM and PSNR against the ground truth in
-    [0, 1]. report=True: the report-faithful reconstruction (ForwardProcess.report_x0, Eq. 5).
+    [0, 1]. report=True: the report-faithful reconstruction (report_x0, Eq. 5).
     One row per image and t."""
     device = next(model.parameters()).device
     rows = []
@@ -1935,7 +1356,7 @@ def one_step_eval(model, fp: ForwardProcess, images: torch.Tensor, ts=TABLE1_T, 
 
 
 @torch.no_grad()
-def scale_response(model, fp: ForwardProcess, images: torch.Tensor, ts=(100, 300, 500, 700, 900,
+def scale_response(model, fp: Diffusion, images: torch.Tensor, ts=(100, 300, 500, 700, 900,
                    1000), c: float = 1.1, seed: int = 0) -> pd.DataFrame:
     """Whether ε̂ follows the scale of its input: images (uint8) noised to each t (Eq. 4), then
     the mean over images of ‖ε̂(c·x_t, t)‖ / ‖ε̂(x_t, t)‖. At large t, x_t is nearly ε and the
@@ -1949,7 +1370,7 @@ def scale_response(model, fp: ForwardProcess, images: torch.Tensor, ts=(100, 300
         g = torch.Generator().manual_seed(seed * 100_003 + t_val)
         t = torch.full((len(x0),), t_val, dtype=torch.long, device=device)
         xt = fp.q_sample(x0, t, torch.randn(x0.shape, generator=g).to(device))
-        a, b = _eps(model, fp, c * xt, t_val)[1], _eps(model, fp, xt, t_val)[1]
+        a, b = eps_hat(model, fp, c * xt, t), eps_hat(model, fp, xt, t)
         ratio = (a.flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).mean().item()
         rows.append(dict(t=t_val, ratio=ratio, c=c))
     return pd.DataFrame(rows)
@@ -1961,7 +1382,7 @@ def eval_images(cfg: Config, n: int | None = None) -> torch.Tensor:
     test = index[index.split == "test"]
     n = n or EVAL[cfg.profile]["n_eval"]
     test = test.sample(n=min(n, len(test)), random_state=cfg.seed).sort_index()
-    return Fruits(test, ROOT / cfg.data_dir / "fruits-360", cfg.image_size).images
+    return Fruits(test, cfg.home / cfg.data_dir / "fruits-360", cfg.image_size).images
 
 
 def split_leakage(cfg: Config, fold: int = 0) -> pd.DataFrame:
@@ -1970,7 +1391,7 @@ def split_leakage(cfg: Config, fold: int = 0) -> pd.DataFrame:
     validation images were trained on (leakage). One row per split and validation image:
     split, path, ssim (the two splits' validation sets differ in size)."""
     index = load_index(cfg)
-    root = ROOT / cfg.data_dir / "fruits-360"
+    root = cfg.home / cfg.data_dir / "fruits-360"
     parts = []
     for split in ("random", "grouped"):
         idx = index if split == "grouped" else assign_folds(index, split="random", seed=cfg.seed)
@@ -2017,12 +1438,11 @@ def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> p
     fp_cfgs = [("corrected", cfg), ("report-faithful", dataclasses.replace(cfg, target="scaled_eps"))]
     parts = []
     for method, c in fp_cfgs:
-        fp = ForwardProcess.from_config(c)
+        fp = Diffusion.from_config(c)
         for k in tqdm(folds, desc=f"Table 1, {method}", disable=not progress):
-            if not any(p.exists() for p in (c.run_dir(k) / "best.pt",
-                                             committed_run(c, k) / "ema_fp16.pt")):
+            if not weights(c, k).exists():
                 continue
-            per = one_step_eval(load_model(c, k).cpu(), fp, images, ts, c.seed,
+            per = one_step_eval(load_model(c, k), fp, images, ts, c.seed,
                                 report=method == "report-faithful")
             parts.append(summarise(per).assign(method=method, fold=k))
     if not parts:
@@ -2069,224 +1489,63 @@ def table1_vs_report(df: pd.DataFrame, report: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def to_markdown(df: pd.DataFrame) -> str:
-    """A pipe table (no extra dependency)."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
-                                       for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
-    """<name>.csv and .md in cfg.fig_dir() (see save_fig), written atomically."""
-    path = cfg.fig_dir() / f"{name}.csv"
-    write_csv(df, path)
-    with atomic_path(path.with_suffix(".md")) as tmp:
-        tmp.write_text(to_markdown(df))
-    return path
-
-
 # -----------------------------------------------------------------------------------------------
-# sampling
+# generation: the models of notebook 05
 
 
-def _noise(shape, g: torch.Generator, device) -> torch.Tensor:
-    return torch.randn(shape, generator=g).to(device)
+def generation_config(cfg: Config, conditional: bool = False) -> Config:
+    """The Config of cfg's profile's generation model (GENERATION's recipe; conditional: its
+    class-conditional twin), with cfg's root and data."""
+    return get_config(cfg.profile, generation=True, conditional=conditional,
+                      data_dir=cfg.data_dir, root=cfg.root)
 
 
-@torch.no_grad()
-def p_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, var: str = "beta", clip: bool = True,
-                  keep=(), progress: bool = False):
-    """DDPM ancestral sampling, Algorithm 2 [DDPM]: x_{t-1} = μ̃_t(x_t, x̂0) + σ_t·z with
-    σ_t² = β_t ('beta') or β̃_t ('beta_tilde'). μ̃ from the posterior (Eq. 7) equals Algorithm 2's
-    (x_t − β_t/sqrt(1-ᾱ_t)·ε̂)/sqrt(α_t) when x̂0 is not clipped."""
-    if var not in ("beta", "beta_tilde"):
-        raise ValueError(f"var must be 'beta' or 'beta_tilde', not {var!r}")
-    traj = {}
-    for t_val in tqdm(range(fp.T, 0, -1), desc="DDPM", disable=not progress, leave=False):
-        t, eps = _eps(model, fp, x, t_val)
-        x0 = fp.predict_x0(x, t, eps)
-        x0 = x0.clamp(-1, 1) if clip else x0
-        mean, beta_tilde = fp.q_posterior(x0, x, t)
-        sigma2 = fp.at(fp.betas, t) if var == "beta" else beta_tilde
-        x = mean + (sigma2.sqrt() * _noise(x.shape, g, x.device) if t_val > 1 else 0)
-        if t_val - 1 in keep:
-            traj[t_val - 1] = x.cpu()
-    return x, traj
+# The profiles whose generation models are committed (data/checkpoints/): never trained implicitly.
+COMMITTED_PROFILES = ("cpu",)
 
 
-@torch.no_grad()
-def ddim_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, steps: int = 50, eta: float = 0.0,
-                     clip: bool = True, recompute_eps: bool = False, keep=(), progress: bool = False):
-    """DDIM [DDIM] Eq. 12 over `steps` evenly spaced timesteps; eta=0 is deterministic, eta=1
-    ancestral-like. x_{τ'} = sqrt(ᾱ_τ')·x̂0 + sqrt(1-ᾱ_τ'-σ²)·ε̂ + σ·z.
-
-    clip: x̂0 is clipped to [-1, 1]. ε̂ is then either kept as the network gave it
-    (recompute_eps=False, as diffusers' DDIMScheduler does by default) or re-derived from the
-    clipped x̂0 (True, as improved-diffusion does); with eta=1 and steps=T the latter is exactly
-    DDPM's posterior step with σ² = β̃_t (a test checks it). At η = 0 nothing corrects an error
-    in ε̂ later, and x̂0 multiplies it by sqrt((1−ᾱ_t)/ᾱ_t) (Eq. 15, up to ~190 at t = T): with
-    the report's U-Net, which cannot see ‖x_t‖ (UNet), an unclipped deterministic chain drifts
-    (scale_response; notebook 05)."""
-    traj = {}
-    ts = np.linspace(fp.T, 1, steps).round().astype(int)
-    for i in tqdm(range(len(ts)), desc=f"DDIM-{steps}", disable=not progress, leave=False):
-        t_val, t_prev = int(ts[i]), int(ts[i + 1]) if i + 1 < len(ts) else 0
-        t, eps = _eps(model, fp, x, t_val)
-        ab = fp.at(fp.alpha_bar, t)
-        ab_prev = fp.alpha_bar[t_prev - 1] if t_prev > 0 else torch.ones((), device=x.device)
-        x0 = fp.predict_x0(x, t, eps)
-        if clip:
-            x0 = x0.clamp(-1, 1)
-            if recompute_eps:
-                eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()             # Eq. 4 solved for ε
-        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()   # Eq. 16
-        x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps
-        if t_prev > 0 and eta > 0:
-            x = x + sigma * _noise(x.shape, g, x.device)
-        for k in keep:                                # record at the first step at or below k
-            if t_prev <= k < t_val:
-                traj[k] = x.cpu()
-    return x, traj
+def generation_model(cfg: Config, conditional: bool = False, committed: bool = False) -> UNet:
+    """The profile's generation model (conditional: the class-conditional one) on the device:
+    weights() of its run ('all'). Where it has none, a profile of COMMITTED_PROFILES is an error
+    (its file is missing); any other trains it now (trained)."""
+    gcfg = generation_config(cfg, conditional)
+    path = weights(gcfg, "all", committed)
+    if not path.exists():
+        export = committed_dir(gcfg, "all") / "ema_fp16.pt"
+        if cfg.profile in COMMITTED_PROFILES:
+            raise FileNotFoundError(f"the committed generation model {export} is missing: "
+                                    f"restore it with `git checkout -- {export}`, or train it "
+                                    f"with `{train_command(gcfg, 'all')}`")
+        trained(gcfg, "all")
+        path = weights(gcfg, "all", committed)
+    return load_model(gcfg, "all", path).to(get_device())
 
 
-@torch.no_grad()
-def report_sample_loop(model, fp: ForwardProcess, x, g: torch.Generator, clip: bool = True, keep=(),
-                       progress: bool = False, decode: str = "eps"):
-    """The report's iterative method (its Section 4, Figure 5): at each t predict the noise,
-    remove all of it (x̂0), then add fresh noise for t-1: x_{t-1} = q_sample(x̂0, t-1, z).
-    It ignores the posterior q(x_{t-1}|x_t, x0), which is why it does not sample the data.
-    decode: 'eps' forms x̂0 from ε̂ (Eq. 15); 'report' as the report did, from the raw output
-    with Eq. 5's scaler, x̂0 = s(t)·(x_t − out) (ForwardProcess.report_x0, always clipped)."""
-    if decode not in ("eps", "report"):
-        raise ValueError(f"decode must be 'eps' or 'report', not {decode!r}")
-    traj = {}
-    for t_val in tqdm(range(fp.T, 0, -1), desc="report", disable=not progress, leave=False):
-        if decode == "report":
-            t, out = _out(model, x, t_val)
-            x0 = 2 * fp.report_x0(x, t, out) - 1                    # [0, 1] → [-1, 1]
-        else:
-            t, eps = _eps(model, fp, x, t_val)
-            x0 = fp.predict_x0(x, t, eps)
-            x0 = x0.clamp(-1, 1) if clip else x0
-        x = fp.q_sample(x0, t - 1, _noise(x.shape, g, x.device)) if t_val > 1 else x0
-        if t_val - 1 in keep:
-            traj[t_val - 1] = x.cpu()
-    return x, traj
-
-
-@torch.no_grad()
-def report_first_loop(model, fp: ForwardProcess, x, g: torch.Generator, clip: bool = False,
-                      keep=(), progress: bool = False):
-    """The report's first sampler (its Section 5), read as Algorithm 2 [DDPM] with the network's
-    raw output in place of ε: x_{t-1} = scaler·(x_t − noise_scaler·out) + σ_t·z, where we read
-    its scaler as 1/sqrt(α_t), its noise_scaler as β_t/sqrt(1−ᾱ_t), and σ_t² = β_t (Algorithm
-    2's coefficients; the report names them without formulas). With an ε-model this is DDPM;
-    with the report-faithful model, out ≈ sqrt(1−ᾱ_t)·ε̂, so every step removes too little noise.
-    No x̂0 and no clipping, as in Algorithm 2 (clip=True clamps x_{t-1} to [-1, 1])."""
-    traj = {}
-    for t_val in tqdm(range(fp.T, 0, -1), desc="report (first)", disable=not progress, leave=False):
-        t, out = _out(model, x, t_val)
-        noise_scaler = fp.at(fp.betas, t) / (1 - fp.at(fp.alpha_bar, t)).sqrt()
-        x = (x - noise_scaler * out) / fp.at(fp.alphas, t).sqrt()
-        x = x + (fp.at(fp.betas, t).sqrt() * _noise(x.shape, g, x.device) if t_val > 1 else 0)
-        x = x.clamp(-1, 1) if clip else x
-        if t_val - 1 in keep:
-            traj[t_val - 1] = x.cpu()
-    return x, traj
-
-
-SAMPLERS = {"ddpm": p_sample_loop, "ddim": ddim_sample_loop, "report": report_sample_loop,
-            "report-first": report_first_loop}
-
-
-class Guided(nn.Module):
-    """Classifier-free guidance [CFG] of a conditional UNet, as a model of (x_t, t) that every
-    sampler takes: out = out_∅ + w·(out_c − out_∅), the conditional (labels y) and the null-class
-    pass in one batch. w = 0 is the unconditional model, w = 1 the plain conditional one (the
-    paper's 1 + w is our w), exactly (torch.lerp). Guiding the raw output guides ε̂ alike: ε̂ is
-    affine in it with the same coefficients for both passes (ForwardProcess.eps_from_output)."""
-
-    def __init__(self, model: UNet, y: torch.Tensor, w: float):
-        super().__init__()
-        if not model.n_classes:
-            raise ValueError("guidance needs a class-conditional model (Config.n_classes > 0; "
-                             "`train --fold all --conditional`)")
-        self.model, self.y, self.w = model, y, float(w)
-
-    def forward(self, x, t):                                               # (B, 3, H, W), (B,)
-        null = torch.full_like(self.y, self.model.n_classes)
-        out = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.y, null]))
-        c, u = out.chunk(2)                                                # 2 × (B, 3, H, W)
-        return torch.lerp(u, c, self.w)
-
-
-def sample(model, fp: ForwardProcess, method: str = "ddim", n: int = 64, size: int = 32,
-           seed: int = 0, batch: int = 250, keep=(), progress: bool = True,
-           y: torch.Tensor | None = None, w: float = 1.0, **kw):
-    """n images in [-1, 1] from x_T ~ N(0, I) with a seeded generator, in batches.
-    method: 'ddpm' (var='beta'|'beta_tilde'), 'ddim' (steps, eta) or 'report'. y: (n,) class
-    labels for a conditional model, sampled with guidance weight w (Guided).
-    Returns (x0 (n, 3, size, size) on the CPU, {t: x_t (n, …)} for t in keep)."""
-    if method not in SAMPLERS:
-        raise ValueError(f"method must be one of {sorted(SAMPLERS)}, not {method!r}")
-    if y is not None and len(y) != n:
-        raise ValueError(f"{len(y)} labels for {n} samples: give one class label per sample")
-    device = next(model.parameters(), torch.empty(0)).device
-    keep_freed_memory()
-    g = torch.Generator().manual_seed(seed)
-    outs, trajs = [], []
-    for i in tqdm(range(0, n, batch), desc=f"sampling {method}", disable=not progress or n <= batch):
-        xT = _noise((min(batch, n - i), 3, size, size), g, device)
-        m = model if y is None else Guided(model, y[i:i + len(xT)].to(device), w)
-        x, traj = SAMPLERS[method](m, fp, xT, g, keep=keep, progress=progress, **kw)
-        outs.append(x.clamp(-1, 1).cpu())
-        trajs.append(traj)
-    return torch.cat(outs), {k: torch.cat([tr[k] for tr in trajs]) for k in trajs[0]}
-
-
-# The report's Figure 5, honestly: its two samplers with its own (report-faithful) model, beside
-# DDPM and DDIM with the corrected model of the same fold. name → (target, method, settings).
-FIG5_SAMPLERS = {
-    "report's first sampler (Algorithm 2, output as ε)": ("scaled_eps", "report-first", {}),
-    "report's iterative method (Eq. 5 decoding)": ("scaled_eps", "report", dict(decode="report")),
-    "DDPM-1000, corrected model": ("eps", "ddpm", {}),
-    "DDIM-50 (η = 0), corrected model": ("eps", "ddim", dict(steps=50)),
-}
-
-
-def figure5(cfg: Config, n: int = 16, seed: int = 0, fold: int = 0,
-            keep=tuple(range(900, -1, -100)), progress: bool = True):
-    """Every FIG5_SAMPLERS set from the same x_T (seed): the report-faithful and the corrected
-    model of one fold (the same training images and protocol; trained first where missing,
-    see trained). Returns ({name: x0}, {name: {t: x_t}} for t in keep, a table per set with
-    the mean and spread of its pixels in [0, 1] and its share of dark pixels (all channels
-    < 0.1), the real test images' row first)."""
+def story_models(cfg: Config) -> dict:
+    """The two models of GEN_SAMPLERS, each as (model, its Diffusion) on the device:
+    'fold0', the corrected fold-0 run (the report's U-Net under the report's protocol; trained
+    first where missing), and 'generation', the preconditioned generation_model."""
     dev = get_device()
-    rows = [_pixel_stats("real test images", to_float(eval_images(cfg, n=max(n, 64))))]
-    models = {}                                        # target → (model, its ForwardProcess)
-    for target in dict.fromkeys(t for t, _, _ in FIG5_SAMPLERS.values()):
-        c = dataclasses.replace(cfg, target=target)
-        trained(c, fold, progress=False)
-        models[target] = load_model(c, fold).to(dev), ForwardProcess.from_config(c).to(dev)
-    xs, trajs = {}, {}
-    for name, (target, method, kw) in FIG5_SAMPLERS.items():
-        model, fp = models[target]
-        xs[name], trajs[name] = sample(model, fp, method, n, cfg.image_size, seed=seed,
-                                       keep=keep, progress=progress, **kw)
-        rows.append(_pixel_stats(name, xs[name]))
-    return xs, trajs, pd.DataFrame(rows)
+    c = dataclasses.replace(cfg, target="eps", split="grouped")
+    trained(c, 0, progress=False)
+    return {"fold0": (load_model(c, 0).to(dev), Diffusion.from_config(c).to(dev)),
+            "generation": (generation_model(cfg),
+                           Diffusion.from_config(generation_config(cfg)).to(dev))}
 
 
-def _pixel_stats(name: str, x: torch.Tensor) -> dict:
-    """Brightness of images in [-1, 1] once shown ([0, 1]): mean, the mean per-image standard
-    deviation, and the share of dark pixels (every channel below 0.1)."""
-    u = to_unit(x)
-    return dict(images=name, n=len(x), mean=u.mean().item(),
-                std_within_image=u.flatten(1).std(1).mean().item(),
-                dark_share=(u < 0.1).all(1).float().mean().item())
+# The rows of generation_metrics in the order of notebook 05's story: name → (model of
+# story_models, method, sampler settings). The report's U-Net samples with DDPM, but its
+# deterministic DDIM drifts (it cannot see ‖x_t‖), which clipping x̂0 hides; preconditioning
+# fixes DDIM without clipping.
+GEN_SAMPLERS = {
+    "report's method, report's U-Net": ("fold0", "report", {}),
+    "DDPM-1000, report's U-Net": ("fold0", "ddpm", {}),
+    "DDIM-50 (η = 0), report's U-Net, x̂0 clipped": ("fold0", "ddim", dict(steps=50)),
+    "DDIM-50 (η = 0), report's U-Net": ("fold0", "ddim", dict(steps=50, clip=False)),
+    "DDPM-1000, preconditioned": ("generation", "ddpm", {}),
+    "DDIM-50 (η = 0), preconditioned": ("generation", "ddim", dict(steps=50, clip=False)),
+    "DDIM-20 (η = 0), preconditioned": ("generation", "ddim", dict(steps=20, clip=False)),
+}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2317,7 +1576,7 @@ class FruitClassifier(nn.Module):
 def train_classifier(cfg: Config, progress: bool = True):
     """Train (or load) the fruit classifier on every training image; returns (model, classes,
     test accuracy). Seeded; the checkpoint is runs/<profile>/classifier.pt."""
-    path = ROOT / "runs" / cfg.profile / "classifier.pt"
+    path = cfg.home / "runs" / cfg.profile / "classifier.pt"
     index = load_index(cfg)
     classes = sorted(index.label.unique())
     epochs = EVAL[cfg.profile]["clf_epochs"]
@@ -2425,67 +1684,6 @@ def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | Non
     return q
 
 
-
-def generation_model(cfg: Config, train_if_missing: bool = True, committed: bool = False,
-                     conditional: bool = False) -> UNet:
-    """The profile's generation model ('all' fold, GENERATION settings; conditional: the
-    class-conditional one): the local run if there is one (committed=True: the committed export
-    if there is one), else the other, else (train_if_missing, and only for a profile that
-    commits none: SHIPPED) train it now."""
-    gcfg = get_config(cfg.profile, generation=True, conditional=conditional,
-                      data_dir=cfg.data_dir)
-    local, shipped = gcfg.run_dir("all") / "best.pt", shipped_checkpoint(gcfg)
-    if not local.exists() and not shipped.exists():
-        cmd = train_command(gcfg, "all")
-        if cfg.profile in SHIPPED:
-            raise FileNotFoundError(f"the committed generation model {shipped} is missing: "
-                                    f"restore it with `git checkout -- "
-                                    f"{shipped.relative_to(ROOT)}`, or train it with `{cmd}`")
-        if not train_if_missing:
-            raise FileNotFoundError(f"no generation model: train it with `{cmd}`")
-        train(gcfg, "all", resume=True)
-    use_local = local.exists() and not (committed and shipped.exists())
-    return load_model(gcfg, "all", local if use_local else shipped).to(get_device())
-
-
-# The profiles whose generation model is committed (data/checkpoints/): never trained implicitly.
-SHIPPED = ("cpu",)
-
-
-def shipped_checkpoint(cfg: Config) -> Path:
-    """Where the committed EMA weights of a profile's generation model (conditional: its
-    class-conditional one) live (≤ 10 MB)."""
-    cond = "_cond" * bool(cfg.n_classes)
-    return ROOT / "data" / "checkpoints" / f"ddpm_{cfg.profile}_all{cond}_ema_fp16.pt"
-
-
-def story_models(cfg: Config) -> dict:
-    """The two models of GEN_SAMPLERS, each as (model, its ForwardProcess) on the device:
-    'fold0', the corrected fold-0 run (the report's U-Net under the report's protocol; trained
-    first where missing), and 'generation', the preconditioned generation_model."""
-    dev = get_device()
-    c = dataclasses.replace(cfg, target="eps", split="grouped")
-    trained(c, 0, progress=False)
-    gcfg = get_config(cfg.profile, generation=True, data_dir=cfg.data_dir)
-    return {"fold0": (load_model(c, 0).to(dev), ForwardProcess.from_config(c).to(dev)),
-            "generation": (generation_model(cfg), ForwardProcess.from_config(gcfg).to(dev))}
-
-
-# The rows of generation_metrics in the order of notebook 05's story: name → (model of
-# story_models, method, sampler settings). The report's U-Net samples with DDPM, but its
-# deterministic DDIM drifts (it cannot see ‖x_t‖), which clipping x̂0 hides; preconditioning
-# fixes DDIM without clipping.
-GEN_SAMPLERS = {
-    "report's method, report's U-Net": ("fold0", "report", {}),
-    "DDPM-1000, report's U-Net": ("fold0", "ddpm", {}),
-    "DDIM-50 (η = 0), report's U-Net, x̂0 clipped": ("fold0", "ddim", dict(steps=50)),
-    "DDIM-50 (η = 0), report's U-Net": ("fold0", "ddim", dict(steps=50, clip=False)),
-    "DDPM-1000, preconditioned": ("generation", "ddpm", {}),
-    "DDIM-50 (η = 0), preconditioned": ("generation", "ddim", dict(steps=50, clip=False)),
-    "DDIM-20 (η = 0), preconditioned": ("generation", "ddim", dict(steps=20, clip=False)),
-}
-
-
 def scoring_setup(cfg: Config, progress: bool = True):
     """What scoring samples needs: (classes, training Fruits, test images (uint8), classifier,
     its test accuracy)."""
@@ -2534,7 +1732,7 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_report
     df.insert(df.columns.get_loc("recognizability") + 1, "recognizability_ratio",
               df.recognizability / real_rec)            # against real test images
     df["classifier_test_acc"] = acc          # the feature extractor's own accuracy on Test/
-    save_checkpoint(samples, ROOT / "runs" / cfg.profile / "samples.pt")
+    save_checkpoint(samples, cfg.home / "runs" / cfg.profile / "samples.pt")
     return df, samples
 
 
@@ -2559,7 +1757,7 @@ def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool =
     as the run measured them (validation included), idle_minutes the training steps alone at its
     fastest epoch's rate (where a run shared its cores for a while: the rate of the machine to
     itself)."""
-    gcfg = get_config(cfg.profile, generation=True, data_dir=cfg.data_dir)
+    gcfg = generation_config(cfg)
     run, dev = gcfg.run_dir("all"), get_device()
     snaps = sorted(run.glob("ema_epoch*.pt"))
     if not snaps:
@@ -2571,7 +1769,7 @@ def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool =
     per_epoch = (gcfg.steps_per_epoch or len(train_ds) // gcfg.batch_size) * gcfg.batch_size
     real_test = to_float(test_imgs)
     floor = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
-    fp, rows = ForwardProcess.from_config(gcfg).to(dev), []
+    fp, rows = Diffusion.from_config(gcfg).to(dev), []
     for path in tqdm(snaps, desc="snapshots", disable=not progress):
         epoch = load_checkpoint(path)["epoch"]
         model = load_model(gcfg, "all", path).to(dev)
@@ -2601,9 +1799,9 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     the real test images give the nearest-training SSIM a real unseen image reaches.
     Returns (one row per set, one row per (w, class), {w: samples (class-major)})."""
     dev = get_device()
-    ccfg = get_config(cfg.profile, conditional=True, data_dir=cfg.data_dir)
+    ccfg = generation_config(cfg, conditional=True)
     cond = generation_model(cfg, conditional=True).to(dev)
-    fp = ForwardProcess.from_config(ccfg).to(dev)
+    fp = Diffusion.from_config(ccfg).to(dev)
     classes, train_ds, test_imgs, clf, acc = scoring_setup(cfg, progress)
     k = len(classes)
     test = split_data(cfg, "test", classes)
@@ -2670,7 +1868,7 @@ def show_grid(x: torch.Tensor, nrow: int = 8, ax=None, title: str | None = None)
     return ax
 
 
-def plot_xt(fp: ForwardProcess, x0: torch.Tensor, eps: torch.Tensor, ts, fig=None):
+def plot_xt(fp: Diffusion, x0: torch.Tensor, eps: torch.Tensor, ts, fig=None):
     """One image x0 (1, 3, H, W) in [-1, 1] noised to each t (0: x0 itself) with the noise eps
     (Eq. 4), above the histogram of its pixels against N(0, 1)."""
     import matplotlib.pyplot as plt
@@ -2851,6 +2049,59 @@ def plot_class_grid(x: torch.Tensor, classes: list, n_show: int = 8, title: str 
     return fig
 
 
+# -----------------------------------------------------------------------------------------------
+# files: tables, figures and checkpoints written whole or not at all
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str):
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+    Readers never see a half-written file, and the previous file survives a failure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_csv(df: pd.DataFrame, path: Path | str) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def remove_partial(folder: Path | str) -> list[Path]:
+    """Delete the temporary files atomic_path leaves when a process is killed mid-write."""
+    left = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for p in left:
+        p.unlink(missing_ok=True)
+    return left
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A pipe table (no extra dependency)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
+                                       for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
+    """<name>.csv and .md in cfg.fig_dir() (see save_fig), written atomically."""
+    path = cfg.fig_dir() / f"{name}.csv"
+    write_csv(df, path)
+    with atomic_path(path.with_suffix(".md")) as tmp:
+        tmp.write_text(to_markdown(df))
+    return path
+
+
 def save_fig(fig, name: str, cfg: Config) -> Path:
     """<name>.png in cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke profile's go to
     runs/smoke/figures)."""
@@ -2860,420 +2111,64 @@ def save_fig(fig, name: str, cfg: Config) -> Path:
     return path
 
 
-# -----------------------------------------------------------------------------------------------
-# report: report/template.md filled from the tables in figures/
+def check_config(saved: dict, cfg: Config, path: Path, keys=None,
+                 advice: str = "Resume with the checkpoint's settings, or start a new run in "
+                               "another --out folder") -> None:
+    """Refuse a checkpoint whose config differs from cfg in `keys` (default: all but
+    RESUMABLE_KEYS and SPEED_KEYS), saying `advice`. A setting newer than the checkpoint counts as its
+    default."""
+    default = {f.name: f.default for f in dataclasses.fields(Config)}
+    diff = {k: (saved.get(k, default[k]), v) for k, v in dataclasses.asdict(cfg).items()
+            if (k in keys if keys else k not in RESUMABLE_KEYS | SPEED_KEYS)
+            and saved.get(k, default[k]) != v}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"{path} was made with another config ({lines}). {advice}")
 
 
-def _report_fields(figs: Path) -> dict:
-    """Named pieces of the report (markdown tables and headline numbers) from figures/*.csv;
-    a piece whose table is not there yet is left out (write_report marks it missing)."""
-    def csv(name):
-        p = figs / f"{name}.csv"
-        return pd.read_csv(p) if p.exists() else None
-
-    f = {}
-    if (t1 := csv("table1_ssim")) is not None:
-        mean = t1.groupby(["method", "t"]).ssim_mean.mean()
-        for method, key in (("corrected", "corrected"), ("report-faithful", "report")):
-            if method in t1.method.values:
-                f[f"table1_{key}"] = to_markdown(table1_wide(t1, method))
-                for t in (50, 500, 1000):
-                    f[f"ssim{t}_{key}"] = f"{mean[method, t]:.3f}"
-                f[f"folds_{key}"] = str(t1[t1.method == method].fold.nunique())
-        f["n_eval"] = str(int(t1.n.iloc[0]))
-        psnr = t1.groupby(["method", "t"]).psnr_mean.mean().unstack("method")
-        f["table1_psnr"] = to_markdown(psnr.loc[[50, 100, 200, 500, 1000]].round(2).reset_index())
-        for method, key in (("corrected", "corrected"), ("report-faithful", "report")):
-            for t in (50, 200, 500, 800):
-                d = t1[(t1.method == method) & (t1.t == t)]
-                if len(d):
-                    f[f"psnr{t}_{key}"] = f"{d.psnr_mean.mean():.1f}"
-        if "ssim_std_batch" in t1:       # ± over single images and over 64-image batch means
-            std = (t1[t1.t.isin([50, 200, 500, 800])].groupby(["method", "t"])
-                   [["ssim_std", "ssim_std_batch"]].mean())
-            f["table1_std"] = to_markdown(std.assign(ratio=std.ssim_std / std.ssim_std_batch)
-                                          .round(4).reset_index())
-    if (vs := csv("table1_vs_report")) is not None:
-        f["table1_vs_report"] = to_markdown(vs.drop(columns="report_what").round(3))
-    if (lk := csv("leakage")) is not None:
-        f["leakage_table"] = to_markdown(lk.round(4))
-        for split, r in lk[lk.when == "best epoch"].set_index("split").iterrows():
-            key = "random" if split.startswith("random") else "grouped"
-            f[f"leak_{key}"], f[f"leak_{key}_epoch"] = f"{r.test_over_val:.3f}", str(int(r.epoch))
-            f[f"leak_{key}_val"], f[f"leak_{key}_test"] = f"{r.val_loss:.5f}", f"{r.test_loss:.5f}"
-    if (f5 := csv("figure5_brightness")) is not None:
-        f["figure5_table"] = to_markdown(f5.round(3))
-    if (g := csv("generation_metrics")) is not None:
-        cols = ["sampler", "n", "ffd", "ffd_floor", "ffd_ratio", "kid", "recognizability",
-                "recognizability_ratio", "classes_covered", "nn_ssim_mean", "nn_ssim_max",
-                "seconds_per_image"]
-        f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
-        row = g.set_index("sampler")
-        keys = {"report's method, report's U-Net": "reportgen",
-                "DDPM-1000, report's U-Net": "ddpm_fold0",
-                "DDIM-50 (η = 0), report's U-Net, x̂0 clipped": "ddim50clip_fold0",
-                "DDIM-50 (η = 0), report's U-Net": "ddim50_fold0",
-                "DDPM-1000, preconditioned": "ddpm_gen",
-                "DDIM-50 (η = 0), preconditioned": "ddim50_gen",
-                "DDIM-20 (η = 0), preconditioned": "ddim20_gen",
-                "real: test images": "real", "real: training images": "floor"}
-        for name, key in keys.items():
-            if name in row.index:
-                for col in ("ffd", "ffd_floor", "ffd_ratio", "recognizability",
-                            "recognizability_ratio", "classes_covered", "nn_ssim_max", "n",
-                            "seconds_per_image"):
-                    v = row.loc[name, col]
-                    f[f"{key}_{col}"] = "n/a" if pd.isna(v) else f"{v:.3g}"
-        f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
-    if (sr := csv("scale_response")) is not None:
-        f["scale_table"] = to_markdown(sr.round(4))
-        for model, d in sr.groupby("model"):
-            f[f"scale_{model}_1000"] = f"{d.set_index('t').ratio[1000]:.3f}"
-    if (h := csv("training_summary")) is not None:
-        f["training_table"] = to_markdown(h)
-        folds = h[h.run.str.startswith("eps-grouped/fold")]
-        if len(folds):
-            f["fold_epochs"] = ", ".join(str(int(e)) for e in folds.epochs)
-            f["fold_minutes"] = f"{folds.minutes.sum():.0f}"
-            f["folds_early_stopped"] = str(int(folds.early_stopped.sum()))
-    if (gt := csv("generation_training")) is not None:            # `train --fold all`'s summary
-        f["generation_training_table"] = to_markdown(gt)
-        f["gen_minutes"], f["gen_img_s"] = f"{gt.minutes[0]:.1f}", f"{gt.images_per_s[0]:,.0f}"
-        f["gen_best_val_loss"] = f"{gt.best_val_loss[0]:.4g}"
-        f["gen_epochs"] = str(int(gt.epochs[0]))
-    if (tq := csv("generation_time_to_quality")) is not None:        # `evaluate --what curve`
-        f["ttq_table"] = to_markdown(tq.round(3))
-        ok = tq[(tq.ffd_ratio < 3) & (tq.recognizability >= 0.95)]
-        f["ttq_cross"] = (f"{ok.idle_minutes.iloc[0]:.0f} min (epoch {int(ok.epoch.iloc[0])})"
-                          if len(ok) else "not within the run")
-        last = tq.iloc[-1]
-        f["ttq_last_epoch"], f["ttq_last_min"] = str(int(last.epoch)), f"{last.idle_minutes:.0f}"
-        f["ttq_last_ffd_ratio"] = f"{last.ffd_ratio:.2f}"
-        f["ttq_last_rec"] = f"{last.recognizability:.3f}"
-        f["ttq_n"] = str(int(last.n))
-    if (gd := csv("guidance")) is not None:                          # notebook 05, section 5
-        cols = ["set", "w", "n", "accuracy", "min_class_accuracy", "recognizability", "ffd",
-                "ffd_vs_unconditional", "kid", "nn_ssim_mean", "nn_ssim_max"]
-        f["guidance_table"] = to_markdown(gd[[c for c in cols if c in gd]].round(3))
-        w = pick_w(gd)
-        r = gd[(gd.set == "conditional model") & (gd.w == w)].iloc[0]
-        real = gd.set_index("set").loc["real: test images"]
-        f["guidance_w"], f["guidance_n_per_class"] = f"{w:g}", str(int(gd.n_per_class.iloc[0]))
-        for col in ("accuracy", "min_class_accuracy", "recognizability", "ffd_vs_unconditional",
-                    "nn_ssim_max"):
-            f[f"guidance_{col}"] = f"{r[col]:.3f}"
-        f["guidance_real_nn_ssim_max"] = f"{real.nn_ssim_max:.3f}"
-    if (gc := csv("guidance_by_class")) is not None:
-        f["guidance_class_table"] = to_markdown(
-            gc.pivot(index="cls", columns="w", values="accuracy").round(3).reset_index())
-    if (b := csv("bench")) is not None:                                      # `make bench`
-        cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
-                "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
-        f["bench_table"] = to_markdown(b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
-    return f
+class CheckpointError(ValueError):
+    """A model file that cannot be read: truncated, corrupt, or holding more than tensors."""
 
 
-def write_report(cfg: Config, template: Path | str | None = None, figs: Path | str | None = None,
-                 out: Path | str | None = None) -> Path:
-    """report/report.md from report/template.md: `${name}` fields come from _report_fields,
-    figure links to ../figures/*.png are kept when the figure exists. Anything not produced yet
-    is marked as missing in the text (never made up). The smoke profile writes to runs/smoke."""
-    import string
-    figs = Path(figs) if figs else (cfg.fig_dir() if cfg.profile == "smoke" else ROOT / "figures")
-    template = Path(template) if template else ROOT / "report" / "template.md"
-    out = Path(out) if out else (ROOT / "report" / "report.md" if cfg.profile != "smoke"
-                                 else figs.parent / "report.md")
-    text = string.Template(template.read_text()).safe_substitute(_report_fields(figs))
-    text = re.sub(r"\$\{(\w+)\}", r"*(\1: not produced yet, run `make figures`)*", text)
-    rel = os.path.relpath(figs, out.parent)
-
-    def fig(m):
-        name = m.group(2)
-        if (figs / name).exists():
-            return f"![{m.group(1)}]({Path(rel, name).as_posix()})"
-        return f"*(figure {name} not produced yet, run `make figures`)*"
-
-    text = re.sub(r"!\[([^\]]*)\]\(\.\./figures/([^)]+)\)", fig, text)
-    with atomic_path(out) as tmp:
-        tmp.write_text(text)
-    return out
-
-
-# -----------------------------------------------------------------------------------------------
-# command line
-
-
-def _fold_arg(v: str):
-    """--fold: 0..4 or 'all'."""
-    if v == "all":
-        return v
-    if v.isdigit() and 0 <= int(v) < 5:
-        return int(v)
-    raise argparse.ArgumentTypeError(f"expected 0, 1, 2, 3, 4 or 'all', not {v!r}")
-
-
-def _at_least(lo: int):
-    def parse(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, not {v!r}") from None
-        if n < lo:
-            raise argparse.ArgumentTypeError(f"must be ≥ {lo}, not {n}")
-        return n
-    return parse
-
-
-def _eta(v: str) -> float:
-    """--eta: a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)."""
+def load_checkpoint(path: Path | str) -> dict:
+    """Read one of our checkpoints with torch.load(weights_only=True): tensors and plain data
+    only, so a file from elsewhere cannot run code while it loads."""
+    import pickle
+    path = Path(path)
     try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {v!r}") from None
-    if not 0 <= x <= 1:                                         # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0: deterministic, 1: DDPM's "
-                                         f"variance), not {v}")
-    return x
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if why:                                    # a class or function: could run code
+            raise CheckpointError(
+                f"{path} holds more than tensors and plain data, so it was not loaded (loading "
+                f"it could run code: {why}). Use a checkpoint written by this repository's own "
+                f"train or export, or delete it") from None
+        err = e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        err = e
+    raise CheckpointError(
+        f"{path} is not a readable checkpoint (truncated, empty or corrupt: "
+        f"{type(err).__name__}). Delete it and train again, or restore it from its source")
 
 
-# What each profile is, for --help.
-PROFILE_HELP = {"smoke": "synthetic fruit, a tiny model, seconds (tests, CI)",
-                "cpu": "the real 10-class subset at 32×32, the report's protocol (2-core CPU)",
-                "full": "the report's 100×100 setup (a GPU)"}
-
-
-def cmd_data(a) -> None:
-    t0 = time.perf_counter()
-    index = prepare_data(a.src, a.url, a.synthetic, a.out, a.classes, a.split, a.seed, a.skip_bad)
-    counts = index[index.split == "train"].fold.value_counts().sort_index()
-    print(f"{len(index)} images ({(index.split == 'train').sum()} train, "
-          f"{(index.split == 'test').sum()} test, {index.label.nunique()} classes) → "
-          f"{Path(a.out) / 'index.csv'} in {time.perf_counter() - t0:.1f} s; rows per fold: "
-          + ", ".join(f"{k}: {v}" for k, v in counts.items()))
-
-
-def cmd_train(a) -> None:
-    if a.conditional and a.fold != "all":
-        raise ValueError("--conditional is the class-conditional generation model: add --fold all")
-    over = {k: v for k, v in dict(target=a.target, split=a.split, max_epochs=a.max_epochs,
-                                   patience=a.patience).items() if v is not None}
-    cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
-    h = train(cfg, a.fold, resume=a.resume, out=a.out)
-    if len(h):
-        b = h.loc[h.val_loss.idxmin()]
-        print(f"done: {len(h)} epochs, best val loss {b.val_loss:.4f} at epoch {b.epoch:.0f}, "
-              f"{h.images_per_s.median():.0f} img/s")
-        if a.fold == "all" and a.out is None:                  # the generation model's run
-            s = pd.DataFrame([run_summary(cfg, a.fold, h)])
-            name = "generation_training" + "_cond" * a.conditional
-            print(f"summary → {save_table(s, name, cfg)}")
-
-
-def cmd_train_all(a) -> None:
-    cfg = get_config(a.profile)
-    for over, fold in planned_runs():
-        c = get_config(cfg.profile, generation=fold == "all", **over)
-        out = run_out(a.out and Path(a.out).resolve(), c, fold)
-        if a.out is None and uses_committed(c, fold, a.retrain):
-            print(f"== {out}: committed ({committed_weights(c, fold).relative_to(ROOT)}), "
-                  f"not trained (--retrain trains it)", flush=True)
-            continue
-        print(f"== {out}", flush=True)
-        train(c, fold, resume=True, out=out)
-
-
-def cmd_submit(a) -> None:
-    profile = get_config(a.profile).profile
-    sl = Slurm(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Slurm)})
-    r = submit(profile, sl, a.out and Path(a.out).resolve(), a.max_epochs, a.wait, a.dry_run,
-               a.tasks)
-    logs = Path(a.out or ROOT / "runs" / profile) / "slurm"
-    print(r if a.dry_run else f"submitted job array {r} ({a.tasks or len(planned_runs())} "
-          f"tasks; script and logs in {logs})")
-
-
-def cmd_evaluate(a) -> None:
-    cfg = get_config(a.profile)
-    if a.what in ("table1", "both"):
-        df = table1(cfg)
-        print(f"Table 1 → {save_table(df, 'table1_ssim', cfg)}")
-        print(table1_wide(df).to_string(index=False))
-    if a.what in ("generation", "both"):
-        df, _ = generation_metrics(cfg, story_models(cfg), a.n)
-        print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
-        print(df.to_string(index=False))
-    if a.what == "curve":
-        df = time_to_quality(cfg, a.n or 500)
-        print(f"time to quality → {save_table(df, 'generation_time_to_quality', cfg)}, "
-              f"{save_fig(plot_time_to_quality(df)[0].figure, 'generation_time_to_quality', cfg)}")
-        print(df.to_string(index=False))
-    if a.what == "guidance":
-        df, per, xs = guidance_metrics(cfg, a.n or 50)
-        save_table(per, "guidance_by_class", cfg)
-        w = pick_w(df)
-        classes = sorted(load_index(cfg).label.unique())
-        grid = plot_class_grid(xs[w], classes, title=f"w = {w:g}")
-        print(f"guidance → {save_table(df, 'guidance', cfg)}, "
-              f"{save_fig(plot_guidance(df, per)[0].figure, 'guidance', cfg)}, "
-              f"{save_fig(grid, 'guidance_grid', cfg)} (w = {w:g})")
-        print(df.to_string(index=False))
-
-
-def cmd_export(a) -> None:
-    over = {k: v for k, v in dict(target=a.target, split=a.split).items() if v}
-    cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
-    path = export_ema(cfg, a.fold, shipped_checkpoint(cfg) if a.fold == "all" else None)
-    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
-
-
-def cmd_report(a) -> None:
-    print(f"report → {write_report(get_config(a.profile))}")
-
-
-def cmd_sample(a) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    for flag in ("steps", "eta"):
-        if getattr(a, flag) is not None and a.method != "ddim":
-            raise ValueError(f"--{flag} is a DDIM option ({a.method} always runs all T steps): "
-                             f"add --method ddim or leave --{flag} out")
-    a.steps, a.eta = a.steps or 50, a.eta or 0.0
-    cfg = get_config(a.profile)
-    if a.steps > cfg.T:
-        raise ValueError(f"--steps {a.steps} is more than the schedule's T = {cfg.T} steps")
-    kw = dict(steps=a.steps, eta=a.eta) if a.method == "ddim" else {}
-    if a.method != "report-first":           # it has no x̂0; its own clip clamps x_t (off)
-        kw["clip"] = not a.no_clip
-    cond = a.fruit is not None
-    if cond:                                 # the class-conditional model, guided
-        classes = sorted(load_index(cfg).label.unique())
-        if a.fruit not in classes:
-            raise ValueError(f"--fruit {a.fruit!r} is not a class of {cfg.data_dir}/index.csv: "
-                             f"choose one of {classes}")
-        kw.update(y=torch.full((a.n,), classes.index(a.fruit)), w=a.w)
-    model = generation_model(cfg, conditional=cond)
-    fp = ForwardProcess.from_config(get_config(cfg.profile, generation=True)).to(get_device())
-    x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
-    ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
-    what = f"_{a.fruit.replace(' ', '_')}_w{a.w:g}" if cond else ""
-    name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
-            f"{'_noclip' * a.no_clip}{what}_seed{a.seed}")
-    print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with each option's default, where it has one that says something."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False, "") or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
-COMMANDS = {"data": cmd_data, "train": cmd_train, "train-all": cmd_train_all,
-            "submit": cmd_submit, "evaluate": cmd_evaluate, "export": cmd_export,
-            "report": cmd_report, "sample": cmd_sample}
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m ddpm_lib", description=__doc__.split("\n")[1])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    fmt = dict(formatter_class=_Help)
-    profiles = "; ".join(f"{k}: {v}" for k, v in PROFILE_HELP.items())
-
-    def parser(name: str, help: str):
-        p = sub.add_parser(name, help=help, description=help, **fmt)
-        if name != "data":
-            p.add_argument("--profile", choices=sorted(PROFILES), default=None,
-                           help=f"{profiles} (default: DDPM_PROFILE, else full with a GPU and "
-                                f"cpu without)")
-        return p
-
-    p = parser("data", "index a Fruits-360 folder/zip/URL (or make a synthetic set)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from", dest="src", help="folder or .zip with Training/ and Test/")
-    src.add_argument("--url", nargs="?", const=DEFAULT_URL, help="download the archive first")
-    src.add_argument("--synthetic", action="store_true", help="fake fruit, for tests only")
-    p.add_argument("--out", default="data", help="where index.csv goes")
-    p.add_argument("--classes", nargs="+", help="class folder names (default: the 10 of the "
-                   "shared subset when indexing it, else all)")
-    p.add_argument("--split", choices=["grouped", "random"], default="grouped")
-    p.add_argument("--skip-bad", action="store_true", help="leave unreadable files out, listed")
-    p.add_argument("--seed", type=int, default=0, help="the seed of the random split")
-
-    p = parser("train", "train one fold (or 'all': the generation model) of a profile")
-    p.add_argument("--fold", default=0, type=_fold_arg,
-                   help="0..4, or 'all' (the generation model: every training image)")
-    p.add_argument("--resume", action="store_true", help="continue a stopped run")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<profile>/…)")
-    p.add_argument("--target", choices=["eps", "scaled_eps"], default=None,
-                   help="scaled_eps: the report-faithful target (default: eps)")
-    p.add_argument("--split", choices=["grouped", "random"], default=None,
-                   help="random: the report's leaking split (default: grouped)")
-    p.add_argument("--max-epochs", type=_at_least(1), default=None)
-    p.add_argument("--patience", type=_at_least(1), default=None)
-    p.add_argument("--conditional", action="store_true", help="with --fold all: the "
-                   "class-conditional generation model (classifier-free guidance)")
-
-    p = parser("train-all", "every run the notebooks need (resumed, or skipped when finished or "
-               "committed)")
-    p.add_argument("--retrain", action="store_true",
-                   help="train the runs whose weights are committed too (into runs/)")
-    p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
-
-    p = parser("submit", "every run of train-all as one SLURM job array (sbatch)")
-    for f in dataclasses.fields(Slurm):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
-    p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
-    p.add_argument("--max-epochs", type=_at_least(1), default=None)
-    p.add_argument("--tasks", default="", help="which runs, by their index in planned_runs "
-                   "(sbatch --array syntax: '0,6'); default: all")
-    p.add_argument("--wait", action="store_true", help="return when every task has ended")
-    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
-
-    p = parser("evaluate", "Table 1 (one-step SSIM/PSNR) and the generation metrics; curve: the "
-               "generation run's snapshots scored; guidance: the conditional model by w")
-    p.add_argument("--what", choices=["table1", "generation", "both", "curve", "guidance"],
-                   default="both")
-    p.add_argument("--n", type=_at_least(2), default=None,
-                   help="samples per sampler (default: the profile's, EVAL; curve: 500 per "
-                        "snapshot; guidance: 50 per class)")
-
-    p = parser("export", "write a run's best EMA weights in half precision for committing (the "
-               "generation model; a fold run's with its history)")
-    p.add_argument("--fold", default="all", type=_fold_arg)
-    p.add_argument("--target", choices=["eps", "scaled_eps"], default=None)
-    p.add_argument("--split", choices=["grouped", "random"], default=None)
-    p.add_argument("--conditional", action="store_true", help="the class-conditional model")
-
-    parser("report", "report/report.md from report/template.md and figures/")
-
-    p = parser("sample", "draw samples from the generation model into figures/")
-    p.add_argument("--method", choices=sorted(SAMPLERS), default="ddim", help="the sampler")
-    p.add_argument("--n", type=_at_least(1), default=64, help="how many samples")
-    p.add_argument("--steps", type=_at_least(1), default=None, help="DDIM steps (default 50, "
-                   "at most T)")
-    p.add_argument("--eta", type=_eta, default=None, help="DDIM η in [0, 1] (default 0)")
-    p.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
-    p.add_argument("--seed", type=int, default=0, help="the seed of x_T and of every z")
-    p.add_argument("--fruit", default=None, help="a class name (e.g. 'Banana 1'): samples of it "
-                   "from the class-conditional model")
-    p.add_argument("--w", type=float, default=3.0, help="with --fruit: the guidance weight "
-                   "(0: unconditional, 1: conditional)")
-
-    a = ap.parse_args(argv)
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save through atomic_path: the previous file survives a failed write."""
+    path = Path(path)
     try:
-        COMMANDS[a.cmd](a)
-    except Interrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        sys.exit(128 + e.signum)
-    except KeyboardInterrupt:
-        print("stopped: interrupted (Ctrl-C); nothing half-written was kept", file=sys.stderr)
-        sys.exit(130)
-    except (DataError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError,
-            RunLocked) as e:                                 # CheckpointError is a ValueError
-        sys.exit(f"error: {e}")
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+    except (OSError, RuntimeError) as e:
+        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else float("nan")
+        raise CheckpointError(
+            f"could not write {path} ({str(e).splitlines()[0][:160]}; {free:.0f} MB free on its "
+            f"disk — is it full?). The previous version of the file, if any, is intact: free "
+            f"space, then rerun (with --resume for training)") from None
 
 
-if __name__ == "__main__":
-    main()
+
+if __name__ == "__main__":              # `python -m ddpm_lib …`: the command line (ddpm_cli)
+    import ddpm_cli
+    ddpm_cli.main()

@@ -67,6 +67,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import ddpm_lib as dl  # noqa: E402
+import ddpm_train as dt  # noqa: E402
 import reference_unet  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -205,7 +206,7 @@ def make_train_step(net: nn.Module, fwd, cfg: dl.Config, size: int, bs: int, lib
     backward → clip_grad_norm_ → Adam step → EMA update → loss.item(). `fwd` is what is called
     (net itself, or its torch.compile), `net` owns the parameters. library=True: ddpm_lib's
     optimizer (fused Adam); else plain torch.optim.Adam, as the report's code had it."""
-    fp = dl.ForwardProcess.from_config(cfg)
+    fp = dl.Diffusion.from_config(cfg)
     opt = dl.make_optimizer(net, cfg) if library else \
         torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = dl.EMA(net, cfg.ema_decay)
@@ -231,7 +232,7 @@ def make_sample_step(fwd, cfg: dl.Config, size: int, bs: int, library: bool):
     """One denoising step's network call, no grad. library=True: exactly ddpm_lib's samplers'
     call (ddpm_lib._eps: bf16 autocast, NCHW noise into the model); else the column's own
     precision and memory format."""
-    fp = dl.ForwardProcess.from_config(cfg)
+    fp = dl.Diffusion.from_config(cfg)
     x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(1))
     if library:
         return lambda: dl._eps(fwd, fp, x, 500)
@@ -302,13 +303,13 @@ def bench_selected(lib, ref, cfg, cfg32, size: int, bs: int, S, flops) -> dict:
     """(a*): (a)'s weights in what ddpm_lib.speed_choice picks for cfg's network at this size and
     batch, with the paired (a*)/(b) ratio; the note says how it was chosen and how long that
     took."""
-    pick = dl.speed_choice(dataclasses.replace(cfg, bf16=None, channels_last=None), CPU)
+    pick = dt.speed_choice(dataclasses.replace(cfg, bf16=None, channels_last=None), CPU)
     c = dataclasses.replace(cfg, bf16=pick["precision"] == "bf16",
                             channels_last=pick["memory"] == "channels_last")
     net = copy.deepcopy(lib).to(memory_format=torch.channels_last if c.channels_last
                                 else torch.contiguous_format)
     print(f"  [{time.perf_counter() - T0:4.0f} s] speed_choice ({pick['seconds']:.1f} s): "
-          f"{dl.speed_line(pick)}", flush=True)
+          f"{dt.speed_line(pick)}", flush=True)
     mode = f"{pick['precision']}+{'CL' if c.channels_last else 'NCHW'}"
     row = bench_column(SELECTED, mode, net, c, size, bs, S, flops, library=True,
                        note=f"speed_choice, {pick['seconds']:.1f} s: {pick['how']}")
@@ -392,9 +393,9 @@ def bench_samplers(S) -> list[dict]:
     torch.manual_seed(0)
     model = dl.build_model(cfg, CPU, verbose=False).eval().requires_grad_(False)
     n, rows = S["sampler_n"], []
-    fp = dl.ForwardProcess.from_config(cfg)
+    fp = dl.Diffusion.from_config(cfg)
     steps = S["ddpm_steps"]
-    fp_run = fp if steps == cfg.T else dl.ForwardProcess(steps, cfg.schedule, cfg.beta_1,
+    fp_run = fp if steps == cfg.T else dl.Diffusion(steps, cfg.schedule, cfg.beta_1,
                                                           cfg.beta_T, cfg.target)
     dl.sample(model, fp, "ddim", n, cfg.image_size, progress=False, steps=5)        # warm-up
     t0 = time.perf_counter()

@@ -18,6 +18,8 @@ import pytest
 import torch
 
 import ddpm_lib as dl
+import ddpm_cli as cli
+import ddpm_train as dt
 
 REPO = Path(__file__).resolve().parents[1]
 # Max |Δweight| between 2 gloo processes and 1 process, same global batch and data order, after
@@ -218,7 +220,7 @@ def test_array_matches_train_all(slurm, tmp_path, capsys):
     assert r.returncode == 0, r.stdout + r.stderr
     with capsys.disabled():
         print(f"\n  smoke runs: train-all {t_local:.1f} s, SLURM array {t_array:.1f} s")
-    runs = [dl.run_out(tmp_path, dl.get_config("smoke", fold == "all", **over), fold)
+    runs = [dt.run_out(tmp_path, dl.get_config("smoke", fold == "all", **over), fold)
             for over, fold in dl.planned_runs()]
     assert len(runs) == len(dl.planned_runs()) == 9
     for run in runs:
@@ -236,7 +238,7 @@ def test_killed_task_is_requeued_and_resumes(slurm, tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     job = r.stdout.split()[3]
-    run0 = dl.run_out(base, dl.get_config("smoke"), 0)
+    run0 = dt.run_out(base, dl.get_config("smoke"), 0)
     wait_for(lambda: (run0 / "checkpoint.pt").exists(), 300, "task 0's first checkpoint")
     subprocess.run(["scancel", "--signal=TERM", "--batch", f"{job}_0"], env=slurm, check=True)
     wait_for(lambda: "RUNNING" not in squeue(slurm, f"{job}_0"), 120, "task 0 to stop")
@@ -256,7 +258,7 @@ def test_killed_task_is_requeued_and_resumes(slurm, tmp_path):
     h = dl.load_checkpoint(run0 / "checkpoint.pt")["history"]
     assert [x["epoch"] for x in h] == list(range(1, 101))
     one = tmp_path / "one"
-    dl.train(dl.get_config("smoke", max_epochs=100), 0, out=one, progress=False)
+    dt.train(dl.get_config("smoke", max_epochs=100), 0, out=one, progress=False)
     assert max_diff(one, run0) == 0.0
 
 
@@ -268,16 +270,16 @@ def _log(base: Path, job: str) -> str:
 def test_submit_without_sbatch(monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SystemExit) as e:
-        dl.main(["submit", "--profile", "smoke"])
+        cli.main(["submit", "--profile", "smoke"])
     assert "sbatch not found" in str(e.value.code) and "train-all" in str(e.value.code)
 
 
 def test_script_carries_the_settings():
-    s = dl.slurm_script("smoke", dl.Slurm(partition="gpu", account="p123", time="07:30:00",
+    s = dt.slurm_script("smoke", dt.Slurm(partition="gpu", account="p123", time="07:30:00",
                                           cpus_per_task=8, gpus_per_task=4, mem="32G"))
     for line in ("--partition=gpu", "--account=p123", "--time=07:30:00", "--cpus-per-task=8",
                  "--gpus-per-task=4", "--mem=32G", "--signal=B:TERM@180", "--requeue",
                  f"--array=0-{len(dl.planned_runs()) - 1}"):
         assert f"#SBATCH {line}" in s
     assert "--nproc_per_node=4" in s and "\"${args[@]}\" --resume &" in s
-    assert "#SBATCH --partition" not in dl.slurm_script("smoke", dl.Slurm())
+    assert "#SBATCH --partition" not in dt.slurm_script("smoke", dt.Slurm())

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 
 import ddpm_lib as dl
+import ddpm_cli
+import ddpm_train as dt
 
 REPO = Path(__file__).resolve().parents[1]
 T = 1000
@@ -78,7 +80,7 @@ def test_linear_betas_exactly_T_values():
 
 
 def test_alpha_bar_is_cumulative_product():
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     b, ab, ab_prev = np_linear_alpha_bar()
     np.testing.assert_allclose(fp.betas.double().numpy(), b, rtol=1e-6)
     np.testing.assert_allclose(fp.alphas.double().numpy(), 1 - b, rtol=1e-6)
@@ -93,7 +95,7 @@ def test_cosine_schedule():
     b = dl.make_betas(T, "cosine")
     assert b.shape == (T,)
     assert ((b > 0) & (b < 1)).all()
-    fp = dl.ForwardProcess(T, "cosine")
+    fp = dl.Diffusion(T, "cosine")
     ab = fp.alpha_bar
     assert ((ab > 0) & (ab < 1)).all()
     assert (ab.diff() < 0).all(), "ᾱ_t must decrease"
@@ -106,18 +108,18 @@ def test_cosine_schedule():
 
 
 def test_schedule_tensors_are_buffers_and_follow_to():
-    fp = dl.ForwardProcess(50)
+    fp = dl.Diffusion(50)
     names = {"betas", "alphas", "alpha_bar", "alpha_bar_prev", "beta_tilde", "post_c0", "post_ct"}
     assert names <= dict(fp.named_buffers()).keys()
     assert list(fp.parameters()) == []
     fp64 = fp.to(torch.float64)
     assert all(getattr(fp64, n).dtype == torch.float64 for n in names)
-    meta = dl.ForwardProcess(50).to("meta")          # a device move, without needing a GPU
+    meta = dl.Diffusion(50).to("meta")          # a device move, without needing a GPU
     assert all(getattr(meta, n).device.type == "meta" for n in names)
 
 
 def test_one_based_t_convention():
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     b, ab, _ = np_linear_alpha_bar()
     t = torch.tensor([1, 2, T])
     assert fp.at(fp.betas, t).shape == (3, 1, 1, 1)
@@ -139,7 +141,7 @@ def test_one_based_t_convention():
 
 
 def test_forward_eps_target_is_unscaled_standard_normal():
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     torch.manual_seed(0)
     x0 = torch.rand(256, 3, 8, 8) * 2 - 1
     t = fp.sample_t(256, torch.Generator().manual_seed(1))
@@ -153,7 +155,7 @@ def test_forward_eps_target_is_unscaled_standard_normal():
 
 
 def test_q_sample_is_eq4_exactly():
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.rand(5, 3, 4, 4, generator=g) * 2 - 1, torch.randn(5, 3, 4, 4, generator=g)
     t = torch.tensor([1, 10, 300, 999, 1000])
@@ -167,7 +169,7 @@ def test_q_sample_is_eq4_exactly():
 
 
 def test_scaled_eps_target_is_report_faithful():
-    fp = dl.ForwardProcess(T, target="scaled_eps")
+    fp = dl.Diffusion(T, target="scaled_eps")
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.rand(4, 3, 4, 4, generator=g) * 2 - 1, torch.randn(4, 3, 4, 4, generator=g)
     t = torch.tensor([1, 50, 500, 1000])
@@ -176,10 +178,10 @@ def test_scaled_eps_target_is_report_faithful():
     a = ab[t.numpy() - 1].reshape(-1, 1, 1, 1)
     np.testing.assert_allclose(target.double().numpy(), np.sqrt(1 - a) * eps.double().numpy(),
                                rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(xt, dl.ForwardProcess(T).q_sample(x0, t, eps))   # same x_t
+    torch.testing.assert_close(xt, dl.Diffusion(T).q_sample(x0, t, eps))   # same x_t
     torch.testing.assert_close(fp.eps_from_output(xt, t, target), eps, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="target"):
-        dl.ForwardProcess(10, target="x0")
+        dl.Diffusion(10, target="x0")
 
 
 def test_preconditioned_target_has_unit_variance_and_inverts():
@@ -187,7 +189,7 @@ def test_preconditioned_target_has_unit_variance_and_inverts():
     N(0, σ_d²) (EDM's loss weighting), eps_from_output turns it back into ε, and x_t is the
     plain q_sample. The report-faithful target cannot be preconditioned."""
     sd = 0.7
-    fp = dl.ForwardProcess(T, sigma_data=sd)
+    fp = dl.Diffusion(T, sigma_data=sd)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(3, 1, 128, 128, generator=g) * sd, torch.randn(3, 1, 128, 128, generator=g)
     t = torch.tensor([1, 300, 1000])
@@ -202,14 +204,14 @@ def test_preconditioned_target_has_unit_variance_and_inverts():
     assert fp.c_skip[-1] > 0.99 and fp.c_out[-1] < 0.01 and fp.c_out[0] > 0.99   # ε̂ ≈ x_t at T
     for bad in (dict(target="scaled_eps", sigma_data=sd), dict(sigma_data=-0.5)):
         with pytest.raises(ValueError, match="sigma_data"):
-            dl.ForwardProcess(10, **bad)
+            dl.Diffusion(10, **bad)
 
 
 def test_preconditioned_run_trains_and_is_kept_apart(tmp_path, monkeypatch):
     """A run with sigma_data trains (finite losses); its checkpoint is refused under a plain
     config or another sigma_data; the generation model is preconditioned (GENERATION), so a
     plain run where it lives is refused instead of being misread."""
-    h = dl.train(smoke_cfg(sigma_data=0.7, max_epochs=1), 0, out=tmp_path / "pre",
+    h = dt.train(smoke_cfg(sigma_data=0.7, max_epochs=1), 0, out=tmp_path / "pre",
                  progress=False)
     assert np.isfinite(h.train_loss).all() and np.isfinite(h.val_loss).all()
     pre = tmp_path / "pre" / "best.pt"
@@ -218,14 +220,13 @@ def test_preconditioned_run_trains_and_is_kept_apart(tmp_path, monkeypatch):
             dl.load_model(smoke_cfg(sigma_data=other), path=pre)
     assert dl.get_config("smoke", generation=True).sigma_data == 0.7
     data = str(REPO / "runs" / "smoke" / "data")
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
-    dl.train(smoke_cfg(data_dir=data, max_epochs=1), "all", progress=False)   # plain, same folder
+    dt.train(smoke_cfg(root=str(tmp_path), data_dir=data, max_epochs=1), "all", progress=False)   # plain, same folder
     with pytest.raises(ValueError, match="sigma_data"):
-        dl.generation_model(smoke_cfg(data_dir=data), train_if_missing=False)
+        dl.generation_model(smoke_cfg(root=str(tmp_path), data_dir=data))
 
 
 def test_predict_x0_inverts_q_sample():
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1, torch.randn(6, 3, 4, 4, generator=g)
     t = torch.tensor([1, 2, 100, 500, 900, 1000])
@@ -239,7 +240,7 @@ def test_q_posterior_matches_closed_form():
     """Ho et al. Eqs. 6-7, in float64:
     μ̃ = sqrt(ᾱ_{t-1})β_t/(1-ᾱ_t)·x0 + sqrt(α_t)(1-ᾱ_{t-1})/(1-ᾱ_t)·x_t,
     β̃ = (1-ᾱ_{t-1})/(1-ᾱ_t)·β_t."""
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     b, ab, abp = np_linear_alpha_bar()
     g = torch.Generator().manual_seed(0)
     x0, xt = torch.rand(6, 3, 4, 4, generator=g) * 2 - 1, torch.randn(6, 3, 4, 4, generator=g)
@@ -262,14 +263,16 @@ def test_report_scaler_is_eq5_with_per_step_alpha():
     b, ab, _ = np_linear_alpha_bar()
     t = np.array([1, 50, 100, 200, 250, 500, 750, 1000])
     want = (1 / np.sqrt(1 - b[t - 1]) - 1) * 8 * (t / 50) ** 2 + 1
-    got = dl.ForwardProcess.report_scaler(torch.tensor(t)).double().numpy()
+    got = dl.report_scaler(torch.tensor(t)).double().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-9)
     assert got[0] == pytest.approx(1.0, abs=1e-5)     # t = 1: almost no scaling
     assert got[3] == pytest.approx(1.31, abs=0.005) and got[5] == pytest.approx(5.2, abs=0.05)
     assert 1 / np.sqrt(ab[199]) == pytest.approx(1.34, abs=0.005)
     # the report's schedule whatever the process's own: a cosine process gives the same scaler
-    fp = dl.ForwardProcess(T, "cosine", target="scaled_eps")
-    np.testing.assert_allclose(fp.report_scaler(torch.tensor(t)).double().numpy(), want, rtol=1e-9)
+    fp = dl.Diffusion(T, "cosine", target="scaled_eps")
+    xt = torch.ones(len(t), 3, 2, 2)
+    np.testing.assert_allclose(dl.report_scaler(torch.tensor(t), "alpha").numpy(),
+                               1 / np.sqrt(1 - b[t - 1]), rtol=1e-9)
 
 
 def _ideal_x0(t_val: int):
@@ -277,8 +280,8 @@ def _ideal_x0(t_val: int):
     x_t made with known seeded ε at one t."""
     cfg = smoke_cfg()
     x0 = dl.to_float(dl.eval_images(cfg))
-    fp_rep = dl.ForwardProcess.from_config(dataclasses.replace(cfg, target="scaled_eps"))
-    fp_eps = dl.ForwardProcess.from_config(cfg)
+    fp_rep = dl.Diffusion.from_config(dataclasses.replace(cfg, target="scaled_eps"))
+    fp_eps = dl.Diffusion.from_config(cfg)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     t = torch.full((len(x0),), t_val, dtype=torch.long)
     return x0, t, fp_rep.q_sample(x0, t, eps), eps, fp_rep, fp_eps
@@ -292,8 +295,8 @@ def test_report_x0_literal_reading_with_ideal_network(t_val, want):
     shows; the output is the [-1, 1] → [0, 1] mapping of the scaled image, clipped."""
     x0, t, xt, eps, fp, _ = _ideal_x0(t_val)
     ideal = (1 - fp.at(fp.alpha_bar, t)).sqrt() * eps
-    rec = fp.report_x0(xt, t, ideal)
-    s = dl.ForwardProcess.report_scaler(t).float().view(-1, 1, 1, 1)
+    rec = dl.report_x0(xt, t, ideal)
+    s = dl.report_scaler(t).float().view(-1, 1, 1, 1)
     torch.testing.assert_close(rec, dl.to_unit(s * fp.at(fp.alpha_bar, t).sqrt() * x0),
                                rtol=0, atol=1e-5)
     assert rec.min() >= 0 and rec.max() <= 1
@@ -344,7 +347,7 @@ def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = dl.UNet(8, 32, 2)
     opt = torch.optim.Adam(model.parameters(), 2e-3)
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
     t, eps = torch.tensor([10, 100, 400, 800]), torch.randn(x0.shape, generator=g)
@@ -379,9 +382,9 @@ def test_training_stops_early(tmp_path, monkeypatch):
     """train() stops after `patience` epochs without a new best, and best.pt holds the best."""
     vals = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])
     calls = []        # every epoch: the validation loss, then the Test/ loss (not for stopping)
-    monkeypatch.setattr(dl, "validation_loss",
+    monkeypatch.setattr(dt, "validation_loss",
                         lambda *a, **k: calls.append(1) or (next(vals) if len(calls) % 2 else 9.0))
-    h = dl.train(smoke_cfg(max_epochs=6, patience=2), 0, out=tmp_path / "run", progress=False)
+    h = dt.train(smoke_cfg(max_epochs=6, patience=2), 0, out=tmp_path / "run", progress=False)
     assert list(h.epoch) == [1, 2, 3, 4]
     assert list(h.best) == [True, True, False, False]
     assert list(h.val_loss) == [1.0, 0.5, 0.6, 0.7] and set(h.test_loss) == {9.0}
@@ -488,15 +491,15 @@ def test_resume_after_sigkill_is_bitwise_equal(tmp_path):
 
 def test_resume_with_other_config_is_refused(tmp_path):
     out = tmp_path / "run"
-    dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
+    dt.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(ValueError, match=r"\blr\b"):
-        dl.train(smoke_cfg(max_epochs=2, lr=1e-3), 0, out=out, resume=True, progress=False)
+        dt.train(smoke_cfg(max_epochs=2, lr=1e-3), 0, out=out, resume=True, progress=False)
     with pytest.raises(ValueError, match="width"):
-        dl.train(smoke_cfg(max_epochs=2, width=16), 0, out=out, resume=True, progress=False)
+        dt.train(smoke_cfg(max_epochs=2, width=16), 0, out=out, resume=True, progress=False)
     assert (out / "checkpoint.pt").read_bytes() == before
     # the resumable keys may differ: a longer run continues the same one
-    h = dl.train(smoke_cfg(max_epochs=2, patience=9), 0, out=out, resume=True, progress=False)
+    h = dt.train(smoke_cfg(max_epochs=2, patience=9), 0, out=out, resume=True, progress=False)
     assert list(h.epoch) == [1, 2]
 
 
@@ -504,7 +507,7 @@ def test_a_setting_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
     """check_config reads a setting the checkpoint predates as made with its default (the
     committed fold runs predate sigma_data, n_classes and snapshot_every)."""
     src = tmp_path / "src"
-    dl.train(smoke_cfg(max_epochs=1), 0, out=src, progress=False)
+    dt.train(smoke_cfg(max_epochs=1), 0, out=src, progress=False)
     new = ("sigma_data", "n_classes", "p_uncond", "snapshot_every")
     old = {k: v for k, v in dl.load_checkpoint(src / "best.pt")["config"].items() if k not in new}
     dl.check_config(old, smoke_cfg(), src)
@@ -518,9 +521,10 @@ def test_generation_model_committed_prefers_the_export(tmp_path, monkeypatch):
     cfg = smoke_cfg()
     local = dl.generation_model(cfg)                            # trains the smoke one if missing
     gcfg = dl.get_config("smoke", generation=True)
-    dl.train(gcfg, 0, out=tmp_path / "other", progress=False)   # same config, other weights
-    monkeypatch.setattr(dl, "shipped_checkpoint", lambda c: tmp_path / "other" / "best.pt")
-    export = dl.load_model(gcfg, "all", tmp_path / "other" / "best.pt")
+    dt.train(gcfg, 0, out=tmp_path / "other", progress=False)   # same config, other weights
+    monkeypatch.setattr(dl, "committed_dir", lambda c, fold: tmp_path / "other")
+    (tmp_path / "other" / "best.pt").rename(tmp_path / "other" / "ema_fp16.pt")
+    export = dl.load_model(gcfg, "all", tmp_path / "other" / "ema_fp16.pt")
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
                                                                b.state_dict().values()))
     assert same(dl.generation_model(cfg), local) and not same(local, export)
@@ -529,16 +533,16 @@ def test_generation_model_committed_prefers_the_export(tmp_path, monkeypatch):
 
 def test_existing_run_without_resume_is_refused(tmp_path):
     out = tmp_path / "run"
-    dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
+    dt.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
     before = (out / "checkpoint.pt").read_bytes()
     with pytest.raises(FileExistsError, match="resume"):
-        dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
+        dt.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
 def test_history_csv_columns(tmp_path):
     out = tmp_path / "run"
-    h = dl.train(smoke_cfg(max_epochs=2, patience=5), 0, out=out, progress=False)
+    h = dt.train(smoke_cfg(max_epochs=2, patience=5), 0, out=out, progress=False)
     csv = pd.read_csv(out / "history.csv")
     assert list(csv.columns[:6]) == ["epoch", "train_loss", "val_loss", "test_loss", "seconds", "lr"]
     assert list(csv.epoch) == [1, 2]
@@ -562,9 +566,9 @@ def test_nan_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         saved.setdefault("bytes", (out / "checkpoint.pt").read_bytes())   # epoch 1's file
         return real_loss(*a, **k) * float("nan")
 
-    monkeypatch.setattr(dl, "diffusion_loss", loss_nan_in_epoch_2)
+    monkeypatch.setattr(dt, "diffusion_loss", loss_nan_in_epoch_2)
     with pytest.raises(FloatingPointError, match="epoch 2") as e:
-        dl.train(cfg, 0, out=out, progress=False)
+        dt.train(cfg, 0, out=out, progress=False)
     assert "resume" in str(e.value)
     assert calls[0] == cfg.steps_per_epoch + 1        # stopped at the first bad step
     assert (out / "checkpoint.pt").read_bytes() == saved["bytes"]
@@ -596,14 +600,14 @@ def test_profiles(monkeypatch):
     with pytest.raises(ValueError, match="bogus"):
         dl.get_config()
     with pytest.raises(SystemExit) as e:           # the CLI turns it into an "error:" exit
-        dl.main(["train", "--fold", "0", "--out", "/nonexistent/never-written"])
+        ddpm_cli.main(["train", "--fold", "0", "--out", "/nonexistent/never-written"])
     assert str(e.value.code).startswith("error:") and "bogus" in str(e.value.code)
 
 
 def test_profiles_name_a_scale_and_the_generation_model_is_preconditioned():
     """Three profiles, each a scale; in each, the generation model is the same network with EDM's
     preconditioning, and every other setting of the fold runs is the profile's own."""
-    assert set(dl.PROFILES) == set(dl.GENERATION) == set(dl.EVAL) == set(dl.PROFILE_HELP) \
+    assert set(dl.PROFILES) == set(dl.GENERATION) == set(dl.EVAL) == set(ddpm_cli.PROFILE_HELP) \
         == {"smoke", "cpu", "full"}
     for p in dl.PROFILES:
         c, g = dl.get_config(p), dl.get_config(p, generation=True)
@@ -617,20 +621,20 @@ def test_committed_generation_model_loads():
     cfg = dl.get_config("cpu", generation=True)
     cond = dataclasses.replace(cfg, n_classes=10)
     for c in (cfg, cond):
-        path = dl.shipped_checkpoint(c)
+        path = dl.committed_dir(c, "all") / "ema_fp16.pt"
         assert path.stat().st_size <= 10e6
         ck = dl.load_checkpoint(path)
         assert {v.dtype for v in ck["ema"].values() if v.is_floating_point()} == {torch.float16}
-    model = dl.load_model(cfg, "all", dl.shipped_checkpoint(cfg))
+    model = dl.load_model(cfg, "all", dl.committed_dir(cfg, "all") / "ema_fp16.pt")
     assert dl.n_params(model) == dl.n_params(dl.build_model(dl.get_config("cpu"), verbose=False))
     with pytest.raises(ValueError, match="another config"):
         dl.load_model(dl.get_config("cpu", generation=True, batch_size=99), "all",
-                      dl.shipped_checkpoint(cfg))
+                      dl.committed_dir(cfg, "all") / "ema_fp16.pt")
     with pytest.raises(ValueError, match="sigma_data"):       # not the report's U-Net's
-        dl.load_model(dl.get_config("cpu"), "all", dl.shipped_checkpoint(cfg))
+        dl.load_model(dl.get_config("cpu"), "all", dl.committed_dir(cfg, "all") / "ema_fp16.pt")
     with pytest.raises(ValueError, match="n_classes"):        # nor the conditional one
-        dl.load_model(cond, "all", dl.shipped_checkpoint(cfg))
-    assert dl.load_model(cond, "all", dl.shipped_checkpoint(cond)).n_classes == 10
+        dl.load_model(cond, "all", dl.committed_dir(cfg, "all") / "ema_fp16.pt")
+    assert dl.load_model(cond, "all", dl.committed_dir(cond, "all") / "ema_fp16.pt").n_classes == 10
 
 
 def test_cli_train_all_writes_the_generation_summary(tmp_path, capsys):
@@ -638,9 +642,9 @@ def test_cli_train_all_writes_the_generation_summary(tmp_path, capsys):
     a run into another --out folder (a scratch run) leaves the figures alone."""
     path = smoke_cfg().fig_dir() / "generation_training.csv"
     path.unlink(missing_ok=True)
-    dl.main(["train", "--profile", "smoke", "--fold", "all", "--out", str(tmp_path / "run")])
+    ddpm_cli.main(["train", "--profile", "smoke", "--fold", "all", "--out", str(tmp_path / "run")])
     assert not path.exists()
-    dl.main(["train", "--profile", "smoke", "--fold", "all", "--resume"])
+    ddpm_cli.main(["train", "--profile", "smoke", "--fold", "all", "--resume"])
     assert str(path) in capsys.readouterr().out
     s = pd.read_csv(path)
     assert len(s) == 1 and s.epochs[0] == dl.GENERATION["smoke"]["max_epochs"]
@@ -648,7 +652,7 @@ def test_cli_train_all_writes_the_generation_summary(tmp_path, capsys):
 
 def test_cli_second_train_into_same_run_is_an_error(tmp_path):
     out = tmp_path / "run"
-    dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)     # the first run
+    dt.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)     # the first run
     r = subprocess.run(cli("train", "--profile", "smoke", "--fold", "0", "--out", str(out)),
                        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
@@ -659,7 +663,7 @@ def test_cli_second_train_into_same_run_is_an_error(tmp_path):
 
 def test_timestep_out_of_range_raises():
     """t is 1-based: t = 0 or t > T must not wrap around to another step's ᾱ."""
-    fp = dl.ForwardProcess(T=10)
+    fp = dl.Diffusion(T=10)
     x = torch.zeros(1, 3, 4, 4)
     for bad in (0, 11):
         with pytest.raises(IndexError, match="from 1 to 10"):
@@ -676,15 +680,15 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
         seen.update(kw)
         return real(*args, **kw)
     monkeypatch.setitem(dl.SAMPLERS, "ddim", spy)
-    dl.main(["sample", "--profile", "smoke", "--n", "4", "--steps", "3", "--eta", "0.5",
+    ddpm_cli.main(["sample", "--profile", "smoke", "--n", "4", "--steps", "3", "--eta", "0.5",
              "--seed", "7"])
     assert (seen["steps"], seen["eta"], seen["clip"]) == (3, 0.5, True)
     out = smoke_cfg().fig_dir() / "samples_ddim3_eta0.5_seed7.png"
     assert out.exists() and str(out.name) in capsys.readouterr().out
-    dl.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--no-clip"])
+    ddpm_cli.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--no-clip"])
     assert seen["clip"] is False and "samples_ddim3_noclip_seed0.png" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="DDIM option"):
-        dl.main(["sample", "--profile", "smoke", "--method", "ddpm", "--steps", "3"])
+        ddpm_cli.main(["sample", "--profile", "smoke", "--method", "ddpm", "--steps", "3"])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
@@ -699,7 +703,7 @@ def test_sampling_keeps_freed_memory_and_get_device_does_not(monkeypatch):
     dl.keep_freed_memory.cache_clear()
     assert dl.get_device().type in ("cpu", "cuda")
     assert dl.keep_freed_memory.cache_info().currsize == 0
-    dl.sample(dl.UNet(8, 32, 2), dl.ForwardProcess(5), "ddim", n=1, size=8, steps=2,
+    dl.sample(dl.UNet(8, 32, 2), dl.Diffusion(5), "ddim", n=1, size=8, steps=2,
               progress=False)
     assert dl.keep_freed_memory.cache_info().currsize == 1 and dl.keep_freed_memory() is True
 
@@ -707,10 +711,9 @@ def test_sampling_keeps_freed_memory_and_get_device_does_not(monkeypatch):
 def test_committed_fold_run_is_used_without_a_local_run(tmp_path, monkeypatch):
     """export --fold k writes the EMA weights (fp16) and the history under data/checkpoints/runs/;
     with the local run gone, load_model and run_history use them."""
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
-    cfg = smoke_cfg(data_dir=str(REPO / "runs" / "smoke" / "data"))
-    dl.train(cfg, 0, progress=False)
-    path = dl.export_ema(cfg, 0)
+    cfg = smoke_cfg(root=str(tmp_path), data_dir=str(REPO / "runs" / "smoke" / "data"))
+    dt.train(cfg, 0, progress=False)
+    path = dt.export_ema(cfg, 0)
     assert path == tmp_path / "data/checkpoints/runs/smoke/eps-grouped/fold0/ema_fp16.pt"
     want = dl.load_model(cfg, 0)
     h = dl.run_history(cfg, 0)
@@ -744,26 +747,25 @@ def test_trained_uses_committed_weights_and_trains_only_what_is_missing(tmp_path
                                                                          capsys):
     """With a fold's weights committed and no local run, trained() and train-all train nothing
     (the committed history comes back); retrain=True / --retrain train it anyway."""
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
-    cfg = smoke_cfg(data_dir=str(REPO / "runs" / "smoke" / "data"), max_epochs=1)
-    dl.train(cfg, 0, progress=False)
-    dl.export_ema(cfg, 0)
+    cfg = smoke_cfg(root=str(tmp_path), data_dir=str(REPO / "runs" / "smoke" / "data"), max_epochs=1)
+    dt.train(cfg, 0, progress=False)
+    dt.export_ema(cfg, 0)
     h = dl.run_history(cfg, 0)
     shutil.rmtree(cfg.run_dir(0))
     calls = []
-    monkeypatch.setattr(dl, "train", lambda c, k, **kw: calls.append(k) or h)
+    monkeypatch.setattr(dt, "train", lambda c, k, **kw: calls.append(k) or h)
     assert dl.uses_committed(cfg, 0) and dl.trained(cfg, 0).equals(h) and calls == []
     dl.trained(cfg, 0, retrain=True)
     assert calls == [0]
     assert not dl.uses_committed(cfg, 1)                     # nothing committed: trained
     dl.trained(cfg, 1)
     assert calls == [0, 1]
-    monkeypatch.setattr(dl, "get_config", lambda *a, **kw: dataclasses.replace(cfg, **{
+    monkeypatch.setattr(ddpm_cli, "get_config", lambda *a, **kw: dataclasses.replace(cfg, **{
         k: v for k, v in kw.items() if k != "generation"}))
-    monkeypatch.setattr(dl, "planned_runs", lambda: [({}, 0), ({}, 1)])
-    dl.main(["train-all", "--profile", "smoke"])
+    monkeypatch.setattr(ddpm_cli, "planned_runs", lambda: [({}, 0), ({}, 1)])
+    ddpm_cli.main(["train-all", "--profile", "smoke"])
     assert "committed" in capsys.readouterr().out and calls == [0, 1, 1]
-    dl.main(["train-all", "--profile", "smoke", "--retrain"])
+    ddpm_cli.main(["train-all", "--profile", "smoke", "--retrain"])
     assert calls == [0, 1, 1, 0, 1]
 
 
@@ -773,8 +775,7 @@ def test_leakage_table_and_training_summary_keep_what_has_no_history(tmp_path, m
     t = dl.leakage_table({"grouped": h}).set_index("when")
     assert t.loc["best epoch", "epoch"] == 2 and np.isclose(t.loc["best epoch", "test_over_val"], 3)
     assert np.isclose(t.loc["last epoch", "test_over_val"], 1.5)
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
-    cfg = smoke_cfg()
+    cfg = smoke_cfg(root=str(tmp_path))
     old = pd.DataFrame([dict(run="eps-grouped/all", epochs=9, best_epoch=9, best_val_loss=0.01,
                              final_train_loss=0.01, early_stopped=False, minutes=5.0,
                              images_per_s=1.0)])

@@ -1,6 +1,6 @@
 """Tests of the data pipeline of ddpm_lib (section `# data`).
 
-Most tests run on small synthetic sets (ddpm_lib.make_synthetic); the ones marked "real" use the
+Most tests run on small synthetic sets (ddpm_cli.make_synthetic); the ones marked "real" use the
 Fruits-360 subset at FRUITS360_DIR (default: ../shared/fruits-360-subset next to the repository)
 and are skipped, with the reason, when it is absent.
 """
@@ -23,6 +23,7 @@ import pytest
 import torch
 from PIL import Image
 
+import ddpm_cli
 import ddpm_lib
 from ddpm_lib import DataError, PURGE_K
 
@@ -39,7 +40,7 @@ N_FOLDS = 5
 
 def synthetic(root: Path, **kw) -> Path:
     """A small synthetic Fruits-360 (3 classes x 2 videos x 40 frames, 32x32 unless told)."""
-    return ddpm_lib.make_synthetic(root, **{"n_classes": 3, "frames": 40, "size": 32, **kw})
+    return ddpm_cli.make_synthetic(root, **{"n_classes": 3, "frames": 40, "size": 32, **kw})
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -171,7 +172,7 @@ def test_prepare_data_writes_index_and_link(synth, tmp_path):
     """prepare_data(folder): out/index.csv with the 7 columns, the same rows as build_index,
     read back unchanged by load_index; out/fruits-360 links to the images."""
     out = tmp_path / "out"
-    index = ddpm_lib.prepare_data(src=synth, out=out)
+    index = ddpm_cli.prepare_data(src=synth, out=out)
     csv = pd.read_csv(out / "index.csv", keep_default_na=False, dtype={"video": str})
     assert list(csv.columns) == COLUMNS
     assert len(csv) == len(image_files(synth))
@@ -440,7 +441,7 @@ def test_missing_or_misnamed_training_folder(tmp_path, case):
         ddpm_lib.build_index(root)
     assert "Training" in str(e.value)
     with pytest.raises(DataError, match=re.escape(str(root))):
-        ddpm_lib.prepare_data(src=root, out=tmp_path / "out")
+        ddpm_cli.prepare_data(src=root, out=tmp_path / "out")
 
 
 def test_missing_source_folder(tmp_path):
@@ -457,7 +458,7 @@ def test_spaces_and_non_ascii_paths(tmp_path):
     for split in ("Training", "Test"):
         (root / split / "Fake 0 1").rename(root / split / "Pömme Rouge 1")
     out = tmp_path / "oüt dir"
-    index = ddpm_lib.prepare_data(src=root, out=out)
+    index = ddpm_cli.prepare_data(src=root, out=out)
     assert "Pömme Rouge 1" in set(index.label)
     cfg = ddpm_lib.get_config("smoke", data_dir=str(out))
     loaded = ddpm_lib.load_index(cfg)
@@ -472,7 +473,7 @@ def test_failed_prepare_leaves_previous_state(tmp_path):
     """A prepare_data that fails (bad image, missing folder, not-a-zip) leaves the previous
     out/index.csv byte-for-byte, the link unchanged, and no temporary files in out/."""
     out = tmp_path / "out"
-    ddpm_lib.prepare_data(src=synthetic(tmp_path / "good"), out=out)
+    ddpm_cli.prepare_data(src=synthetic(tmp_path / "good"), out=out)
     before_csv, before = (out / "index.csv").read_bytes(), out_listing(out)
 
     broken = synthetic(tmp_path / "broken", n_classes=2)
@@ -481,7 +482,7 @@ def test_failed_prepare_leaves_previous_state(tmp_path):
     fake_zip.write_bytes(b"PK not really a zip")
     for src in (broken, tmp_path / "missing", fake_zip):
         with pytest.raises(DataError):
-            ddpm_lib.prepare_data(src=src, out=out)
+            ddpm_cli.prepare_data(src=src, out=out)
         assert (out / "index.csv").read_bytes() == before_csv
         assert out_listing(out) == before
         assert temp_leftovers(out) == []
@@ -491,7 +492,7 @@ def test_failed_csv_write_is_atomic(tmp_path, monkeypatch):
     """If writing index.csv fails half-way, the previous index.csv is intact and the temporary
     file is removed."""
     out = tmp_path / "out"
-    ddpm_lib.prepare_data(src=synthetic(tmp_path / "good"), out=out)
+    ddpm_cli.prepare_data(src=synthetic(tmp_path / "good"), out=out)
     before_csv = (out / "index.csv").read_bytes()
 
     def half_write(self, path, *a, **kw):
@@ -500,7 +501,7 @@ def test_failed_csv_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", half_write)
     with pytest.raises(OSError, match="disk full"):
-        ddpm_lib.prepare_data(src=synthetic(tmp_path / "other", n_classes=2), out=out)
+        ddpm_cli.prepare_data(src=synthetic(tmp_path / "other", n_classes=2), out=out)
     assert (out / "index.csv").read_bytes() == before_csv
     assert temp_leftovers(out) == []
 
@@ -512,7 +513,7 @@ def test_prepare_data_keeps_images_already_at_out(tmp_path):
     synthetic(out / "fruits-360")
     n = len(image_files(out / "fruits-360"))
     try:
-        index = ddpm_lib.prepare_data(src=out / "fruits-360", out=out)
+        index = ddpm_cli.prepare_data(src=out / "fruits-360", out=out)
     except DataError:
         index = None                        # refusing, with a message, would be fine too
     assert len(image_files(out / "fruits-360")) == n
@@ -573,7 +574,7 @@ def test_prepare_data_from_zip(tmp_path, prefix):
     folder = synthetic(tmp_path / "s")
     zip_path = zip_folder(folder, tmp_path / "fruits.zip", prefix)
     out = tmp_path / "out"
-    index = ddpm_lib.prepare_data(src=zip_path, out=out)
+    index = ddpm_cli.prepare_data(src=zip_path, out=out)
     expected, _ = ddpm_lib.build_index(folder)
     pd.testing.assert_frame_equal(index.reset_index(drop=True), expected.reset_index(drop=True))
     link = out / "fruits-360"
@@ -592,7 +593,7 @@ def test_corrupt_zip_member(tmp_path):
     zip_path.write_bytes(bytes(data))
     out = tmp_path / "out"
     with pytest.raises(DataError, match=re.escape(str(zip_path))):
-        ddpm_lib.prepare_data(src=zip_path, out=out)
+        ddpm_cli.prepare_data(src=zip_path, out=out)
     assert temp_leftovers(out) == []
 
 
@@ -602,9 +603,9 @@ def test_prepare_data_from_replaced_zip(tmp_path):
     zip_path = tmp_path / "fruits.zip"
     out = tmp_path / "out"
     zip_folder(synthetic(tmp_path / "three", n_classes=3), zip_path)
-    assert ddpm_lib.prepare_data(src=zip_path, out=out).label.nunique() == 3
+    assert ddpm_cli.prepare_data(src=zip_path, out=out).label.nunique() == 3
     zip_folder(synthetic(tmp_path / "two", n_classes=2), zip_path)
-    assert ddpm_lib.prepare_data(src=zip_path, out=out).label.nunique() == 2
+    assert ddpm_cli.prepare_data(src=zip_path, out=out).label.nunique() == 2
 
 
 @pytest.fixture
@@ -664,7 +665,7 @@ PAYLOAD = bytes(np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint
 def test_fetch_url_full_download(server, tmp_path):
     """_fetch_url downloads the whole file to dest; no .part left."""
     server["files"]["/a.bin"] = PAYLOAD
-    dest = ddpm_lib._fetch_url(server["url"] + "/a.bin", tmp_path / "a.bin")
+    dest = ddpm_cli._fetch_url(server["url"] + "/a.bin", tmp_path / "a.bin")
     assert dest == tmp_path / "a.bin" and dest.read_bytes() == PAYLOAD
     assert not (tmp_path / "a.bin.part").exists()
     assert server["log"] == [("/a.bin", None, 200, len(PAYLOAD))]
@@ -675,7 +676,7 @@ def test_fetch_url_resumes_partial(server, tmp_path):
     result is the whole file."""
     server["files"]["/a.bin"] = PAYLOAD
     (tmp_path / "a.bin.part").write_bytes(PAYLOAD[:123_456])
-    dest = ddpm_lib._fetch_url(server["url"] + "/a.bin", tmp_path / "a.bin",
+    dest = ddpm_cli._fetch_url(server["url"] + "/a.bin", tmp_path / "a.bin",
                                expected_size=len(PAYLOAD))
     assert dest.read_bytes() == PAYLOAD
     assert server["log"] == [("/a.bin", "bytes=123456-", 206, len(PAYLOAD) - 123_456)]
@@ -687,7 +688,7 @@ def test_fetch_url_server_without_range(server, tmp_path):
     server["files"]["/a.bin"] = PAYLOAD
     server["ignore_range"] = True
     (tmp_path / "a.bin.part").write_bytes(b"x" * 1000)
-    dest = ddpm_lib._fetch_url(server["url"] + "/a.bin", tmp_path / "a.bin")
+    dest = ddpm_cli._fetch_url(server["url"] + "/a.bin", tmp_path / "a.bin")
     assert dest.read_bytes() == PAYLOAD
 
 
@@ -698,15 +699,15 @@ def test_fetch_url_size_mismatch_then_resume(server, tmp_path):
     server["files"]["/a.bin"] = PAYLOAD
     server["cut"] = 50_000
     with pytest.raises(DataError, match=re.escape(url)):
-        ddpm_lib._fetch_url(url, tmp_path / "a.bin")
+        ddpm_cli._fetch_url(url, tmp_path / "a.bin")
     assert not (tmp_path / "a.bin").exists()
     assert (tmp_path / "a.bin.part").read_bytes() == PAYLOAD[:-50_000]
     server["cut"] = 0
-    assert ddpm_lib._fetch_url(url, tmp_path / "a.bin").read_bytes() == PAYLOAD
+    assert ddpm_cli._fetch_url(url, tmp_path / "a.bin").read_bytes() == PAYLOAD
     assert server["log"][-1] == ("/a.bin", f"bytes={len(PAYLOAD) - 50_000}-", 206, 50_000)
 
     with pytest.raises(DataError, match=re.escape(url)):
-        ddpm_lib._fetch_url(url, tmp_path / "b.bin", expected_size=len(PAYLOAD) + 1)
+        ddpm_cli._fetch_url(url, tmp_path / "b.bin", expected_size=len(PAYLOAD) + 1)
     assert not (tmp_path / "b.bin").exists()
 
 
@@ -714,7 +715,7 @@ def test_fetch_url_complete_part(server, tmp_path):
     """A .part that already holds the whole file is accepted (size checked) and renamed."""
     server["files"]["/a.bin"] = PAYLOAD
     (tmp_path / "a.bin.part").write_bytes(PAYLOAD)
-    dest = ddpm_lib._fetch_url(server["url"] + "/a.bin", tmp_path / "a.bin",
+    dest = ddpm_cli._fetch_url(server["url"] + "/a.bin", tmp_path / "a.bin",
                                expected_size=len(PAYLOAD))
     assert dest.read_bytes() == PAYLOAD
 
@@ -725,7 +726,7 @@ def test_prepare_data_from_url(server, tmp_path):
     server["files"]["/archive/main.zip"] = zip_folder(folder, tmp_path / "x.zip",
                                                       "fruits-360-main/").read_bytes()
     out = tmp_path / "out"
-    index = ddpm_lib.prepare_data(url=server["url"] + "/archive/main.zip?download=1", out=out)
+    index = ddpm_cli.prepare_data(url=server["url"] + "/archive/main.zip?download=1", out=out)
     assert (out / "main.zip").is_file()
     assert len(index) == len(image_files(folder))
     assert temp_leftovers(out) == []

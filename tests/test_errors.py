@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import ddpm_lib as dl
+import ddpm_cli
+import ddpm_train as dt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +37,7 @@ def cli(*args, **kw) -> subprocess.CompletedProcess:
 def main_error(args, capsys) -> tuple[int, str]:
     """Run the CLI in-process; (exit code, what it printed to stderr or as its exit message)."""
     with pytest.raises(SystemExit) as e:
-        dl.main(args)
+        ddpm_cli.main(args)
     code = e.value.code
     msg = code if isinstance(code, str) else capsys.readouterr().err
     return (1 if isinstance(code, str) else code), msg
@@ -45,7 +47,7 @@ def main_error(args, capsys) -> tuple[int, str]:
 def run(tmp_path_factory) -> Path:
     """A finished smoke run (2 epochs of fold 0)."""
     out = tmp_path_factory.mktemp("run") / "fold0"
-    dl.train(smoke_cfg(), 0, out=out, progress=False)
+    dt.train(smoke_cfg(), 0, out=out, progress=False)
     return out
 
 
@@ -91,10 +93,10 @@ def test_checkpoints_need_no_pickle(run):
     """What train() writes loads with weights_only=True, RNG states included."""
     ck = torch.load(run / "checkpoint.pt", weights_only=True)
     assert set(ck["rng"]) == {"torch", "numpy", "python"} and ck["fold"] == "0"
-    state = dl.rng_state()
+    state = dt.rng_state()
     import numpy as np
     a = np.random.rand(3)
-    dl.set_rng_state(state)
+    dt.set_rng_state(state)
     assert (np.random.rand(3) == a).all()
 
 
@@ -135,25 +137,25 @@ def test_full_disk_keeps_previous_file(tmp_path, monkeypatch):
 
 def test_run_folder_lock(tmp_path):
     out = tmp_path / "run"
-    with dl.run_lock(out):
-        with pytest.raises(dl.RunLocked, match=f"pid {os.getpid()}"):
-            dl.train(smoke_cfg(), 0, out=out, progress=False)
+    with dt.run_lock(out):
+        with pytest.raises(dt.RunLocked, match=f"pid {os.getpid()}"):
+            dt.train(smoke_cfg(), 0, out=out, progress=False)
     assert not (out / "checkpoint.pt").exists()
-    dl.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)      # free again
+    dt.train(smoke_cfg(max_epochs=1), 0, out=out, progress=False)      # free again
 
 
 def test_lock_of_a_killed_process_is_free(tmp_path):
     out = tmp_path / "run"
-    code = (f"import ddpm_lib as dl, time\nwith dl.run_lock({str(out)!r}):\n"
+    code = (f"import ddpm_train as dt, time\nwith dt.run_lock({str(out)!r}):\n"
             f"    print('locked', flush=True); time.sleep(60)")
     p = subprocess.Popen([sys.executable, "-c", code], env=env(), stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
-    with pytest.raises(dl.RunLocked, match=f"pid {p.pid}"):
-        with dl.run_lock(out):
+    with pytest.raises(dt.RunLocked, match=f"pid {p.pid}"):
+        with dt.run_lock(out):
             pass
     p.kill()
     p.wait()
-    with dl.run_lock(out):                 # the pid file is left, the lock is not
+    with dt.run_lock(out):                 # the pid file is left, the lock is not
         assert (out / ".lock").read_text() == str(os.getpid())
 
 
@@ -184,7 +186,7 @@ def test_leftover_temporary_files_removed(run, tmp_path):
     out = copy_run(run, tmp_path)
     junk = out / ".checkpoint.pt.abc123.tmp"
     junk.write_bytes(b"x" * 1000)
-    dl.train(smoke_cfg(), 0, resume=True, out=out, progress=False)
+    dt.train(smoke_cfg(), 0, resume=True, out=out, progress=False)
     assert not junk.exists() and (out / "checkpoint.pt").exists()
 
 
@@ -205,7 +207,7 @@ def test_signal_keeps_last_checkpoint_and_says_how_to_resume(tmp_path, sig):
     ck = dl.load_checkpoint(out / "checkpoint.pt")
     assert 1 <= ck["epoch"] < 400
     assert not list(out.glob(".*.tmp"))
-    h = dl.train(smoke_cfg(max_epochs=ck["epoch"] + 1), 0, resume=True, out=out, progress=False)
+    h = dt.train(smoke_cfg(max_epochs=ck["epoch"] + 1), 0, resume=True, out=out, progress=False)
     assert list(h.epoch) == list(range(1, ck["epoch"] + 2))
 
 
@@ -220,10 +222,9 @@ def test_finished_run_without_best_pt(run, tmp_path, capsys):
 
 
 def test_missing_committed_model_is_not_retrained(tmp_path, monkeypatch):
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
-    monkeypatch.setattr(dl, "train", lambda *a, **k: pytest.fail("trained a shipped profile"))
+    monkeypatch.setattr(dt, "train", lambda *a, **k: pytest.fail("trained a shipped profile"))
     with pytest.raises(FileNotFoundError, match="git checkout -- data/checkpoints/ddpm_cpu_all"):
-        dl.generation_model(dl.get_config("cpu"))
+        dl.generation_model(dl.get_config("cpu", root=str(tmp_path)))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_sampler_flags_that_do_not_apply(args, words, capsys):
 
 
 def synthetic(root: Path, **kw) -> Path:
-    return dl.make_synthetic(root, **{"n_classes": 2, "frames": 20, "size": 32, **kw})
+    return ddpm_cli.make_synthetic(root, **{"n_classes": 2, "frames": 20, "size": 32, **kw})
 
 
 def test_failed_reindex_from_replaced_zip_keeps_old_images(tmp_path):
@@ -270,13 +271,13 @@ def test_failed_reindex_from_replaced_zip_keeps_old_images(tmp_path):
     z = tmp_path / "fruits.zip"
     shutil.make_archive(str(z.with_suffix("")), "zip", src)
     out = tmp_path / "data"
-    dl.prepare_data(src=z, out=out)
+    ddpm_cli.prepare_data(src=z, out=out)
     before = (out / "index.csv").read_bytes()
     with zipfile.ZipFile(z, "w") as f:                           # replaced: no Test/ folder
         f.writestr("Training/Fake 0 1/0_100.jpg", (src / "Training/Fake 0 1/0_100.jpg").read_bytes())
     os.utime(z, ns=(time.time_ns(), time.time_ns() + 10**9))
     with pytest.raises(dl.DataError, match="no Training/ and Test/"):
-        dl.prepare_data(src=z, out=out)
+        ddpm_cli.prepare_data(src=z, out=out)
     assert (out / "index.csv").read_bytes() == before
     index = pd.read_csv(out / "index.csv")
     assert all((out / "fruits-360" / p).is_file() for p in index.path)
@@ -286,7 +287,7 @@ def test_failed_reindex_from_replaced_zip_keeps_old_images(tmp_path):
 @pytest.mark.parametrize("url", ["http://127.0.0.1:9/fruits.zip", "not-a-url"])
 def test_unreachable_url(tmp_path, url):
     with pytest.raises(dl.DataError, match="cannot download .*--from"):
-        dl.prepare_data(url=url, out=tmp_path / "data")
+        ddpm_cli.prepare_data(url=url, out=tmp_path / "data")
 
 
 def write_index(tmp_path: Path, text: str) -> dl.Config:
@@ -321,7 +322,7 @@ def test_non_square_image_is_resized_with_a_warning(tmp_path, capsys):
     src = synthetic(tmp_path / "src")
     odd = src / "Training" / "Fake 0 1" / "r_99_100.jpg"
     Image.new("RGB", (80, 64), (200, 10, 10)).save(odd)
-    index = dl.prepare_data(src=src, out=tmp_path / "data")
+    index = ddpm_cli.prepare_data(src=src, out=tmp_path / "data")
     out = capsys.readouterr().out
     assert "1 images are not square" in out and "r_99_100.jpg (80×64)" in out
     row = index[index.path.str.endswith("r_99_100.jpg")]

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 
 import ddpm_lib as dl
+import ddpm_cli as cli
+import ddpm_train as dt
 
 T = 1000
 
@@ -75,7 +77,7 @@ def test_conditional_unet_shapes_and_null_class():
         torch.testing.assert_close(model(x, t), model(x, t, torch.full((5,), 3)), rtol=0, atol=0)
         assert not torch.allclose(model(x, t, torch.zeros(5, dtype=torch.long)),
                                   model(x, t, torch.ones(5, dtype=torch.long)))
-    assert cfg.run_dir("all").name == "all_cond" and "_cond" in dl.shipped_checkpoint(cfg).name
+    assert cfg.run_dir("all").name == "all_cond" and "_cond" in str(dl.committed_dir(cfg, "all"))
     assert "--conditional" in dl.train_command(cfg, "all")
 
 
@@ -87,7 +89,7 @@ def test_label_dropout_at_the_stated_rate_and_unconditional_draws_unchanged():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (1000, 3, 4, 4), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (1000,), generator=g)
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     cond = list(dl.epoch_batches(images, cfg, fp, torch.Generator().manual_seed(1), labels))
     plain = list(dl.epoch_batches(images, dataclasses.replace(cfg, n_classes=0), fp,
                                   torch.Generator().manual_seed(1), labels))
@@ -122,7 +124,7 @@ def test_guidance_w0_is_unconditional_and_w1_conditional_exactly():
     with pytest.raises(ValueError, match="class-conditional"):
         dl.Guided(plain, y, 2.0)
     with pytest.raises(ValueError, match="one class label per sample"):
-        dl.sample(model, dl.ForwardProcess(T), "ddim", 4, 16, y=y[:3], steps=2)
+        dl.sample(model, dl.Diffusion(T), "ddim", 4, 16, y=y[:3], steps=2)
 
 
 def test_guided_sampling_on_two_gaussians_moves_toward_the_class():
@@ -132,7 +134,7 @@ def test_guided_sampling_on_two_gaussians_moves_toward_the_class():
     for w > 1 (the guided ε̂ at the different t is not the noising of one distribution, and the
     deterministic chain follows it),
     and class 0 mirrors it; DDPM-1000 draws class 1 for w ≥ 1."""
-    oracle, fp = TwoGaussians(), dl.ForwardProcess(T)
+    oracle, fp = TwoGaussians(), dl.Diffusion(T)
     n = 256
     means = {}
     for cls in (0, 1):
@@ -168,23 +170,22 @@ def test_conditional_training_samples_with_the_ema_weights(tmp_path, monkeypatch
     sampling cannot run on the raw weights. An unconditional checkpoint in its place is refused."""
     dl.load_index(dl.get_config("smoke"))         # the synthetic set exists
     data = str(dl.ROOT / "runs" / "smoke" / "data")
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
-    cfg = dl.get_config("smoke", conditional=True, data_dir=data, max_epochs=2)
+    cfg = dl.get_config("smoke", root=str(tmp_path), conditional=True, data_dir=data, max_epochs=2)
     assert cfg.n_classes == dl.load_index(cfg).label.nunique() == 3
-    h = dl.train(cfg, "all", progress=False)
+    h = dt.train(cfg, "all", progress=False)
     assert np.isfinite(h.train_loss).all() and np.isfinite(h.val_loss).all()
-    model = dl.generation_model(dl.get_config("smoke", data_dir=data), conditional=True)
+    model = dl.generation_model(dl.get_config("smoke", root=str(tmp_path), data_dir=data), conditional=True)
     run = cfg.run_dir("all")
     ema, raw = dl.load_checkpoint(run / "best.pt")["ema"], dl.load_checkpoint(
         run / "checkpoint.pt")["model"]
     sd = model.state_dict()
     assert all(torch.equal(sd[k], v.float()) for k, v in ema.items())
     assert not all(torch.equal(sd[k], v.float()) for k, v in raw.items())
-    x, _ = dl.sample(model, dl.ForwardProcess.from_config(cfg), "ddim", 6, cfg.image_size,
+    x, _ = dl.sample(model, dl.Diffusion.from_config(cfg), "ddim", 6, cfg.image_size,
                      y=torch.tensor([0, 1, 2, 0, 1, 2]), w=2.0, steps=3, progress=False)
     assert x.shape == (6, 3, 16, 16) and x.isfinite().all()
     plain = dataclasses.replace(cfg, n_classes=0)
-    dl.train(plain, 0, out=tmp_path / "plain", progress=False)
+    dt.train(plain, 0, out=tmp_path / "plain", progress=False)
     with pytest.raises(ValueError, match="n_classes"):
         dl.load_model(cfg, "all", tmp_path / "plain" / "best.pt")
 
@@ -200,13 +201,13 @@ def test_cli_samples_a_fruit_with_guidance(monkeypatch, capsys):
         seen["model"] = model
         return real(model, *args, **kw)
     monkeypatch.setitem(dl.SAMPLERS, "ddim", spy)
-    dl.main(["sample", "--profile", "smoke", "--n", "3", "--steps", "2", "--fruit", classes[1],
+    cli.main(["sample", "--profile", "smoke", "--n", "3", "--steps", "2", "--fruit", classes[1],
              "--w", "2"])
     m = seen["model"]
     assert isinstance(m, dl.Guided) and m.w == 2.0 and m.y.tolist() == [1, 1, 1]
     assert f"_{classes[1].replace(' ', '_')}_w2_seed0.png" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="add --fold all"):
-        dl.main(["train", "--profile", "smoke", "--fold", "0", "--conditional"])
+        cli.main(["train", "--profile", "smoke", "--fold", "0", "--conditional"])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def test_guidance_metrics_tables_and_the_chosen_w(tmp_path):
     assert dl.pick_w(fake, ffd_max=0.5) == 5             # none within: the most accurate
     df.to_csv(tmp_path / "guidance.csv", index=False)
     per.to_csv(tmp_path / "guidance_by_class.csv", index=False)
-    f = dl._report_fields(tmp_path)
+    f = cli._report_fields(tmp_path)
     assert f["guidance_w"] == f"{dl.pick_w(df):g}" and f["guidance_n_per_class"] == "4"
     assert "guidance_table" in f and "guidance_class_table" in f
 
@@ -248,15 +249,14 @@ def test_time_to_quality_scores_every_snapshot(tmp_path, monkeypatch):
     data = str(dl.ROOT / "runs" / "smoke" / "data")
     clf = dl.ROOT / "runs" / "smoke" / "classifier.pt"
     dl.train_classifier(dl.get_config("smoke"), progress=False)
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
     (tmp_path / "runs" / "smoke").mkdir(parents=True)
     (tmp_path / "runs" / "smoke" / "classifier.pt").write_bytes(clf.read_bytes())
-    cfg = dl.get_config("smoke", data_dir=data)
+    cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=data)
     with pytest.raises(FileNotFoundError, match="snapshots"):
         dl.time_to_quality(cfg, n=6, steps=2, progress=False)
-    gcfg = dl.get_config("smoke", generation=True, data_dir=data)
+    gcfg = dl.get_config("smoke", root=str(tmp_path), generation=True, data_dir=data)
     assert gcfg.snapshot_every == 1
-    dl.train(gcfg, "all", progress=False)
+    dt.train(gcfg, "all", progress=False)
     snaps = sorted(p.name for p in gcfg.run_dir("all").glob("ema_epoch*.pt"))
     assert snaps == ["ema_epoch0001.pt", "ema_epoch0002.pt"]
     tq = dl.time_to_quality(cfg, n=6, steps=2, progress=False)
@@ -266,7 +266,7 @@ def test_time_to_quality_scores_every_snapshot(tmp_path, monkeypatch):
     np.testing.assert_allclose(tq.train_minutes, h.seconds.cumsum() / 60)
     assert (tq.idle_minutes <= tq.train_minutes).all() and (tq.ffd_ratio > 0).all()
     tq.to_csv(tmp_path / "generation_time_to_quality.csv", index=False)
-    f = dl._report_fields(tmp_path)
+    f = cli._report_fields(tmp_path)
     assert f["ttq_last_epoch"] == "2" and f["ttq_n"] == "6"
 
 
@@ -277,7 +277,7 @@ def test_cli_evaluate_guidance_writes_tables_and_figures(capsys):
     names = ("guidance.csv", "guidance_by_class.csv", "guidance.png", "guidance_grid.png")
     for name in names:
         (figs / name).unlink(missing_ok=True)
-    dl.main(["evaluate", "--profile", "smoke", "--what", "guidance", "--n", "2"])
+    cli.main(["evaluate", "--profile", "smoke", "--what", "guidance", "--n", "2"])
     assert all((figs / name).exists() for name in names)
     df = pd.read_csv(figs / "guidance.csv")
     assert (df.n_per_class == 2).all() and sorted(df.w.dropna()) == list(dl.GUIDANCE_W)

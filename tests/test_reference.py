@@ -117,7 +117,7 @@ def test_diffusion_loss_bf16_vs_fp32():
     m16 = dl.build_model(cfg, CPU, verbose=False)
     m32 = dl.build_model(cfg32, CPU, verbose=False)
     m32.load_state_dict(m16.state_dict())
-    fp = dl.ForwardProcess.from_config(cfg)
+    fp = dl.Diffusion.from_config(cfg)
     g = torch.Generator().manual_seed(2)
     x0 = torch.rand(16, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
     t, eps = fp.sample_t(16, g), torch.randn(x0.shape, generator=g)

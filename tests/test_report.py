@@ -3,13 +3,14 @@ import numpy as np
 import pandas as pd
 
 import ddpm_lib as dl
+import ddpm_cli as cli
 
 
 def _render(tmp_path, template: str) -> str:
     """The report of `template` from the tables in tmp_path (smoke profile)."""
     tpl = tmp_path / "t.md"
     tpl.write_text(template)
-    return dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
+    return cli.write_report(dl.get_config("smoke"), tpl, figs=tmp_path,
                            out=tmp_path / "r" / "r.md").read_text()
 
 
@@ -31,7 +32,7 @@ def test_report_fills_fields_and_marks_missing(tmp_path):
     tpl = tmp_path / "t.md"
     tpl.write_text("A ${ssim50_corrected} B ${ssim50_report} C ${generation_table}\n"
                    "![x](../figures/02_schedules.png) ![y](../figures/nope.png)\n${table1_corrected}")
-    out = dl.write_report(dl.get_config("smoke"), tpl, figs=tmp_path, out=tmp_path / "r" / "r.md")
+    out = cli.write_report(dl.get_config("smoke"), tpl, figs=tmp_path, out=tmp_path / "r" / "r.md")
     text = out.read_text()
     want = df[(df.method == "corrected") & (df.t == 50)].ssim_mean.mean()
     assert f"A {want:.3f} B" in text

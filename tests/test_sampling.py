@@ -21,6 +21,20 @@ import torch
 import torch.nn as nn
 
 import ddpm_lib as dl
+import ddpm_cli as cli
+import ddpm_train as dt
+
+
+def loop(step, default_steps=None):
+    """The library's one loop (sample_loop) running `step` over timesteps(T, steps): every t, or
+    for DDIM `steps` of them, as sample runs it."""
+    def run(model, fp, x, g, steps=default_steps, keep=(), **kw):
+        return dl.sample_loop(step, model, fp, x, dl.timesteps(fp.T, steps), g, keep, **kw)
+    return run
+
+
+DDPM, DDIM = loop(dl.p_sample), loop(dl.ddim_step, 50)
+REPORT, REPORT_FIRST = loop(dl.report_step), loop(dl.report_first_step)
 
 MU, S2 = 0.3, 0.04
 T = 1000
@@ -91,7 +105,7 @@ def ddim_reference(xT: np.ndarray, steps: int, mu=MU, s2=S2, T: int = T,
 def gaussian_run(loop, n_side: int = 128, seed: int = 0, **kw) -> torch.Tensor:
     """A sampler loop with ε*, on 16 384 independent 1-pixel chains (one (1, 1, 128, 128) batch:
     ε* acts per pixel), no clipping."""
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     g = torch.Generator().manual_seed(seed)
     xT = torch.randn(1, 1, n_side, n_side, generator=g)
     x, _ = loop(OptimalEps(), fp, xT, g, clip=False, **kw)
@@ -115,7 +129,7 @@ def check_moments(x: torch.Tensor, mean: float, var: float, n_se: float = 5.0):
 def tiny():
     torch.manual_seed(0)
     model = dl.UNet(8, 32, 2).eval().requires_grad_(False)
-    return model, dl.ForwardProcess(50)
+    return model, dl.Diffusion(50)
 
 
 SAMPLER_KW = {"ddpm": dict(var="beta"), "ddim": dict(steps=10), "report": {}, "report-first": {}}
@@ -124,7 +138,7 @@ SAMPLER_KW = {"ddpm": dict(var="beta"), "ddim": dict(steps=10), "report": {}, "r
 def test_samplers_table():
     assert set(dl.SAMPLERS) == {"ddpm", "ddim", "report", "report-first"}
     with pytest.raises(ValueError, match="method"):
-        dl.sample(nn.Linear(1, 1), dl.ForwardProcess(5), "euler", n=1, size=8, progress=False)
+        dl.sample(nn.Linear(1, 1), dl.Diffusion(5), "euler", n=1, size=8, progress=False)
 
 
 @pytest.mark.parametrize("method,kw", [("ddpm", dict(var="beta")),
@@ -192,7 +206,7 @@ def test_keep_returns_the_intermediate_steps(tiny, method):
 def test_optimal_eps_is_the_posterior_mean_of_eps():
     """The oracle itself: at a fixed t, ε* = E[ε | x_t], i.e. regressing ε on x_t by least
     squares over many (x0, ε) pairs gives ε*'s slope, and its MSE beats ε* scaled by ±5 %."""
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     g = torch.Generator().manual_seed(0)
     n, t = 200_000, torch.tensor([300])
     x0 = MU + np.sqrt(S2) * torch.randn(n, 1, 1, 1, generator=g)
@@ -208,7 +222,7 @@ def test_optimal_eps_is_the_posterior_mean_of_eps():
 
 @pytest.mark.parametrize("var,data_tol", [("beta", 0.05), ("beta_tilde", 0.15)])
 def test_ddpm_samples_the_gaussian(var, data_tol):
-    _, x = gaussian_run(dl.p_sample_loop, var=var)
+    _, x = gaussian_run(DDPM, var=var)
     n = x.numel()
     m_exact, v_exact = exact_moments(var)
     check_moments(x, m_exact, v_exact)               # the sampler is the recursion it claims
@@ -217,15 +231,15 @@ def test_ddpm_samples_the_gaussian(var, data_tol):
 
 
 def test_ddim_eta0_is_eq12_exactly():
-    xT, x = gaussian_run(dl.ddim_sample_loop, steps=50, eta=0.0)
+    xT, x = gaussian_run(DDIM, steps=50, eta=0.0)
     ref = ddim_reference(xT.double().numpy(), 50)
     np.testing.assert_allclose(x.double().numpy(), ref, rtol=0, atol=1e-4)
     assert abs(x.mean().item() - MU) < 0.01
     # 50 deterministic steps: known to under-disperse (discretisation), not a sampling error
     assert x.var().item() < 0.9 * S2
     # deterministic: another generator state does not matter at η = 0
-    fp, g = dl.ForwardProcess(T), torch.Generator().manual_seed(123)
-    x2, _ = dl.ddim_sample_loop(OptimalEps(), fp, xT, g, steps=50, eta=0.0, clip=False)
+    fp, g = dl.Diffusion(T), torch.Generator().manual_seed(123)
+    x2, _ = DDIM(OptimalEps(), fp, xT, g, steps=50, eta=0.0, clip=False)
     assert torch.equal(x, x2)
 
 
@@ -242,15 +256,15 @@ def test_preconditioning_alone_is_the_gaussian_optimum():
     is Eq. 12 with ε* exactly. With another σ_d it is not."""
     g = torch.Generator().manual_seed(0)
     xT = torch.randn(1, 1, 128, 128, generator=g)
-    run = lambda s2: dl.ddim_sample_loop(ZeroNet(), dl.ForwardProcess(T, sigma_data=s2 ** 0.5),
-                                         xT, g, steps=50, clip=False)[0].double().numpy()
+    run = lambda s2: DDIM(ZeroNet(), dl.Diffusion(T, sigma_data=s2 ** 0.5),
+                          xT, g, steps=50, clip=False)[0].double().numpy()
     ref = ddim_reference(xT.double().numpy(), 50, mu=0.0, s2=0.25)
     np.testing.assert_allclose(run(0.25), ref, rtol=0, atol=1e-4)
     assert np.abs(run(0.5) - ref).mean() > 0.01
 
 
 def test_ddim_many_steps_samples_the_gaussian():
-    xT, x = gaussian_run(dl.ddim_sample_loop, steps=1000, eta=0.0)
+    xT, x = gaussian_run(DDIM, steps=1000, eta=0.0)
     n = x.numel()
     assert abs(x.mean().item() - MU) < 4 * np.sqrt(S2 / n) + 1e-3
     assert abs(x.var().item() - S2) < 0.10 * S2, x.var().item()
@@ -263,23 +277,24 @@ def test_ddim_eta1_with_re_derived_eps_is_the_ddpm_posterior_step():
     posterior step with σ² = β̃_t (same noise draws): the two loops agree when x̂0 is clipped
     (ε* of N(0, 2²) data, whose x̂0 leaves [-1, 1]). Keeping the network's ε̂ is another sampler
     once clipping is active, and the same one without clipping."""
-    model, fp = OptimalEps(0.0, 4.0, T=50), dl.ForwardProcess(50)
+    model, fp = OptimalEps(0.0, 4.0, T=50), dl.Diffusion(50)
     xT = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     run = lambda loop, **kw: loop(model, fp, xT.clone(), torch.Generator().manual_seed(1), **kw)[0]
-    x0 = fp.predict_x0(xT, torch.full((4,), fp.T), dl._eps(model, fp, xT, fp.T)[1])
+    t = torch.full((4,), fp.T)
+    x0 = fp.predict_x0(xT, t, dl.eps_hat(model, fp, xT, t))
     assert (x0.abs() > 1).float().mean() > 0.3                     # clipping is active
-    ddpm = run(dl.p_sample_loop, var="beta_tilde")
-    ddim = run(dl.ddim_sample_loop, steps=fp.T, eta=1.0, recompute_eps=True)
+    ddpm = run(DDPM, var="beta_tilde")
+    ddim = run(DDIM, steps=fp.T, eta=1.0, recompute_eps=True)
     torch.testing.assert_close(ddim, ddpm, rtol=0, atol=1e-5)
-    kept = run(dl.ddim_sample_loop, steps=fp.T, eta=1.0)
+    kept = run(DDIM, steps=fp.T, eta=1.0)
     assert (kept - ddpm).abs().max() > 0.1
     torch.testing.assert_close(
-        run(dl.ddim_sample_loop, steps=10, clip=False),
-        run(dl.ddim_sample_loop, steps=10, clip=False, recompute_eps=True), rtol=0, atol=1e-5)
+        run(DDIM, steps=10, clip=False),
+        run(DDIM, steps=10, clip=False, recompute_eps=True), rtol=0, atol=1e-5)
 
 
 def test_report_method_does_not_sample_the_gaussian():
-    _, x = gaussian_run(dl.report_sample_loop)
+    _, x = gaussian_run(REPORT)
     m_exact, v_exact = exact_moments("report")
     check_moments(x, m_exact, v_exact)               # it is the method its docstring describes
     assert x.var().item() < 0.6 * S2, x.var().item()  # … and that method collapses the variance
@@ -388,7 +403,7 @@ def test_nearest_ssim_finds_a_copy():
 class Oracle(nn.Module):
     """Returns the true ε of x_t for known clean images: ε = (x_t - sqrt(ᾱ)·x0)/sqrt(1-ᾱ)."""
 
-    def __init__(self, x0: torch.Tensor, fp: dl.ForwardProcess):
+    def __init__(self, x0: torch.Tensor, fp: dl.Diffusion):
         super().__init__()
         self.x0, self.fp = x0, fp
         self.dummy = nn.Parameter(torch.zeros(()))   # one_step_eval reads the model's device
@@ -400,7 +415,7 @@ class Oracle(nn.Module):
 
 def test_one_step_eval_rows_and_perfect_predictor():
     images = (_structured(4, 16, seed=3) * 255).round().to(torch.uint8)
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     ts = (1, 50, 1000)
     df = dl.one_step_eval(Oracle(dl.to_float(images), fp), fp, images, ts=ts, batch=4)
     assert list(df.columns[:3]) == ["t", "ssim", "psnr"]
@@ -416,7 +431,7 @@ def test_one_step_eval_rows_and_perfect_predictor():
     assert (bad.ssim <= 1).all()
     assert bad[bad.t == 1000].ssim.mean() < 0.5
     # the report-faithful reconstruction runs on the same rows
-    rep = dl.one_step_eval(net, dl.ForwardProcess(T, target="scaled_eps"), images, ts=(50,),
+    rep = dl.one_step_eval(net, dl.Diffusion(T, target="scaled_eps"), images, ts=(50,),
                            report=True, batch=4)
     assert len(rep) == len(images) and ((rep.ssim >= -1) & (rep.ssim <= 1)).all()
 
@@ -491,10 +506,10 @@ def test_scale_response_reads_the_scale_an_eps_follows():
     for the report's U-Net, whose convolutions feed GroupNorm(1, C) without a bias (a property of
     its architecture, here measured by the function under test)."""
     images = (torch.rand(6, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
-    fp, ts = dl.ForwardProcess(T), (100, 1000)
+    fp, ts = dl.Diffusion(T), (100, 1000)
     r = dl.scale_response(EpsIsX(), fp, images, ts, c=1.1)
     assert list(r.t) == list(ts) and np.allclose(r.ratio, 1.1, atol=1e-5) and (r.c == 1.1).all()
-    r = dl.scale_response(Zero(), dl.ForwardProcess(T, sigma_data=0.7), images, ts, c=0.8)
+    r = dl.scale_response(Zero(), dl.Diffusion(T, sigma_data=0.7), images, ts, c=0.8)
     assert np.allclose(r.ratio, 0.8, atol=1e-5)
     torch.manual_seed(0)
     r = dl.scale_response(dl.UNet(8, 32, 2).eval(), fp, images, ts, c=2.0)
@@ -505,11 +520,10 @@ def test_scale_blind_eps_drifts_in_deterministic_ddim():
     """Deterministic DDIM without clipping, driven by ε* of Gaussian data made blind to ‖x_t‖
     (ScaleBlind), ends far wider than with ε* itself: the starting noise's norm is never
     corrected. The mechanism notebook 05 shows."""
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     x0_sq = gaussian_images(20_000).flatten(1).pow(2).sum(1).mean()
     xT = torch.randn(4000, 3, 4, 4, generator=torch.Generator().manual_seed(2))
-    run = lambda model: dl.ddim_sample_loop(model, fp, xT.clone(), torch.Generator(), steps=50,
-                                            clip=False)[0]
+    run = lambda model: DDIM(model, fp, xT.clone(), torch.Generator(), steps=50, clip=False)[0]
     opt, blind = run(OptimalEps()), run(ScaleBlind(x0_sq))
     assert blind.var() > 100 * opt.var()                     # measured: 180 against 0.027
 
@@ -518,8 +532,7 @@ def test_generation_metrics_scores_every_story_row(tmp_path, monkeypatch):
     """generation_metrics on the smoke profile's two story models: the two real references, then
     one row per GEN_SAMPLERS entry with n (n_report for the report's method) samples in [-1, 1],
     FFD over the floor at each row's n, and the samples saved; class_shares sums to 1 per set."""
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
-    cfg = dl.get_config("smoke", data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
+    cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
                                                "smoke" / "data"), T=20)
     monkeypatch.setitem(dl.GENERATION, "smoke", dict(dl.GENERATION["smoke"], T=20))
     models = dl.story_models(cfg)
@@ -585,8 +598,7 @@ def test_summarise_std_over_images_and_over_batch_means():
 def test_ddpm_rejects_unknown_variance():
     """A typo in var must not silently fall back to β̃."""
     with pytest.raises(ValueError, match="beta_tilde"):
-        dl.p_sample_loop(None, dl.ForwardProcess(T=10), torch.zeros(1, 3, 4, 4),
-                         torch.Generator(), var="betta")
+        dl.sample(OptimalEps(), dl.Diffusion(T=10), "ddpm", 1, 4, var="betta")
 
 
 def _seeds_table_from_the_command_line(what: str, by: str, variants, samplers, metrics):
@@ -598,7 +610,7 @@ def _seeds_table_from_the_command_line(what: str, by: str, variants, samplers, m
     table, fig = {"mixture": ("generation_mixture", "mixture_ffd"),
                   "norm": ("generation_norm", "norm_ffd")}[what]
     (cfg.fig_dir() / f"{fig}.png").unlink(missing_ok=True)
-    dl.main(["evaluate", "--profile", "smoke", "--what", what, "--seeds", "0", "1"])
+    cli.main(["evaluate", "--profile", "smoke", "--what", what, "--seeds", "0", "1"])
     df = pd.read_csv(cfg.fig_dir() / f"{table}.csv")
     assert len(df) == 1 + len(samplers) * len(variants) * 2 and df.sampler[0] == "real: test images"
     d = df.iloc[1:]
@@ -638,7 +650,7 @@ class ScaledOptimalEps(OptimalEps):
 def _literal_run(loop, model, n_side: int = 64, seed: int = 0, **kw):
     """loop with `model` on (1, 1, n_side, n_side) 1-pixel chains, and the noise it draws
     (the same generator, replayed: one N(0, 1) draw of x's shape per step with t > 1)."""
-    fp = dl.ForwardProcess(T)
+    fp = dl.Diffusion(T)
     g = torch.Generator().manual_seed(seed)
     xT = torch.randn(1, 1, n_side, n_side, generator=g)
     x, _ = loop(model, fp, xT, g, **kw)
@@ -661,7 +673,7 @@ def test_report_first_sampler_is_algorithm2_with_the_raw_output(scaled):
     same z. With ε* it is DDPM (the data's variance); with the ideal report-faithful output it
     removes too little noise and ends ~10× too wide, its mean still right."""
     model = ScaledOptimalEps() if scaled else OptimalEps()
-    xT, x, z = _literal_run(dl.report_first_loop, model)
+    xT, x, z = _literal_run(REPORT_FIRST, model)
     b, ab = linear_alpha_bar()
     ref = xT
     for i, t in enumerate(range(T, 0, -1)):
@@ -678,31 +690,29 @@ def test_report_first_sampler_is_algorithm2_with_the_raw_output(scaled):
 def test_report_iterative_method_with_its_own_decoding():
     """decode='report': x̂0 = clip(s(t)·(x_t − out)) with Eq. 5's scaler, then q_sample to t−1,
     replayed in float64; on the ideal report-faithful output it differs from decoding ε̂."""
-    fp = dl.ForwardProcess(T)
-    xT, x, z = _literal_run(dl.report_sample_loop, ScaledOptimalEps(), decode="report")
+    fp = dl.Diffusion(T)
+    xT, x, z = _literal_run(REPORT, ScaledOptimalEps(), decode="report")
     _, ab = linear_alpha_bar()
-    s = dl.ForwardProcess.report_scaler(torch.arange(1, T + 1)).numpy()
+    s = dl.report_scaler(torch.arange(1, T + 1)).numpy()
     ref = xT
     for i, t in enumerate(range(T, 0, -1)):
         out = _out_coef(t, True) * (ref - np.sqrt(ab[t - 1]) * MU)
         x0 = np.clip(np.float32(s[t - 1]) * (ref - out), -1, 1)
         ref = np.sqrt(ab[t - 2]) * x0 + np.sqrt(1 - ab[t - 2]) * z[i] if t > 1 else x0
     np.testing.assert_allclose(x, ref, rtol=0, atol=2e-4)
-    _, x_eps, _ = _literal_run(dl.report_sample_loop, ScaledOptimalEps())
+    _, x_eps, _ = _literal_run(REPORT, ScaledOptimalEps())
     assert np.abs(x - x_eps).max() > 0.01
     with pytest.raises(ValueError, match="decode"):
-        dl.report_sample_loop(OptimalEps(), fp, torch.zeros(1, 1, 2, 2), torch.Generator(),
-                              decode="other")
+        dl.sample(OptimalEps(), fp, "report", 1, 2, decode="other")
 
 
 def test_figure5_samples_every_set_from_the_same_seed(tmp_path, monkeypatch):
     """figure5 on two freshly trained smoke fold models (T = 50): one set per FIG5_SAMPLERS row
     plus the real images' row, each kept t recorded, and the same seed gives the same sets."""
-    monkeypatch.setattr(dl, "ROOT", tmp_path)
-    cfg = dl.get_config("smoke", data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
+    cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
                                                "smoke" / "data"), T=50, max_epochs=1)
     for target in ("eps", "scaled_eps"):
-        dl.train(dataclasses.replace(cfg, target=target), 0, progress=False)
+        dt.train(dataclasses.replace(cfg, target=target), 0, progress=False)
     xs, trajs, stats = dl.figure5(cfg, n=3, keep=(40, 20, 0), progress=False)
     assert list(xs) == list(dl.FIG5_SAMPLERS) and len(stats) == len(xs) + 1
     assert stats.images.iloc[0] == "real test images"

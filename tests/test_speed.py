@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import ddpm_lib as dl
+import ddpm_train as dt
 
 CPU = torch.device("cpu")
 
@@ -36,49 +37,49 @@ AUTO = dict(bf16=None, channels_last=None)
 def test_picks_the_fastest_candidate_bf16_only_where_native(monkeypatch):
     calls = []
     monkeypatch.setattr(dl, "bf16_fast", lambda d: True)
-    c = dl.speed_choice(dl.get_config("cpu"), CPU, timer=fake_timer(RATES, calls))
+    c = dt.speed_choice(dl.get_config("cpu"), CPU, timer=fake_timer(RATES, calls))
     assert (c["precision"], c["memory"]) == ("bf16", "channels_last")
     assert sorted(calls) == sorted(RATES) and c["img_s"] == RATES
-    assert "measured 80 vs 72 vs 54 vs 36 img/s" in dl.speed_line(c)
+    assert "measured 80 vs 72 vs 54 vs 36 img/s" in dt.speed_line(c)
     monkeypatch.setattr(dl, "bf16_fast", lambda d: False)          # emulated bf16: never timed
     monkeypatch.setattr(dl, "_SPEED_MEMO", {})
     calls.clear()
-    c = dl.speed_choice(dl.get_config("cpu", batch_size=8), CPU, timer=fake_timer(RATES, calls))
+    c = dt.speed_choice(dl.get_config("cpu", batch_size=8), CPU, timer=fake_timer(RATES, calls))
     assert (c["precision"], c["memory"]) == ("fp32", "nchw")
     assert sorted(calls) == ["fp32/channels_last", "fp32/nchw"]
-    assert dl.speed_line(c).startswith("precision: fp32, memory: NCHW — measured 72 vs 54 img/s")
+    assert dt.speed_line(c).startswith("precision: fp32, memory: NCHW — measured 72 vs 54 img/s")
 
 
 def test_the_choice_is_cached_in_a_json_file_and_reused(capsys, monkeypatch):
     calls, cfg = [], dl.get_config("cpu")
     monkeypatch.setattr(dl, "bf16_fast", lambda d: False)
-    first = dl.speed_choice(cfg, CPU, timer=fake_timer(RATES, calls))
-    path = dl.speed_cache_path()
+    first = dt.speed_choice(cfg, CPU, timer=fake_timer(RATES, calls))
+    path = dt.speed_cache_path()
     assert path.parent.parent == dl.Path(dl.os.environ["XDG_CACHE_HOME"])
     assert str(path) in capsys.readouterr().out                  # the path, printed once
     data = json.loads(path.read_text())
-    entry = data[dl.speed_key(cfg)]
+    entry = data[dt.speed_key(cfg)]
     assert (entry["precision"], entry["memory"]) == ("fp32", "nchw")
     assert entry["img_s"] == {k: v for k, v in RATES.items() if k.startswith("fp32")}
-    key = dl.speed_key(cfg)
-    assert dl.cpu_name() in key and torch.__version__ in key and "32px, width 32, batch 32" in key
+    key = dt.speed_key(cfg)
+    assert dt.cpu_name() in key and torch.__version__ in key and "32px, width 32, batch 32" in key
 
     def no_timer(*a, **k):
         raise AssertionError("measured again")
-    again = dl.speed_choice(cfg, CPU, timer=no_timer)              # this process: memo
+    again = dt.speed_choice(cfg, CPU, timer=no_timer)              # this process: memo
     monkeypatch.setattr(dl, "_SPEED_MEMO", {})
-    later = dl.speed_choice(cfg, CPU, timer=no_timer)              # another process: the file
+    later = dt.speed_choice(cfg, CPU, timer=no_timer)              # another process: the file
     assert (again["precision"], again["memory"]) == (later["precision"], later["memory"]) \
         == (first["precision"], first["memory"])
     assert "measured earlier" in later["how"] and capsys.readouterr().out == ""
     calls.clear()                                # another batch is another key: measured
-    dl.speed_choice(dl.get_config("cpu", batch_size=64), CPU, timer=fake_timer(RATES, calls))
+    dt.speed_choice(dl.get_config("cpu", batch_size=64), CPU, timer=fake_timer(RATES, calls))
     assert len(calls) == 2 and len(json.loads(path.read_text())) == 2
     path.write_text("{not json")                 # a damaged cache is measured again, rewritten
     monkeypatch.setattr(dl, "_SPEED_MEMO", {})
     calls.clear()
-    dl.speed_choice(cfg, CPU, timer=fake_timer(RATES, calls))
-    assert len(calls) == 2 and dl.speed_key(cfg) in json.loads(path.read_text())
+    dt.speed_choice(cfg, CPU, timer=fake_timer(RATES, calls))
+    assert len(calls) == 2 and dt.speed_key(cfg) in json.loads(path.read_text())
 
 
 def test_environment_forces_the_choice_and_the_profile_wins(monkeypatch):
@@ -87,42 +88,42 @@ def test_environment_forces_the_choice_and_the_profile_wins(monkeypatch):
     monkeypatch.setattr(dl, "bf16_fast", lambda d: True)
     monkeypatch.setenv("DDPM_PRECISION", "fp32")
     monkeypatch.setenv("DDPM_MEMORY", "channels_last")
-    c = dl.speed_choice(dl.get_config("cpu"), CPU, timer=timer)
+    c = dt.speed_choice(dl.get_config("cpu"), CPU, timer=timer)
     assert (c["precision"], c["memory"]) == ("fp32", "channels_last") and calls == []
     assert "forced by DDPM_PRECISION" in c["how"] and "forced by DDPM_MEMORY" in c["how"]
     monkeypatch.delenv("DDPM_MEMORY")                            # one forced: the other measured
-    c = dl.speed_choice(dl.get_config("cpu"), CPU, timer=timer)
+    c = dt.speed_choice(dl.get_config("cpu"), CPU, timer=timer)
     assert (c["precision"], c["memory"]) == ("fp32", "nchw")
     assert sorted(calls) == ["fp32/channels_last", "fp32/nchw"]
     calls.clear()                                # the smoke profile sets both: nothing measured
-    c = dl.speed_choice(dl.get_config("smoke"), CPU, timer=timer)
+    c = dt.speed_choice(dl.get_config("smoke"), CPU, timer=timer)
     assert (c["precision"], c["memory"]) == ("fp32", "nchw") and calls == []
-    c = dl.speed_choice(dl.get_config("cpu"), torch.device("cuda"), timer=timer)  # CUDA: never
+    c = dt.speed_choice(dl.get_config("cpu"), torch.device("cuda"), timer=timer)  # CUDA: never
     assert (c["precision"], c["memory"]) == ("fp32", "channels_last") and calls == []
     monkeypatch.delenv("DDPM_PRECISION")
-    c = dl.speed_choice(dl.get_config("cpu"), torch.device("cuda"), timer=timer)
+    c = dt.speed_choice(dl.get_config("cpu"), torch.device("cuda"), timer=timer)
     assert (c["precision"], c["memory"], c["how"]) == ("bf16", "channels_last", "CUDA")
     monkeypatch.setenv("DDPM_MEMORY", "NHWC")
-    with pytest.raises(dl.SpeedError, match="DDPM_MEMORY='NHWC'.*nchw, channels_last"):
-        dl.speed_choice(dl.get_config("cpu"), CPU, timer=timer)
+    with pytest.raises(dt.SpeedError, match="DDPM_MEMORY='NHWC'.*nchw, channels_last"):
+        dt.speed_choice(dl.get_config("cpu"), CPU, timer=timer)
 
 
 def test_forced_bf16_without_native_bf16_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(dl, "bf16_fast", lambda d: d.type == "cuda")
     monkeypatch.setenv("DDPM_PRECISION", "bf16")
-    with pytest.raises(dl.SpeedError, match="DDPM_PRECISION.*no native bf16"):
-        dl.speed_choice(dl.get_config("cpu"), CPU, timer=fake_timer(RATES, []))
-    with pytest.raises(dl.SpeedError, match="bf16=True.*no native bf16"):
-        dl.speed_choice(dl.get_config("smoke", bf16=True), CPU)
-    with pytest.raises(dl.SpeedError, match="no native bf16"):      # train() stops at once
-        dl.train(dl.get_config("smoke", **AUTO), 0, out=tmp_path / "run", progress=False)
+    with pytest.raises(dt.SpeedError, match="DDPM_PRECISION.*no native bf16"):
+        dt.speed_choice(dl.get_config("cpu"), CPU, timer=fake_timer(RATES, []))
+    with pytest.raises(dt.SpeedError, match="bf16=True.*no native bf16"):
+        dt.speed_choice(dl.get_config("smoke", bf16=True), CPU)
+    with pytest.raises(dt.SpeedError, match="no native bf16"):      # train() stops at once
+        dt.train(dl.get_config("smoke", **AUTO), 0, out=tmp_path / "run", progress=False)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]   # nothing else
 
 
 def test_time_train_steps_measures_and_leaves_the_rng_alone():
     cfg = dl.get_config("smoke", batch_size=4)
     before = torch.get_rng_state()
-    rate = dl.time_train_steps(cfg, "fp32", "channels_last", CPU, seconds=0.05)
+    rate = dt.time_train_steps(cfg, "fp32", "channels_last", CPU, seconds=0.05)
     assert 0 < rate < float("inf")
     assert torch.equal(torch.get_rng_state(), before)
 
@@ -130,7 +131,7 @@ def test_time_train_steps_measures_and_leaves_the_rng_alone():
 def test_evaluation_autocast_uses_the_cached_precision(monkeypatch):
     calls = []
     monkeypatch.setattr(dl, "bf16_fast", lambda d: True)
-    monkeypatch.setattr(dl, "time_train_steps", fake_timer(RATES, calls))
+    monkeypatch.setattr(dt, "time_train_steps", fake_timer(RATES, calls))
     monkeypatch.setenv("DDPM_PROFILE", "cpu")
     for _ in range(2):
         with dl.autocast(CPU):
@@ -146,10 +147,10 @@ def test_evaluation_autocast_uses_the_cached_precision(monkeypatch):
 def test_train_records_the_choice_and_a_resumed_run_keeps_it(monkeypatch, tmp_path, capsys):
     calls = []
     monkeypatch.setattr(dl, "bf16_fast", lambda d: d.type == "cuda")
-    monkeypatch.setattr(dl, "time_train_steps", fake_timer(
+    monkeypatch.setattr(dt, "time_train_steps", fake_timer(
         {"fp32/nchw": 50.0, "fp32/channels_last": 60.0}, calls))
     cfg, out = dl.get_config("smoke", max_epochs=1, **AUTO), tmp_path / "run"
-    dl.train(cfg, 0, out=out, progress=True)
+    dt.train(cfg, 0, out=out, progress=True)
     assert "precision: fp32, memory: channels_last — measured 60 vs 50 img/s" \
         in capsys.readouterr().out
     ck = dl.load_checkpoint(out / "checkpoint.pt")
@@ -159,21 +160,21 @@ def test_train_records_the_choice_and_a_resumed_run_keeps_it(monkeypatch, tmp_pa
     assert list(h.precision) == ["fp32"] and list(h.memory) == ["channels_last"]
     # the cache now says NCHW (another machine's state, or a fresh measurement): not re-measured
     # and not followed by the resumed run
-    monkeypatch.setattr(dl, "time_train_steps", fake_timer(
+    monkeypatch.setattr(dt, "time_train_steps", fake_timer(
         {"fp32/nchw": 90.0, "fp32/channels_last": 60.0}, calls))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-cache"))
     monkeypatch.setattr(dl, "_SPEED_MEMO", {})
     calls.clear()
-    h = dl.train(dl.get_config("smoke", max_epochs=2, **AUTO), 0, out=out, resume=True,
+    h = dt.train(dl.get_config("smoke", max_epochs=2, **AUTO), 0, out=out, resume=True,
                  progress=True)
     assert "kept from" in capsys.readouterr().out
     assert list(h.memory) == ["channels_last"] * 2 and calls == []
     assert dl.load_checkpoint(out / "checkpoint.pt")["config"]["channels_last"] is True
     with pytest.raises(ValueError, match="channels_last=True, not False"):
-        dl.train(dl.get_config("smoke", max_epochs=3, bf16=None, channels_last=False), 0,
+        dt.train(dl.get_config("smoke", max_epochs=3, bf16=None, channels_last=False), 0,
                  out=out, resume=True, progress=False)
     # a checkpoint older than speed_choice (bf16=True: bf16 where native) loads and resumes
-    assert dl.resumed_speed({"bf16": True, "channels_last": True}, cfg, CPU, out)["precision"] \
+    assert dt.resumed_speed({"bf16": True, "channels_last": True}, cfg, CPU, out)["precision"] \
         == "fp32"
     old = dict(dl.dataclasses.asdict(dl.get_config("cpu")), bf16=True, channels_last=True)
     dl.check_config(old, dl.get_config("cpu"), out)

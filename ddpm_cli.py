@@ -1,0 +1,625 @@
+"""
+The command line of ddpm_lib (`python -m ddpm_lib COMMAND …`; `--help` lists the commands), with
+what only it needs: the data command's sources (a folder, a zip, a URL, the synthetic set) and
+the report writer (report/template.md filled from the tables in figures/).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+import ddpm_lib as dl
+from ddpm_lib import (ROOT, Config, DataError, Diffusion, PROFILES, SAMPLERS, SUBSET_CLASSES, atomic_path,
+                      build_index, committed_dir, generation_metrics, generation_model, get_config,
+                      generation_config, get_device, guidance_metrics, load_index, pick_w, planned_runs,
+                      plot_class_grid, plot_guidance, plot_time_to_quality, remove_partial,
+                      run_summary, sample, save_fig, save_table, show_grid, story_models, table1,
+                      table1_wide, time_to_quality, to_markdown, tqdm, uses_committed, write_csv,
+                      _find_split_dirs)
+from ddpm_train import Interrupted, RunLocked, Slurm, export_ema, run_out, submit, train
+
+# -----------------------------------------------------------------------------------------------
+# data: the `data` command's sources (a folder, a zip, a URL, the synthetic set)
+
+
+SHARED_SUBSET = ROOT.parent / "shared" / "fruits-360-subset"
+
+
+DEFAULT_URL = "https://github.com/fruits-360/fruits-360-100x100/archive/refs/heads/main.zip"
+
+
+def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
+    """Download with a progress bar, resuming a partial file (HTTP Range), then check the size."""
+    import urllib.error
+    import urllib.request
+    part = dest.with_suffix(dest.suffix + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    total = None
+    try:
+        req = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        r = urllib.request.urlopen(req, timeout=60)
+    except urllib.error.HTTPError as e:
+        if not (have and e.code == 416):    # 416: nothing past `have`, the .part is complete
+            raise DataError(f"download of {url} failed: HTTP {e.code} {e.reason}") from e
+        r = None
+    except (urllib.error.URLError, OSError, ValueError) as e:   # no network, bad host or URL
+        raise DataError(f"cannot download {url}: {getattr(e, 'reason', e)}. Check the address and "
+                        f"the network, or download the archive yourself and pass --from "
+                        f"<file.zip>") from None
+    if r is not None:
+        with r:
+            if have and r.status != 206:    # the server ignored the range: start again
+                have = 0
+            total = r.headers.get("Content-Length")
+            total = int(total) + have if total is not None else None
+            with open(part, "ab" if have else "wb") as f, \
+                    tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+    size = part.stat().st_size
+    want = expected_size or total
+    if want is not None and size != want:
+        raise DataError(f"download of {url} is {size} bytes, expected {want}: rerun the same "
+                        f"command to resume it, or delete {part} to start over")
+    os.replace(part, dest)
+    return dest
+
+
+@contextlib.contextmanager
+def _unpack(src: Path, dest: Path):
+    """Unpack a zip into a temporary folder beside dest and yield it; only if the block
+    succeeds (the new images indexed) does it replace dest. If dest already holds this very
+    zip (its size and mtime are stamped in dest/.source), yield dest itself."""
+    stamp = f"{src.stat().st_size} {src.stat().st_mtime_ns}"
+    if (dest / ".source").is_file() and (dest / ".source").read_text() == stamp:
+        yield dest
+        return
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".unzip-"))
+    try:
+        try:
+            with zipfile.ZipFile(src) as z:
+                bad = z.testzip()
+                if bad is not None:
+                    raise DataError(f"{src} is damaged (member {bad} fails its CRC check): "
+                                    f"download it again")
+                z.extractall(tmp)
+        except zipfile.BadZipFile as e:
+            raise DataError(f"{src} is damaged ({e}): download it again") from e
+        (tmp / ".source").write_text(stamp)
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_data(src: Path | str | None = None, url: str | None = None, synthetic: bool = False,
+                 out: Path | str = "data", classes=None, split: str = "grouped", seed: int = 0,
+                 skip_bad: bool = False, synthetic_size: int = 100) -> pd.DataFrame:
+    """The `data` command: put the images at out/fruits-360 (a link, or the unpacked zip) and
+    write out/index.csv. Sources: a folder or .zip (src), a URL, or the synthetic set."""
+    out = ROOT / out if not Path(out).is_absolute() else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_partial(out)                     # of an index write that was killed
+    link = out / "fruits-360"
+    if synthetic:
+        src = make_synthetic(out / "synthetic-fruits", size=synthetic_size, seed=seed)
+    elif url:
+        src = _fetch_url(url, out / Path(url.split("?")[0]).name)
+    if src is None:
+        raise DataError("no data source: pass --from PATH, --url URL or --synthetic")
+    src = Path(src).resolve()
+    if src.suffix.lower() == ".zip":
+        if not zipfile.is_zipfile(src):
+            raise DataError(f"{src} is not a valid zip file: download it again")
+        dest = out / (src.stem + "-unpacked")
+        with _unpack(src, dest) as staged:              # dest is replaced only on success
+            root = _find_split_dirs(staged)["Training"].parent
+            index = _index_folder(root, out, classes, split, seed, skip_bad)
+        root = dest / root.relative_to(staged)
+    else:
+        root = _find_split_dirs(src)["Training"].parent
+        index = _index_folder(root, out, classes, split, seed, skip_bad)
+    write_csv(index, out / "index.csv")
+    if link.is_symlink() or link.is_file():
+        link.unlink()
+    if not link.exists():                   # a real folder at out/fruits-360 is the source itself
+        link.symlink_to(root, target_is_directory=True)
+    return index
+
+
+def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
+                  skip_bad: bool) -> pd.DataFrame:
+    """build_index of root, reporting what it skipped or resized; nothing is written."""
+    link = out / "fruits-360"
+    if classes is None and root.resolve() == SHARED_SUBSET.resolve():
+        classes = SUBSET_CLASSES
+    if link.exists() and not link.is_symlink() and link.resolve() != root.resolve():
+        raise DataError(f"{link} is a real folder, not a link this command made: move it away "
+                        f"(or pass --from {link}) — it is not deleted")
+    index, bad = build_index(root, classes, split=split, seed=seed, skip_bad=skip_bad)
+    if bad:
+        print(f"skipped {len(bad)} files (unreadable, or named outside the dataset's scheme):\n  "
+              + "\n  ".join(bad))
+    resized = index.attrs.get("resized", [])
+    if resized:
+        print(f"warning: {len(resized)} images are not square (first: {resized[0]}); they are "
+              f"resized to a square, so their aspect ratio changes")
+    if index.empty:
+        raise DataError(f"no readable image in {root}: nothing indexed")
+    return index
+
+
+def make_synthetic(root: Path | str, n_classes: int = 3, frames: int = 40, size: int = 100,
+                   seed: int = 0) -> Path:
+    """A small, deterministic fake Fruits-360: coloured blobs on white, 'rotating' over frames,
+    two videos per class ('' and 'r'), every 4th frame in Test/. For tests and offline use only —
+    never real results."""
+    from PIL import Image, ImageDraw
+    root = Path(root)
+    settings = f"n_classes={n_classes} frames={frames} size={size} seed={seed}"
+    if (root / ".complete").is_file() and (root / ".complete").read_text() == settings:
+        return root
+    rng = np.random.default_rng(seed)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent if root.parent.exists() else None,
+                                prefix=".synthetic-"))
+    try:
+        for c in range(n_classes):
+            colour = tuple(int(v) for v in rng.integers(30, 220, 3))
+            aspect = 0.6 + 0.4 * rng.random()
+            for video in ("", "r"):
+                for f in range(frames):
+                    split = "Test" if f % 4 == 3 else "Training"
+                    d = tmp / split / f"Fake {c} 1"
+                    d.mkdir(parents=True, exist_ok=True)
+                    im = Image.new("RGB", (size, size), (255, 255, 255))
+                    draw = ImageDraw.Draw(im)
+                    phase = 2 * math.pi * f / frames
+                    rx, ry = size * 0.35 * (0.75 + 0.25 * math.cos(phase)), size * 0.35 * aspect
+                    cx, cy = size / 2, size / 2
+                    draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=colour)
+                    hx = cx + rx * 0.5 * math.sin(phase)
+                    draw.ellipse([hx - size * .06, cy - ry * .6, hx + size * .06, cy - ry * .3],
+                                 fill=tuple(min(255, v + 60) for v in colour))
+                    name = f"{video + '_' if video else ''}{f}_100.jpg"
+                    im.save(d / name, quality=95)
+        (tmp / ".complete").write_text(settings)
+        if root.exists():
+            shutil.rmtree(root)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# -----------------------------------------------------------------------------------------------
+# report: report/template.md filled from the tables in figures/
+
+
+def _report_fields(figs: Path) -> dict:
+    """Named pieces of the report (markdown tables and headline numbers) from figures/*.csv;
+    a piece whose table is not there yet is left out (write_report marks it missing)."""
+    def csv(name):
+        p = figs / f"{name}.csv"
+        return pd.read_csv(p) if p.exists() else None
+
+    f = {}
+    if (t1 := csv("table1_ssim")) is not None:
+        mean = t1.groupby(["method", "t"]).ssim_mean.mean()
+        for method, key in (("corrected", "corrected"), ("report-faithful", "report")):
+            if method in t1.method.values:
+                f[f"table1_{key}"] = to_markdown(table1_wide(t1, method))
+                for t in (50, 500, 1000):
+                    f[f"ssim{t}_{key}"] = f"{mean[method, t]:.3f}"
+                f[f"folds_{key}"] = str(t1[t1.method == method].fold.nunique())
+        f["n_eval"] = str(int(t1.n.iloc[0]))
+        psnr = t1.groupby(["method", "t"]).psnr_mean.mean().unstack("method")
+        f["table1_psnr"] = to_markdown(psnr.loc[[50, 100, 200, 500, 1000]].round(2).reset_index())
+        for method, key in (("corrected", "corrected"), ("report-faithful", "report")):
+            for t in (50, 200, 500, 800):
+                d = t1[(t1.method == method) & (t1.t == t)]
+                if len(d):
+                    f[f"psnr{t}_{key}"] = f"{d.psnr_mean.mean():.1f}"
+        if "ssim_std_batch" in t1:       # ± over single images and over 64-image batch means
+            std = (t1[t1.t.isin([50, 200, 500, 800])].groupby(["method", "t"])
+                   [["ssim_std", "ssim_std_batch"]].mean())
+            f["table1_std"] = to_markdown(std.assign(ratio=std.ssim_std / std.ssim_std_batch)
+                                          .round(4).reset_index())
+    if (vs := csv("table1_vs_report")) is not None:
+        f["table1_vs_report"] = to_markdown(vs.drop(columns="report_what").round(3))
+    if (lk := csv("leakage")) is not None:
+        f["leakage_table"] = to_markdown(lk.round(4))
+        for split, r in lk[lk.when == "best epoch"].set_index("split").iterrows():
+            key = "random" if split.startswith("random") else "grouped"
+            f[f"leak_{key}"], f[f"leak_{key}_epoch"] = f"{r.test_over_val:.3f}", str(int(r.epoch))
+            f[f"leak_{key}_val"], f[f"leak_{key}_test"] = f"{r.val_loss:.5f}", f"{r.test_loss:.5f}"
+    if (f5 := csv("figure5_brightness")) is not None:
+        f["figure5_table"] = to_markdown(f5.round(3))
+    if (g := csv("generation_metrics")) is not None:
+        cols = ["sampler", "n", "ffd", "ffd_floor", "ffd_ratio", "kid", "recognizability",
+                "recognizability_ratio", "classes_covered", "nn_ssim_mean", "nn_ssim_max",
+                "seconds_per_image"]
+        f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
+        row = g.set_index("sampler")
+        keys = {"report's method, report's U-Net": "reportgen",
+                "DDPM-1000, report's U-Net": "ddpm_fold0",
+                "DDIM-50 (η = 0), report's U-Net, x̂0 clipped": "ddim50clip_fold0",
+                "DDIM-50 (η = 0), report's U-Net": "ddim50_fold0",
+                "DDPM-1000, preconditioned": "ddpm_gen",
+                "DDIM-50 (η = 0), preconditioned": "ddim50_gen",
+                "DDIM-20 (η = 0), preconditioned": "ddim20_gen",
+                "real: test images": "real", "real: training images": "floor"}
+        for name, key in keys.items():
+            if name in row.index:
+                for col in ("ffd", "ffd_floor", "ffd_ratio", "recognizability",
+                            "recognizability_ratio", "classes_covered", "nn_ssim_max", "n",
+                            "seconds_per_image"):
+                    v = row.loc[name, col]
+                    f[f"{key}_{col}"] = "n/a" if pd.isna(v) else f"{v:.3g}"
+        f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
+    if (sr := csv("scale_response")) is not None:
+        f["scale_table"] = to_markdown(sr.round(4))
+        for model, d in sr.groupby("model"):
+            f[f"scale_{model}_1000"] = f"{d.set_index('t').ratio[1000]:.3f}"
+    if (h := csv("training_summary")) is not None:
+        f["training_table"] = to_markdown(h)
+        folds = h[h.run.str.startswith("eps-grouped/fold")]
+        if len(folds):
+            f["fold_epochs"] = ", ".join(str(int(e)) for e in folds.epochs)
+            f["fold_minutes"] = f"{folds.minutes.sum():.0f}"
+            f["folds_early_stopped"] = str(int(folds.early_stopped.sum()))
+    if (gt := csv("generation_training")) is not None:            # `train --fold all`'s summary
+        f["generation_training_table"] = to_markdown(gt)
+        f["gen_minutes"], f["gen_img_s"] = f"{gt.minutes[0]:.1f}", f"{gt.images_per_s[0]:,.0f}"
+        f["gen_best_val_loss"] = f"{gt.best_val_loss[0]:.4g}"
+        f["gen_epochs"] = str(int(gt.epochs[0]))
+    if (tq := csv("generation_time_to_quality")) is not None:        # `evaluate --what curve`
+        f["ttq_table"] = to_markdown(tq.round(3))
+        ok = tq[(tq.ffd_ratio < 3) & (tq.recognizability >= 0.95)]
+        f["ttq_cross"] = (f"{ok.idle_minutes.iloc[0]:.0f} min (epoch {int(ok.epoch.iloc[0])})"
+                          if len(ok) else "not within the run")
+        last = tq.iloc[-1]
+        f["ttq_last_epoch"], f["ttq_last_min"] = str(int(last.epoch)), f"{last.idle_minutes:.0f}"
+        f["ttq_last_ffd_ratio"] = f"{last.ffd_ratio:.2f}"
+        f["ttq_last_rec"] = f"{last.recognizability:.3f}"
+        f["ttq_n"] = str(int(last.n))
+    if (gd := csv("guidance")) is not None:                          # notebook 05, section 5
+        cols = ["set", "w", "n", "accuracy", "min_class_accuracy", "recognizability", "ffd",
+                "ffd_vs_unconditional", "kid", "nn_ssim_mean", "nn_ssim_max"]
+        f["guidance_table"] = to_markdown(gd[[c for c in cols if c in gd]].round(3))
+        w = pick_w(gd)
+        r = gd[(gd.set == "conditional model") & (gd.w == w)].iloc[0]
+        real = gd.set_index("set").loc["real: test images"]
+        f["guidance_w"], f["guidance_n_per_class"] = f"{w:g}", str(int(gd.n_per_class.iloc[0]))
+        for col in ("accuracy", "min_class_accuracy", "recognizability", "ffd_vs_unconditional",
+                    "nn_ssim_max"):
+            f[f"guidance_{col}"] = f"{r[col]:.3f}"
+        f["guidance_real_nn_ssim_max"] = f"{real.nn_ssim_max:.3f}"
+    if (gc := csv("guidance_by_class")) is not None:
+        f["guidance_class_table"] = to_markdown(
+            gc.pivot(index="cls", columns="w", values="accuracy").round(3).reset_index())
+    if (b := csv("bench")) is not None:                                      # `make bench`
+        cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
+                "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
+        f["bench_table"] = to_markdown(b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
+    return f
+
+
+def write_report(cfg: Config, template: Path | str | None = None, figs: Path | str | None = None,
+                 out: Path | str | None = None) -> Path:
+    """report/report.md from report/template.md: `${name}` fields come from _report_fields,
+    figure links to ../figures/*.png are kept when the figure exists. Anything not produced yet
+    is marked as missing in the text (never made up). The smoke profile writes to runs/smoke."""
+    import string
+    figs = Path(figs) if figs else (cfg.fig_dir() if cfg.profile == "smoke" else ROOT / "figures")
+    template = Path(template) if template else ROOT / "report" / "template.md"
+    out = Path(out) if out else (ROOT / "report" / "report.md" if cfg.profile != "smoke"
+                                 else figs.parent / "report.md")
+    text = string.Template(template.read_text()).safe_substitute(_report_fields(figs))
+    text = re.sub(r"\$\{(\w+)\}", r"*(\1: not produced yet, run `make figures`)*", text)
+    rel = os.path.relpath(figs, out.parent)
+
+    def fig(m):
+        name = m.group(2)
+        if (figs / name).exists():
+            return f"![{m.group(1)}]({Path(rel, name).as_posix()})"
+        return f"*(figure {name} not produced yet, run `make figures`)*"
+
+    text = re.sub(r"!\[([^\]]*)\]\(\.\./figures/([^)]+)\)", fig, text)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------
+# command line
+
+
+def _fold_arg(v: str):
+    """--fold: 0..4 or 'all'."""
+    if v == "all":
+        return v
+    if v.isdigit() and 0 <= int(v) < 5:
+        return int(v)
+    raise argparse.ArgumentTypeError(f"expected 0, 1, 2, 3, 4 or 'all', not {v!r}")
+
+
+def _at_least(lo: int):
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, not {v!r}") from None
+        if n < lo:
+            raise argparse.ArgumentTypeError(f"must be ≥ {lo}, not {n}")
+        return n
+    return parse
+
+
+def _eta(v: str) -> float:
+    """--eta: a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)."""
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {v!r}") from None
+    if not 0 <= x <= 1:                                         # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0: deterministic, 1: DDPM's "
+                                         f"variance), not {v}")
+    return x
+
+
+# What each profile is, for --help.
+PROFILE_HELP = {"smoke": "synthetic fruit, a tiny model, seconds (tests, CI)",
+                "cpu": "the real 10-class subset at 32×32, the report's protocol (2-core CPU)",
+                "full": "the report's 100×100 setup (a GPU)"}
+
+
+def cmd_data(a) -> None:
+    t0 = time.perf_counter()
+    index = prepare_data(a.src, a.url, a.synthetic, a.out, a.classes, a.split, a.seed, a.skip_bad)
+    counts = index[index.split == "train"].fold.value_counts().sort_index()
+    print(f"{len(index)} images ({(index.split == 'train').sum()} train, "
+          f"{(index.split == 'test').sum()} test, {index.label.nunique()} classes) → "
+          f"{Path(a.out) / 'index.csv'} in {time.perf_counter() - t0:.1f} s; rows per fold: "
+          + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+
+def cmd_train(a) -> None:
+    if a.conditional and a.fold != "all":
+        raise ValueError("--conditional is the class-conditional generation model: add --fold all")
+    over = {k: v for k, v in dict(target=a.target, split=a.split, max_epochs=a.max_epochs,
+                                   patience=a.patience).items() if v is not None}
+    cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
+    h = train(cfg, a.fold, resume=a.resume, out=a.out)
+    if len(h):
+        b = h.loc[h.val_loss.idxmin()]
+        print(f"done: {len(h)} epochs, best val loss {b.val_loss:.4f} at epoch {b.epoch:.0f}, "
+              f"{h.images_per_s.median():.0f} img/s")
+        if a.fold == "all" and a.out is None:                  # the generation model's run
+            s = pd.DataFrame([run_summary(cfg, a.fold, h)])
+            name = "generation_training" + "_cond" * a.conditional
+            print(f"summary → {save_table(s, name, cfg)}")
+
+
+def cmd_train_all(a) -> None:
+    cfg = get_config(a.profile)
+    for over, fold in planned_runs():
+        c = get_config(cfg.profile, generation=fold == "all", **over)
+        out = run_out(a.out and Path(a.out).resolve(), c, fold)
+        if a.out is None and uses_committed(c, fold, a.retrain):
+            print(f"== {out}: committed ({committed_dir(c, fold).relative_to(c.home)}), "
+                  f"not trained (--retrain trains it)", flush=True)
+            continue
+        print(f"== {out}", flush=True)
+        train(c, fold, resume=True, out=out)
+
+
+def cmd_submit(a) -> None:
+    profile = get_config(a.profile).profile
+    sl = Slurm(**{f.name: getattr(a, f.name) for f in dataclasses.fields(Slurm)})
+    r = submit(profile, sl, a.out and Path(a.out).resolve(), a.max_epochs, a.wait, a.dry_run,
+               a.tasks)
+    logs = Path(a.out or ROOT / "runs" / profile) / "slurm"
+    print(r if a.dry_run else f"submitted job array {r} ({a.tasks or len(planned_runs())} "
+          f"tasks; script and logs in {logs})")
+
+
+def cmd_evaluate(a) -> None:
+    cfg = get_config(a.profile)
+    if a.what in ("table1", "both"):
+        df = table1(cfg)
+        print(f"Table 1 → {save_table(df, 'table1_ssim', cfg)}")
+        print(table1_wide(df).to_string(index=False))
+    if a.what in ("generation", "both"):
+        df, _ = generation_metrics(cfg, story_models(cfg), a.n)
+        print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
+        print(df.to_string(index=False))
+    if a.what == "curve":
+        df = time_to_quality(cfg, a.n or 500)
+        print(f"time to quality → {save_table(df, 'generation_time_to_quality', cfg)}, "
+              f"{save_fig(plot_time_to_quality(df)[0].figure, 'generation_time_to_quality', cfg)}")
+        print(df.to_string(index=False))
+    if a.what == "guidance":
+        df, per, xs = guidance_metrics(cfg, a.n or 50)
+        save_table(per, "guidance_by_class", cfg)
+        w = pick_w(df)
+        classes = sorted(load_index(cfg).label.unique())
+        grid = plot_class_grid(xs[w], classes, title=f"w = {w:g}")
+        print(f"guidance → {save_table(df, 'guidance', cfg)}, "
+              f"{save_fig(plot_guidance(df, per)[0].figure, 'guidance', cfg)}, "
+              f"{save_fig(grid, 'guidance_grid', cfg)} (w = {w:g})")
+        print(df.to_string(index=False))
+
+
+def cmd_export(a) -> None:
+    over = {k: v for k, v in dict(target=a.target, split=a.split).items() if v}
+    cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
+    path = export_ema(cfg, a.fold)
+    print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def cmd_report(a) -> None:
+    print(f"report → {write_report(get_config(a.profile))}")
+
+
+def cmd_sample(a) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    for flag in ("steps", "eta"):
+        if getattr(a, flag) is not None and a.method != "ddim":
+            raise ValueError(f"--{flag} is a DDIM option ({a.method} always runs all T steps): "
+                             f"add --method ddim or leave --{flag} out")
+    a.steps, a.eta = a.steps or 50, a.eta or 0.0
+    cfg = get_config(a.profile)
+    if a.steps > cfg.T:
+        raise ValueError(f"--steps {a.steps} is more than the schedule's T = {cfg.T} steps")
+    kw = dict(steps=a.steps, eta=a.eta) if a.method == "ddim" else {}
+    if a.method != "report-first":           # it has no x̂0; its own clip clamps x_t (off)
+        kw["clip"] = not a.no_clip
+    cond = a.fruit is not None
+    if cond:                                 # the class-conditional model, guided
+        classes = sorted(load_index(cfg).label.unique())
+        if a.fruit not in classes:
+            raise ValueError(f"--fruit {a.fruit!r} is not a class of {cfg.data_dir}/index.csv: "
+                             f"choose one of {classes}")
+        kw.update(y=torch.full((a.n,), classes.index(a.fruit)), w=a.w)
+    model = generation_model(cfg, conditional=cond)
+    fp = Diffusion.from_config(generation_config(cfg)).to(get_device())
+    x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
+    ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
+    what = f"_{a.fruit.replace(' ', '_')}_w{a.w:g}" if cond else ""
+    name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
+            f"{'_noclip' * a.no_clip}{what}_seed{a.seed}")
+    print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each option's default, where it has one that says something."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, "") or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+COMMANDS = {"data": cmd_data, "train": cmd_train, "train-all": cmd_train_all,
+            "submit": cmd_submit, "evaluate": cmd_evaluate, "export": cmd_export,
+            "report": cmd_report, "sample": cmd_sample}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m ddpm_lib", description=dl.__doc__.split("\n")[1])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    fmt = dict(formatter_class=_Help)
+    profiles = "; ".join(f"{k}: {v}" for k, v in PROFILE_HELP.items())
+
+    def parser(name: str, help: str):
+        p = sub.add_parser(name, help=help, description=help, **fmt)
+        if name != "data":
+            p.add_argument("--profile", choices=sorted(PROFILES), default=None,
+                           help=f"{profiles} (default: DDPM_PROFILE, else full with a GPU and "
+                                f"cpu without)")
+        return p
+
+    p = parser("data", "index a Fruits-360 folder/zip/URL (or make a synthetic set)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="src", help="folder or .zip with Training/ and Test/")
+    src.add_argument("--url", nargs="?", const=DEFAULT_URL, help="download the archive first")
+    src.add_argument("--synthetic", action="store_true", help="fake fruit, for tests only")
+    p.add_argument("--out", default="data", help="where index.csv goes")
+    p.add_argument("--classes", nargs="+", help="class folder names (default: the 10 of the "
+                   "shared subset when indexing it, else all)")
+    p.add_argument("--split", choices=["grouped", "random"], default="grouped")
+    p.add_argument("--skip-bad", action="store_true", help="leave unreadable files out, listed")
+    p.add_argument("--seed", type=int, default=0, help="the seed of the random split")
+
+    p = parser("train", "train one fold (or 'all': the generation model) of a profile")
+    p.add_argument("--fold", default=0, type=_fold_arg,
+                   help="0..4, or 'all' (the generation model: every training image)")
+    p.add_argument("--resume", action="store_true", help="continue a stopped run")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<profile>/…)")
+    p.add_argument("--target", choices=["eps", "scaled_eps"], default=None,
+                   help="scaled_eps: the report-faithful target (default: eps)")
+    p.add_argument("--split", choices=["grouped", "random"], default=None,
+                   help="random: the report's leaking split (default: grouped)")
+    p.add_argument("--max-epochs", type=_at_least(1), default=None)
+    p.add_argument("--patience", type=_at_least(1), default=None)
+    p.add_argument("--conditional", action="store_true", help="with --fold all: the "
+                   "class-conditional generation model (classifier-free guidance)")
+
+    p = parser("train-all", "every run the notebooks need (resumed, or skipped when finished or "
+               "committed)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train the runs whose weights are committed too (into runs/)")
+    p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
+
+    p = parser("submit", "every run of train-all as one SLURM job array (sbatch)")
+    for f in dataclasses.fields(Slurm):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
+    p.add_argument("--max-epochs", type=_at_least(1), default=None)
+    p.add_argument("--tasks", default="", help="which runs, by their index in planned_runs "
+                   "(sbatch --array syntax: '0,6'); default: all")
+    p.add_argument("--wait", action="store_true", help="return when every task has ended")
+    p.add_argument("--dry-run", action="store_true", help="print the script, submit nothing")
+
+    p = parser("evaluate", "Table 1 (one-step SSIM/PSNR) and the generation metrics; curve: the "
+               "generation run's snapshots scored; guidance: the conditional model by w")
+    p.add_argument("--what", choices=["table1", "generation", "both", "curve", "guidance"],
+                   default="both")
+    p.add_argument("--n", type=_at_least(2), default=None,
+                   help="samples per sampler (default: the profile's, EVAL; curve: 500 per "
+                        "snapshot; guidance: 50 per class)")
+
+    p = parser("export", "write a run's best EMA weights in half precision for committing (the "
+               "generation model; a fold run's with its history)")
+    p.add_argument("--fold", default="all", type=_fold_arg)
+    p.add_argument("--target", choices=["eps", "scaled_eps"], default=None)
+    p.add_argument("--split", choices=["grouped", "random"], default=None)
+    p.add_argument("--conditional", action="store_true", help="the class-conditional model")
+
+    parser("report", "report/report.md from report/template.md and figures/")
+
+    p = parser("sample", "draw samples from the generation model into figures/")
+    p.add_argument("--method", choices=sorted(SAMPLERS), default="ddim", help="the sampler")
+    p.add_argument("--n", type=_at_least(1), default=64, help="how many samples")
+    p.add_argument("--steps", type=_at_least(1), default=None, help="DDIM steps (default 50, "
+                   "at most T)")
+    p.add_argument("--eta", type=_eta, default=None, help="DDIM η in [0, 1] (default 0)")
+    p.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
+    p.add_argument("--seed", type=int, default=0, help="the seed of x_T and of every z")
+    p.add_argument("--fruit", default=None, help="a class name (e.g. 'Banana 1'): samples of it "
+                   "from the class-conditional model")
+    p.add_argument("--w", type=float, default=3.0, help="with --fruit: the guidance weight "
+                   "(0: unconditional, 1: conditional)")
+
+    a = ap.parse_args(argv)
+    try:
+        COMMANDS[a.cmd](a)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except KeyboardInterrupt:
+        print("stopped: interrupted (Ctrl-C); nothing half-written was kept", file=sys.stderr)
+        sys.exit(130)
+    except (DataError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError,
+            RunLocked) as e:                                 # CheckpointError is a ValueError
+        sys.exit(f"error: {e}")
+
