@@ -14,7 +14,7 @@ export FRUITS360_DIR
 # (its parameters cell holds counts that step through in minutes), through papermill.
 NOTEBOOKS := $(sort $(wildcard notebooks/0[1-4]*.ipynb))
 NB05 := notebooks/05_generation.ipynb
-NB05_PARAMS := -p N_SAMPLES 64 -p N_REPORT 16 -p N_FIG5 4 -p N_GRID 16 -p N_PROG 4 -p N_PER_CLASS 50
+NB05_PARAMS := -p N_SAMPLES 500 -p N_REPORT 32 -p N_FIG5 4 -p N_GRID 16 -p N_PROG 4 -p N_PER_CLASS 50
 # no progress bars in stored outputs (ddpm_lib.tqdm); a notebook may take 30 min, a cell 20
 NBEXEC := DDPM_PROGRESS=0 timeout 1800 $(PY) -m nbconvert --to notebook --execute --inplace \
   --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.record_timing=False

@@ -23,14 +23,15 @@ import pandas as pd
 import torch
 
 import ddpm_lib as dl
-from ddpm_lib import (INDEX_COLUMNS, ROOT, SUBSET_CLASSES, Config, DataError, Diffusion,
-                      PROFILES, SAMPLERS, _decode, assign_folds, atomic_path, committed_dir,
-                      ffd_floor, generation_config, generation_metrics, generation_model,
-                      get_config, get_device, guidance_metrics, load_checkpoint, load_index,
-                      load_model, parse_name, pick_w, planned_runs, report_table1, quality, run_summary, sample,
-                      save_fig, save_guidance, save_table, save_table1, scoring_setup, show_grid,
-                      story_models, table1, table1_wide, to_float, to_markdown, tqdm,
-                      train_command, uses_committed, write_csv)
+from ddpm_lib import (Config, DataError, Diffusion, INDEX_COLUMNS, PROFILES, ROOT, SAMPLERS,
+                      SUBSET_CLASSES, _decode, assign_folds, atomic_path, classifier_path,
+                      committed_dir, ffd_floor, generation_config, generation_metrics,
+                      generation_model, get_config, get_device, guidance_metrics, load_checkpoint,
+                      load_classifier, load_index, load_model, parse_name, pick_w, planned_runs,
+                      quality, report_table1, run_summary, sample, save_fig, save_guidance,
+                      save_table, save_table1, scoring_setup, show_grid, story_models, table1,
+                      table1_wide, to_float, to_markdown, tqdm, train_classifier, train_command,
+                      uses_committed, write_csv)
 import ddpm_train
 from ddpm_train import (Interrupted, RunLocked, Slurm, export_ema, remove_partial, run_out, submit,
                          train)
@@ -334,7 +335,8 @@ def _report_fields(figs: Path) -> dict:
     if (f5 := csv("figure5_brightness")) is not None:
         f["figure5_table"] = to_markdown(f5.round(3))
     if (g := csv("generation_metrics")) is not None:
-        cols = ["sampler", "n", "ffd", "ffd_floor", "ffd_ratio", "kid", "recognizability",
+        cols = ["sampler", "n", "ffd", "ffd_std", "ffd_floor", "ffd_floor_std", "ffd_ratio", "kid",
+                "kid_std", "recognizability",
                 "recognizability_ratio", "classes_covered", "nn_ssim_mean", "nn_ssim_max",
                 "seconds_per_image"]
         f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
@@ -349,12 +351,13 @@ def _report_fields(figs: Path) -> dict:
                 "real: test images": "real", "real: training images": "floor"}
         for name, key in keys.items():
             if name in row.index:
-                for col in ("ffd", "ffd_floor", "ffd_ratio", "recognizability",
+                for col in ("ffd", "ffd_std", "ffd_floor", "ffd_ratio", "kid", "recognizability",
                             "recognizability_ratio", "classes_covered", "nn_ssim_max", "n",
                             "seconds_per_image"):
-                    v = row.loc[name, col]
+                    v = row.loc[name, col] if col in row else np.nan
                     f[f"{key}_{col}"] = "n/a" if pd.isna(v) else f"{v:.3g}"
         f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
+        f["n_ffd"] = str(int(g[g.ffd.notna()].n.max())) if g.ffd.notna().any() else "n/a"
     if (sr := csv("scale_response")) is not None:
         f["scale_table"] = to_markdown(sr.round(4))
         for model, d in sr.groupby("model"):
@@ -374,10 +377,10 @@ def _report_fields(figs: Path) -> dict:
     if (tq := csv("generation_time_to_quality")) is not None:        # `evaluate --what curve`
         f["ttq_table"] = to_markdown(tq.round(3))
         ok = tq[(tq.ffd_ratio < 3) & (tq.recognizability >= 0.95)]
-        f["ttq_cross"] = (f"{ok.idle_minutes.iloc[0]:.0f} min (epoch {int(ok.epoch.iloc[0])})"
+        f["ttq_cross"] = (f"{ok.minutes.iloc[0]:.0f} min (epoch {int(ok.epoch.iloc[0])})"
                           if len(ok) else "not within the run")
         last = tq.iloc[-1]
-        f["ttq_last_epoch"], f["ttq_last_min"] = str(int(last.epoch)), f"{last.idle_minutes:.0f}"
+        f["ttq_last_epoch"], f["ttq_last_min"] = str(int(last.epoch)), f"{last.minutes:.0f}"
         f["ttq_last_ffd_ratio"] = f"{last.ffd_ratio:.2f}"
         f["ttq_last_rec"] = f"{last.recognizability:.3f}"
         f["ttq_n"] = str(int(last.n))
@@ -460,11 +463,9 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
 def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool = True
                     ) -> pd.DataFrame:
     """Score the EMA snapshots of the generation run (GENERATION's snapshot_every) after their
-    epochs of training: n DDIM samples each (η = 0, not clipped, seed cfg.seed), their FFD
-    against its floor at n and their recognizability. Times from the run's history: train_minutes
-    as the run measured them (validation included), idle_minutes the training steps alone at its
-    fastest epoch's rate (where a run shared its cores for a while: the rate of the machine to
-    itself)."""
+    epochs of training: n DDIM samples each (η = 0, not clipped, seed cfg.seed), their FFD with
+    its bootstrap std against the floor at n, KID and recognizability. minutes: the training
+    time the run measured up to that epoch (validation included), on the CPU its history names."""
     gcfg = generation_config(cfg)
     run, dev = gcfg.run_dir("all"), get_device()
     snaps = sorted(run.glob("ema_epoch*.pt"))
@@ -476,7 +477,7 @@ def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool =
     classes, train_ds, test_imgs, clf, _ = scoring_setup(cfg, progress)
     per_epoch = (gcfg.steps_per_epoch or len(train_ds) // gcfg.batch_size) * gcfg.batch_size
     real_test = to_float(test_imgs)
-    floor = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
+    floor, floor_std = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
     fp, rows = Diffusion.from_config(gcfg).to(dev), []
     for path in tqdm(snaps, desc="snapshots", disable=not progress):
         epoch = load_checkpoint(path)["epoch"]
@@ -484,10 +485,10 @@ def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool =
         x, _ = sample(model, fp, "ddim", n, gcfg.image_size, cfg.seed, steps=steps, clip=False,
                       progress=False)
         q, h = quality(clf, x, real_test, None, len(classes)), hist[hist.epoch <= epoch]
-        rows.append(dict(epoch=epoch, images=epoch * per_epoch,
-                         train_minutes=h.seconds.sum() / 60,
-                         idle_minutes=epoch * per_epoch / hist.images_per_s.max() / 60,
-                         n=n, ffd=q["ffd"], ffd_floor=floor, ffd_ratio=q["ffd"] / floor,
+        rows.append(dict(epoch=epoch, images=epoch * per_epoch, minutes=h.seconds.sum() / 60,
+                         cpu=h.cpu.iloc[-1] if "cpu" in h else "not recorded", n=n,
+                         ffd=q["ffd"], ffd_std=q["ffd_std"], ffd_floor=floor,
+                         ffd_floor_std=floor_std, ffd_ratio=q["ffd"] / floor, kid=q["kid"],
                          recognizability=q["recognizability"],
                          classes_covered=q["classes_covered"]))
     return pd.DataFrame(rows)
@@ -495,23 +496,20 @@ def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool =
 
 def plot_time_to_quality(df: pd.DataFrame, ffd_aim: float = 3.0, rec_aim: float = 0.95,
                          axes=None):
-    """time_to_quality's table: FFD ÷ its floor (log scale) and recognizability against the
-    training minutes at the idle rate, with the aims drawn as dashed lines."""
+    """time_to_quality's table: FFD ÷ its floor (log scale, ± its bootstrap std) and
+    recognizability against the measured training minutes, the aims as dashed lines."""
     import matplotlib.pyplot as plt
     axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8))[1]
-    x = df.idle_minutes
-    axes[0].plot(x, df.ffd_ratio, "o-")
+    axes[0].errorbar(df.minutes, df.ffd_ratio, fmt="o-",
+                     yerr=df.ffd_std / df.ffd_floor if "ffd_std" in df else None)
     axes[0].axhline(ffd_aim, ls="--", color="grey", label=f"aim: {ffd_aim:g}× the floor")
     axes[0].set(yscale="log", ylabel="FFD ÷ floor", title=f"FFD (DDIM, n = {df.n.iloc[0]})")
-    axes[1].plot(x, df.recognizability, "o-")
+    axes[1].plot(df.minutes, df.recognizability, "o-")
     axes[1].axhline(rec_aim, ls="--", color="grey", label=f"aim: {rec_aim:g}")
     axes[1].set(ylim=(0, 1.02), ylabel="share with p ≥ 0.9", title="recognizability")
     for ax in axes:
-        ax.set_xlabel("training minutes (2 cores, idle rate)")
-        ax.legend(fontsize=8)
-        top = ax.secondary_xaxis("top", functions=(lambda m: m / x.iloc[-1] * df.epoch.iloc[-1],
-                                                   lambda e: e / df.epoch.iloc[-1] * x.iloc[-1]))
-        top.set_xlabel("epoch", fontsize=8)
+        ax.set_xlabel("training minutes, as measured")
+        ax.legend(fontsize=9)
     return axes
 
 
@@ -630,6 +628,14 @@ def cmd_evaluate(a) -> None:
         print(df.to_string(index=False))
 
 
+def cmd_classifier(a) -> None:
+    cfg = get_config(a.profile)
+    train_classifier(cfg)
+    clf, classes, acc = load_classifier(cfg)
+    print(f"fruit classifier ({len(classes)} classes, {cfg.image_size}px, 128 features) → "
+          f"{classifier_path(cfg)}: test accuracy {acc:.4f}")
+
+
 def cmd_export(a) -> None:
     over = {k: v for k, v in dict(target=a.target, split=a.split).items() if v}
     cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
@@ -682,6 +688,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 COMMANDS = {"data": cmd_data, "train": cmd_train, "train-all": cmd_train_all,
+            "classifier": cmd_classifier,
             "submit": cmd_submit, "evaluate": cmd_evaluate, "export": cmd_export,
             "report": cmd_report, "sample": cmd_sample}
 
@@ -756,6 +763,9 @@ def main(argv=None) -> None:
     p.add_argument("--target", choices=["eps", "scaled_eps"], default=None)
     p.add_argument("--split", choices=["grouped", "random"], default=None)
     p.add_argument("--conditional", action="store_true", help="the class-conditional model")
+
+    parser("classifier", "train the fruit classifier that scores samples (FFD, KID, "
+           "recognizability) and write it, in half precision, to data/checkpoints/")
 
     parser("report", "report/report.md from report/template.md and figures/")
 

@@ -1462,8 +1462,11 @@ class FruitClassifier(nn.Module):
 
 
 def classifier_path(cfg: Config) -> Path:
-    """The profile's committed fruit classifier (fp16): data/checkpoints/classifier_<profile>.pt."""
-    return cfg.home / "data" / "checkpoints" / f"classifier_{cfg.profile}.pt"
+    """The profile's fruit classifier (fp16): committed, data/checkpoints/classifier_<profile>.pt,
+    for a profile of COMMITTED_PROFILES; runs/<profile>/classifier.pt for any other."""
+    if cfg.profile in COMMITTED_PROFILES:
+        return cfg.home / "data" / "checkpoints" / f"classifier_{cfg.profile}.pt"
+    return cfg.home / "runs" / cfg.profile / "classifier.pt"
 
 
 def train_classifier(cfg: Config, progress: bool = True) -> FruitClassifier:

@@ -587,7 +587,8 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                             seconds=secs, lr=opt.param_groups[0]["lr"],
                             images_per_s=len(losses) * cfg.batch_size / train_secs,
                             best=improved, precision=speed["precision"],
-                            memory=speed["memory"], processes=d.world))
+                            memory=speed["memory"], processes=d.world, cpu=cpu_name(),
+                            threads=torch.get_num_threads()))
         if progress:
             left = (cfg.max_epochs - epoch - 1) * np.mean([h["seconds"] for h in history[start:]])
             print(f"fold {fold} epoch {epoch + 1}: train {history[-1]['train_loss']:.4f} "

@@ -247,11 +247,10 @@ def test_time_to_quality_scores_every_snapshot(tmp_path, monkeypatch):
     snapshots it says how to make them."""
     dl.load_index(dl.get_config("smoke"))
     data = str(dl.ROOT / "runs" / "smoke" / "data")
-    clf = dl.ROOT / "runs" / "smoke" / "classifier.pt"
     dl.train_classifier(dl.get_config("smoke"), progress=False)
-    (tmp_path / "runs" / "smoke").mkdir(parents=True)
-    (tmp_path / "runs" / "smoke" / "classifier.pt").write_bytes(clf.read_bytes())
     cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=data)
+    dl.classifier_path(cfg).parent.mkdir(parents=True)
+    dl.classifier_path(cfg).write_bytes(dl.classifier_path(dl.get_config("smoke")).read_bytes())
     with pytest.raises(FileNotFoundError, match="snapshots"):
         cli.time_to_quality(cfg, n=6, steps=2, progress=False)
     gcfg = dl.get_config("smoke", root=str(tmp_path), generation=True, data_dir=data)
@@ -263,18 +262,20 @@ def test_time_to_quality_scores_every_snapshot(tmp_path, monkeypatch):
     h = pd.read_csv(gcfg.run_dir("all") / "history.csv")
     assert tq.epoch.tolist() == [1, 2]
     assert tq.images.tolist() == [gcfg.steps_per_epoch * gcfg.batch_size * e for e in (1, 2)]
-    np.testing.assert_allclose(tq.train_minutes, h.seconds.cumsum() / 60)
-    assert (tq.idle_minutes <= tq.train_minutes).all() and (tq.ffd_ratio > 0).all()
+    np.testing.assert_allclose(tq.minutes, h.seconds.cumsum() / 60)
+    assert (tq.ffd_ratio > 0).all() and (tq.ffd_std > 0).all() and tq.kid.notna().all()
+    assert set(tq.cpu) == {h.cpu.iloc[0]} and h.cpu.iloc[0] == dt.cpu_name()
     tq.to_csv(tmp_path / "generation_time_to_quality.csv", index=False)
     f = cli._report_fields(tmp_path)
     assert f["ttq_last_epoch"] == "2" and f["ttq_n"] == "6"
 
 
 def test_cli_evaluate_guidance_writes_tables_and_figures(capsys):
-    """`evaluate --what guidance --n N` writes the table by w, the table by class and w, the plot
-    against w and the grid at the chosen w (the smoke profile's figures stay in runs/smoke)."""
+    """`evaluate --what guidance --n N` writes what notebook 05 writes (save_guidance, the one
+    writer): the table by w, the table by class and w, the plot against w and the grid at the
+    chosen w (the smoke profile's figures stay in runs/smoke)."""
     figs = dl.get_config("smoke").fig_dir()
-    names = ("guidance.csv", "guidance_by_class.csv", "guidance.png", "guidance_grid.png")
+    names = ("guidance.csv", "guidance_by_class.csv", "05_guidance.png", "05_guidance_grid.png")
     for name in names:
         (figs / name).unlink(missing_ok=True)
     cli.main(["evaluate", "--profile", "smoke", "--what", "guidance", "--n", "2"])

@@ -370,9 +370,9 @@ def test_ffd_floor_is_larger_for_fewer_samples():
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, 256, (400, 3, 16, 16), dtype=torch.uint8, generator=g)
     test = dl.to_float(torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8, generator=g))
-    small, large = (dl.ffd_floor(clf, train, test, n) for n in (20, 300))
-    assert small > 2 * large > 0, (small, large)
-    assert dl.ffd_floor(clf, train, test, 20) == small          # seeded
+    (small, s_std), (large, l_std) = (dl.ffd_floor(clf, train, test, n) for n in (20, 300))
+    assert small > 2 * large > 0 and 0 < l_std < large, (small, large)
+    assert dl.ffd_floor(clf, train, test, 20) == (small, s_std)          # seeded
 
 
 def test_kid():
@@ -537,16 +537,19 @@ def test_generation_metrics_scores_every_story_row(tmp_path, monkeypatch):
     monkeypatch.setitem(dl.GENERATION, "smoke", dict(dl.GENERATION["smoke"], T=20))
     models = dl.story_models(cfg)
     assert models["generation"][1].sigma_data == 0.7 and models["fold0"][1].sigma_data == 0
-    df, samples = dl.generation_metrics(cfg, models, n=6, n_report=4, progress=False)
+    df, samples = dl.generation_metrics(cfg, models, n=16, n_slow=4, progress=False)
     assert list(df.sampler) == ["real: training images", "real: test images", *dl.GEN_SAMPLERS]
     assert list(samples) == list(dl.GEN_SAMPLERS)
     for name, (_, method, _) in dl.GEN_SAMPLERS.items():
-        assert samples[name].shape == ((4 if method == "report" else 6), 3, 16, 16)
+        assert samples[name].shape == ((16 if method == "ddim" else 4), 3, 16, 16)
         assert samples[name].abs().max() <= 1
     rows = df.set_index("sampler").loc[list(dl.GEN_SAMPLERS)]
-    assert np.allclose(rows.ffd_ratio, rows.ffd / rows.ffd_floor) and rows.ffd.notna().all()
+    ddim = rows.index.str.startswith("DDIM")                  # n = 16, EVAL's n: FFD; the rest KID
+    assert np.allclose(rows.ffd_ratio[ddim], rows.ffd[ddim] / rows.ffd_floor[ddim])
+    assert rows.ffd[ddim].notna().all() and (rows.ffd_std[ddim] > 0).all()
+    assert rows.ffd[~ddim].isna().all() and rows.kid.notna().all()
     assert (tmp_path / "runs" / "smoke" / "samples.pt").exists()
-    clf, classes, _ = dl.train_classifier(cfg, progress=False)
+    clf, classes, _ = dl.load_classifier(cfg)
     shares = dl.class_shares(clf, classes, samples)
     assert list(shares.index) == [*classes, "unrecognized"]
     assert np.allclose(shares.sum(), 1.0)
@@ -627,12 +630,10 @@ def test_classifier_does_not_depend_on_the_callers_rng():
     """train_classifier seeds before it builds the network, so its weights (and every FFD) are
     the same whatever used the global RNG before it (it used to build the network first)."""
     cfg = dl.get_config("smoke")
-    path = dl.ROOT / "runs" / cfg.profile / "classifier.pt"
     weights = []
     for s in (1, 2):
-        path.unlink(missing_ok=True)
         torch.manual_seed(s)
-        weights.append(dl.train_classifier(cfg, progress=False)[0].state_dict())
+        weights.append(dl.train_classifier(cfg, progress=False).state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
@@ -725,3 +726,29 @@ def test_figure5_samples_every_set_from_the_same_seed(tmp_path, monkeypatch):
     assert all(torch.equal(again[k], xs[k]) for k in xs)
     fig = dl.plot_figure5(xs, trajs, n_show=8)
     assert len(fig.axes) == 3 * len(xs) and fig.axes[1].get_title() == "3 samples"
+
+
+def test_the_committed_yardstick_tells_real_from_damaged_images_at_its_n(tmp_path):
+    """With the committed classifier at the one n of every FFD (EVAL's n_samples): a fresh draw of
+    real training images scores within 3 spreads of the floor (drawn apart from it), while the
+    same images blurred or with their colours shifted score far outside."""
+    from conftest import real_subset
+    from torchvision.transforms.v2.functional import gaussian_blur
+    if not (real_subset() / "Training").is_dir():
+        pytest.skip(f"the real Fruits-360 subset is not at {real_subset()} (FRUITS360_DIR)")
+    cfg = dl.get_config("cpu", data_dir=str(tmp_path / "data"))
+    if not dl.classifier_path(cfg).exists():
+        pytest.fail(f"{dl.classifier_path(cfg)} is not committed")
+    cli.prepare_data(real_subset(), out=tmp_path / "data")
+    _, train_ds, test_imgs, clf, acc = dl.scoring_setup(cfg, progress=False)
+    n, fr = dl.EVAL["cpu"]["n_samples"], dl.classify(clf, dl.to_float(test_imgs))[0]
+    floor, spread = dl.ffd_floor(clf, train_ds.images, dl.to_float(test_imgs), n)
+    real = dl.to_float(train_ds.images[torch.randperm(
+        len(train_ds), generator=torch.Generator().manual_seed(99))[:n]])
+    ffd = lambda x: dl.frechet_distance(dl.classify(clf, x)[0], fr)
+    assert acc > 0.9 and n >= 500 and 0 < spread < floor
+    assert abs(ffd(real) - floor) < 3 * spread
+    blurred = gaussian_blur(real, kernel_size=5, sigma=1.5)
+    shifted = (real + torch.tensor([0.4, 0.0, -0.4]).view(1, 3, 1, 1)).clamp(-1, 1)
+    for bad in (blurred, shifted):
+        assert ffd(bad) > floor + 20 * spread
