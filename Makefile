@@ -2,6 +2,7 @@
 #   make figures   regenerate every figure, table and report/report.md from the committed models
 #                  (trains only what is missing; `make retrain` rebuilds every model)
 #   make test      the test suite + every notebook under nbval (smoke profile), as CI runs it
+#   make book      the notebooks (committed outputs) and the report as static HTML in site/
 # They create .venv (unless a virtual environment is active) and install into it once:
 # requirements.txt for every target, requirements-test.txt on top for `make test`.
 SHELL := /bin/bash
@@ -22,7 +23,7 @@ NB05_PARAMS := -p N_SAMPLES 64 -p N_REPORT 16 -p N_FIG5 4 -p N_GRID 16 -p N_PROG
 NBEXEC := DDPM_PROGRESS=0 timeout 1800 $(PY) -m nbconvert --to notebook --execute --inplace \
   --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.record_timing=False
 
-.PHONY: figures test env test-env cluster-tools browser-tools data train retrain notebooks \
+.PHONY: figures test book env test-env cluster-tools browser-tools data train retrain notebooks \
   report bench clean
 
 figures: env data train notebooks report
@@ -91,6 +92,10 @@ browser-tools:
 test: test-env cluster-tools browser-tools
 	DDPM_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -q
+
+# static HTML of the committed notebooks and the report (nothing is run), with navigation
+book: env
+	$(PY) tools/build_book.py --out site
 
 clean:
 	rm -rf runs/smoke

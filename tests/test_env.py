@@ -60,10 +60,11 @@ def test_test_only_packages_apart_from_the_main_job():
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
-@pytest.mark.parametrize("target, installs", [("figures", [MAIN]), ("test", [MAIN, TEST])])
+@pytest.mark.parametrize("target, installs", [("figures", [MAIN]), ("book", [MAIN]),
+                                              ("test", [MAIN, TEST])])
 def test_make_installs_what_each_job_needs(target, installs, tmp_path):
-    """On a fresh virtual environment, `make figures` installs requirements.txt only, `make test`
-    requirements-test.txt too (make -n: printed, not run)."""
+    """On a fresh virtual environment, `make figures` and `make book` install requirements.txt
+    only, `make test` requirements-test.txt too (make -n: printed, not run)."""
     run = subprocess.run(["make", "-n", target, f"VIRTUAL_ENV={tmp_path / 'venv'}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
