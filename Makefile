@@ -2,12 +2,16 @@
 #   make figures   regenerate every figure, table and report/report.md from the committed models
 #                  (trains only what is missing; `make retrain` rebuilds every model)
 #   make test      the test suite + every notebook under nbval (smoke profile), as CI runs it
-# Both create .venv (unless a virtual environment is active) and install into it once.
+#   make book      the notebooks (committed outputs) and the report as static HTML in site/
+# They create .venv (unless a virtual environment is active) and install into it once:
+# requirements.txt for every target, requirements-test.txt on top for `make test`.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ddpm-installed
+TEST_STAMP := $(VENV)/.ddpm-test-installed
+PIP := $(PY) -m pip install --disable-pip-version-check -q
 FRUITS360_DIR ?= ../shared/fruits-360-subset
 export FRUITS360_DIR
 # Notebooks 01–04 run as they are; notebook 05 with the sample counts of the committed figures
@@ -19,16 +23,23 @@ NB05_PARAMS := -p N_SAMPLES 500 -p N_REPORT 32 -p N_FIG5 4 -p N_GRID 16 -p N_PRO
 NBEXEC := DDPM_PROGRESS=0 timeout 1800 $(PY) -m nbconvert --to notebook --execute --inplace \
   --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.record_timing=False
 
-.PHONY: figures test env cluster-tools browser-tools data train retrain notebooks report bench clean
+.PHONY: figures test book env test-env cluster-tools browser-tools data train retrain notebooks \
+  report bench clean
 
 figures: env data train notebooks report
 
 env: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	$(PIP) -r requirements.txt
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# the test-only packages, with the main job's pins kept (-c)
+test-env: $(TEST_STAMP)
+$(TEST_STAMP): requirements-test.txt $(STAMP)
+	$(PIP) -r requirements-test.txt -c requirements.txt
+	touch $(TEST_STAMP)
 
 data: env data/index.csv
 data/index.csv:
@@ -78,9 +89,13 @@ browser-tools:
 	      >/dev/null; }; } || echo "warning: could not install chromium: the browser test will skip"; \
 	else echo "note: no /usr/bin/chromium, and no root apt-get to install it: the browser test will skip"; fi
 
-test: env cluster-tools browser-tools
+test: test-env cluster-tools browser-tools
 	DDPM_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -q
+
+# static HTML of the committed notebooks and the report (nothing is run), with navigation
+book: env
+	$(PY) tools/build_book.py --out site
 
 clean:
 	rm -rf runs/smoke

@@ -43,7 +43,7 @@ def _requirements():
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no {CHROMIUM} (Debian's chromium: `make browser-tools` installs it as root)")
     if importlib.util.find_spec("playwright") is None:
-        pytest.skip("the playwright package is not installed (requirements.txt)")
+        pytest.skip("the playwright package is not installed (requirements-test.txt)")
     if importlib.util.find_spec("jupyterlab") is None:
         pytest.skip("jupyterlab is not installed (requirements.txt)")
 

@@ -1,0 +1,160 @@
+"""`make book` in a real browser: the site is built (tools/build_book.py) into a temporary folder,
+served on 127.0.0.1, and every page is opened in Debian's Chromium (driven by Playwright): each
+loads (HTTP 200) with a title and the navigation bar, every image is there (naturalWidth > 0),
+and every internal link leads to a page or file that exists (HTTP 200). The index links every
+page. Requests that leave 127.0.0.1 (the template's MathJax and require.js on a CDN) are refused,
+so the book is checked as read offline.
+
+Skips, saying why, without /usr/bin/chromium or the `playwright` package (`make test` installs
+them where it can). Playwright's own browser download is never used."""
+import functools
+import http.server
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urldefrag, urljoin, urlsplit
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+BUILD_TIMEOUT = 300  # seconds; the build takes a few seconds on an idle 2-core machine
+
+# per page: its title, the bar's links, every image (src, drawn?) and every link's target
+PAGE_JS = """() => ({
+  title: document.title,
+  nav: Array.from(document.querySelectorAll('nav.book a')).map(a => a.getAttribute('href')),
+  images: Array.from(document.images).map(i => [i.getAttribute('src').slice(0, 80),
+                                                  i.complete && i.naturalWidth > 0]),
+  links: Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href')),
+})"""
+
+
+def _requirements():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM} (Debian's chromium: `make browser-tools` installs it as root)")
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("the playwright package is not installed (requirements-test.txt)")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The book, built by `make book`'s script into a temporary folder."""
+    _requirements()
+    out = tmp_path_factory.mktemp("book") / "site"
+    run = subprocess.run([sys.executable, str(REPO / "tools" / "build_book.py"), "--out", str(out)],
+                         capture_output=True, text=True, timeout=BUILD_TIMEOUT)
+    assert run.returncode == 0, f"the book did not build:\n{run.stdout}\n{run.stderr}"
+    print(run.stdout.strip())
+    return out
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A request the browser dropped (it moved on to the next page) is no error."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+def serve(root: Path) -> Server:
+    """`root` over HTTP on 127.0.0.1 (a free port), in a daemon thread, logging only errors."""
+    server = Server(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def problems(root: Path) -> list[str]:
+    """Everything wrong with the site in `root`, as read in Chromium: [] when all is well."""
+    from playwright.sync_api import sync_playwright
+
+    pages = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.html"))
+    found, targets = [], {}  # targets: internal link → the first page that has it
+    server = serve(root)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                         args=["--no-sandbox", "--disable-gpu",
+                                               "--disable-dev-shm-usage"])
+            try:
+                page = browser.new_page()
+                page.route("**/*", lambda route: route.continue_()
+                           if route.request.url.startswith(base) else route.abort())
+                for rel in pages:
+                    url = urljoin(base, rel)
+                    response = page.goto(url, wait_until="load", timeout=120_000)
+                    if response is None or response.status != 200:
+                        found.append(f"{rel}: HTTP {response and response.status}")
+                        continue
+                    state = page.evaluate(PAGE_JS)
+                    if not state["title"].strip():
+                        found.append(f"{rel}: no title")
+                    if "index.html" not in {urljoin(url, h)[len(base):] for h in state["nav"]}:
+                        found.append(f"{rel}: no navigation bar leading to the contents")
+                    found += [f"{rel}: image not shown: {src}" for src, ok in state["images"]
+                              if not ok]
+                    if rel == "index.html":
+                        linked = {urldefrag(urljoin(url, h))[0][len(base):] for h in state["links"]}
+                        found += [f"index.html does not link {p}" for p in pages
+                                  if p != "index.html" and p not in linked]
+                    if rel == "report/report.html":
+                        expected = len(re.findall(r"!\[", (REPO / "report" / "report.md").read_text()))
+                        if len(state["images"]) != expected:
+                            found.append(f"{rel}: {len(state['images'])} images, "
+                                         f"report.md has {expected}")
+                    for href in state["links"]:
+                        if not re.match(r"(https?:|mailto:|#)", href):
+                            targets.setdefault(urldefrag(urljoin(url, href))[0], rel)
+            finally:
+                browser.close()
+        found += [f"{rel}: broken link to {target[len(base):] if target.startswith(base) else target}"
+                  for target, rel in sorted(targets.items())
+                  if urlsplit(target).netloc != urlsplit(base).netloc or status(target) != 200]
+    finally:
+        server.shutdown()
+        server.server_close()
+    return found
+
+
+def test_links_to_sources_point_at_pages():
+    """A link to a notebook or to the report (as written in a markdown cell) leads to its page;
+    other links stay as they are."""
+    spec = importlib.util.spec_from_file_location("build_book", REPO / "tools" / "build_book.py")
+    build_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_book)
+    pages = {"report/report.html", "notebooks/02_forward_process.html"}
+    html = ('<a href="../notebooks/02_forward_process.ipynb#The-slider">'
+            '<a href="../figures/leakage.md"><a href="https://example.org/x.ipynb">')
+    assert build_book.point_links_at_pages(html, "report/report.html", pages) == (
+        '<a href="../notebooks/02_forward_process.html#The-slider">'
+        '<a href="../figures/leakage.md"><a href="https://example.org/x.ipynb">')
+    assert build_book.point_links_at_pages('<a href="../report/report.md">',
+                                           "notebooks/02_forward_process.html", pages) == (
+        '<a href="../report/report.html">')
+
+
+def test_book_pages_images_and_links(site):
+    pages = sorted(p.relative_to(site).as_posix() for p in site.rglob("*.html"))
+    notebooks = sorted(f"notebooks/{p.stem}.html" for p in (REPO / "notebooks").glob("*.ipynb"))
+    assert pages == sorted(["index.html", "report/report.html"] + notebooks), pages
+    found = problems(site)
+    assert not found, f"{len(found)} problem(s) in the book:\n" + "\n".join(found)
