@@ -334,6 +334,12 @@ def _report_fields(figs: Path) -> dict:
             f[f"leak_{key}_val"], f[f"leak_{key}_test"] = f"{r.val_loss:.5f}", f"{r.test_loss:.5f}"
     if (f5 := csv("figure5_brightness")) is not None:
         f["figure5_table"] = to_markdown(f5.round(3))
+        b = f5.set_index("images")["mean"]
+        real, first, iterative = b.iloc[0], b.iloc[1], b.iloc[2]
+        black = lambda m: "converges to black" if m < 0.2 else "does not converge to black"
+        f["key_figure5"] = (f"With its own model the report's first sampler {black(first)} (mean "
+                            f"brightness {first:.2f}) and its iterative method {black(iterative)} "
+                            f"({iterative:.2f}); real test images: {real:.2f}.")
     if (g := csv("generation_metrics")) is not None:
         cols = ["sampler", "n", "ffd", "ffd_std", "ffd_floor", "ffd_floor_std", "ffd_ratio", "kid",
                 "kid_std", "recognizability",
@@ -369,6 +375,10 @@ def _report_fields(figs: Path) -> dict:
             f["fold_epochs"] = ", ".join(str(int(e)) for e in folds.epochs)
             f["fold_minutes"] = f"{folds.minutes.sum():.0f}"
             f["folds_early_stopped"] = str(int(folds.early_stopped.sum()))
+        stopped = int(h.early_stopped.sum())
+        f["early_stopping"] = ("Early stopping never fired: every run of the training table used "
+                               "all its epochs." if stopped == 0 else
+                               f"Early stopping ended {stopped} of {len(h)} runs.")
     if (gt := csv("generation_training")) is not None:            # `train --fold all`'s summary
         f["generation_training_table"] = to_markdown(gt)
         f["gen_minutes"], f["gen_img_s"] = f"{gt.minutes[0]:.1f}", f"{gt.images_per_s[0]:,.0f}"
@@ -427,7 +437,10 @@ def _resolution_fields(vs: pd.DataFrame) -> dict:
                      f"{hi:.3f} upsampled to 100×100: resolution moves our score by {hi - lo:+.3f}, "
                      f"leaving {hi - r:+.3f} between our models and the report's.")
     return dict(resolution_table=to_markdown(table), resolution_split=" ".join(words),
-                ceiling_ssim=f"{vs['ceiling 100'].iloc[0]:.3f}")
+                ceiling_ssim=f"{vs['ceiling 100'].iloc[0]:.3f}",
+                ssim50_corrected_100=f"{vs.loc[50, 'corrected 100']:.3f}",
+                report50_mean=f"{vs.loc[50, 'report']:.3f}",
+                report50_range=f"{vs.loc[50, 'report lowest']:.3f}–{vs.loc[50, 'report highest']:.3f}")
 
 
 def write_report(cfg: Config, template: Path | str | None = None, figs: Path | str | None = None,

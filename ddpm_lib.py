@@ -1685,8 +1685,9 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Sample n_per_class images of every class at each guidance weight w with the
     class-conditional generation model (DDIM, η = 0, not clipped; the same x_T for every w) and
-    score them with the fruit classifier: accuracy on the requested class, recognizability, FFD
-    (per class against that class's test images, and over all), nearest-training SSIM. The
+    score them with the fruit classifier: accuracy on the requested class, recognizability, KID
+    (per class against that class's test images, and over all), FFD over all where the k·n
+    samples reach EVAL's n_samples (the one n of FFD), nearest-training SSIM. The
     unconditional generation model draws as many samples from the same seed for comparison, and
     the real test images give the nearest-training SSIM a real unseen image reaches.
     Returns (one row per set, one row per (w, class), {w: samples (class-major)})."""
@@ -1699,12 +1700,13 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     test = split_data(cfg, "test", classes)
     real_test, train_imgs = to_float(test.images), train_ds.images
     y = torch.arange(k).repeat_interleave(n_per_class)                   # (k·n,) class-major
+    ffd = len(y) >= EVAL[cfg.profile]["n_samples"]                      # the one n of FFD
     rows = [dict(set="real: test images", w=np.nan, accuracy=np.nan,
                  **quality(clf, real_test, None, train_imgs, k))]
     unc, _ = sample(generation_model(cfg).to(dev), fp, "ddim", len(y), cfg.image_size,
                     cfg.seed, steps=steps, clip=False, progress=progress)
     rows.append(dict(set="unconditional model", w=np.nan, accuracy=np.nan,
-                     **quality(clf, unc, real_test, train_imgs, k)))
+                     **quality(clf, unc, real_test, train_imgs, k, ffd=ffd)))
     f_test = [classify(clf, real_test[test.labels == c])[0] for c in range(k)]    # per class
     by_class, samples = [], {}
     for w in tqdm(ws, desc="guidance weights", disable=not progress):
@@ -1717,14 +1719,15 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
             m = y == c
             by_class.append(dict(w=w, cls=classes[c], accuracy=hit[m].mean().item(),
                                  recognizability=(p[m].max(1).values >= 0.9).float().mean().item(),
-                                 ffd=frechet_distance(f[m], f_test[c])))
+                                 kid=kid(f[m], f_test[c], subset_size=min(100, int(m.sum())))[0]))
         rows.append(dict(set="conditional model", w=w, accuracy=hit.mean().item(),
-                         **quality(clf, x, real_test, train_imgs, k)))
+                         **quality(clf, x, real_test, train_imgs, k, ffd=ffd)))
     df, per = pd.DataFrame(rows), pd.DataFrame(by_class)
     worst = per.groupby("w").accuracy.min()
     df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))
-    df.insert(df.columns.get_loc("ffd") + 1, "ffd_vs_unconditional",
-              df.ffd / df.set_index("set").ffd["unconditional model"])
+    unc_row = df.set_index("set").loc["unconditional model"]
+    df.insert(df.columns.get_loc("ffd") + 1, "ffd_vs_unconditional", df.ffd / unc_row.ffd)
+    df.insert(df.columns.get_loc("kid") + 1, "kid_vs_unconditional", df.kid / unc_row.kid)
     df["steps"], df["n_per_class"], df["classifier_test_acc"] = steps, n_per_class, acc
     return df, per, samples
 
@@ -1747,11 +1750,12 @@ def save_guidance(cfg: Config, df: pd.DataFrame, per: pd.DataFrame, samples: dic
     return w
 
 def pick_w(df: pd.DataFrame, ffd_max: float = 1.5) -> float:
-    """The guidance weight to show: of guidance_metrics' conditional rows whose FFD is at most
-    ffd_max × the unconditional model's, the one with the highest accuracy (the smaller w on a
-    tie); the highest accuracy of all where none is."""
+    """The guidance weight to show: of guidance_metrics' conditional rows whose FFD (where none
+    was scored, KID) is at most ffd_max × the unconditional model's, the one with the highest
+    accuracy (the smaller w on a tie); the highest accuracy of all where none is."""
     g = df[df.set == "conditional model"]
-    ok = g[g.ffd_vs_unconditional <= ffd_max]
+    ratio = g.ffd_vs_unconditional if g.ffd_vs_unconditional.notna().any() else g.kid_vs_unconditional
+    ok = g[ratio <= ffd_max]
     g = ok if len(ok) else g
     return float(g.sort_values(["accuracy", "w"], ascending=[False, True]).w.iloc[0])
 

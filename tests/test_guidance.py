@@ -224,7 +224,8 @@ def test_guidance_metrics_tables_and_the_chosen_w(tmp_path):
     assert df.set.tolist() == ["real: test images", "unconditional model"] + ["conditional model"] * 3
     assert len(per) == 3 * k and set(per.w) == {0, 1, 3}
     assert all(x.shape == (4 * k, 3, 16, 16) for x in xs.values())
-    assert df.ffd_vs_unconditional.iloc[1] == 1.0
+    assert df.kid_vs_unconditional.iloc[1] == 1.0 and per.kid.notna().all()
+    assert df.ffd.isna().all()                  # 4 × 3 samples: below the one n of FFD (16)
     g = df[df.set == "conditional model"]
     assert ((g.accuracy >= 0) & (g.accuracy <= 1)).all()
     np.testing.assert_allclose(g.accuracy, per.groupby("w").accuracy.mean().to_numpy())
