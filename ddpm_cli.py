@@ -21,19 +21,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 import ddpm_lib as dl
-from ddpm_lib import (Config, DataError, Diffusion, INDEX_COLUMNS, PROFILES, ROOT, SAMPLERS,
-                      SUBSET_CLASSES, _decode, assign_folds, atomic_path, classifier_path,
-                      committed_dir, ffd_floor, generation_config, generation_metrics,
-                      generation_model, get_config, get_device, guidance_metrics, load_checkpoint,
-                      load_classifier, load_index, load_model, parse_name, pick_w, planned_runs,
-                      quality, report_table1, run_summary, sample, save_fig, save_guidance,
-                      save_table, save_table1, scoring_setup, show_grid, story_models, table1,
-                      table1_wide, to_float, to_markdown, tqdm, train_classifier, train_command,
-                      uses_committed, write_csv)
+from ddpm_lib import (Config, DataError, Diffusion, EVAL, FruitClassifier, INDEX_COLUMNS, PROFILES,
+                      ROOT, SAMPLERS, SUBSET_CLASSES, _decode, assign_folds, atomic_path,
+                      classifier_path, committed_dir, ffd_floor, generation_config,
+                      generation_metrics, generation_model, get_config, get_device,
+                      guidance_metrics, load_checkpoint, load_classifier, load_index, load_model,
+                      parse_name, pick_w, planned_runs, quality, report_table1, run_summary,
+                      sample, save_checkpoint, save_fig, save_guidance, save_table, save_table1,
+                      scoring_setup, seed_everything, show_grid, split_data, story_models, table1,
+                      table1_wide, to_float, to_markdown, tqdm, train_command, uses_committed,
+                      write_csv)
 import ddpm_train
-from ddpm_train import (Interrupted, RunLocked, Slurm, export_ema, remove_partial, run_out, submit,
+from ddpm_train import (Interrupted, keep_freed_memory, RunLocked, Slurm, export_ema, remove_partial, run_out, submit,
                          train)
 
 # -----------------------------------------------------------------------------------------------
@@ -470,6 +472,41 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
 
 
 # -----------------------------------------------------------------------------------------------
+# the fruit classifier (the yardstick of sample quality): retrained only by `classifier`
+
+
+def train_classifier(cfg: Config, progress: bool = True) -> FruitClassifier:
+    """Train the fruit classifier on every training image (Training/, flips, Adam 1e-3, batch 64,
+    EVAL's clf_epochs, seeded) and write it in half precision to classifier_path with its
+    classes, image size and test accuracy (`python -m ddpm_lib classifier`)."""
+    classes = sorted(load_index(cfg).label.unique())
+    seed_everything(cfg.seed)                      # before the network: its initial weights too
+    clf = FruitClassifier(len(classes))
+    tr, te = split_data(cfg, "train", classes), split_data(cfg, "test", classes)
+    opt = torch.optim.Adam(clf.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for _ in tqdm(range(EVAL[cfg.profile]["clf_epochs"]), desc="classifier", disable=not progress):
+        clf.train()
+        perm = torch.randperm(len(tr), generator=g)
+        for i in range(0, len(perm), 64):
+            idx = perm[i:i + 64]
+            x = to_float(tr.images[idx])
+            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
+            loss = F.cross_entropy(clf(x), tr.labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    clf.eval()
+    state = {k: v.half() if v.is_floating_point() else v for k, v in clf.state_dict().items()}
+    clf.load_state_dict(state)                     # scored as it is stored
+    with torch.no_grad():
+        acc = (clf(to_float(te.images)).argmax(1) == te.labels).float().mean().item()
+    save_checkpoint({"model": state, "classes": classes, "test_acc": acc, "features": 4 * 32,
+                     "image_size": cfg.image_size, "seed": cfg.seed}, classifier_path(cfg))
+    return clf
+
+
+# -----------------------------------------------------------------------------------------------
 # time to quality: the generation run's EMA snapshots scored (evaluate --what curve)
 
 
@@ -796,6 +833,7 @@ def main(argv=None) -> None:
                    "(0: unconditional, 1: conditional)")
 
     a = ap.parse_args(argv)
+    keep_freed_memory()
     try:
         COMMANDS[a.cmd](a)
     except Interrupted as e:

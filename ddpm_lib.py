@@ -47,13 +47,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -232,25 +230,6 @@ def autocast(device: torch.device, enabled: bool):
     Config.bf16, sample its bf16 argument; evaluation never asks (fp32)."""
     return torch.autocast(device.type, dtype=torch.bfloat16,
                           enabled=bool(enabled) and bf16_fast(device))
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep the memory a step frees for the next step (mmap only above
-    32 MiB, give memory back to the OS only above 1 GiB free) instead of returning it and
-    page-faulting it in again (tests/bench.py measures what it buys). The process keeps its
-    peak memory. Returns False where there is no glibc (macOS, musl) or mallopt refuses
-    a setting. Called where training (_train) and sampling (sample) start."""
-    import ctypes
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3              # <malloc.h>
-    return all([mallopt(k, v) == 1 for k, v in ((M_MMAP_THRESHOLD, 32 << 20),    # try each
-                                                 (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))])
 
 
 # -----------------------------------------------------------------------------------------------
@@ -479,7 +458,6 @@ def sample(model, diff: Diffusion, method: str = "ddim", n: int = 64, size: int 
         raise ValueError(f"decode must be 'eps' or 'report', not {kw['decode']!r}")
     ts = timesteps(diff.T, steps or 50 if method == "ddim" else None)
     device = next(model.parameters(), torch.empty(0)).device
-    keep_freed_memory()
     g = torch.Generator().manual_seed(seed)
     outs, trajs = [], []
     for i in tqdm(range(0, n, batch), desc=f"sampling {method}", disable=not progress or n <= batch):
@@ -1469,37 +1447,6 @@ def classifier_path(cfg: Config) -> Path:
     return cfg.home / "runs" / cfg.profile / "classifier.pt"
 
 
-def train_classifier(cfg: Config, progress: bool = True) -> FruitClassifier:
-    """Train the fruit classifier on every training image (Training/, flips, Adam 1e-3, batch 64,
-    EVAL's clf_epochs, seeded) and write it in half precision to classifier_path with its
-    classes, image size and test accuracy (`python -m ddpm_lib classifier`)."""
-    classes = sorted(load_index(cfg).label.unique())
-    seed_everything(cfg.seed)                      # before the network: its initial weights too
-    clf = FruitClassifier(len(classes))
-    tr, te = split_data(cfg, "train", classes), split_data(cfg, "test", classes)
-    opt = torch.optim.Adam(clf.parameters(), 1e-3)
-    g = torch.Generator().manual_seed(cfg.seed)
-    for _ in tqdm(range(EVAL[cfg.profile]["clf_epochs"]), desc="classifier", disable=not progress):
-        clf.train()
-        perm = torch.randperm(len(tr), generator=g)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            x = to_float(tr.images[idx])
-            x = torch.where(torch.rand(len(x), 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)
-            loss = F.cross_entropy(clf(x), tr.labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    clf.eval()
-    state = {k: v.half() if v.is_floating_point() else v for k, v in clf.state_dict().items()}
-    clf.load_state_dict(state)                     # scored as it is stored
-    with torch.no_grad():
-        acc = (clf(to_float(te.images)).argmax(1) == te.labels).float().mean().item()
-    save_checkpoint({"model": state, "classes": classes, "test_acc": acc, "features": 4 * 32,
-                     "image_size": cfg.image_size, "seed": cfg.seed}, classifier_path(cfg))
-    return clf
-
-
 def load_classifier(cfg: Config) -> tuple[FruitClassifier, list, float]:
     """The one yardstick of sample quality: (classifier, its classes, its test accuracy) from
     classifier_path. Missing, it is an error naming the command that trains it — except for the
@@ -1510,6 +1457,7 @@ def load_classifier(cfg: Config) -> tuple[FruitClassifier, list, float]:
             raise FileNotFoundError(f"the fruit classifier {path} is missing: restore it with `git "
                                     f"checkout -- {path.relative_to(cfg.home)}`, or train it with "
                                     f"`python -m ddpm_lib classifier --profile {cfg.profile}`")
+        from ddpm_cli import train_classifier
         train_classifier(cfg, progress=False)
     ck = load_checkpoint(path)
     classes = sorted(load_index(cfg).label.unique())

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ddpm_lib import (PURGE_K, channels_last, ROOT, Config, EMA, Diffusion, Fruits, atomic_path, autocast,
                       bf16_fast, build_model, check_config, committed_dir, diffusion_loss,
-                      eval_images, fold_rows, get_config, get_device, keep_freed_memory,
+                      eval_images, fold_rows, get_config, get_device,
                       load_checkpoint, load_index, optimizer_step, planned_runs, save_checkpoint,
                       seed_everything, to_float, tqdm, train_command, write_csv)
 
@@ -207,6 +207,25 @@ def resumed_speed(saved: dict, cfg: Config, device: torch.device, path: Path) ->
                              f"(or unset), or start a new run in another --out folder")
     return dict(precision=p, memory=m, how=f"kept from {path} (the run started with it)",
                 img_s={}, seconds=0.0)
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Tell glibc's malloc to keep the memory a step frees for the next step (mmap only above
+    32 MiB, give memory back to the OS only above 1 GiB free) instead of returning it and
+    page-faulting it in again (tests/bench.py measures what it buys). The process keeps its
+    peak memory. Returns False where there is no glibc (macOS, musl) or mallopt refuses
+    a setting. Called where training (_train) and the command line (ddpm_cli.main) start."""
+    import ctypes
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3              # <malloc.h>
+    return all([mallopt(k, v) == 1 for k, v in ((M_MMAP_THRESHOLD, 32 << 20),    # try each
+                                                 (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))])
 
 
 # -----------------------------------------------------------------------------------------------

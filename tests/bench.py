@@ -26,7 +26,7 @@ One run measures, with warm-up and repeats (medians are quoted):
   * FLOPs per image (torch.utils.flop_counter), the achieved FLOP/s and the MFU against this
     machine's matmul peak, measured in the same run (2048² matmul, fp32, and bf16 where native);
   * the allocator: (a)'s sampling step at batch 250 before and after
-    ddpm_lib.keep_freed_memory() (images/s, minor page faults per step);
+    ddpm_train.keep_freed_memory() (images/s, minor page faults per step);
   * seconds per generated image of DDPM-1000 and DDIM-50 with ddpm_lib.sample (random weights:
     the cost does not depend on them).
 Writes <out>/bench.csv (atomically) and <out>/bench.png, and prints markdown tables.
@@ -362,7 +362,7 @@ def bench_compiled(cfg, size, bs, S, flops, eager_row) -> dict | None:
 
 def bench_allocator(S, bs: int = 250) -> list[dict]:
     """(a)'s sampling step at the samplers' batch (250), first with glibc's malloc as it comes,
-    then after ddpm_lib.keep_freed_memory() (which training, evaluation and sampling get through
+    then after ddpm_train.keep_freed_memory() (which training and the command line get through
     get_device): images/s and minor page faults per step. Run first, since the setting cannot be
     undone in a process, and so every column after it runs with it, as training does; sequential,
     not paired."""
@@ -373,7 +373,7 @@ def bench_allocator(S, bs: int = 250) -> list[dict]:
     step = make_sample_step(net, cfg, cfg.image_size, bs, True)
     out = []
     for label in ("glibc default", "keep_freed_memory"):
-        if label == "keep_freed_memory" and not dl.keep_freed_memory():
+        if label == "keep_freed_memory" and not dt.keep_freed_memory():
             print("  keep_freed_memory not applied (no glibc, or mallopt refused): not measured")
             break
         for _ in range(S["warmup"]):

@@ -729,20 +729,24 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_sampling_keeps_freed_memory_and_get_device_does_not(monkeypatch):
-    """get_device has no side effect; sampling (and training) set glibc's malloc to keep freed
-    memory (mallopt accepts every setting; the speed it buys is measured by tests/bench.py)."""
+def test_training_and_the_command_line_keep_freed_memory_and_get_device_does_not(tmp_path):
+    """get_device has no side effect; training and every command of the command line set glibc's
+    malloc to keep freed memory (mallopt accepts every setting; the speed it buys is measured by
+    tests/bench.py); the method (sampling, evaluation) leaves the allocator alone."""
     import ctypes
     try:
         ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         pytest.skip("no glibc (musl?)")
-    dl.keep_freed_memory.cache_clear()
+    dt.keep_freed_memory.cache_clear()
     assert dl.get_device().type in ("cpu", "cuda")
-    assert dl.keep_freed_memory.cache_info().currsize == 0
-    dl.sample(dl.UNet(8, 32, 2), dl.Diffusion(5), "ddim", n=1, size=8, steps=2,
-              progress=False)
-    assert dl.keep_freed_memory.cache_info().currsize == 1 and dl.keep_freed_memory() is True
+    dl.sample(dl.UNet(8, 32, 2), dl.Diffusion(5), "ddim", n=1, size=8, steps=2, progress=False)
+    assert dt.keep_freed_memory.cache_info().currsize == 0
+    dt.train(smoke_cfg(max_epochs=1), 0, out=tmp_path / "run", progress=False)
+    assert dt.keep_freed_memory.cache_info().currsize == 1 and dt.keep_freed_memory() is True
+    dt.keep_freed_memory.cache_clear()
+    ddpm_cli.main(["data", "--synthetic", "--out", str(tmp_path / "data")])
+    assert dt.keep_freed_memory.cache_info().currsize == 1
 
 
 def test_committed_fold_run_is_used_without_a_local_run(tmp_path, monkeypatch):

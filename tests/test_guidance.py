@@ -248,7 +248,7 @@ def test_time_to_quality_scores_every_snapshot(tmp_path, monkeypatch):
     snapshots it says how to make them."""
     dl.load_index(dl.get_config("smoke"))
     data = str(dl.ROOT / "runs" / "smoke" / "data")
-    dl.train_classifier(dl.get_config("smoke"), progress=False)
+    cli.train_classifier(dl.get_config("smoke"), progress=False)
     cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=data)
     dl.classifier_path(cfg).parent.mkdir(parents=True)
     dl.classifier_path(cfg).write_bytes(dl.classifier_path(dl.get_config("smoke")).read_bytes())

@@ -633,7 +633,7 @@ def test_classifier_does_not_depend_on_the_callers_rng():
     weights = []
     for s in (1, 2):
         torch.manual_seed(s)
-        weights.append(dl.train_classifier(cfg, progress=False).state_dict())
+        weights.append(cli.train_classifier(cfg, progress=False).state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
