@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -897,8 +898,9 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
     for split_name, d in (("train", dirs["Training"]), ("test", dirs["Test"])):
         for c in classes:
             cdir = d / c
-            imgs = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_EXTS) \
-                if cdir.is_dir() else []
+            entries = sorted(cdir.iterdir()) if cdir.is_dir() else []
+            imgs = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
+            bad += [str(p) for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_EXTS]
             if not imgs:
                 raise DataError(f"class folder {cdir} is missing or has no images "
                                 f"({', '.join(IMAGE_EXTS)}); remove the class from --classes or "
@@ -1232,10 +1234,11 @@ def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
                   f"{path.parent} and train again)" if ckpt.exists() else
                   f"train it first with `{train_command(cfg, fold, path.parent)}`")
         raise FileNotFoundError(f"{path} not found: {advice}")
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, need=("config", "ema"))
     check_config(ck["config"], cfg, path)
     model = build_model(cfg, torch.device("cpu"), verbose=False)
-    model.load_state_dict({k: v.float() for k, v in ck["ema"].items()})
+    load_state(model, ck["ema"], path)                    # fp16 exports are cast to fp32
+    model.classes = ck.get("classes")                    # a conditional model's class names
     return model.eval().requires_grad_(False)
 
 
@@ -2102,10 +2105,10 @@ def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
     return path
 
 
-def save_fig(fig, name: str, cfg: Config) -> Path:
-    """<name>.png in cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke profile's go to
-    runs/smoke/figures)."""
-    path = cfg.fig_dir() / f"{name}.png"
+def save_fig(fig, name: str, cfg: Config, folder: Path | str | None = None) -> Path:
+    """<name>.png in folder, by default cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke
+    profile's go to runs/smoke/figures)."""
+    path = Path(folder or cfg.fig_dir()) / f"{name}.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     return path
@@ -2121,6 +2124,11 @@ def check_config(saved: dict, cfg: Config, path: Path, keys=None,
     diff = {k: (saved.get(k, default[k]), v) for k, v in dataclasses.asdict(cfg).items()
             if (k in keys if keys else k not in RESUMABLE_KEYS | SPEED_KEYS)
             and saved.get(k, default[k]) != v}
+    profile = saved.get("profile", cfg.profile)
+    if diff and profile != cfg.profile:                 # one difference explains the others
+        raise ValueError(f"{path} belongs to the {profile} profile, not {cfg.profile}: pass "
+                         f"--profile {profile} (or DDPM_PROFILE={profile}) to use it, or use "
+                         f"another run folder for {cfg.profile}")
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was made with another config ({lines}). {advice}")
@@ -2130,11 +2138,40 @@ class CheckpointError(ValueError):
     """A model file that cannot be read: truncated, corrupt, or holding more than tensors."""
 
 
-def load_checkpoint(path: Path | str) -> dict:
+def load_checkpoint(path: Path | str, need=()) -> dict:
     """Read one of our checkpoints with torch.load(weights_only=True): tensors and plain data
-    only, so a file from elsewhere cannot run code while it loads."""
+    only, so a file from elsewhere cannot run code while it loads. need: the keys it must have
+    (a bare state dict, or an export where a training checkpoint is needed, is refused)."""
+    ck = _torch_load(Path(path))
+    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks {', '.join(missing)}: it is not a file this command can use (a bare "
+            f"state dict, or an fp16 export where a training checkpoint is needed?). Use the file "
+            f"train or export wrote for this run, or train again")
+    return ck
+
+
+def load_state(module, state, path: Path) -> None:
+    """module.load_state_dict(state); a state that does not fit (a missing, extra or misshapen
+    tensor) or holds non-finite weights is refused, naming the file."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} does not fit this model ({why}): it was written for "
+                              f"other settings, or edited. Use the file of a run with these "
+                              f"settings, or train again") from None
+    params = module.state_dict().items() if isinstance(module, nn.Module) else ()
+    bad = [k for k, v in params if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path} holds non-finite weights (nan or inf in {len(bad)} "
+                              f"tensors, first {bad[0]}): the run diverged or the file is damaged. "
+                              f"Use an earlier checkpoint or train again")
+
+
+def _torch_load(path: Path):
     import pickle
-    path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -2161,6 +2198,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
         with atomic_path(path) as tmp:
             torch.save(state, tmp)
     except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise                                 # permissions, a bad path: said by the caller
         free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else float("nan")
         raise CheckpointError(
             f"could not write {path} ({str(e).splitlines()[0][:160]}; {free:.0f} MB free on its "
