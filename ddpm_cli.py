@@ -24,23 +24,103 @@ import pandas as pd
 import torch
 
 import ddpm_lib as dl
-from ddpm_lib import (ROOT, Config, DataError, Diffusion, PROFILES, SAMPLERS, SUBSET_CLASSES, atomic_path,
-                      build_index, committed_dir, generation_metrics, generation_model, get_config,
-                      generation_config, get_device, guidance_metrics, load_index, pick_w, planned_runs,
-                      plot_class_grid, plot_guidance, plot_time_to_quality, remove_partial,
-                      run_summary, sample, save_fig, save_table, show_grid, story_models, table1,
-                      table1_wide, time_to_quality, to_markdown, tqdm, train_command,
-                      uses_committed, weights, _find_split_dirs)
-from ddpm_train import Interrupted, RunLocked, Slurm, export_ema, run_out, submit, train
+from ddpm_lib import (INDEX_COLUMNS, ROOT, SUBSET_CLASSES, Config, DataError, Diffusion,
+                      PROFILES, SAMPLERS, _decode, assign_folds, atomic_path, committed_dir,
+                      ffd_floor, generation_config, generation_metrics, generation_model,
+                      get_config, get_device, guidance_metrics, load_checkpoint, load_index,
+                      load_model, parse_name, pick_w, planned_runs, report_table1, quality, run_summary, sample,
+                      save_fig, save_guidance, save_table, save_table1, scoring_setup, show_grid,
+                      story_models, table1, table1_wide, to_float, to_markdown, tqdm,
+                      train_command, uses_committed, weights)
+import ddpm_train
+from ddpm_train import (Interrupted, RunLocked, Slurm, export_ema, remove_partial, run_out, submit,
+                         train)
 
 # -----------------------------------------------------------------------------------------------
 # data: the `data` command's sources (a folder, a zip, a URL, the synthetic set)
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 SHARED_SUBSET = ROOT.parent / "shared" / "fruits-360-subset"
 
 
 DEFAULT_URL = "https://github.com/fruits-360/fruits-360-100x100/archive/refs/heads/main.zip"
+
+
+def _find_split_dirs(root: Path) -> dict[str, Path]:
+    """Training/ and Test/ under root (or one folder below it, as in the dataset's zip)."""
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist: pass --from with a folder (or .zip) "
+                        f"that holds Training/ and Test/ (e.g. ../shared/fruits-360-subset)")
+    for base in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        found = {s: base / s for s in ("Training", "Test") if (base / s).is_dir()}
+        if len(found) == 2:
+            return found
+    present = sorted(p.name for p in root.iterdir())
+    raise DataError(f"{root} has no Training/ and Test/ folders (found: {present[:10]}). "
+                    f"Fruits-360's layout is Training/<Class>/*.jpg and Test/<Class>/*.jpg; "
+                    f"rename the folders (names are case-sensitive) or point --from at the right one")
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """Decode the whole image with the loader's decoder (catches truncated, non-image and
+    undecodable files) and return its (height, width), or raise DataError."""
+    try:
+        return tuple(_decode(path).shape[-2:])
+    except Exception as e:  # the decoder raises several types for bad files
+        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file, or rerun "
+                        f"with --skip-bad to leave unreadable files out of the index") from e
+
+
+def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "grouped",
+                seed: int = 0, skip_bad: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """Scan a Fruits-360 folder → (index, bad files). Columns: path (relative to root), label,
+    split, video, frame, group, fold."""
+    root = Path(root)
+    dirs = _find_split_dirs(root)
+    available = sorted(p.name for p in dirs["Training"].iterdir() if p.is_dir())
+    classes = list(classes) if classes else available
+    missing = [c for c in classes if c not in available]
+    if missing:
+        raise DataError(f"classes {missing} are not in {dirs['Training']} "
+                        f"(it has {len(available)}: {available[:12]}…); check --classes")
+    rows, bad = [], []
+    files = []
+    for split_name, d in (("train", dirs["Training"]), ("test", dirs["Test"])):
+        for c in classes:
+            cdir = d / c
+            entries = sorted(cdir.iterdir()) if cdir.is_dir() else []
+            imgs = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
+            bad += [str(p) for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_EXTS]
+            if not imgs:
+                raise DataError(f"class folder {cdir} is missing or has no images "
+                                f"({', '.join(IMAGE_EXTS)}); remove the class from --classes or "
+                                f"restore its images")
+            files += [(split_name, c, p) for p in imgs]
+    resized = []
+    for split_name, c, p in tqdm(files, desc="checking images", leave=False):
+        try:
+            video, frame = parse_name(p.name)
+            if frame < 0:
+                raise DataError(f"{p} is not named like a Fruits-360 frame ([r|r2|…_]<frame>_100"
+                                f".jpg), so its video and frame, which keep the folds free of "
+                                f"leakage, are unknown: rename or remove it, or rerun with "
+                                f"--skip-bad to leave such files out")
+            hw = check_image(p)
+        except DataError:
+            if not skip_bad:
+                raise
+            bad.append(str(p))
+            continue
+        if hw[0] != hw[1]:                              # stretched to a square by read_image
+            resized.append(f"{p} ({hw[1]}×{hw[0]})")
+        rows.append(dict(path=str(p.relative_to(root)), label=c, split=split_name,
+                         video=video, frame=frame))
+    if not rows:
+        return pd.DataFrame(columns=INDEX_COLUMNS), bad
+    df = assign_folds(pd.DataFrame(rows), n_folds, split, seed)[INDEX_COLUMNS]
+    df.attrs["resized"] = resized
+    return df, bad
 
 
 def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
@@ -194,7 +274,7 @@ def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
                         f"(or pass --from {link}) — it is not deleted")
     index, bad = build_index(root, classes, split=split, seed=seed, skip_bad=skip_bad)
     if bad:
-        print(f"skipped {len(bad)} files (unreadable, not {'/'.join(dl.IMAGE_EXTS)}, or named "
+        print(f"skipped {len(bad)} files (unreadable, not {'/'.join(IMAGE_EXTS)}, or named "
               f"outside the dataset's scheme):\n  " + "\n  ".join(bad))
     resized = index.attrs.get("resized", [])
     if resized:
@@ -282,7 +362,9 @@ def _report_fields(figs: Path) -> dict:
             f["table1_std"] = to_markdown(std.assign(ratio=std.ssim_std / std.ssim_std_batch)
                                           .round(4).reset_index())
     if (vs := csv("table1_vs_report")) is not None:
-        f["table1_vs_report"] = to_markdown(vs.drop(columns="report_what").round(3))
+        f["table1_vs_report"] = to_markdown(vs.round(3))
+        if "corrected 100" in vs:
+            f.update(_resolution_fields(vs.set_index("t")))
     if (lk := csv("leakage")) is not None:
         f["leakage_table"] = to_markdown(lk.round(4))
         for split, r in lk[lk.when == "best epoch"].set_index("split").iterrows():
@@ -361,6 +443,30 @@ def _report_fields(figs: Path) -> dict:
     return f
 
 
+def _resolution_fields(vs: pd.DataFrame) -> dict:
+    """The report's fold 0 and range, ours at 32×32 and upsampled to 100×100, and the ceiling at
+    t = 50, 250, 500, 800, 1000 (a table), and the split of the gap to the report at low and high
+    t into resolution (32×32 → upsampled) and model (what remains), in words."""
+    rep0 = report_table1().query("fold == 0").set_index("t").ssim_mean
+    ts = [t for t in (50, 250, 500, 800, 1000) if t in vs.index]
+    methods = [m for m in ("corrected", "report-faithful") if f"{m} 100" in vs]
+    cols = {"report fold 0": rep0[ts], "report range": [f"{vs.loc[t, 'report lowest']:.3f}–"
+                                                        f"{vs.loc[t, 'report highest']:.3f}" for t in ts]}
+    for m in methods:
+        cols[f"{m} 32×32"], cols[f"{m} upsampled 100"] = vs.loc[ts, m], vs.loc[ts, f"{m} 100"]
+    cols["ceiling 100"] = vs.loc[ts, "ceiling 100"]
+    table = pd.DataFrame(cols, index=pd.Index(ts, name="t")).round(3).reset_index()
+    words = []
+    for t, when in ((50, "low"), (800, "high")):
+        r, lo, hi = vs.loc[t, ["report", "corrected", "corrected 100"]]
+        words.append(f"At {when} t (t = {t}) the report's folds average {r:.3f}; our corrected "
+                     f"models score {lo:.3f} at 32×32 ({lo - r:+.3f} from the report's) and "
+                     f"{hi:.3f} upsampled to 100×100: resolution moves our score by {hi - lo:+.3f}, "
+                     f"leaving {hi - r:+.3f} between our models and the report's.")
+    return dict(resolution_table=to_markdown(table), resolution_split=" ".join(words),
+                ceiling_ssim=f"{vs['ceiling 100'].iloc[0]:.3f}")
+
+
 def write_report(cfg: Config, template: Path | str | None = None, figs: Path | str | None = None,
                  out: Path | str | None = None) -> Path:
     """report/report.md from report/template.md: `${name}` fields come from _report_fields,
@@ -400,6 +506,68 @@ def _keep_better(out: Path, text: str, figs: Path) -> None:
         raise DataError(f"{out} has {old} missing pieces, a new one would have "
                         f"{text.count(gap)} (tables or figures absent from {figs}): {out} is kept. "
                         f"Produce them (`make figures`), or delete {out} to write it anyway")
+
+
+# -----------------------------------------------------------------------------------------------
+# time to quality: the generation run's EMA snapshots scored (evaluate --what curve)
+
+
+def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool = True
+                    ) -> pd.DataFrame:
+    """Score the EMA snapshots of the generation run (GENERATION's snapshot_every) after their
+    epochs of training: n DDIM samples each (η = 0, not clipped, seed cfg.seed), their FFD
+    against its floor at n and their recognizability. Times from the run's history: train_minutes
+    as the run measured them (validation included), idle_minutes the training steps alone at its
+    fastest epoch's rate (where a run shared its cores for a while: the rate of the machine to
+    itself)."""
+    gcfg = generation_config(cfg)
+    run, dev = gcfg.run_dir("all"), get_device()
+    snaps = sorted(run.glob("ema_epoch*.pt"))
+    if not snaps:
+        raise FileNotFoundError(f"no snapshots (ema_epoch*.pt) in {run}: they are kept while the "
+                                f"generation model trains (`{train_command(gcfg, 'all')}`), "
+                                f"every snapshot_every epochs")
+    hist = pd.read_csv(run / "history.csv")
+    classes, train_ds, test_imgs, clf, _ = scoring_setup(cfg, progress)
+    per_epoch = (gcfg.steps_per_epoch or len(train_ds) // gcfg.batch_size) * gcfg.batch_size
+    real_test = to_float(test_imgs)
+    floor = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
+    fp, rows = Diffusion.from_config(gcfg).to(dev), []
+    for path in tqdm(snaps, desc="snapshots", disable=not progress):
+        epoch = load_checkpoint(path)["epoch"]
+        model = load_model(gcfg, "all", path).to(dev)
+        x, _ = sample(model, fp, "ddim", n, gcfg.image_size, cfg.seed, steps=steps, clip=False,
+                      progress=False)
+        q, h = quality(clf, x, real_test, None, len(classes)), hist[hist.epoch <= epoch]
+        rows.append(dict(epoch=epoch, images=epoch * per_epoch,
+                         train_minutes=h.seconds.sum() / 60,
+                         idle_minutes=epoch * per_epoch / hist.images_per_s.max() / 60,
+                         n=n, ffd=q["ffd"], ffd_floor=floor, ffd_ratio=q["ffd"] / floor,
+                         recognizability=q["recognizability"],
+                         classes_covered=q["classes_covered"]))
+    return pd.DataFrame(rows)
+
+
+def plot_time_to_quality(df: pd.DataFrame, ffd_aim: float = 3.0, rec_aim: float = 0.95,
+                         axes=None):
+    """time_to_quality's table: FFD ÷ its floor (log scale) and recognizability against the
+    training minutes at the idle rate, with the aims drawn as dashed lines."""
+    import matplotlib.pyplot as plt
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8))[1]
+    x = df.idle_minutes
+    axes[0].plot(x, df.ffd_ratio, "o-")
+    axes[0].axhline(ffd_aim, ls="--", color="grey", label=f"aim: {ffd_aim:g}× the floor")
+    axes[0].set(yscale="log", ylabel="FFD ÷ floor", title=f"FFD (DDIM, n = {df.n.iloc[0]})")
+    axes[1].plot(x, df.recognizability, "o-")
+    axes[1].axhline(rec_aim, ls="--", color="grey", label=f"aim: {rec_aim:g}")
+    axes[1].set(ylim=(0, 1.02), ylabel="share with p ≥ 0.9", title="recognizability")
+    for ax in axes:
+        ax.set_xlabel("training minutes (2 cores, idle rate)")
+        ax.legend(fontsize=8)
+        top = ax.secondary_xaxis("top", functions=(lambda m: m / x.iloc[-1] * df.epoch.iloc[-1],
+                                                   lambda e: e / df.epoch.iloc[-1] * x.iloc[-1]))
+        top.set_xlabel("epoch", fontsize=8)
+    return axes
 
 
 # -----------------------------------------------------------------------------------------------
@@ -496,7 +664,7 @@ def cmd_train_all(a) -> None:
                   f"not trained (--retrain trains it)", flush=True)
             continue
         print(f"== {out}", flush=True)
-        train(c, fold, resume=True, out=out)
+        ddpm_train.train(c, fold, resume=True, out=out)
 
 
 def cmd_submit(a) -> None:
@@ -512,9 +680,9 @@ def cmd_submit(a) -> None:
 def cmd_evaluate(a) -> None:
     cfg = get_config(a.profile)
     if a.what in ("table1", "both"):
-        df = table1(cfg)
-        print(f"Table 1 → {save_table(df, 'table1_ssim', cfg)}")
-        print(table1_wide(df).to_string(index=False))
+        vs = save_table1(cfg, table1(cfg))
+        print(f"Table 1 → {cfg.fig_dir()}/table1_*.csv, 04_ssim_vs_t.png")
+        print(vs.round(3).to_string(index=False))
     if a.what in ("generation", "both"):
         df, _ = generation_metrics(cfg, story_models(cfg), a.n)
         print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
@@ -526,13 +694,8 @@ def cmd_evaluate(a) -> None:
         print(df.to_string(index=False))
     if a.what == "guidance":
         df, per, xs = guidance_metrics(cfg, a.n or 50)
-        save_table(per, "guidance_by_class", cfg)
-        w = pick_w(df)
-        classes = sorted(load_index(cfg).label.unique())
-        grid = plot_class_grid(xs[w], classes, title=f"w = {w:g}")
-        print(f"guidance → {save_table(df, 'guidance', cfg)}, "
-              f"{save_fig(plot_guidance(df, per)[0].figure, 'guidance', cfg)}, "
-              f"{save_fig(grid, 'guidance_grid', cfg)} (w = {w:g})")
+        w = save_guidance(cfg, df, per, xs, sorted(load_index(cfg).label.unique()))
+        print(f"guidance → {cfg.fig_dir()}/guidance*.csv, 05_guidance*.png (w = {w:g})")
         print(df.to_string(index=False))
 
 

@@ -22,11 +22,8 @@ Where the papers' equations live (x in [-1, 1], t = 1..T)
   the report's two samplers (its Sections 4–5)                     report_step, report_first_step
   the report's Table 1 protocol                                    one_step_eval, table1
 
-What the report got wrong, and the switch that reproduces it (Config.target):
-  'eps'        — the corrected method: the network predicts ε, the unscaled noise of Eq. 4 [DDPM].
-  'scaled_eps' — report-faithful: the target is √(1−ᾱ_t)·ε, and one-step reconstructions are
-                 the report's scaler·(x_t − output), Eq. 5's scaler with the per-step α_t
-                 (report_x0).
+Config.target switches between the corrected method ('eps': the network predicts ε, the noise
+of Eq. 4) and the report's ('scaled_eps': it predicts √(1−ᾱ_t)·ε, decoded with Eq. 5).
 
 Every number here is computed in fp32 unless a caller asks otherwise (sample's bf16); training
 picks its precision by measuring (ddpm_train.speed_choice), and nothing else does. Two companion
@@ -77,7 +74,6 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent          # the repository: Config.root's default
 SUBSET_CLASSES = ("Apple Golden 1", "Banana 1", "Grape White 1", "Kiwi 1", "Lemon 1", "Mango 1",
                   "Orange 1", "Pineapple 1", "Strawberry 1", "Tomato 1")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 
 
 @dataclass
@@ -170,8 +166,9 @@ GENERATION = {
 }
 
 
-# How much each profile evaluates: test images for Table 1, samples per sampler (DDPM, DDIM),
-# samples of the report's method (1000 steps and only the baseline: fewer), classifier epochs.
+# How much each profile evaluates: test images for Table 1; n_samples, the one n of every FFD (a
+# set of fewer samples gets KID and recognizability only, which stay comparable at any n); samples
+# of the 1000-step samplers (DDPM, the report's method: fewer, so no FFD); classifier epochs.
 EVAL = {
     "smoke": dict(n_eval=32, n_samples=16, n_report=8, clf_epochs=1),
     "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),
@@ -283,13 +280,11 @@ class Diffusion(nn.Module):
     Calling it on (x0, t) returns (x_t, target): x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε (Eq. 4),
     target = ε (corrected) or sqrt(1-ᾱ_t)·ε (report-faithful 'scaled_eps').
 
-    sigma_data > 0 (Config.sigma_data; not the report's) preconditions the network as EDM does
-    [EDM]: ε̂ = c_skip(t)·x_t + c_out(t)·F(x_t, t), where c_skip·x_t is E[ε | x_t] and c_out² the
-    variance left, were x0 ~ N(0, σ_d²·I); F's target (ε − c_skip·x_t)/c_out then has unit
-    variance at every t, so the MSE on it is EDM's loss weighting (1/c_out² on the ε-MSE). At
-    t = T, c_skip ≈ 1 and c_out ≈ 0.0035 (σ_d = 0.7): ε̂ ≈ x_t by construction, where the report's
-    U-Net, blind to the scale of x_t (UNet), has to make x_t's norm up. EDM's input scaling c_in
-    is left out (that U-Net ignores it), and t stays uniform (EDM draws log σ from a normal).
+    sigma_data > 0 (not the report's) preconditions the network as EDM does [EDM]: ε̂ =
+    c_skip(t)·x_t + c_out(t)·F(x_t, t), c_skip·x_t = E[ε | x_t] and c_out² the variance left were
+    x0 ~ N(0, σ_d²·I); F's target (ε − c_skip·x_t)/c_out has unit variance at every t (EDM's loss
+    weighting). At t = T, ε̂ ≈ x_t by construction, which the report's scale-blind U-Net (UNet)
+    cannot produce. EDM's c_in is left out (that U-Net ignores it), and t stays uniform.
     """
 
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_1: float = 1e-3,
@@ -770,21 +765,6 @@ def parse_name(filename: str) -> tuple[str, int]:
     return (m.group("video") or "").lower(), int(m.group("frame"))
 
 
-def _find_split_dirs(root: Path) -> dict[str, Path]:
-    """Training/ and Test/ under root (or one folder below it, as in the dataset's zip)."""
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist: pass --from with a folder (or .zip) "
-                        f"that holds Training/ and Test/ (e.g. ../shared/fruits-360-subset)")
-    for base in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
-        found = {s: base / s for s in ("Training", "Test") if (base / s).is_dir()}
-        if len(found) == 2:
-            return found
-    present = sorted(p.name for p in root.iterdir())
-    raise DataError(f"{root} has no Training/ and Test/ folders (found: {present[:10]}). "
-                    f"Fruits-360's layout is Training/<Class>/*.jpg and Test/<Class>/*.jpg; "
-                    f"rename the folders (names are case-sensitive) or point --from at the right one")
-
-
 def _decode(path: Path) -> torch.Tensor:
     """The one image decoder of the library (torchvision): any mode → uint8 RGB (3, H, W); a
     16-bit image keeps its high byte."""
@@ -795,16 +775,6 @@ def _decode(path: Path) -> torch.Tensor:
     if img.dtype == torch.uint16:
         img = (img.to(torch.int32) >> 8).to(torch.uint8)
     return img
-
-
-def check_image(path: Path) -> tuple[int, int]:
-    """Decode the whole image with the loader's decoder (catches truncated, non-image and
-    undecodable files) and return its (height, width), or raise DataError."""
-    try:
-        return tuple(_decode(path).shape[-2:])
-    except Exception as e:  # the decoder raises several types for bad files
-        raise DataError(f"cannot read image {path}: {e}. Replace or delete the file, or rerun "
-                        f"with --skip-bad to leave unreadable files out of the index") from e
 
 
 def assign_folds(df: pd.DataFrame, n_folds: int = 5, split: str = "grouped",
@@ -881,57 +851,6 @@ def leaking_pairs(train: pd.DataFrame, val: pd.DataFrame, k: int = PURGE_K) -> i
     return n
 
 
-def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "grouped",
-                seed: int = 0, skip_bad: bool = False) -> tuple[pd.DataFrame, list[str]]:
-    """Scan a Fruits-360 folder → (index, bad files). Columns: path (relative to root), label,
-    split, video, frame, group, fold."""
-    root = Path(root)
-    dirs = _find_split_dirs(root)
-    available = sorted(p.name for p in dirs["Training"].iterdir() if p.is_dir())
-    classes = list(classes) if classes else available
-    missing = [c for c in classes if c not in available]
-    if missing:
-        raise DataError(f"classes {missing} are not in {dirs['Training']} "
-                        f"(it has {len(available)}: {available[:12]}…); check --classes")
-    rows, bad = [], []
-    files = []
-    for split_name, d in (("train", dirs["Training"]), ("test", dirs["Test"])):
-        for c in classes:
-            cdir = d / c
-            entries = sorted(cdir.iterdir()) if cdir.is_dir() else []
-            imgs = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
-            bad += [str(p) for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_EXTS]
-            if not imgs:
-                raise DataError(f"class folder {cdir} is missing or has no images "
-                                f"({', '.join(IMAGE_EXTS)}); remove the class from --classes or "
-                                f"restore its images")
-            files += [(split_name, c, p) for p in imgs]
-    resized = []
-    for split_name, c, p in tqdm(files, desc="checking images", leave=False):
-        try:
-            video, frame = parse_name(p.name)
-            if frame < 0:
-                raise DataError(f"{p} is not named like a Fruits-360 frame ([r|r2|…_]<frame>_100"
-                                f".jpg), so its video and frame, which keep the folds free of "
-                                f"leakage, are unknown: rename or remove it, or rerun with "
-                                f"--skip-bad to leave such files out")
-            hw = check_image(p)
-        except DataError:
-            if not skip_bad:
-                raise
-            bad.append(str(p))
-            continue
-        if hw[0] != hw[1]:                              # stretched to a square by read_image
-            resized.append(f"{p} ({hw[1]}×{hw[0]})")
-        rows.append(dict(path=str(p.relative_to(root)), label=c, split=split_name,
-                         video=video, frame=frame))
-    if not rows:
-        return pd.DataFrame(columns=INDEX_COLUMNS), bad
-    df = assign_folds(pd.DataFrame(rows), n_folds, split, seed)[INDEX_COLUMNS]
-    df.attrs["resized"] = resized
-    return df, bad
-
-
 def load_index(cfg: Config) -> pd.DataFrame:
     """Read data_dir/index.csv; the smoke profile makes its synthetic set on first use."""
     d = cfg.home / cfg.data_dir
@@ -953,8 +872,8 @@ INDEX_COLUMNS = ["path", "label", "split", "video", "frame", "group", "fold"]
 
 def read_index(path: Path) -> pd.DataFrame:
     """index.csv, checked: every column present, no row cut short, numbers where numbers go."""
-    redo = (f"rebuild it with `python -m ddpm_lib data --from ../shared/fruits-360-subset` "
-            f"(or your --from folder)")
+    redo = ("rebuild it with `python -m ddpm_lib data --from ../shared/fruits-360-subset` "
+            "(or your --from folder)")
     text = path.read_bytes()
     if text and not text.endswith(b"\n"):
         raise DataError(f"{path} ends in the middle of a row (cut short?): {redo}")
@@ -1041,15 +960,6 @@ def split_data(cfg: Config, split: str, classes=None) -> Fruits:
     return Fruits(rows, cfg.home / cfg.data_dir / "fruits-360", cfg.image_size, classes=classes)
 
 
-def fold_datasets(cfg: Config, fold) -> tuple[Fruits, Fruits]:
-    index = load_index(cfg)
-    tr, val = fold_rows(index, fold, PURGE_K if cfg.split == "grouped" else 0)
-    root = cfg.home / cfg.data_dir / "fruits-360"
-    classes = sorted(index.label.unique())
-    return (Fruits(tr, root, cfg.image_size, cfg.flip, classes),
-            Fruits(val, root, cfg.image_size, False, classes))
-
-
 # -----------------------------------------------------------------------------------------------
 # training: Algorithm 1, EMA, early stopping; which weights a run uses
 
@@ -1079,45 +989,12 @@ class EMA:
         self.n = s["n"]
 
 
-@dataclass
-class EarlyStopping:
-    """Stop when the validation loss has not *decreased* for `patience` epochs (the report's
-    'did not increase' is a slip)."""
-    patience: int = 5
-    best: float = math.inf
-    bad_epochs: int = 0
-
-    def step(self, val_loss: float) -> bool:
-        """Record one epoch; True when it is a new best."""
-        if val_loss < self.best:
-            self.best, self.bad_epochs = val_loss, 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def stop(self) -> bool:
-        return self.bad_epochs >= self.patience
-
-
 def diffusion_loss(model, fp: Diffusion, x0, t, eps, y=None) -> torch.Tensor:
     """Algorithm 1 [DDPM]: ‖target − net(x_t, t)‖², target ε (or the report's scaled ε, or with
     sigma_data F's target: the ε-MSE weighted by 1/c_out², see Diffusion); y: class labels
     of a conditional model (None: unconditional)."""
     xt, target = fp(x0, t, eps)
     return F.mse_loss((model(xt, t) if y is None else model(xt, t, y)).float(), target)
-
-
-def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Adam:
-    """The report's Adam, as the fused kernel (one pass over all parameters; on this CPU
-    6.4 ms a step against 11.5 ms for the default foreach form, clip included)."""
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=True)
-
-
-def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last(cfg) else x
 
 
 def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, loss: torch.Tensor,
@@ -1128,47 +1005,6 @@ def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, los
     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
     ema.update(model)
-
-
-def epoch_batches(images: torch.Tensor, cfg: Config, fp: Diffusion, g: torch.Generator,
-                  labels: torch.Tensor | None = None):
-    """One epoch of (x0, t, ε, y) from the uint8 cache; every draw comes from the epoch's
-    generator, so an epoch is reproduced exactly after a resume. y: None, or for a conditional
-    config the labels with a share p_uncond replaced by the null class n_classes [CFG]."""
-    n, bs = len(images), min(cfg.batch_size, len(images))
-    steps = cfg.steps_per_epoch or n // bs
-    perm = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-steps * bs // n))])
-    for s in range(steps):
-        idx = perm[s * bs:(s + 1) * bs]
-        x0 = to_float(images[idx])                                         # (B, 3, H, W)
-        if cfg.flip:
-            x0 = torch.where(torch.rand(bs, 1, 1, 1, generator=g) < 0.5, x0.flip(-1), x0)
-        t, eps = fp.sample_t(bs, g), torch.randn(x0.shape, generator=g)
-        y = None
-        if cfg.n_classes:                                                  # (B,) label dropout
-            y = torch.where(torch.rand(bs, generator=g) < cfg.p_uncond, cfg.n_classes, labels[idx])
-        yield x0, t, eps, y
-
-
-@torch.no_grad()
-def validation_loss(model, fp: Diffusion, images: torch.Tensor, cfg: Config,
-                    device: torch.device, batch: int = 256) -> float:
-    """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with
-    sigma_data, not comparable with the others) over the validation images, with fixed, seeded
-    noise and timesteps so that epochs are comparable. A conditional model is validated with the
-    null class."""
-    g = torch.Generator().manual_seed(cfg.seed + 7919)
-    total, count = 0.0, 0
-    for i in range(0, len(images), batch):
-        x0 = to_float(images[i:i + batch])
-        t, eps = fp.sample_t(len(x0), g), torch.randn(x0.shape, generator=g)
-        x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
-        with autocast(device, cfg.bf16):
-            xt, target = fp(x0, t, eps)
-            out = model(xt, t).float()
-        total += F.mse_loss(out, target, reduction="sum").item()
-        count += target.numel()
-    return total / count
 
 
 def planned_runs() -> list[tuple[dict, object]]:
@@ -1326,23 +1162,32 @@ def nearest_ssim(x: torch.Tensor, train: torch.Tensor, batch: int = 64) -> torch
 
 @torch.no_grad()
 def reconstruct(model, fp: Diffusion, xt: torch.Tensor, t: torch.Tensor,
-                report: bool = False) -> torch.Tensor:
-    """The one-step x̂0 of Table 1, in [0, 1]: the network's output read as ε (the scaled target
-    divided back out) and Eq. 4 solved for x0 (Eq. 15); report=True: the report's decoding,
-    Eq. 5's scaler times (x_t − output) (report_x0)."""
+                decode: str = "eps") -> torch.Tensor:
+    """The one-step x̂0 of Table 1, in [0, 1], in fp32. decode: 'eps' reads the output as ε and
+    solves Eq. 4 for x0 (Eq. 15); 'eq5' is the report's scaler·(x_t − output) (report_x0);
+    'alpha' the same with 1/√α_t alone, where the report started (too dark)."""
     out = model(xt, t).float()
-    if report:
-        return report_x0(xt, t, out)
+    if decode in ("eq5", "alpha"):
+        return report_x0(xt, t, out, decode)
     return to_unit(fp.predict_x0(xt, t, fp.eps_from_output(xt, t, out)))
+
+
+def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images in [0, 1] resized to size×size, bilinear (align_corners=False), clamped."""
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
 @torch.no_grad()
 def one_step_eval(model, fp: Diffusion, images: torch.Tensor, ts=TABLE1_T, seed: int = 0,
-                  report: bool = False, batch: int = 250) -> pd.DataFrame:
+                  decode: str = "eps", batch: int = 250,
+                  hires: torch.Tensor | None = None) -> pd.DataFrame:
     """The report's Table 1 protocol for one model: noise the images (uint8) to each t with fixed
-    seeded noise, predict x̂0 in one step, and score SSIM and PSNR against the ground truth in
-    [0, 1]. report=True: the report-faithful reconstruction (report_x0, Eq. 5).
-    One row per image and t."""
+    seeded noise, predict x̂0 in one step (reconstruct, `decode`), and score SSIM and PSNR
+    against the ground truth in [0, 1]; brightness is x̂0's mean. hires: the same images at the
+    dataset's resolution (uint8, e.g. 100×100): x̂0 is also upsampled to it (upsample) and scored
+    against them (ssim_hr, psnr_hr). One row per image and t."""
     device = next(model.parameters()).device
     rows = []
     for t_val in ts:
@@ -1351,11 +1196,26 @@ def one_step_eval(model, fp: Diffusion, images: torch.Tensor, ts=TABLE1_T, seed:
             x0 = to_float(images[i:i + batch])
             t = torch.full((len(x0),), t_val, dtype=torch.long)
             xt = fp.q_sample(x0, t, torch.randn(x0.shape, generator=g)).to(device)
-            rec = reconstruct(model, fp, xt, t.to(device), report)
-            gt = to_unit(x0)
-            rows += [dict(t=t_val, ssim=a, psnr=b) for a, b in
-                     zip(ssim(rec.cpu(), gt).tolist(), psnr(rec.cpu(), gt).tolist())]
-    return pd.DataFrame(rows)
+            rec, gt = reconstruct(model, fp, xt, t.to(device), decode).cpu(), to_unit(x0)
+            r = dict(t=t_val, ssim=ssim(rec, gt), psnr=psnr(rec, gt),
+                     brightness=rec.mean(dim=(1, 2, 3)))
+            if hires is not None:
+                up, gt_hr = upsample(rec, hires.shape[-1]), to_unit(to_float(hires[i:i + batch]))
+                r.update(ssim_hr=ssim(up, gt_hr), psnr_hr=psnr(up, gt_hr))
+            rows.append(pd.DataFrame({k: v if k == "t" else v.numpy() for k, v in r.items()}))
+    return pd.concat(rows, ignore_index=True)
+
+
+def upsampling_ceiling(cfg: Config, size: int = 100) -> pd.DataFrame:
+    """What a perfect x̂0 at cfg's image size scores at the dataset's size×size: each evaluation
+    image read at cfg.image_size (read_image's antialiased resize), upsampled back (upsample)
+    and scored against its size×size original. One row: ssim_hr_mean, ssim_hr_std, psnr_hr_mean,
+    n."""
+    small, big = eval_images(cfg), eval_images(cfg, size=size)
+    up, gt = upsample(to_unit(to_float(small)), size), to_unit(to_float(big))
+    s, p = ssim(up, gt), psnr(up, gt)
+    return pd.DataFrame([dict(ssim_hr_mean=s.mean().item(), ssim_hr_std=s.std().item(),
+                              psnr_hr_mean=p.mean().item(), n=len(s))])
 
 
 @torch.no_grad()
@@ -1379,13 +1239,14 @@ def scale_response(model, fp: Diffusion, images: torch.Tensor, ts=(100, 300, 500
     return pd.DataFrame(rows)
 
 
-def eval_images(cfg: Config, n: int | None = None) -> torch.Tensor:
-    """A seeded subset of the test images (uint8), the same for every model of a profile."""
+def eval_images(cfg: Config, n: int | None = None, size: int | None = None) -> torch.Tensor:
+    """A seeded subset of the test images (uint8) at cfg.image_size (or `size`), the same for
+    every model of a profile."""
     index = load_index(cfg)
     test = index[index.split == "test"]
     n = n or EVAL[cfg.profile]["n_eval"]
     test = test.sample(n=min(n, len(test)), random_state=cfg.seed).sort_index()
-    return Fruits(test, cfg.home / cfg.data_dir / "fruits-360", cfg.image_size).images
+    return Fruits(test, cfg.home / cfg.data_dir / "fruits-360", size or cfg.image_size).images
 
 
 def split_leakage(cfg: Config, fold: int = 0) -> pd.DataFrame:
@@ -1419,40 +1280,45 @@ def leakage_table(histories: dict) -> pd.DataFrame:
 
 
 def summarise(per_image: pd.DataFrame, by=("t",), batch: int = 64) -> pd.DataFrame:
-    """Mean and std of SSIM and PSNR per group: ssim_std and psnr_std over the images, and
-    ssim_std_batch and psnr_std_batch over the means of consecutive batches of `batch` images in
-    the order evaluated (the last batch may be smaller; NaN where a group has one batch) — the
+    """Per group, for each score column (ssim, psnr, brightness, ssim_hr, psnr_hr where present):
+    its mean, its std over the images (_std) and its std over the means of consecutive batches
+    of `batch` images in the order evaluated (_std_batch; NaN where a group has one batch) — the
     report's "±" may be either spread. n: images per group."""
     by = list(by)
+    cols = [c for c in ("ssim", "psnr", "brightness", "ssim_hr", "psnr_hr") if c in per_image]
     g = per_image.groupby(by)
-    out = g.agg(ssim_mean=("ssim", "mean"), ssim_std=("ssim", "std"), psnr_mean=("psnr", "mean"),
-                psnr_std=("psnr", "std"), n=("ssim", "size")).reset_index()
-    means = per_image.groupby(by + [g.cumcount() // batch])[["ssim", "psnr"]].mean()
-    spread = means.groupby(level=list(range(len(by)))).std().add_suffix("_std_batch")
-    return out.merge(spread.reset_index(), on=by)
+    out = g[cols].agg(["mean", "std"])
+    out.columns = [f"{c}_{a}" for c, a in out.columns]
+    out["n"] = g.size()
+    spread = per_image.groupby(by + [g.cumcount() // batch])[cols].mean()
+    spread = spread.groupby(level=list(range(len(by)))).std().add_suffix("_std_batch")
+    return out.reset_index().merge(spread.reset_index(), on=by)
+
+
+# Table 1's methods: name → (the model's target, the decoding of its output; DECODINGS).
+TABLE1_METHODS = {"corrected": ("eps", "eps"), "report-faithful": ("scaled_eps", "eq5"),
+                  "report-faithful, 1/√α_t decoding": ("scaled_eps", "alpha")}
 
 
 def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> pd.DataFrame:
-    """Table 1 for every trained fold model (local or committed): the corrected method ('eps'
-    models), and the report-faithful mode ('scaled_eps' models, its Eq. 5 scaler) where such a model is trained.
-    Long format: method, fold, t, ssim_mean, ssim_std, psnr_mean, psnr_std, n, ssim_std_batch,
-    psnr_std_batch (summarise)."""
+    """Table 1 for every trained fold model (weights: local or committed) under each of
+    TABLE1_METHODS, in fp32. Below 100×100 the reconstructions are also scored upsampled to the
+    dataset's 100×100 (one_step_eval's hires). Long format: method, fold, t, then summarise's
+    columns."""
     images = eval_images(cfg)
-    fp_cfgs = [("corrected", cfg), ("report-faithful", dataclasses.replace(cfg, target="scaled_eps"))]
+    hires = eval_images(cfg, size=100) if cfg.image_size < 100 else None
     parts = []
-    for method, c in fp_cfgs:
+    for method, (target, decode) in TABLE1_METHODS.items():
+        c = dataclasses.replace(cfg, target=target)
         fp = Diffusion.from_config(c)
         for k in tqdm(folds, desc=f"Table 1, {method}", disable=not progress):
-            if not weights(c, k).exists():
-                continue
-            per = one_step_eval(load_model(c, k), fp, images, ts, c.seed,
-                                report=method == "report-faithful")
-            parts.append(summarise(per).assign(method=method, fold=k))
+            if weights(c, k).exists():
+                per = one_step_eval(load_model(c, k), fp, images, ts, c.seed, decode, hires=hires)
+                parts.append(summarise(per).assign(method=method, fold=k))
     if not parts:
         raise FileNotFoundError(f"no trained fold under {cfg.run_dir(0).parent}: train first")
     df = pd.concat(parts, ignore_index=True)
-    return df[["method", "fold", "t", "ssim_mean", "ssim_std", "psnr_mean", "psnr_std", "n",
-               "ssim_std_batch", "psnr_std_batch"]]
+    return df[["method", "fold"] + [c for c in df.columns if c not in ("method", "fold")]]
 
 
 def table1_wide(df: pd.DataFrame, method: str = "corrected") -> pd.DataFrame:
@@ -1469,28 +1335,48 @@ def table1_wide(df: pd.DataFrame, method: str = "corrected") -> pd.DataFrame:
 
 
 def report_table1() -> pd.DataFrame:
-    """The report's own Table 1 values that this repository has (data/report_table1.csv: t, what,
-    ssim, source), typed in with their source. The report's full table is not in the repository;
-    these are the values its issues quote."""
-    return pd.read_csv(ROOT / "data" / "report_table1.csv")
+    """The report's own Table 1, every cell: t, fold (0–4), ssim_mean, ssim_std, typed from the
+    report (data/report_table1.csv says where)."""
+    return pd.read_csv(ROOT / "data" / "report_table1.csv", comment="#")
 
 
-def table1_vs_report(df: pd.DataFrame, report: pd.DataFrame) -> pd.DataFrame:
-    """Ours beside the report's at each t the report's values cover: per method, the mean SSIM
-    over folds and the lowest and highest fold (and PSNR), and the report's values there."""
-    rows = []
-    for t, r in report.groupby("t"):
-        row = {"t": t, "report": " – ".join(f"{v:.3f}" for v in r.ssim),
-               "report_what": " – ".join(r.what)}
-        for method, d in df[df.t == t].groupby("method"):
-            row[f"{method} ssim"] = d.ssim_mean.mean()
-            row[f"{method} lowest fold"] = d.ssim_mean.min()
-            row[f"{method} highest fold"] = d.ssim_mean.max()
-            row[f"{method} psnr"] = d.psnr_mean.mean()
-            row[f"{method} folds"] = d.fold.nunique()
-        rows.append(row)
-    return pd.DataFrame(rows)
+def table1_vs_report(df: pd.DataFrame, report: pd.DataFrame,
+                     ceiling: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Ours beside the report's at every t: the report's mean over its folds and its lowest and
+    highest fold; per method of ours, the mean over folds (fold range in the by-fold tables) at
+    our resolution and, where scored, upsampled to 100×100 (_100); the upsampling ceiling."""
+    rep = report.groupby("t").ssim_mean.agg(["mean", "min", "max"])
+    out = pd.DataFrame({"t": rep.index, "report": rep["mean"].to_numpy(),
+                        "report lowest": rep["min"].to_numpy(),
+                        "report highest": rep["max"].to_numpy()})
+    for method, d in df.groupby("method", sort=False):
+        m = d.groupby("t")
+        out[method] = out.t.map(m.ssim_mean.mean())
+        if "ssim_hr_mean" in d:
+            out[f"{method} 100"] = out.t.map(m.ssim_hr_mean.mean())
+    if ceiling is not None:
+        out["ceiling 100"] = ceiling.ssim_hr_mean.iloc[0]
+    return out
 
+
+
+def save_table1(cfg: Config, df: pd.DataFrame) -> pd.DataFrame:
+    """Write a table1 frame where notebook 04 and `evaluate --what table1` both put it:
+    table1_ssim, the report's layout for the corrected and report-faithful methods
+    (table1_*_by_fold), the comparison with the report at every t (table1_vs_report, with the
+    upsampling ceiling where scored) and its figure (04_ssim_vs_t). Returns the comparison."""
+    import matplotlib.pyplot as plt
+    save_table(df, "table1_ssim", cfg)
+    for method in ("corrected", "report-faithful"):
+        if method in df.method.values:
+            save_table(table1_wide(df, method), f"table1_{method.replace('-', '_')}_by_fold", cfg)
+    ceiling = upsampling_ceiling(cfg) if "ssim_hr_mean" in df else None
+    vs = table1_vs_report(df, report_table1(), ceiling)
+    save_table(vs.round(6), "table1_vs_report", cfg)
+    axes = plot_table1(df, report_table1())
+    save_fig(axes[0].figure, "04_ssim_vs_t", cfg)
+    plt.close(axes[0].figure)
+    return vs
 
 # -----------------------------------------------------------------------------------------------
 # generation: the models of notebook 05
@@ -1516,8 +1402,9 @@ def generation_model(cfg: Config, conditional: bool = False, committed: bool = F
     if not path.exists():
         export = committed_dir(gcfg, "all") / "ema_fp16.pt"
         if cfg.profile in COMMITTED_PROFILES:
-            raise FileNotFoundError(f"the committed generation model {export} is missing: "
-                                    f"restore it with `git checkout -- {export}`, or train it "
+            rel = export.relative_to(gcfg.home)
+            raise FileNotFoundError(f"the committed generation model {rel} is missing: "
+                                    f"restore it with `git checkout -- {rel}`, or train it "
                                     f"with `{train_command(gcfg, 'all')}`")
         trained(gcfg, "all")
         path = weights(gcfg, "all", committed)
@@ -1576,25 +1463,22 @@ class FruitClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(cfg: Config, progress: bool = True):
-    """Train (or load) the fruit classifier on every training image; returns (model, classes,
-    test accuracy). Seeded; the checkpoint is runs/<profile>/classifier.pt."""
-    path = cfg.home / "runs" / cfg.profile / "classifier.pt"
-    index = load_index(cfg)
-    classes = sorted(index.label.unique())
-    epochs = EVAL[cfg.profile]["clf_epochs"]
-    if path.exists():
-        ck = load_checkpoint(path)
-        if (ck["classes"], ck["image_size"], ck.get("epochs")) == (classes, cfg.image_size, epochs):
-            clf = FruitClassifier(len(classes))
-            clf.load_state_dict(ck["model"])
-            return clf.eval(), classes, ck["test_acc"]
+def classifier_path(cfg: Config) -> Path:
+    """The profile's committed fruit classifier (fp16): data/checkpoints/classifier_<profile>.pt."""
+    return cfg.home / "data" / "checkpoints" / f"classifier_{cfg.profile}.pt"
+
+
+def train_classifier(cfg: Config, progress: bool = True) -> FruitClassifier:
+    """Train the fruit classifier on every training image (Training/, flips, Adam 1e-3, batch 64,
+    EVAL's clf_epochs, seeded) and write it in half precision to classifier_path with its
+    classes, image size and test accuracy (`python -m ddpm_lib classifier`)."""
+    classes = sorted(load_index(cfg).label.unique())
     seed_everything(cfg.seed)                      # before the network: its initial weights too
     clf = FruitClassifier(len(classes))
     tr, te = split_data(cfg, "train", classes), split_data(cfg, "test", classes)
     opt = torch.optim.Adam(clf.parameters(), 1e-3)
     g = torch.Generator().manual_seed(cfg.seed)
-    for epoch in tqdm(range(epochs), desc="classifier", disable=not progress):
+    for _ in tqdm(range(EVAL[cfg.profile]["clf_epochs"]), desc="classifier", disable=not progress):
         clf.train()
         perm = torch.randperm(len(tr), generator=g)
         for i in range(0, len(perm), 64):
@@ -1606,11 +1490,37 @@ def train_classifier(cfg: Config, progress: bool = True):
             loss.backward()
             opt.step()
     clf.eval()
+    state = {k: v.half() if v.is_floating_point() else v for k, v in clf.state_dict().items()}
+    clf.load_state_dict(state)                     # scored as it is stored
     with torch.no_grad():
         acc = (clf(to_float(te.images)).argmax(1) == te.labels).float().mean().item()
-    save_checkpoint({"model": clf.state_dict(), "classes": classes, "test_acc": acc,
-                     "image_size": cfg.image_size, "epochs": epochs}, path)
-    return clf, classes, acc
+    save_checkpoint({"model": state, "classes": classes, "test_acc": acc, "features": 4 * 32,
+                     "image_size": cfg.image_size, "seed": cfg.seed}, classifier_path(cfg))
+    return clf
+
+
+def load_classifier(cfg: Config) -> tuple[FruitClassifier, list, float]:
+    """The one yardstick of sample quality: (classifier, its classes, its test accuracy) from
+    classifier_path. Missing, it is an error naming the command that trains it — except for the
+    smoke profile (tests), which trains its own on first use."""
+    path = classifier_path(cfg)
+    if not path.exists():
+        if cfg.profile != "smoke":
+            raise FileNotFoundError(f"the fruit classifier {path} is missing: restore it with `git "
+                                    f"checkout -- {path.relative_to(cfg.home)}`, or train it with "
+                                    f"`python -m ddpm_lib classifier --profile {cfg.profile}`")
+        train_classifier(cfg, progress=False)
+    ck = load_checkpoint(path)
+    classes = sorted(load_index(cfg).label.unique())
+    if (ck["classes"], ck["image_size"]) != (classes, cfg.image_size):
+        raise ValueError(f"{path} was trained on other classes or another image size "
+                         f"({len(ck['classes'])} classes, {ck['image_size']}px) than "
+                         f"{cfg.data_dir}/index.csv at {cfg.image_size}px: retrain it with "
+                         f"`python -m ddpm_lib classifier --profile {cfg.profile}`")
+    clf = FruitClassifier(len(classes))
+    clf.load_state_dict({k: v.float() if v.is_floating_point() else v
+                         for k, v in ck["model"].items()})
+    return clf.eval(), classes, ck["test_acc"]
 
 
 @torch.no_grad()
@@ -1653,33 +1563,44 @@ def kid(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 50, subset_size: int 
     return float(np.mean(vals)), float(np.std(vals))
 
 
-def ffd_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor, n: int,
-              repeats: int = 5, seed: int = 0) -> float:
-    """The FFD of n real training images (uint8) against real_test, mean over `repeats` random
-    subsets: what a perfect generator scores with n samples. Like FID, FFD is biased upward for
-    small n, so a sample set is compared with the floor at its own n."""
+def ffd_bootstrap_std(f: torch.Tensor, fr: torch.Tensor, boots: int = 20, seed: int = 0) -> float:
+    """The spread of an FFD over its sample set: the std of the FFD of `boots` resamples of f
+    (with replacement, the same size) against fr."""
     g = torch.Generator().manual_seed(seed)
-    fr, _ = classify(clf, real_test)
-    return float(np.mean([frechet_distance(
-        classify(clf, to_float(train[torch.randperm(len(train), generator=g)[:n]]))[0], fr)
-        for _ in range(repeats)]))
+    return float(np.std([frechet_distance(f[torch.randint(len(f), (len(f),), generator=g)], fr)
+                         for _ in range(boots)]))
+
+
+def ffd_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor, n: int,
+              repeats: int = 5, seed: int = 0) -> tuple[float, float]:
+    """What a perfect generator scores with n samples: the FFD of n real training images (uint8)
+    against real_test, (mean, std) over `repeats` random subsets drawn with seeds seed+1… (so
+    independent of a row drawn with `seed`). Like FID, FFD is biased upward for small n: compare
+    a set with the floor at its own n."""
+    fr = classify(clf, real_test)[0]
+    d = [frechet_distance(classify(clf, to_float(train[torch.randperm(
+        len(train), generator=torch.Generator().manual_seed(seed + 1 + i))[:n]]))[0], fr)
+         for i in range(repeats)]
+    return float(np.mean(d)), float(np.std(d))
 
 
 def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | None,
-            train: torch.Tensor | None, n_classes: int, seed: int = 0) -> dict:
-    """The sample-quality numbers of one set x (in [-1, 1]): FFD and KID against real_test,
-    recognizability (share of images the classifier gives p ≥ 0.9 for some class), classes
-    covered by those, and the SSIM to the nearest training image. Pass None to skip a reference
-    (real test images against themselves; training images against the training set)."""
+            train: torch.Tensor | None, n_classes: int, seed: int = 0, ffd: bool = True) -> dict:
+    """The sample-quality numbers of one set x (in [-1, 1]): FFD (ffd=True; with its bootstrap
+    std) and KID against real_test, recognizability (share of images the classifier gives
+    p ≥ 0.9 for some class), classes covered by those, and the SSIM to the nearest training
+    image. Pass None to skip a reference (real test images against themselves; training images
+    against the training set)."""
     f, p = classify(clf, x)
     conf, pred = p.max(1)
     covered = torch.bincount(pred[conf >= 0.9], minlength=n_classes)
-    q = dict(n=len(x), ffd=np.nan, kid=np.nan, kid_std=np.nan,
+    q = dict(n=len(x), ffd=np.nan, ffd_std=np.nan, kid=np.nan, kid_std=np.nan,
              recognizability=float((conf >= 0.9).float().mean()),
              classes_covered=int((covered > 0).sum()), nn_ssim_mean=np.nan, nn_ssim_max=np.nan)
     if real_test is not None:
         fr, _ = classify(clf, real_test)
-        q["ffd"] = frechet_distance(f, fr)
+        if ffd:
+            q["ffd"], q["ffd_std"] = frechet_distance(f, fr), ffd_bootstrap_std(f, fr, seed=seed)
         q["kid"], q["kid_std"] = kid(f, fr, subset_size=min(100, len(x)), seed=seed)
     if train is not None:
         nn_s = nearest_ssim(x, train)
@@ -1692,45 +1613,48 @@ def scoring_setup(cfg: Config, progress: bool = True):
     its test accuracy)."""
     classes = sorted(load_index(cfg).label.unique())
     train_ds, test_imgs = split_data(cfg, "train", classes), split_data(cfg, "test").images
-    clf, _, acc = train_classifier(cfg, progress)
+    clf, _, acc = load_classifier(cfg)
     return classes, train_ds, test_imgs, clf, acc
 
 
-def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_report: int | None = None,
+def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: int | None = None,
                        progress: bool = True) -> tuple[pd.DataFrame, dict]:
     """Sample every GEN_SAMPLERS row with its model (story_models) and score each set, after
-    real training and test images (the references). n samples a row (default EVAL's), n_report
-    for the report's method. Returns (one row per set, {name: samples}); samples are also saved
-    to runs/<profile>/samples.pt."""
+    real training and test images (the references). n samples a DDIM row, n_slow a 1000-step row
+    (DDPM, the report's method); defaults EVAL's. Only a set of EVAL's n_samples gets an FFD, with
+    its bootstrap std and its ratio to the floor at that n (ffd_floor, independent draws); the
+    others KID and recognizability. Returns (one row per set, {name: samples}); samples are also
+    saved to runs/<profile>/samples.pt."""
     ev = EVAL[cfg.profile]
-    n, n_report = n or ev["n_samples"], n_report or ev["n_report"]
+    n, n_slow, n_ffd = n or ev["n_samples"], n_slow or ev["n_report"], ev["n_samples"]
     classes, train_ds, test_imgs, clf, acc = scoring_setup(cfg, progress)
     train_imgs = train_ds.images
     rows, samples = [], {}
     g = torch.Generator().manual_seed(cfg.seed)
     real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:n]])
     real_test = to_float(test_imgs)
-    # the references: real training images against the test set (the floor of FFD and KID),
-    # real test images against the training set (how near a real unseen image comes to a copy)
+    # the references: real training images against the test set (a real set at the same n, drawn
+    # apart from the floor's), real test images against the training set (how near a real unseen
+    # image comes to a copy)
     rows.append(dict(sampler="real: training images", seconds_per_image=np.nan,
-                     **quality(clf, real_train, real_test, None, len(classes))))
+                     **quality(clf, real_train, real_test, None, len(classes), ffd=n >= n_ffd)))
     rows.append(dict(sampler="real: test images", seconds_per_image=np.nan,
                      **quality(clf, real_test, None, train_imgs, len(classes))))
     for name, (key, method, kw) in GEN_SAMPLERS.items():
         model, fp = models[key]
-        k = n_report if method == "report" else n
+        k = n if method == "ddim" else n_slow
         t0 = time.perf_counter()
         x, _ = sample(model, fp, method, k, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
         secs = (time.perf_counter() - t0) / k
         samples[name] = x
-        rows.append(dict(sampler=name, **quality(clf, x, real_test, train_imgs, len(classes)),
-                         seconds_per_image=secs))
+        rows.append(dict(sampler=name, seconds_per_image=secs, **quality(
+            clf, x, real_test, train_imgs, len(classes), ffd=k >= n_ffd)))
     df = pd.DataFrame(rows)
-    # FFD against the floor at the same n (real training images, mean of 5 subsets)
-    floors = {k: ffd_floor(clf, train_imgs, real_test, k, seed=cfg.seed)
-              for k in df[df.ffd.notna()].n.unique()}
-    df.insert(df.columns.get_loc("ffd") + 1, "ffd_floor", df.n.map(floors))
-    df.insert(df.columns.get_loc("ffd") + 2, "ffd_ratio", df.ffd / df.ffd_floor)
+    floor, floor_std = ffd_floor(clf, train_imgs, real_test, n_ffd, seed=cfg.seed)
+    at = df.columns.get_loc("ffd_std") + 1
+    df.insert(at, "ffd_floor", np.where(df.ffd.notna(), floor, np.nan))
+    df.insert(at + 1, "ffd_floor_std", np.where(df.ffd.notna(), floor_std, np.nan))
+    df.insert(at + 2, "ffd_ratio", df.ffd / df.ffd_floor)
     real_rec = df.set_index("sampler").recognizability["real: test images"]
     df.insert(df.columns.get_loc("recognizability") + 1, "recognizability_ratio",
               df.recognizability / real_rec)            # against real test images
@@ -1750,42 +1674,6 @@ def class_shares(clf: FruitClassifier, classes: list, sets: dict, p_min: float =
         labels = [classes[j] if c >= p_min else "unrecognized" for c, j in zip(conf, pred)]
         out[name] = pd.Series(labels).value_counts(normalize=True)
     return pd.DataFrame(out).fillna(0.0).reindex([*classes, "unrecognized"]).fillna(0.0)
-
-
-def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool = True
-                    ) -> pd.DataFrame:
-    """Score the EMA snapshots of the generation run (GENERATION's snapshot_every) after their
-    epochs of training: n DDIM samples each (η = 0, not clipped, seed cfg.seed), their FFD
-    against its floor at n and their recognizability. Times from the run's history: train_minutes
-    as the run measured them (validation included), idle_minutes the training steps alone at its
-    fastest epoch's rate (where a run shared its cores for a while: the rate of the machine to
-    itself)."""
-    gcfg = generation_config(cfg)
-    run, dev = gcfg.run_dir("all"), get_device()
-    snaps = sorted(run.glob("ema_epoch*.pt"))
-    if not snaps:
-        raise FileNotFoundError(f"no snapshots (ema_epoch*.pt) in {run}: they are kept while the "
-                                f"generation model trains (`{train_command(gcfg, 'all')}`), "
-                                f"every snapshot_every epochs")
-    hist = pd.read_csv(run / "history.csv")
-    classes, train_ds, test_imgs, clf, _ = scoring_setup(cfg, progress)
-    per_epoch = (gcfg.steps_per_epoch or len(train_ds) // gcfg.batch_size) * gcfg.batch_size
-    real_test = to_float(test_imgs)
-    floor = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
-    fp, rows = Diffusion.from_config(gcfg).to(dev), []
-    for path in tqdm(snaps, desc="snapshots", disable=not progress):
-        epoch = load_checkpoint(path)["epoch"]
-        model = load_model(gcfg, "all", path).to(dev)
-        x, _ = sample(model, fp, "ddim", n, gcfg.image_size, cfg.seed, steps=steps, clip=False,
-                      progress=False)
-        q, h = quality(clf, x, real_test, None, len(classes)), hist[hist.epoch <= epoch]
-        rows.append(dict(epoch=epoch, images=epoch * per_epoch,
-                         train_minutes=h.seconds.sum() / 60,
-                         idle_minutes=epoch * per_epoch / hist.images_per_s.max() / 60,
-                         n=n, ffd=q["ffd"], ffd_floor=floor, ffd_ratio=q["ffd"] / floor,
-                         recognizability=q["recognizability"],
-                         classes_covered=q["classes_covered"]))
-    return pd.DataFrame(rows)
 
 
 # Classifier-free guidance weights scored by guidance_metrics (0: unconditional, 1: conditional).
@@ -1839,6 +1727,23 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     df["steps"], df["n_per_class"], df["classifier_test_acc"] = steps, n_per_class, acc
     return df, per, samples
 
+
+
+def save_guidance(cfg: Config, df: pd.DataFrame, per: pd.DataFrame, samples: dict,
+                  classes: list) -> float:
+    """Write guidance_metrics' results where notebook 05 and `evaluate --what guidance` both put
+    them (guidance, guidance_by_class, 05_guidance, 05_guidance_grid at pick_w's w); returns w."""
+    import matplotlib.pyplot as plt
+    save_table(df, "guidance", cfg)
+    save_table(per, "guidance_by_class", cfg)
+    w = pick_w(df)
+    for name, fig in (("05_guidance", plot_guidance(df, per)[0].figure),
+                      ("05_guidance_grid", plot_class_grid(samples[w], classes, title=f"requested "
+                                                           f"class per row, w = {w:g}, DDIM-50, "
+                                                           f"seed {cfg.seed}"))):
+        save_fig(fig, name, cfg)
+        plt.close(fig)
+    return w
 
 def pick_w(df: pd.DataFrame, ffd_max: float = 1.5) -> float:
     """The guidance weight to show: of guidance_metrics' conditional rows whose FFD is at most
@@ -1910,31 +1815,28 @@ def plot_history(histories: dict, ax=None, title: str = "loss per epoch",
 
 
 def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, axes=None):
-    """SSIM and PSNR of one-step x̂0 against t per method (a table1 frame): the mean over folds,
-    a band from the lowest to the highest fold; the report's values (report_table1) as black
-    marks, a range drawn where it gives its lowest and highest fold."""
+    """SSIM against t per method of a table1 frame (left: at our resolution; right: upsampled
+    to 100×100, where scored), the mean over folds with a band from the lowest to the highest
+    fold; the report's five folds (report_table1) as thin black lines in both panels."""
     import matplotlib.pyplot as plt
-    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8),
-                                                      layout="constrained")[1]
-    for (method, d), c in zip(df.groupby("method"), ("C0", "C3", "C2")):
-        a = d.groupby("t")[["ssim_mean", "psnr_mean"]].agg(["mean", "min", "max"])
-        n = d.fold.nunique()
-        for ax, m in zip(axes, ("ssim_mean", "psnr_mean")):
-            ax.plot(a.index, a[m]["mean"], "o-", ms=3, color=c,
-                    label=f"ours, {method} ({n} fold{'s' * (n > 1)})")
-            ax.fill_between(a.index, a[m]["min"], a[m]["max"], color=c, alpha=0.2)
-    if report is not None:
-        for t, r in report.groupby("t"):
-            kw = dict(color="k", label="the report (its folds' range, or its value)"
-                      if t == report.t.min() else None)
-            if len(r) > 1:
-                axes[0].plot([t, t], [r.ssim.min(), r.ssim.max()], "-", lw=3, **kw)
-            else:
-                axes[0].plot(t, r.ssim.iloc[0], "kD", ms=5, label=kw["label"])
-    axes[0].set(xlabel="t", ylabel="SSIM", title="one-step x̂0: SSIM against the ground truth")
-    axes[1].set(xlabel="t", ylabel="PSNR (dB)", title="one-step x̂0: PSNR (the report gave none)")
-    for ax in axes:
-        ax.legend(fontsize=8)
+    hr = "ssim_hr_mean" in df
+    axes = axes if axes is not None else plt.subplots(1, 1 + hr, figsize=(6 + 5 * hr, 4),
+                                                      layout="constrained", squeeze=False)[1][0]
+    for ax, col in zip(axes, ("ssim_mean", "ssim_hr_mean")):
+        for (method, d), c in zip(df.groupby("method", sort=False), ("C0", "C3", "C1")):
+            a = d.groupby("t")[col].agg(["mean", "min", "max"])
+            n = d.fold.nunique()
+            ax.plot(a.index, a["mean"], "o-", ms=3, color=c, label=f"ours: {method} ({n} fold{'s' * (n > 1)})")
+            ax.fill_between(a.index, a["min"], a["max"], color=c, alpha=0.2)
+        if report is not None:
+            for k, r in report.groupby("fold"):
+                ax.plot(r.t, r.ssim_mean, "-", color="k", lw=0.8, alpha=0.7,
+                        label="the report, its 5 folds" if k == 0 else None)
+        ax.set(xlabel="t", ylabel="SSIM", ylim=(0, 1))
+        ax.legend(fontsize=9)
+    axes[0].set_title("one-step x̂0 against the ground truth at our resolution")
+    if hr:
+        axes[1].set_title("the same x̂0 upsampled (bilinear) to 100×100")
     return axes
 
 
@@ -1991,28 +1893,6 @@ def plot_leakage(histories: dict, axes=None):
                 title="how optimistic validation is")
     for ax in axes:
         ax.legend(fontsize=8)
-    return axes
-
-
-def plot_time_to_quality(df: pd.DataFrame, ffd_aim: float = 3.0, rec_aim: float = 0.95,
-                         axes=None):
-    """time_to_quality's table: FFD ÷ its floor (log scale) and recognizability against the
-    training minutes at the idle rate, with the aims drawn as dashed lines."""
-    import matplotlib.pyplot as plt
-    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8))[1]
-    x = df.idle_minutes
-    axes[0].plot(x, df.ffd_ratio, "o-")
-    axes[0].axhline(ffd_aim, ls="--", color="grey", label=f"aim: {ffd_aim:g}× the floor")
-    axes[0].set(yscale="log", ylabel="FFD ÷ floor", title=f"FFD (DDIM, n = {df.n.iloc[0]})")
-    axes[1].plot(x, df.recognizability, "o-")
-    axes[1].axhline(rec_aim, ls="--", color="grey", label=f"aim: {rec_aim:g}")
-    axes[1].set(ylim=(0, 1.02), ylabel="share with p ≥ 0.9", title="recognizability")
-    for ax in axes:
-        ax.set_xlabel("training minutes (2 cores, idle rate)")
-        ax.legend(fontsize=8)
-        top = ax.secondary_xaxis("top", functions=(lambda m: m / x.iloc[-1] * df.epoch.iloc[-1],
-                                                   lambda e: e / df.epoch.iloc[-1] * x.iloc[-1]))
-        top.set_xlabel("epoch", fontsize=8)
     return axes
 
 
@@ -2076,14 +1956,6 @@ def atomic_path(path: Path | str):
 def write_csv(df: pd.DataFrame, path: Path | str) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
-
-
-def remove_partial(folder: Path | str) -> list[Path]:
-    """Delete the temporary files atomic_path leaves when a process is killed mid-write."""
-    left = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
-    for p in left:
-        p.unlink(missing_ok=True)
-    return left
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -2205,7 +2077,6 @@ def save_checkpoint(state: dict, path: Path) -> None:
             f"could not write {path} ({str(e).splitlines()[0][:160]}; {free:.0f} MB free on its "
             f"disk — is it full?). The previous version of the file, if any, is intact: free "
             f"space, then rerun (with --resume for training)") from None
-
 
 
 if __name__ == "__main__":              # `python -m ddpm_lib …`: the command line (ddpm_cli)

@@ -24,13 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ddpm_lib import (ROOT, Config, EMA, EarlyStopping, Diffusion, atomic_path, autocast, bf16_fast,
-                      build_model, check_config, diffusion_loss, epoch_batches, eval_images,
-                      fold_datasets, get_config, get_device, keep_freed_memory, load_checkpoint,
-                      load_state,
-                      make_optimizer, optimizer_step, planned_runs, remove_partial,
-                      save_checkpoint, seed_everything, to_device, tqdm, train_command,
-                      validation_loss, write_csv, committed_dir)
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ddpm_lib import (PURGE_K, channels_last, ROOT, Config, EMA, Diffusion, Fruits, atomic_path, autocast,
+                      bf16_fast, build_model, check_config, committed_dir, diffusion_loss,
+                      eval_images, fold_rows, get_config, get_device, keep_freed_memory,
+                      load_checkpoint, load_index, load_state, optimizer_step, planned_runs, save_checkpoint,
+                      seed_everything, to_float, tqdm, train_command, write_csv)
 
 # -----------------------------------------------------------------------------------------------
 # precision and memory layout, chosen by measuring where training starts
@@ -357,6 +358,102 @@ def _from_rank0(d: Dist, v):
     x = [v]
     tdist.broadcast_object_list(x, src=0)
     return x[0]
+
+
+def to_device(x: torch.Tensor, cfg: Config, device: torch.device) -> torch.Tensor:
+    """x on the device, in cfg's memory layout."""
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last(cfg) else x
+
+
+# -----------------------------------------------------------------------------------------------
+# one epoch: the batches, the validation loss, early stopping
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the validation loss has not *decreased* for `patience` epochs (the report's
+    'did not increase' is a slip)."""
+    patience: int = 5
+    best: float = math.inf
+    bad_epochs: int = 0
+
+    def step(self, val_loss: float) -> bool:
+        """Record one epoch; True when it is a new best."""
+        if val_loss < self.best:
+            self.best, self.bad_epochs = val_loss, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+
+def make_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Adam:
+    """The report's Adam, as the fused kernel (one pass over all parameters; on this CPU
+    6.4 ms a step against 11.5 ms for the default foreach form, clip included)."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            fused=True)
+
+
+def epoch_batches(images: torch.Tensor, cfg: Config, fp: Diffusion, g: torch.Generator,
+                  labels: torch.Tensor | None = None):
+    """One epoch of (x0, t, ε, y) from the uint8 cache; every draw comes from the epoch's
+    generator, so an epoch is reproduced exactly after a resume. y: None, or for a conditional
+    config the labels with a share p_uncond replaced by the null class n_classes [CFG]."""
+    n, bs = len(images), min(cfg.batch_size, len(images))
+    steps = cfg.steps_per_epoch or n // bs
+    perm = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-steps * bs // n))])
+    for s in range(steps):
+        idx = perm[s * bs:(s + 1) * bs]
+        x0 = to_float(images[idx])                                         # (B, 3, H, W)
+        if cfg.flip:
+            x0 = torch.where(torch.rand(bs, 1, 1, 1, generator=g) < 0.5, x0.flip(-1), x0)
+        t, eps = fp.sample_t(bs, g), torch.randn(x0.shape, generator=g)
+        y = None
+        if cfg.n_classes:                                                  # (B,) label dropout
+            y = torch.where(torch.rand(bs, generator=g) < cfg.p_uncond, cfg.n_classes, labels[idx])
+        yield x0, t, eps, y
+
+
+@torch.no_grad()
+def validation_loss(model, fp: Diffusion, images: torch.Tensor, cfg: Config,
+                    device: torch.device, batch: int = 256) -> float:
+    """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with
+    sigma_data, not comparable with the others) over the validation images, with fixed, seeded
+    noise and timesteps so that epochs are comparable. A conditional model is validated with the
+    null class."""
+    g = torch.Generator().manual_seed(cfg.seed + 7919)
+    total, count = 0.0, 0
+    for i in range(0, len(images), batch):
+        x0 = to_float(images[i:i + batch])
+        t, eps = fp.sample_t(len(x0), g), torch.randn(x0.shape, generator=g)
+        x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
+        with autocast(device, cfg.bf16):
+            xt, target = fp(x0, t, eps)
+            out = model(xt, t).float()
+        total += F.mse_loss(out, target, reduction="sum").item()
+        count += target.numel()
+    return total / count
+
+
+def fold_datasets(cfg: Config, fold) -> tuple[Fruits, Fruits]:
+    index = load_index(cfg)
+    tr, val = fold_rows(index, fold, PURGE_K if cfg.split == "grouped" else 0)
+    root = cfg.home / cfg.data_dir / "fruits-360"
+    classes = sorted(index.label.unique())
+    return (Fruits(tr, root, cfg.image_size, cfg.flip, classes),
+            Fruits(val, root, cfg.image_size, False, classes))
+
+
+def remove_partial(folder: Path | str) -> list[Path]:
+    """Delete the temporary files atomic_path leaves when a process is killed mid-write."""
+    left = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for p in left:
+        p.unlink(missing_ok=True)
+    return left
 
 
 # -----------------------------------------------------------------------------------------------

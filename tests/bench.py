@@ -207,7 +207,7 @@ def make_train_step(net: nn.Module, fwd, cfg: dl.Config, size: int, bs: int, lib
     (net itself, or its torch.compile), `net` owns the parameters. library=True: ddpm_lib's
     optimizer (fused Adam); else plain torch.optim.Adam, as the report's code had it."""
     fp = dl.Diffusion.from_config(cfg)
-    opt = dl.make_optimizer(net, cfg) if library else \
+    opt = dt.make_optimizer(net, cfg) if library else \
         torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = dl.EMA(net, cfg.ema_decay)
     batches = synthetic_batches(cfg, fp, size, bs)
@@ -216,7 +216,7 @@ def make_train_step(net: nn.Module, fwd, cfg: dl.Config, size: int, bs: int, lib
     def step():
         x0, t, eps = batches[it[0] % len(batches)]
         it[0] += 1
-        x0, t, eps = dl.to_device(x0, cfg, CPU), t, eps
+        x0, t, eps = dt.to_device(x0, cfg, CPU), t, eps
         with dl.autocast(CPU, cfg.bf16):
             loss = dl.diffusion_loss(fwd, fp, x0, t, eps)
         opt.zero_grad(set_to_none=True)
@@ -230,14 +230,17 @@ def make_train_step(net: nn.Module, fwd, cfg: dl.Config, size: int, bs: int, lib
 
 def make_sample_step(fwd, cfg: dl.Config, size: int, bs: int, library: bool):
     """One denoising step's network call, no grad. library=True: exactly ddpm_lib's samplers'
-    call (ddpm_lib._eps: bf16 autocast, NCHW noise into the model); else the column's own
-    precision and memory format."""
+    call (ddpm_lib.eps_hat under sample's autocast(bf16=cfg.bf16), NCHW noise into the model);
+    else the column's own precision and memory format."""
     fp = dl.Diffusion.from_config(cfg)
     x = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(1))
-    if library:
-        return lambda: dl._eps(fwd, fp, x, 500)
-    x = dl.to_device(x, cfg, CPU)
     t = torch.full((bs,), 500, dtype=torch.long)
+    if library:
+        def lib_step():
+            with torch.no_grad(), dl.autocast(CPU, cfg.bf16):
+                return dl.eps_hat(fwd, fp, x, t)
+        return lib_step
+    x = dt.to_device(x, cfg, CPU)
 
     def step():
         with torch.no_grad(), dl.autocast(CPU, cfg.bf16):

@@ -268,11 +268,47 @@ def test_report_scaler_is_eq5_with_per_step_alpha():
     assert got[0] == pytest.approx(1.0, abs=1e-5)     # t = 1: almost no scaling
     assert got[3] == pytest.approx(1.31, abs=0.005) and got[5] == pytest.approx(5.2, abs=0.05)
     assert 1 / np.sqrt(ab[199]) == pytest.approx(1.34, abs=0.005)
-    # the report's schedule whatever the process's own: a cosine process gives the same scaler
-    fp = dl.Diffusion(T, "cosine", target="scaled_eps")
-    xt = torch.ones(len(t), 3, 2, 2)
+    # 'alpha': 1/√α_t alone, the decoding the report started from
     np.testing.assert_allclose(dl.report_scaler(torch.tensor(t), "alpha").numpy(),
                                1 / np.sqrt(1 - b[t - 1]), rtol=1e-9)
+
+
+@pytest.mark.parametrize("t_val", [50, 500, 1000])
+def test_alpha_decoding_of_an_exact_scaled_network_darkens_x0(t_val):
+    """1/√α_t·(x_t − out) with out exactly the report's target √(1−ᾱ_t)·ε is √ᾱ_t/√α_t·x0 (before
+    the mapping to [0, 1]): the image fades as t grows, which Eq. 5 was invented to undo."""
+    x0, t, xt, eps, fp, _ = _ideal_x0(t_val)
+    out = (1 - fp.at(fp.alpha_bar, t)).sqrt() * eps
+    s = dl.report_scaler(t, "alpha").float().view(-1, 1, 1, 1)
+    k = fp.at(fp.alpha_bar, t).sqrt() / fp.at(fp.alphas, t).sqrt()
+    torch.testing.assert_close(s * (xt - out), k * x0, rtol=0, atol=1e-5)
+    rec = dl.reconstruct(lambda x, tt: out, fp, xt, t, "alpha")
+    torch.testing.assert_close(rec, dl.to_unit(k * x0), rtol=0, atol=1e-5)
+
+
+class IdealNet(nn.Module):
+    """ε̂ that decodes to the true x0 exactly (it is given x0): (x_t − √ᾱ_t·x0)/√(1−ᾱ_t)."""
+
+    def __init__(self, x0, fp):
+        super().__init__()
+        self.x0, self.fp, self.w = x0, fp, nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t):
+        ab = self.fp.at(self.fp.alpha_bar, t)
+        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+
+
+def test_ideal_reconstruction_upsampled_scores_the_ceiling():
+    """Table 1's 100×100 column of a perfect x̂0 is the down- and upsampling ceiling, per image;
+    at the model's own resolution it scores 1."""
+    cfg = smoke_cfg()
+    small, big = dl.eval_images(cfg), dl.eval_images(cfg, size=100)
+    fp = dl.Diffusion.from_config(cfg)
+    per = dl.one_step_eval(IdealNet(dl.to_float(small), fp), fp, small, ts=(50, 800), hires=big)
+    ceiling = dl.upsampling_ceiling(cfg)
+    assert np.allclose(per.ssim, 1, atol=1e-4)
+    assert np.isclose(per.groupby("t").ssim_hr.mean(), ceiling.ssim_hr_mean.iloc[0], atol=1e-4).all()
+    assert 0.3 < ceiling.ssim_hr_mean.iloc[0] < 1 and ceiling.n.iloc[0] == len(small)
 
 
 def _ideal_x0(t_val: int):
@@ -363,12 +399,12 @@ def test_tiny_model_overfits_one_batch():
 
 
 def test_early_stopping_script():
-    es = dl.EarlyStopping(patience=2)
+    es = dt.EarlyStopping(patience=2)
     assert es.step(1.0) is True and not es.stop
     assert es.step(0.8) is True and es.best == 0.8 and es.bad_epochs == 0
     assert es.step(0.9) is False and es.bad_epochs == 1 and not es.stop
     assert es.step(0.8) is False and es.bad_epochs == 2 and es.stop    # equal is no decrease
-    es = dl.EarlyStopping(patience=3)
+    es = dt.EarlyStopping(patience=3)
     for v in (1.0, 1.1, 1.2):
         es.step(v)
     assert es.bad_epochs == 2 and not es.stop
@@ -673,16 +709,17 @@ def test_timestep_out_of_range_raises():
 def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
     """`sample` hands --steps, --eta and --no-clip to the DDIM sampler and saves a grid named by
     them; --steps or --eta with another sampler is an error."""
-    seen = {}
+    seen, ts = {}, []
     real = dl.SAMPLERS["ddim"]
 
-    def spy(*args, **kw):
+    def spy(model, diff, x, t, t_prev, g, **kw):
         seen.update(kw)
-        return real(*args, **kw)
+        ts.append(t)
+        return real(model, diff, x, t, t_prev, g, **kw)
     monkeypatch.setitem(dl.SAMPLERS, "ddim", spy)
     ddpm_cli.main(["sample", "--profile", "smoke", "--n", "4", "--steps", "3", "--eta", "0.5",
-             "--seed", "7"])
-    assert (seen["steps"], seen["eta"], seen["clip"]) == (3, 0.5, True)
+                   "--seed", "7"])
+    assert (ts, seen["eta"], seen["clip"]) == ([1000, 500, 1], 0.5, True)
     out = smoke_cfg().fig_dir() / "samples_ddim3_eta0.5_seed7.png"
     assert out.exists() and str(out.name) in capsys.readouterr().out
     ddpm_cli.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--no-clip"])

@@ -25,6 +25,7 @@ from PIL import Image
 
 import ddpm_cli
 import ddpm_lib
+import ddpm_train
 from ddpm_lib import DataError, PURGE_K
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def synthetic(root: Path, **kw) -> Path:
 
 
 def image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in ddpm_lib.IMAGE_EXTS)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in ddpm_cli.IMAGE_EXTS)
 
 
 def leaks(train: pd.DataFrame, val: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -128,7 +129,7 @@ def synth(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def synth_index(synth) -> pd.DataFrame:
-    index, bad = ddpm_lib.build_index(synth)
+    index, bad = ddpm_cli.build_index(synth)
     assert bad == []
     return index
 
@@ -138,7 +139,7 @@ def real_index() -> tuple[Path, pd.DataFrame]:
     root = real_dir()
     if not (root / "Training").is_dir():
         pytest.skip(f"real Fruits-360 subset not found at {root} (set FRUITS360_DIR to it)")
-    index, bad = ddpm_lib.build_index(root, ddpm_lib.SUBSET_CLASSES)
+    index, bad = ddpm_cli.build_index(root, ddpm_lib.SUBSET_CLASSES)
     assert bad == []
     return root, index
 
@@ -197,7 +198,7 @@ def test_fold_property_synthetic(synth_index):
 
 def test_fold_property_other_seed_and_k(synth):
     """The property holds for another seed and another purge width too."""
-    index, _ = ddpm_lib.build_index(synth, seed=3)
+    index, _ = ddpm_cli.build_index(synth, seed=3)
     check_fold_property(index, k=PURGE_K)
     check_fold_property(index, k=2)
 
@@ -351,9 +352,9 @@ def test_truncated_and_non_image_files(tmp_path):
         other = text if bad_file == truncated else truncated
         moved = other.rename(tmp_path / other.name)
         with pytest.raises(DataError, match=re.escape(str(bad_file))):
-            ddpm_lib.build_index(root)
+            ddpm_cli.build_index(root)
         moved.rename(other)
-    index, bad = ddpm_lib.build_index(root, skip_bad=True)
+    index, bad = ddpm_cli.build_index(root, skip_bad=True)
     assert sorted(bad) == sorted([str(truncated), str(text)])
     assert len(index) == len(image_files(root)) - 2
     assert not index.path.str.contains("r_9[78]_100").any()
@@ -372,7 +373,7 @@ def test_image_modes_load_as_rgb(tmp_path, mode, ext):
     path = root / "Training" / "Fake 1 1" / f"r_90_100{ext}"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).convert(mode).save(path)
-    index, bad = ddpm_lib.build_index(root)
+    index, bad = ddpm_cli.build_index(root)
     assert bad == []
     rows = index[index.path == path.relative_to(root).as_posix()]
     assert len(rows) == 1
@@ -387,7 +388,7 @@ def test_16bit_png_loads_as_8bit_rgb(tmp_path):
     path = root / "Training" / "Fake 1 1" / "r_90_100.png"
     a = (np.arange(32 * 32).reshape(32, 32) * 61 + 7).astype(np.uint16)
     Image.fromarray(a).save(path)
-    index, _ = ddpm_lib.build_index(root)
+    index, _ = ddpm_cli.build_index(root)
     rows = index[index.path == path.relative_to(root).as_posix()]
     assert ddpm_lib.read_image(path, 32).dtype == torch.uint8
     img = ddpm_lib.Fruits(rows, root, size=32).images[0]
@@ -401,7 +402,7 @@ def test_every_indexed_file_loads(tmp_path):
     root = synthetic(tmp_path / "s")
     path = root / "Training" / "Fake 1 1" / "r_90_100.jpg"
     Image.new("RGB", (32, 32), (200, 30, 30)).save(path, format="BMP")
-    index, bad = ddpm_lib.build_index(root, skip_bad=True)
+    index, bad = ddpm_cli.build_index(root, skip_bad=True)
     ddpm_lib.Fruits(index, root, size=32).images
 
 
@@ -410,7 +411,7 @@ def test_wrong_size_image_is_resized(tmp_path):
     root = synthetic(tmp_path / "s")
     path = root / "Training" / "Fake 2 1" / "r_90_100.jpg"
     Image.new("RGB", (60, 40), (10, 200, 90)).save(path, quality=95)
-    index, _ = ddpm_lib.build_index(root)
+    index, _ = ddpm_cli.build_index(root)
     rows = index[index.path == path.relative_to(root).as_posix()]
     img = ddpm_lib.Fruits(rows, root, size=32).images[0]
     assert img.shape == (3, 32, 32)
@@ -426,7 +427,7 @@ def test_empty_class_folder(tmp_path, split):
     (root / ("Test" if split == "Training" else "Training") / "Empty 1" / "0_100.jpg") \
         .write_bytes(_first_image(root).read_bytes())
     with pytest.raises(DataError, match=re.escape(str(root / split / "Empty 1"))):
-        ddpm_lib.build_index(root)
+        ddpm_cli.build_index(root)
 
 
 @pytest.mark.parametrize("case", ["missing", "lowercase"])
@@ -438,7 +439,7 @@ def test_missing_or_misnamed_training_folder(tmp_path, case):
     else:
         (root / "Training").rename(root / "training")
     with pytest.raises(DataError, match=re.escape(str(root))) as e:
-        ddpm_lib.build_index(root)
+        ddpm_cli.build_index(root)
     assert "Training" in str(e.value)
     with pytest.raises(DataError, match=re.escape(str(root))):
         ddpm_cli.prepare_data(src=root, out=tmp_path / "out")
@@ -448,7 +449,7 @@ def test_missing_source_folder(tmp_path):
     """A --from folder that does not exist: DataError naming it."""
     missing = tmp_path / "no such folder"
     with pytest.raises(DataError, match=re.escape(str(missing))):
-        ddpm_lib.build_index(missing)
+        ddpm_cli.build_index(missing)
 
 
 def test_spaces_and_non_ascii_paths(tmp_path):
@@ -463,7 +464,7 @@ def test_spaces_and_non_ascii_paths(tmp_path):
     cfg = ddpm_lib.get_config("smoke", data_dir=str(out))
     loaded = ddpm_lib.load_index(cfg)
     assert set(loaded.label) == set(index.label) and set(loaded.path) == set(index.path)
-    tr, val = ddpm_lib.fold_datasets(cfg, 0)
+    tr, val = ddpm_train.fold_datasets(cfg, 0)
     assert "Pömme Rouge 1" in tr.classes
     assert tr.images.shape == (len(tr), 3, cfg.image_size, cfg.image_size)
     assert val.images.shape[0] == len(val) > 0
@@ -575,7 +576,7 @@ def test_prepare_data_from_zip(tmp_path, prefix):
     zip_path = zip_folder(folder, tmp_path / "fruits.zip", prefix)
     out = tmp_path / "out"
     index = ddpm_cli.prepare_data(src=zip_path, out=out)
-    expected, _ = ddpm_lib.build_index(folder)
+    expected, _ = ddpm_cli.build_index(folder)
     pd.testing.assert_frame_equal(index.reset_index(drop=True), expected.reset_index(drop=True))
     link = out / "fruits-360"
     assert all((link / p).is_file() for p in index.path)

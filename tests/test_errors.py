@@ -223,7 +223,7 @@ def test_finished_run_without_best_pt(run, tmp_path, capsys):
 
 def test_missing_committed_model_is_not_retrained(tmp_path, monkeypatch):
     monkeypatch.setattr(dt, "train", lambda *a, **k: pytest.fail("trained a shipped profile"))
-    with pytest.raises(FileNotFoundError, match="git checkout -- data/checkpoints/ddpm_cpu_all"):
+    with pytest.raises(FileNotFoundError, match="git checkout -- data/checkpoints/runs/cpu/eps-grouped/all/"):
         dl.generation_model(dl.get_config("cpu", root=str(tmp_path)))
 
 
@@ -334,7 +334,7 @@ def test_file_name_outside_the_scheme(tmp_path, capsys):
     src = synthetic(tmp_path / "src")
     shutil.copy(src / "Training" / "Fake 0 1" / "0_100.jpg", src / "Training" / "Fake 0 1" / "photo.jpg")
     with pytest.raises(dl.DataError, match="photo.jpg is not named like a Fruits-360 frame"):
-        dl.build_index(src)
-    index, bad = dl.build_index(src, skip_bad=True)
+        ddpm_cli.build_index(src)
+    index, bad = ddpm_cli.build_index(src, skip_bad=True)
     assert bad == [str(src / "Training" / "Fake 0 1" / "photo.jpg")]
     assert not index.path.str.contains("photo").any()

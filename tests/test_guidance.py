@@ -90,8 +90,8 @@ def test_label_dropout_at_the_stated_rate_and_unconditional_draws_unchanged():
     images = torch.randint(0, 256, (1000, 3, 4, 4), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (1000,), generator=g)
     fp = dl.Diffusion(T)
-    cond = list(dl.epoch_batches(images, cfg, fp, torch.Generator().manual_seed(1), labels))
-    plain = list(dl.epoch_batches(images, dataclasses.replace(cfg, n_classes=0), fp,
+    cond = list(dt.epoch_batches(images, cfg, fp, torch.Generator().manual_seed(1), labels))
+    plain = list(dt.epoch_batches(images, dataclasses.replace(cfg, n_classes=0), fp,
                                   torch.Generator().manual_seed(1), labels))
     y = torch.cat([b[3] for b in cond])
     null = (y == 3).float().mean().item()
@@ -253,13 +253,13 @@ def test_time_to_quality_scores_every_snapshot(tmp_path, monkeypatch):
     (tmp_path / "runs" / "smoke" / "classifier.pt").write_bytes(clf.read_bytes())
     cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=data)
     with pytest.raises(FileNotFoundError, match="snapshots"):
-        dl.time_to_quality(cfg, n=6, steps=2, progress=False)
+        cli.time_to_quality(cfg, n=6, steps=2, progress=False)
     gcfg = dl.get_config("smoke", root=str(tmp_path), generation=True, data_dir=data)
     assert gcfg.snapshot_every == 1
     dt.train(gcfg, "all", progress=False)
     snaps = sorted(p.name for p in gcfg.run_dir("all").glob("ema_epoch*.pt"))
     assert snaps == ["ema_epoch0001.pt", "ema_epoch0002.pt"]
-    tq = dl.time_to_quality(cfg, n=6, steps=2, progress=False)
+    tq = cli.time_to_quality(cfg, n=6, steps=2, progress=False)
     h = pd.read_csv(gcfg.run_dir("all") / "history.csv")
     assert tq.epoch.tolist() == [1, 2]
     assert tq.images.tolist() == [gcfg.steps_per_epoch * gcfg.batch_size * e for e in (1, 2)]

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import ddpm_lib as dl  # noqa: E402
+import ddpm_train as dt  # noqa: E402
 import reference_unet as R  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -99,7 +100,7 @@ def test_training_precision_matches_reference(width, time_dim, heads, size):
         with torch.no_grad():
             want = ref(x, t)
             with dl.autocast(CPU, cfg.bf16):
-                got = lib(dl.to_device(x, cfg, CPU), t)
+                got = lib(dt.to_device(x, cfg, CPU), t)
         assert got.dtype == torch.bfloat16              # autocast really ran in bf16
         rel, mx = _rel(got, want), (got.float() - want).abs().max().item()
         assert rel <= BF16_REL_TOL, f"relative error {rel:.3g} > {BF16_REL_TOL}"
@@ -123,9 +124,9 @@ def test_diffusion_loss_bf16_vs_fp32():
     t, eps = fp.sample_t(16, g), torch.randn(x0.shape, generator=g)
     with torch.no_grad():
         with dl.autocast(CPU, cfg.bf16):
-            l16 = dl.diffusion_loss(m16, fp, dl.to_device(x0, cfg, CPU), t, eps).item()
+            l16 = dl.diffusion_loss(m16, fp, dt.to_device(x0, cfg, CPU), t, eps).item()
         with dl.autocast(CPU, cfg32.bf16):
-            l32 = dl.diffusion_loss(m32, fp, dl.to_device(x0, cfg32, CPU), t, eps).item()
+            l32 = dl.diffusion_loss(m32, fp, dt.to_device(x0, cfg32, CPU), t, eps).item()
         lref = dl.diffusion_loss(R.load_from_library(m16), fp, x0, t, eps).item()
     assert abs(l32 - lref) <= 1e-5 * abs(lref)
     assert abs(l16 - l32) <= LOSS_REL_TOL * abs(l32), (l16, l32)

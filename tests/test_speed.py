@@ -3,6 +3,7 @@ timings), cached per machine, forced by DDPM_PRECISION / DDPM_MEMORY, kept by a 
 import json
 
 import pandas as pd
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +19,7 @@ def _fresh(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("DDPM_PRECISION", raising=False)
     monkeypatch.delenv("DDPM_MEMORY", raising=False)
-    monkeypatch.setattr(dl, "_SPEED_MEMO", {})
+    monkeypatch.setattr(dt, "_SPEED_MEMO", {})
 
 
 def fake_timer(rates: dict, calls: list):
@@ -36,13 +37,13 @@ AUTO = dict(bf16=None, channels_last=None)
 
 def test_picks_the_fastest_candidate_bf16_only_where_native(monkeypatch):
     calls = []
-    monkeypatch.setattr(dl, "bf16_fast", lambda d: True)
+    monkeypatch.setattr(dt, "bf16_fast", lambda d: True)
     c = dt.speed_choice(dl.get_config("cpu"), CPU, timer=fake_timer(RATES, calls))
     assert (c["precision"], c["memory"]) == ("bf16", "channels_last")
     assert sorted(calls) == sorted(RATES) and c["img_s"] == RATES
     assert "measured 80 vs 72 vs 54 vs 36 img/s" in dt.speed_line(c)
-    monkeypatch.setattr(dl, "bf16_fast", lambda d: False)          # emulated bf16: never timed
-    monkeypatch.setattr(dl, "_SPEED_MEMO", {})
+    monkeypatch.setattr(dt, "bf16_fast", lambda d: False)          # emulated bf16: never timed
+    monkeypatch.setattr(dt, "_SPEED_MEMO", {})
     calls.clear()
     c = dt.speed_choice(dl.get_config("cpu", batch_size=8), CPU, timer=fake_timer(RATES, calls))
     assert (c["precision"], c["memory"]) == ("fp32", "nchw")
@@ -52,7 +53,7 @@ def test_picks_the_fastest_candidate_bf16_only_where_native(monkeypatch):
 
 def test_the_choice_is_cached_in_a_json_file_and_reused(capsys, monkeypatch):
     calls, cfg = [], dl.get_config("cpu")
-    monkeypatch.setattr(dl, "bf16_fast", lambda d: False)
+    monkeypatch.setattr(dt, "bf16_fast", lambda d: False)
     first = dt.speed_choice(cfg, CPU, timer=fake_timer(RATES, calls))
     path = dt.speed_cache_path()
     assert path.parent.parent == dl.Path(dl.os.environ["XDG_CACHE_HOME"])
@@ -67,7 +68,7 @@ def test_the_choice_is_cached_in_a_json_file_and_reused(capsys, monkeypatch):
     def no_timer(*a, **k):
         raise AssertionError("measured again")
     again = dt.speed_choice(cfg, CPU, timer=no_timer)              # this process: memo
-    monkeypatch.setattr(dl, "_SPEED_MEMO", {})
+    monkeypatch.setattr(dt, "_SPEED_MEMO", {})
     later = dt.speed_choice(cfg, CPU, timer=no_timer)              # another process: the file
     assert (again["precision"], again["memory"]) == (later["precision"], later["memory"]) \
         == (first["precision"], first["memory"])
@@ -76,7 +77,7 @@ def test_the_choice_is_cached_in_a_json_file_and_reused(capsys, monkeypatch):
     dt.speed_choice(dl.get_config("cpu", batch_size=64), CPU, timer=fake_timer(RATES, calls))
     assert len(calls) == 2 and len(json.loads(path.read_text())) == 2
     path.write_text("{not json")                 # a damaged cache is measured again, rewritten
-    monkeypatch.setattr(dl, "_SPEED_MEMO", {})
+    monkeypatch.setattr(dt, "_SPEED_MEMO", {})
     calls.clear()
     dt.speed_choice(cfg, CPU, timer=fake_timer(RATES, calls))
     assert len(calls) == 2 and dt.speed_key(cfg) in json.loads(path.read_text())
@@ -85,7 +86,7 @@ def test_the_choice_is_cached_in_a_json_file_and_reused(capsys, monkeypatch):
 def test_environment_forces_the_choice_and_the_profile_wins(monkeypatch):
     calls = []
     timer = fake_timer(RATES, calls)
-    monkeypatch.setattr(dl, "bf16_fast", lambda d: True)
+    monkeypatch.setattr(dt, "bf16_fast", lambda d: True)
     monkeypatch.setenv("DDPM_PRECISION", "fp32")
     monkeypatch.setenv("DDPM_MEMORY", "channels_last")
     c = dt.speed_choice(dl.get_config("cpu"), CPU, timer=timer)
@@ -109,7 +110,7 @@ def test_environment_forces_the_choice_and_the_profile_wins(monkeypatch):
 
 
 def test_forced_bf16_without_native_bf16_is_refused(monkeypatch, tmp_path):
-    monkeypatch.setattr(dl, "bf16_fast", lambda d: d.type == "cuda")
+    monkeypatch.setattr(dt, "bf16_fast", lambda d: d.type == "cuda")
     monkeypatch.setenv("DDPM_PRECISION", "bf16")
     with pytest.raises(dt.SpeedError, match="DDPM_PRECISION.*no native bf16"):
         dt.speed_choice(dl.get_config("cpu"), CPU, timer=fake_timer(RATES, []))
@@ -128,25 +129,33 @@ def test_time_train_steps_measures_and_leaves_the_rng_alone():
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def test_evaluation_autocast_uses_the_cached_precision(monkeypatch):
-    calls = []
+def test_evaluation_and_sampling_never_measure_and_run_in_fp32(monkeypatch, tmp_path):
+    """A fresh machine (no speed cache) where bf16 would be chosen: loading a model, Table 1's
+    one-step evaluation and sampling run no training benchmark, write no cache, and give the
+    same numbers whatever DDPM_PRECISION says (evaluation is fp32; only training measures)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(dt, "_SPEED_MEMO", {})
+    monkeypatch.setattr(dt, "bf16_fast", lambda d: True)
     monkeypatch.setattr(dl, "bf16_fast", lambda d: True)
-    monkeypatch.setattr(dt, "time_train_steps", fake_timer(RATES, calls))
-    monkeypatch.setenv("DDPM_PROFILE", "cpu")
-    for _ in range(2):
-        with dl.autocast(CPU):
-            assert torch.is_autocast_enabled("cpu")                 # bf16/channels_last: fastest
-    assert len(calls) == 4                                          # measured once
+    monkeypatch.setattr(dt, "time_train_steps", lambda *a, **k: pytest.fail("benchmark ran"))
+    cfg = dl.get_config("smoke")
+    dl.trained(cfg, 0, progress=False)                    # the smoke run (fp32 fixed by its profile)
+    results = []
+    for precision in ("bf16", "fp32"):
+        monkeypatch.setenv("DDPM_PRECISION", precision)
+        model, fp = dl.load_model(cfg, 0), dl.Diffusion.from_config(cfg)
+        per = dl.one_step_eval(model, fp, dl.eval_images(cfg, n=8), ts=(50, 500))
+        x, _ = dl.sample(model, fp, "ddim", 2, cfg.image_size, steps=3, progress=False)
+        results.append((per.ssim.to_numpy(), x))
+    assert np.array_equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not (tmp_path / "cache").exists()
     with dl.autocast(CPU, False):
-        assert not torch.is_autocast_enabled("cpu")
-    monkeypatch.setenv("DDPM_PROFILE", "smoke")                     # fp32 fixed
-    with dl.autocast(CPU):
         assert not torch.is_autocast_enabled("cpu")
 
 
 def test_train_records_the_choice_and_a_resumed_run_keeps_it(monkeypatch, tmp_path, capsys):
     calls = []
-    monkeypatch.setattr(dl, "bf16_fast", lambda d: d.type == "cuda")
+    monkeypatch.setattr(dt, "bf16_fast", lambda d: d.type == "cuda")
     monkeypatch.setattr(dt, "time_train_steps", fake_timer(
         {"fp32/nchw": 50.0, "fp32/channels_last": 60.0}, calls))
     cfg, out = dl.get_config("smoke", max_epochs=1, **AUTO), tmp_path / "run"
@@ -163,7 +172,7 @@ def test_train_records_the_choice_and_a_resumed_run_keeps_it(monkeypatch, tmp_pa
     monkeypatch.setattr(dt, "time_train_steps", fake_timer(
         {"fp32/nchw": 90.0, "fp32/channels_last": 60.0}, calls))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-cache"))
-    monkeypatch.setattr(dl, "_SPEED_MEMO", {})
+    monkeypatch.setattr(dt, "_SPEED_MEMO", {})
     calls.clear()
     h = dt.train(dl.get_config("smoke", max_epochs=2, **AUTO), 0, out=out, resume=True,
                  progress=True)
