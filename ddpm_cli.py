@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import math
 import os
@@ -25,7 +26,7 @@ import torch
 
 import ddpm_lib as dl
 from ddpm_lib import (INDEX_COLUMNS, ROOT, SUBSET_CLASSES, Config, DataError, Diffusion,
-                      PROFILES, SAMPLERS, _decode, assign_folds, atomic_path, committed_dir,
+                      PROFILES, SAMPLERS, SWITCHING, _decode, assign_folds, atomic_path, committed_dir,
                       ffd_floor, generation_config, generation_metrics, generation_model,
                       get_config, get_device, guidance_metrics, load_checkpoint, load_index,
                       load_model, parse_name, pick_w, planned_runs, report_table1, quality, run_summary, sample,
@@ -203,7 +204,6 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     out = ROOT / out if not Path(out).is_absolute() else Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out)
-    link = out / "fruits-360"
     if synthetic:
         src = make_synthetic(out / "synthetic-fruits", size=synthetic_size, seed=seed)
     elif url:
@@ -224,13 +224,23 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     else:
         root = _find_split_dirs(src)["Training"].parent
         index = _index_folder(root, out, classes, split, seed, skip_bad)
-    with atomic_path(out / "index.csv") as tmp:       # both written, then both switched
-        index.to_csv(tmp, index=False)
-        _switch_link(link, root)
+    _switch_data(out, index, root)
     if src.suffix.lower() == ".zip":                   # older versions, now unused
         for old in set(out.glob(f"{src.stem}-unpacked*")) - {dest}:
             shutil.rmtree(old, ignore_errors=True)
     return index
+
+
+def _switch_data(out: Path, index: pd.DataFrame, root: Path) -> None:
+    """Switch out/index.csv and the link out/fruits-360 to the new images together: a marker
+    (SWITCHING) stands while both change, so that load_index refuses the mismatched pair a kill
+    between the two would leave, until `data` runs again."""
+    marker = out / SWITCHING
+    with atomic_path(out / "index.csv") as tmp:
+        index.to_csv(tmp, index=False)              # a failure here has switched nothing
+        marker.write_text(f"{root}\n")
+    _switch_link(out / "fruits-360", root)
+    marker.unlink()
 
 
 def _switch_link(link: Path, root: Path) -> None:
@@ -899,20 +909,24 @@ def main(argv=None) -> None:
         sys.exit(unexpected_message(e))
 
 
+# What to do about the system's disk and permission errors, by errno.
+_OS_ADVICE = {(errno.ENOSPC, errno.EDQUOT): "the disk is full (or your quota used up): free "
+                                            "space, then rerun",
+              (errno.EACCES, errno.EPERM): "choose a folder you may write to (--out) or fix its "
+                                           "permissions",
+              (errno.EROFS,): "the file system is read-only: choose another folder (--out)",
+              (errno.ENOENT,): "check the path",
+              (errno.ENOTDIR, errno.EEXIST): "a file stands where a folder should be: move it "
+                                             "or choose another path"}
+
+
 def os_message(e: OSError) -> str:
     """What a disk or permission error means, naming the file: ours (a sentence, no errno) as
     it is; the system's (errno, file) with what to do about it."""
-    import errno
     if e.errno is None or e.filename is None:
         return str(e)
-    what = {errno.ENOSPC: "the disk is full: free space, then rerun",
-            errno.EDQUOT: "the disk quota is used up: free space, then rerun",
-            errno.EACCES: "choose a folder you may write to (--out) or fix its permissions",
-            errno.EPERM: "choose a folder you may write to (--out) or fix its permissions",
-            errno.EROFS: "the file system is read-only: choose another folder (--out)",
-            errno.ENOENT: "check the path",
-            errno.ENOTDIR: "a file stands where a folder should be: move it or choose another "
-                           "path"}.get(e.errno, "check the path, its disk and its permissions")
+    what = next((v for k, v in _OS_ADVICE.items() if e.errno in k),
+                "check the path, its disk and its permissions")
     return (f"{e.filename}: {e.strerror}. {what[0].upper()}{what[1:]}. Files already written "
             f"there are intact (every write goes through a temporary file)")
 

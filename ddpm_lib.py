@@ -861,12 +861,17 @@ def load_index(cfg: Config) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path} not found: run `python -m ddpm_lib data --from "
                         f"../shared/fruits-360-subset` (or --synthetic) first")
+    if (d / SWITCHING).exists():
+        raise DataError(f"{d}: a `data` run was stopped while switching index.csv and "
+                        f"fruits-360 to new images, so the two may not match: run "
+                        f"`python -m ddpm_lib data` with its --from again")
     index = read_index(path)
     if cfg.split != "grouped":                 # index.csv holds the grouped folds
         index = assign_folds(index, split=cfg.split, seed=cfg.seed)
     return index
 
 
+SWITCHING = ".switching"     # in a data folder while `data` switches index.csv and its images
 INDEX_COLUMNS = ["path", "label", "split", "video", "frame", "group", "fold"]
 
 
