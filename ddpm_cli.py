@@ -26,7 +26,7 @@ import torch
 
 import ddpm_lib as dl
 from ddpm_lib import (INDEX_COLUMNS, ROOT, SUBSET_CLASSES, Config, DataError, Diffusion,
-                      PROFILES, SAMPLERS, SWITCHING, _decode, assign_folds, atomic_path, committed_dir,
+                      PROFILES, SAMPLERS, _decode, assign_folds, atomic_path, committed_dir,
                       ffd_floor, generation_config, generation_metrics, generation_model,
                       get_config, get_device, guidance_metrics, load_checkpoint, load_index,
                       load_model, parse_name, pick_w, planned_runs, report_table1, quality, run_summary, sample,
@@ -233,9 +233,9 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
 
 def _switch_data(out: Path, index: pd.DataFrame, root: Path) -> None:
     """Switch out/index.csv and the link out/fruits-360 to the new images together: a marker
-    (SWITCHING) stands while both change, so that load_index refuses the mismatched pair a kill
+    (dl.SWITCHING) stands while both change, so that load_index refuses the mismatched pair a kill
     between the two would leave, until `data` runs again."""
-    marker = out / SWITCHING
+    marker = out / dl.SWITCHING
     with atomic_path(out / "index.csv") as tmp:
         index.to_csv(tmp, index=False)              # a failure here has switched nothing
         marker.write_text(f"{root}\n")
@@ -735,22 +735,12 @@ def cmd_sample(a) -> None:
     if a.method != "report-first":           # it has no x̂0; its own clip clamps x_t (off)
         kw["clip"] = not a.no_clip
     cond = a.fruit is not None
-    if a.w is not None and not cond:
-        raise ValueError("--w is the guidance weight of --fruit (the class-conditional model): "
-                         "add --fruit NAME, or leave --w out")
-    a.w = 3.0 if a.w is None else a.w
-    if cond:                                 # the class-conditional model, guided
-        classes = sorted(load_index(cfg).label.unique())
-        if a.fruit not in classes:
-            raise ValueError(f"--fruit {a.fruit!r} is not a class of {cfg.data_dir}/index.csv: "
-                             f"choose one of {classes}")
-        _check_classes(cfg, classes)
-        kw.update(y=torch.full((a.n,), classes.index(a.fruit)), w=a.w)
+    kw.update(_guidance(a, cfg))
     model = generation_model(cfg, conditional=cond)
     fp = Diffusion.from_config(generation_config(cfg)).to(get_device())
     x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
     if not torch.isfinite(x).all():
-        raise FloatingPointError(f"the samples hold nan: nothing was written. The model "
+        raise FloatingPointError(f"the samples hold nan or inf: nothing was written. The model "
                                  f"({weights(generation_config(cfg, cond), 'all')}) or these "
                                  f"settings make the sampler diverge; try another model file or "
                                  f"the defaults")
@@ -759,6 +749,23 @@ def cmd_sample(a) -> None:
 
 
 SAMPLES = ROOT / "samples"              # `sample`'s pictures (ignored by git)
+
+
+def _guidance(a, cfg: Config) -> dict:
+    """--fruit and --w: the sampler's label and guidance weight ({} without --fruit); a.w gets
+    its default (3)."""
+    if a.fruit is None:
+        if a.w is not None:
+            raise ValueError("--w is the guidance weight of --fruit (the class-conditional "
+                             "model): add --fruit NAME, or leave --w out")
+        return {}
+    a.w = 3.0 if a.w is None else a.w
+    classes = sorted(load_index(cfg).label.unique())
+    if a.fruit not in classes:
+        raise ValueError(f"--fruit {a.fruit!r} is not a class of {cfg.data_dir}/index.csv: "
+                         f"choose one of {classes}")
+    _check_classes(cfg, classes)
+    return dict(y=torch.full((a.n,), classes.index(a.fruit)), w=a.w)
 
 
 def _sample_name(a, cfg: Config) -> str:
@@ -776,7 +783,7 @@ def _check_classes(cfg: Config, classes: list) -> None:
     path = weights(gcfg, "all")
     if not path.exists():                    # generation_model trains it or says how
         return
-    ck = dl.load_checkpoint(path, need=("config",))
+    ck = load_checkpoint(path, need=("config",))
     saved, n = ck.get("classes"), ck["config"].get("n_classes")
     if n != len(classes) or (saved is not None and list(saved) != classes):
         names = f" ({', '.join(saved)})" if saved else ""

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from ddpm_lib import (PURGE_K, channels_last, ROOT, Config, EMA, Diffusion, Fruits, atomic_path, autocast,
                       bf16_fast, build_model, check_config, committed_dir, diffusion_loss,
                       eval_images, fold_rows, get_config, get_device, keep_freed_memory,
-                      load_checkpoint, load_index, load_state, optimizer_step, planned_runs, save_checkpoint,
-                      seed_everything, to_float, tqdm, train_command, write_csv)
+                      load_checkpoint, load_index, load_state, optimizer_step, planned_runs,
+                      save_checkpoint, seed_everything, to_float, tqdm, train_command, write_csv)
 
 # -----------------------------------------------------------------------------------------------
 # precision and memory layout, chosen by measuring where training starts
