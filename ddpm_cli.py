@@ -268,9 +268,14 @@ def _check_source(src: Path) -> Path:
     if not src.exists() and not src.is_symlink():
         raise DataError(f"{src} does not exist: check the path given to --from")
     if src.is_file() and src.suffix.lower() != ".zip":
-        raise DataError(f"{src} is not a folder or a .zip: --from takes only those. Unpack it "
-                        f"first (e.g. `tar xf {src.name}`) and pass the folder it makes")
+        unpack = (f" Unpack it first (`tar xf {src.name}`) and pass the folder it makes"
+                  if src.suffix.lower() in TAR_SUFFIXES else "")
+        raise DataError(f"{src} is not a folder or a .zip: --from takes a folder that holds "
+                        f"Training/ and Test/, or a .zip of one.{unpack}")
     return src
+
+
+TAR_SUFFIXES = (".tar", ".gz", ".tgz", ".bz2", ".xz")
 
 
 def _index_folder(root: Path, out: Path, classes, split: str, seed: int,

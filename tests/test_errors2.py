@@ -414,7 +414,7 @@ def test_from_a_text_file(tmp_path, capsys):
     (tmp_path / "fruits.txt").write_text("apples")
     rc, msg = main_error(["data", "--from", str(tmp_path / "fruits.txt"),
                           "--out", str(tmp_path / "d")], capsys)
-    assert rc == 1 and "fruits.txt is not a folder or a .zip" in msg
+    assert rc == 1 and "fruits.txt is not a folder or a .zip" in msg and "tar xf" not in msg
 
 
 def test_webp_is_listed_as_skipped(tmp_path, capsys):
