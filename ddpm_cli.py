@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
+import hashlib
 import math
 import os
 import re
@@ -33,7 +35,7 @@ from ddpm_lib import (Config, DataError, Diffusion, EVAL, FruitClassifier, INDEX
                       sample, save_checkpoint, save_fig, save_guidance, save_table, save_table1,
                       scoring_setup, seed_everything, show_grid, split_data, story_models, table1,
                       table1_wide, to_float, to_markdown, tqdm, train_command, uses_committed,
-                      write_csv)
+                      weights)
 import ddpm_train
 from ddpm_train import (Interrupted, keep_freed_memory, RunLocked, Slurm, export_ema, remove_partial, run_out, submit,
                          train)
@@ -91,8 +93,9 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
     for split_name, d in (("train", dirs["Training"]), ("test", dirs["Test"])):
         for c in classes:
             cdir = d / c
-            imgs = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_EXTS) \
-                if cdir.is_dir() else []
+            entries = sorted(cdir.iterdir()) if cdir.is_dir() else []
+            imgs = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
+            bad += [str(p) for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_EXTS]
             if not imgs:
                 raise DataError(f"class folder {cdir} is missing or has no images "
                                 f"({', '.join(IMAGE_EXTS)}); remove the class from --classes or "
@@ -162,12 +165,17 @@ def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
     return dest
 
 
+def _zip_stamp(src: Path) -> str:
+    """A zip's size and mtime: which version of it an unpacked folder holds."""
+    return f"{src.stat().st_size} {src.stat().st_mtime_ns}"
+
+
 @contextlib.contextmanager
 def _unpack(src: Path, dest: Path):
     """Unpack a zip into a temporary folder beside dest and yield it; only if the block
     succeeds (the new images indexed) does it replace dest. If dest already holds this very
     zip (its size and mtime are stamped in dest/.source), yield dest itself."""
-    stamp = f"{src.stat().st_size} {src.stat().st_mtime_ns}"
+    stamp = _zip_stamp(src)
     if (dest / ".source").is_file() and (dest / ".source").read_text() == stamp:
         yield dest
         return
@@ -198,32 +206,79 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     write out/index.csv. Sources: a folder or .zip (src), a URL, or the synthetic set."""
     out = ROOT / out if not Path(out).is_absolute() else Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    remove_partial(out)                     # of an index write that was killed
-    link = out / "fruits-360"
+    _remove_leftovers(out)
     if synthetic:
         src = make_synthetic(out / "synthetic-fruits", size=synthetic_size, seed=seed)
     elif url:
         src = _fetch_url(url, out / Path(url.split("?")[0]).name)
     if src is None:
         raise DataError("no data source: pass --from PATH, --url URL or --synthetic")
-    src = Path(src).resolve()
+    src = _check_source(Path(src).resolve())
     if src.suffix.lower() == ".zip":
         if not zipfile.is_zipfile(src):
             raise DataError(f"{src} is not a valid zip file: download it again")
-        dest = out / (src.stem + "-unpacked")
-        with _unpack(src, dest) as staged:              # dest is replaced only on success
+        # one folder per version of the zip: the link, switched with index.csv, says which
+        version = hashlib.sha1(_zip_stamp(src).encode()).hexdigest()[:8]
+        dest = out / f"{src.stem}-unpacked-{version}"
+        with _unpack(src, dest) as staged:              # dest is made only on success
             root = _find_split_dirs(staged)["Training"].parent
             index = _index_folder(root, out, classes, split, seed, skip_bad)
         root = dest / root.relative_to(staged)
     else:
         root = _find_split_dirs(src)["Training"].parent
         index = _index_folder(root, out, classes, split, seed, skip_bad)
-    write_csv(index, out / "index.csv")
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    if not link.exists():                   # a real folder at out/fruits-360 is the source itself
-        link.symlink_to(root, target_is_directory=True)
+    _switch_data(out, index, root)
+    if src.suffix.lower() == ".zip":                   # older versions, now unused
+        for old in set(out.glob(f"{src.stem}-unpacked*")) - {dest}:
+            shutil.rmtree(old, ignore_errors=True)
     return index
+
+
+def _switch_data(out: Path, index: pd.DataFrame, root: Path) -> None:
+    """Switch out/index.csv and the link out/fruits-360 to the new images together: a marker
+    (dl.SWITCHING) stands while both change, so that load_index refuses the mismatched pair a kill
+    between the two would leave, until `data` runs again."""
+    marker = out / dl.SWITCHING
+    with atomic_path(out / "index.csv") as tmp:
+        index.to_csv(tmp, index=False)              # a failure here has switched nothing
+        marker.write_text(f"{root}\n")
+    _switch_link(out / "fruits-360", root)
+    marker.unlink()
+
+
+def _switch_link(link: Path, root: Path) -> None:
+    """Point link at root in one step: a new link under a temporary name renamed onto it. A real
+    folder at link is the source itself and stays."""
+    if link.exists() and not link.is_symlink() and not link.is_file():
+        return
+    new = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    new.unlink(missing_ok=True)
+    new.symlink_to(root, target_is_directory=True)
+    os.replace(new, link)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove what a killed `data` left in out: temporary files (of index.csv, the link) and the
+    folders of an interrupted unzip or synthetic set."""
+    remove_partial(out)
+    for d in (*out.glob(".unzip-*"), *out.glob(".synthetic-*")):
+        print(f"removing {d}, left by an interrupted unpack")
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _check_source(src: Path) -> Path:
+    """--from: an existing folder or .zip."""
+    if not src.exists() and not src.is_symlink():
+        raise DataError(f"{src} does not exist: check the path given to --from")
+    if src.is_file() and src.suffix.lower() != ".zip":
+        unpack = (f" Unpack it first (`tar xf {src.name}`) and pass the folder it makes"
+                  if src.suffix.lower() in TAR_SUFFIXES else "")
+        raise DataError(f"{src} is not a folder or a .zip: --from takes a folder that holds "
+                        f"Training/ and Test/, or a .zip of one.{unpack}")
+    return src
+
+
+TAR_SUFFIXES = (".tar", ".gz", ".tgz", ".bz2", ".xz")
 
 
 def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
@@ -237,8 +292,8 @@ def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
                         f"(or pass --from {link}) — it is not deleted")
     index, bad = build_index(root, classes, split=split, seed=seed, skip_bad=skip_bad)
     if bad:
-        print(f"skipped {len(bad)} files (unreadable, or named outside the dataset's scheme):\n  "
-              + "\n  ".join(bad))
+        print(f"skipped {len(bad)} files (unreadable, not {'/'.join(IMAGE_EXTS)}, or named "
+              f"outside the dataset's scheme):\n  " + "\n  ".join(bad))
     resized = index.attrs.get("resized", [])
     if resized:
         print(f"warning: {len(resized)} images are not square (first: {resized[0]}); they are "
@@ -455,7 +510,11 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
     template = Path(template) if template else ROOT / "report" / "template.md"
     out = Path(out) if out else (ROOT / "report" / "report.md" if cfg.profile != "smoke"
                                  else figs.parent / "report.md")
-    text = string.Template(template.read_text()).safe_substitute(_report_fields(figs))
+    fields = _report_fields(figs)
+    if not fields:
+        raise DataError(f"{figs} holds none of the report's tables: {out} is left as it is. "
+                        f"Produce them first (`make figures`, or the notebooks)")
+    text = string.Template(template.read_text()).safe_substitute(fields)
     text = re.sub(r"\$\{(\w+)\}", r"*(\1: not produced yet, run `make figures`)*", text)
     rel = os.path.relpath(figs, out.parent)
 
@@ -466,9 +525,20 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
         return f"*(figure {name} not produced yet, run `make figures`)*"
 
     text = re.sub(r"!\[([^\]]*)\]\(\.\./figures/([^)]+)\)", fig, text)
+    _keep_better(out, text, figs)
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     return out
+
+
+def _keep_better(out: Path, text: str, figs: Path) -> None:
+    """Refuse to replace a report with one that has more pieces missing (inputs deleted)."""
+    gap = "not produced yet"
+    old = out.read_text().count(gap) if out.exists() else None
+    if old is not None and text.count(gap) > old:
+        raise DataError(f"{out} has {old} missing pieces, a new one would have "
+                        f"{text.count(gap)} (tables or figures absent from {figs}): {out} is kept. "
+                        f"Produce them (`make figures`), or delete {out} to write it anyway")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -576,7 +646,8 @@ def _fold_arg(v: str):
     raise argparse.ArgumentTypeError(f"expected 0, 1, 2, 3, 4 or 'all', not {v!r}")
 
 
-def _at_least(lo: int):
+def _whole(lo: int, hi: int | None = None, why: str = ""):
+    """A whole-number flag in [lo, hi]; why: what the upper bound is for."""
     def parse(v: str) -> int:
         try:
             n = int(v)
@@ -584,20 +655,33 @@ def _at_least(lo: int):
             raise argparse.ArgumentTypeError(f"expected a whole number, not {v!r}") from None
         if n < lo:
             raise argparse.ArgumentTypeError(f"must be ≥ {lo}, not {n}")
+        if hi is not None and n > hi:
+            raise argparse.ArgumentTypeError(f"must be ≤ {hi:,}{why}, not {n:,}")
         return n
     return parse
 
 
-def _eta(v: str) -> float:
-    """--eta: a number in [0, 1] (0: deterministic DDIM, 1: DDPM's variance)."""
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], not {v!r}") from None
-    if not 0 <= x <= 1:                                         # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be in [0, 1] (0: deterministic, 1: DDPM's "
-                                         f"variance), not {v}")
-    return x
+def _number(lo: float, hi: float, what: str):
+    """A real-number flag in [lo, hi] (nan and inf refused); what: its meaning, for the message."""
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number in [{lo:g}, {hi:g}], not "
+                                             f"{v!r}") from None
+        if not lo <= x <= hi:                                   # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}] ({what}), not {v}")
+        return x
+    return parse
+
+
+# --eta, --w and --seed: what makes sense (|w| beyond MAX_W only saturates the picture)
+_eta = _number(0, 1, "0: deterministic, 1: DDPM's variance")
+MAX_W = 20.0
+_guidance_w = _number(-MAX_W, MAX_W, "the guidance weight: 0 unconditional, 1 conditional, "
+                                     "useful up to about 5")
+_seed = _whole(0, 2**63 - 1, " (a seed is a 64-bit signed number)")
+MAX_SAMPLES = 4096                      # one grid picture; more: several runs, other --seed
 
 
 # What each profile is, for --help.
@@ -712,20 +796,63 @@ def cmd_sample(a) -> None:
     if a.method != "report-first":           # it has no x̂0; its own clip clamps x_t (off)
         kw["clip"] = not a.no_clip
     cond = a.fruit is not None
-    if cond:                                 # the class-conditional model, guided
-        classes = sorted(load_index(cfg).label.unique())
-        if a.fruit not in classes:
-            raise ValueError(f"--fruit {a.fruit!r} is not a class of {cfg.data_dir}/index.csv: "
-                             f"choose one of {classes}")
-        kw.update(y=torch.full((a.n,), classes.index(a.fruit)), w=a.w)
+    kw.update(_guidance(a, cfg))
     model = generation_model(cfg, conditional=cond)
     fp = Diffusion.from_config(generation_config(cfg)).to(get_device())
     x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
+    if not torch.isfinite(x).all():
+        raise FloatingPointError(f"the samples hold nan or inf: nothing was written. The model "
+                                 f"({weights(generation_config(cfg, cond), 'all')}) or these "
+                                 f"settings make the sampler diverge; try another model file or "
+                                 f"the defaults")
     ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
-    what = f"_{a.fruit.replace(' ', '_')}_w{a.w:g}" if cond else ""
-    name = (f"samples_{a.method}{kw.get('steps', '')}{f'_eta{a.eta:g}' * bool(kw.get('eta'))}"
-            f"{'_noclip' * a.no_clip}{what}_seed{a.seed}")
-    print(f"{a.n} samples → {save_fig(ax.figure, name, cfg)}")
+    print(f"{a.n} samples → {save_fig(ax.figure, _sample_name(a, cfg), cfg, a.out or SAMPLES)}")
+
+
+SAMPLES = ROOT / "samples"              # `sample`'s pictures (ignored by git)
+
+
+def _guidance(a, cfg: Config) -> dict:
+    """--fruit and --w: the sampler's label and guidance weight ({} without --fruit); a.w gets
+    its default (3)."""
+    if a.fruit is None:
+        if a.w is not None:
+            raise ValueError("--w is the guidance weight of --fruit (the class-conditional "
+                             "model): add --fruit NAME, or leave --w out")
+        return {}
+    a.w = 3.0 if a.w is None else a.w
+    classes = sorted(load_index(cfg).label.unique())
+    if a.fruit not in classes:
+        raise ValueError(f"--fruit {a.fruit!r} is not a class of {cfg.data_dir}/index.csv: "
+                         f"choose one of {classes}")
+    _check_classes(cfg, classes)
+    return dict(y=torch.full((a.n,), classes.index(a.fruit)), w=a.w)
+
+
+def _sample_name(a, cfg: Config) -> str:
+    """The picture's name: every setting that changes it."""
+    parts = [cfg.profile, a.method + (f"{a.steps}_eta{a.eta:g}" if a.method == "ddim" else "")]
+    parts += [] if a.method == "report-first" else ["noclip" if a.no_clip else "clip"]
+    parts += [a.fruit.replace(" ", "_"), f"w{a.w:g}"] if a.fruit is not None else []
+    return "_".join(["samples", *parts, f"n{a.n}", f"seed{a.seed}"])
+
+
+def _check_classes(cfg: Config, classes: list) -> None:
+    """Refuse a conditional model file whose classes are not the index's: its labels would
+    name other fruit. Files older than the stored names are checked by their count."""
+    gcfg = generation_config(cfg, conditional=True)
+    path = weights(gcfg, "all")
+    if not path.exists():                    # generation_model trains it or says how
+        return
+    ck = load_checkpoint(path, need=("config",))
+    saved, n = ck.get("classes"), ck["config"].get("n_classes")
+    if n != len(classes) or (saved is not None and list(saved) != classes):
+        names = f" ({', '.join(saved)})" if saved else ""
+        raise ValueError(f"{path} was trained on {n} classes{names}, but "
+                         f"{gcfg.data_dir}/index.csv has {len(classes)} ({', '.join(classes)}): "
+                         f"--fruit would draw another fruit. Index the data it was trained on "
+                         f"again (`python -m ddpm_lib data --from …`), or move {path.parent} "
+                         f"away and train on this index: `{train_command(gcfg, 'all')}`")
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -767,7 +894,7 @@ def main(argv=None) -> None:
                    "shared subset when indexing it, else all)")
     p.add_argument("--split", choices=["grouped", "random"], default="grouped")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable files out, listed")
-    p.add_argument("--seed", type=int, default=0, help="the seed of the random split")
+    p.add_argument("--seed", type=_seed, default=0, help="the seed of the random split")
 
     p = parser("train", "train one fold (or 'all': the generation model) of a profile")
     p.add_argument("--fold", default=0, type=_fold_arg,
@@ -778,8 +905,8 @@ def main(argv=None) -> None:
                    help="scaled_eps: the report-faithful target (default: eps)")
     p.add_argument("--split", choices=["grouped", "random"], default=None,
                    help="random: the report's leaking split (default: grouped)")
-    p.add_argument("--max-epochs", type=_at_least(1), default=None)
-    p.add_argument("--patience", type=_at_least(1), default=None)
+    p.add_argument("--max-epochs", type=_whole(1), default=None)
+    p.add_argument("--patience", type=_whole(1), default=None)
     p.add_argument("--conditional", action="store_true", help="with --fold all: the "
                    "class-conditional generation model (classifier-free guidance)")
 
@@ -793,7 +920,7 @@ def main(argv=None) -> None:
     for f in dataclasses.fields(Slurm):
         p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
     p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
-    p.add_argument("--max-epochs", type=_at_least(1), default=None)
+    p.add_argument("--max-epochs", type=_whole(1), default=None)
     p.add_argument("--tasks", default="", help="which runs, by their index in planned_runs "
                    "(sbatch --array syntax: '0,6'); default: all")
     p.add_argument("--wait", action="store_true", help="return when every task has ended")
@@ -803,7 +930,7 @@ def main(argv=None) -> None:
                "generation run's snapshots scored; guidance: the conditional model by w")
     p.add_argument("--what", choices=["table1", "generation", "both", "curve", "guidance"],
                    default="both")
-    p.add_argument("--n", type=_at_least(2), default=None,
+    p.add_argument("--n", type=_whole(2), default=None,
                    help="samples per sampler (default: the profile's, EVAL; curve: 500 per "
                         "snapshot; guidance: 50 per class)")
 
@@ -819,18 +946,21 @@ def main(argv=None) -> None:
 
     parser("report", "report/report.md from report/template.md and figures/")
 
-    p = parser("sample", "draw samples from the generation model into figures/")
+    p = parser("sample", "draw samples from the generation model into samples/")
     p.add_argument("--method", choices=sorted(SAMPLERS), default="ddim", help="the sampler")
-    p.add_argument("--n", type=_at_least(1), default=64, help="how many samples")
-    p.add_argument("--steps", type=_at_least(1), default=None, help="DDIM steps (default 50, "
+    p.add_argument("--n", type=_whole(1, MAX_SAMPLES, " (one grid picture; for more, run again "
+                   "with another --seed)"), default=64, help="how many samples")
+    p.add_argument("--steps", type=_whole(1), default=None, help="DDIM steps (default 50, "
                    "at most T)")
     p.add_argument("--eta", type=_eta, default=None, help="DDIM η in [0, 1] (default 0)")
     p.add_argument("--no-clip", action="store_true", help="do not clip x̂0 to [-1, 1]")
-    p.add_argument("--seed", type=int, default=0, help="the seed of x_T and of every z")
+    p.add_argument("--seed", type=_seed, default=0, help="the seed of x_T and of every z")
     p.add_argument("--fruit", default=None, help="a class name (e.g. 'Banana 1'): samples of it "
                    "from the class-conditional model")
-    p.add_argument("--w", type=float, default=3.0, help="with --fruit: the guidance weight "
-                   "(0: unconditional, 1: conditional)")
+    p.add_argument("--w", type=_guidance_w, default=None, help="with --fruit: the guidance "
+                   f"weight, |w| ≤ {MAX_W:g} (0: unconditional, 1: conditional; default 3)")
+    p.add_argument("--out", default=None, help="folder of the picture (default: samples/, "
+                   "ignored by git)")
 
     a = ap.parse_args(argv)
     keep_freed_memory()
@@ -842,7 +972,49 @@ def main(argv=None) -> None:
     except KeyboardInterrupt:
         print("stopped: interrupted (Ctrl-C); nothing half-written was kept", file=sys.stderr)
         sys.exit(130)
-    except (DataError, FileExistsError, FileNotFoundError, FloatingPointError, ValueError,
-            RunLocked) as e:                                 # CheckpointError is a ValueError
+    except (DataError, FloatingPointError, ValueError, RunLocked) as e:  # CheckpointError too
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_message(e)}")
+    except Exception as e:
+        if os.environ.get("DDPM_DEBUG") == "1":
+            raise
+        sys.exit(unexpected_message(e))
+
+
+# What to do about the system's disk and permission errors, by errno.
+_OS_ADVICE = {(errno.ENOSPC, errno.EDQUOT): "the disk is full (or your quota used up): free "
+                                            "space, then rerun",
+              (errno.EACCES, errno.EPERM): "choose a folder you may write to (--out) or fix its "
+                                           "permissions",
+              (errno.EROFS,): "the file system is read-only: choose another folder (--out)",
+              (errno.ENOENT,): "check the path",
+              (errno.ENOTDIR, errno.EEXIST): "a file stands where a folder should be: move it "
+                                             "or choose another path"}
+
+
+def os_message(e: OSError) -> str:
+    """What a disk or permission error means, naming the file: ours (a sentence, no errno) as
+    it is; the system's (errno, file) with what to do about it."""
+    if e.errno is None or e.filename is None:
+        return str(e)
+    what = next((v for k, v in _OS_ADVICE.items() if e.errno in k),
+                "check the path, its disk and its permissions")
+    return (f"{e.filename}: {e.strerror}. {what[0].upper()}{what[1:]}. Files already written "
+            f"there are intact (every write goes through a temporary file)")
+
+
+def unexpected_message(e: Exception) -> str:
+    """One line for an error no check foresaw: what it was and where its traceback went."""
+    import traceback
+    text = "".join(traceback.format_exception(e))
+    try:
+        fd, path = tempfile.mkstemp(prefix="ddpm-error-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        where = f"the full traceback is in {path}"
+    except OSError:
+        where = "rerun with DDPM_DEBUG=1 to see the full traceback"
+    return (f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            f"— {where} (DDPM_DEBUG=1 prints it). Please report it")
 

@@ -26,10 +26,11 @@ Config.target switches between the corrected method ('eps': the network predicts
 of Eq. 4) and the report's ('scaled_eps': it predicts √(1−ᾱ_t)·ε, decoded with Eq. 5).
 
 Every number here is computed in fp32 unless a caller asks otherwise (sample's bf16); training
-picks its precision by measuring (ddpm_train.speed_choice), and nothing else does. Two companion
-modules hold what the notebooks never call: ddpm_train.py (the training run: checkpoints,
-resuming, torchrun, SLURM, speed measurement) and ddpm_cli.py (`python -m ddpm_lib …`, the data
-command's download and unpacking, the report writer).
+picks its precision by measuring (ddpm_train.speed_choice), and nothing else does. Companion
+modules hold the rest: ddpm_io.py (files written whole, model files read safely), and what the
+notebooks never call, ddpm_train.py (the training run: checkpoints, resuming, torchrun, SLURM,
+speed measurement) and ddpm_cli.py (`python -m ddpm_lib …`, the data command's download and
+unpacking, the fruit classifier's training, the report writer).
 
 References
   [DDPM]  J. Ho, A. Jain, P. Abbeel. Denoising Diffusion Probabilistic Models. NeurIPS 2020.
@@ -45,14 +46,11 @@ References
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import random
 import re
-import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -63,6 +61,9 @@ import pandas as pd
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ddpm_io import (atomic_path, load_checkpoint, load_state, save_checkpoint, to_markdown,
+                     write_csv)
 
 # -----------------------------------------------------------------------------------------------
 # settings: one Config per run, the profiles, the device
@@ -838,12 +839,17 @@ def load_index(cfg: Config) -> pd.DataFrame:
     if not path.exists():
         raise DataError(f"{path} not found: run `python -m ddpm_lib data --from "
                         f"../shared/fruits-360-subset` (or --synthetic) first")
+    if (d / SWITCHING).exists():
+        raise DataError(f"{d}: a `data` run was stopped while switching index.csv and "
+                        f"fruits-360 to new images, so the two may not match: run "
+                        f"`python -m ddpm_lib data` with its --from again")
     index = read_index(path)
     if cfg.split != "grouped":                 # index.csv holds the grouped folds
         index = assign_folds(index, split=cfg.split, seed=cfg.seed)
     return index
 
 
+SWITCHING = ".switching"     # in a data folder while `data` switches index.csv and its images
 INDEX_COLUMNS = ["path", "label", "split", "video", "frame", "group", "fold"]
 
 
@@ -1047,10 +1053,11 @@ def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
                   f"{path.parent} and train again)" if ckpt.exists() else
                   f"train it first with `{train_command(cfg, fold, path.parent)}`")
         raise FileNotFoundError(f"{path} not found: {advice}")
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, need=("config", "ema"))
     check_config(ck["config"], cfg, path)
     model = build_model(cfg, torch.device("cpu"), verbose=False)
-    model.load_state_dict({k: v.float() for k, v in ck["ema"].items()})
+    load_state(model, ck["ema"], path)                    # fp16 exports are cast to fp32
+    model.classes = ck.get("classes")                    # a conditional model's class names
     return model.eval().requires_grad_(False)
 
 
@@ -1889,38 +1896,6 @@ def plot_class_grid(x: torch.Tensor, classes: list, n_show: int = 8, title: str 
 # files: tables, figures and checkpoints written whole or not at all
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path | str):
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
-    Readers never see a half-written file, and the previous file survives a failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def write_csv(df: pd.DataFrame, path: Path | str) -> None:
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    """A pipe table (no extra dependency)."""
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
-                                       for v in row) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
     """<name>.csv and .md in cfg.fig_dir() (see save_fig), written atomically."""
     path = cfg.fig_dir() / f"{name}.csv"
@@ -1930,10 +1905,10 @@ def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
     return path
 
 
-def save_fig(fig, name: str, cfg: Config) -> Path:
-    """<name>.png in cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke profile's go to
-    runs/smoke/figures)."""
-    path = cfg.fig_dir() / f"{name}.png"
+def save_fig(fig, name: str, cfg: Config, folder: Path | str | None = None) -> Path:
+    """<name>.png in folder, by default cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke
+    profile's go to runs/smoke/figures)."""
+    path = Path(folder or cfg.fig_dir()) / f"{name}.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     return path
@@ -1949,51 +1924,14 @@ def check_config(saved: dict, cfg: Config, path: Path, keys=None,
     diff = {k: (saved.get(k, default[k]), v) for k, v in dataclasses.asdict(cfg).items()
             if (k in keys if keys else k not in RESUMABLE_KEYS | SPEED_KEYS)
             and saved.get(k, default[k]) != v}
+    profile = saved.get("profile", cfg.profile)
+    if diff and profile != cfg.profile:                 # one difference explains the others
+        raise ValueError(f"{path} belongs to the {profile} profile, not {cfg.profile}: pass "
+                         f"--profile {profile} (or DDPM_PROFILE={profile}) to use it, or use "
+                         f"another run folder for {cfg.profile}")
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was made with another config ({lines}). {advice}")
-
-
-class CheckpointError(ValueError):
-    """A model file that cannot be read: truncated, corrupt, or holding more than tensors."""
-
-
-def load_checkpoint(path: Path | str) -> dict:
-    """Read one of our checkpoints with torch.load(weights_only=True): tensors and plain data
-    only, so a file from elsewhere cannot run code while it loads."""
-    import pickle
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except pickle.UnpicklingError as e:
-        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln), None)
-        if why:                                    # a class or function: could run code
-            raise CheckpointError(
-                f"{path} holds more than tensors and plain data, so it was not loaded (loading "
-                f"it could run code: {why}). Use a checkpoint written by this repository's own "
-                f"train or export, or delete it") from None
-        err = e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        err = e
-    raise CheckpointError(
-        f"{path} is not a readable checkpoint (truncated, empty or corrupt: "
-        f"{type(err).__name__}). Delete it and train again, or restore it from its source")
-
-
-def save_checkpoint(state: dict, path: Path) -> None:
-    """torch.save through atomic_path: the previous file survives a failed write."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-    except (OSError, RuntimeError) as e:
-        free = shutil.disk_usage(path.parent).free / 1e6 if path.parent.exists() else float("nan")
-        raise CheckpointError(
-            f"could not write {path} ({str(e).splitlines()[0][:160]}; {free:.0f} MB free on its "
-            f"disk — is it full?). The previous version of the file, if any, is intact: free "
-            f"space, then rerun (with --resume for training)") from None
 
 
 if __name__ == "__main__":              # `python -m ddpm_lib …`: the command line (ddpm_cli)

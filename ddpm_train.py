@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from ddpm_lib import (PURGE_K, channels_last, ROOT, Config, EMA, Diffusion, Fruits, atomic_path, autocast,
                       bf16_fast, build_model, check_config, committed_dir, diffusion_loss,
                       eval_images, fold_rows, get_config, get_device,
-                      load_checkpoint, load_index, optimizer_step, planned_runs, save_checkpoint,
-                      seed_everything, to_float, tqdm, train_command, write_csv)
+                      load_checkpoint, load_index, load_state, optimizer_step, planned_runs,
+                      save_checkpoint, seed_everything, to_float, tqdm, train_command, write_csv)
 
 # -----------------------------------------------------------------------------------------------
 # precision and memory layout, chosen by measuring where training starts
@@ -110,6 +110,20 @@ def _read_speed_cache(path: Path) -> dict:
         return {}
 
 
+def _speed_entry(path: Path, key: str) -> dict:
+    """The cache's entry for key; one not shaped like speed_choice writes it (edited by hand,
+    another version) is reported, naming the file, and measured again (then replaced)."""
+    entry = _read_speed_cache(path).get(key, {})
+    img_s = entry.get("img_s", {}) if isinstance(entry, dict) else None
+    if isinstance(img_s, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       for v in img_s.values()):
+        return entry
+    warnings.warn(f"{path}: the entry for this machine is malformed (expected "
+                  f"{{\"img_s\": {{\"fp32/nchw\": <images/s>, …}}}}, found {str(entry)[:80]!r}): "
+                  f"measuring again and replacing it (or delete the file)")
+    return {}
+
+
 def speed_choice(cfg: Config, device: torch.device | None = None, timer=None,
                  seconds: float = 1.0) -> dict:
     """How to train cfg's network fastest on `device`: {'precision': 'fp32'|'bf16', 'memory':
@@ -132,7 +146,7 @@ def speed_choice(cfg: Config, device: torch.device | None = None, timer=None,
     cands = [f"{p}/{m}" for p in PRECISIONS[:1 + bf16_fast(device)] for m in MEMORIES
              if fixed.get("precision", (p,))[0] == p and fixed.get("memory", (m,))[0] == m]
     path, key = speed_cache_path(), speed_key(cfg)
-    entry = _SPEED_MEMO.get((str(path), key)) or _read_speed_cache(path).get(key) or {}
+    entry = _SPEED_MEMO.get((str(path), key)) or _speed_entry(path, key)
     img_s, t0 = dict(entry.get("img_s", {})), time.perf_counter()
     todo = [c for c in cands if c not in img_s]
     for c in todo:
@@ -488,6 +502,11 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
         return _train(cfg, fold, resume, out, progress and d.main, stop, d)
 
 
+# What a training checkpoint holds that resuming needs (an export or a best.pt lacks most).
+RESUME_KEYS = ("config", "model", "ema", "optimizer", "epoch", "best_val", "bad_epochs",
+               "history", "rng")
+
+
 def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dict,
            d: Dist) -> pd.DataFrame:
     device = get_device()
@@ -499,7 +518,7 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
     if ckpt_path.exists() and not resume:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume (resume=True) to continue it, "
                               f"or delete {out} to start over")
-    ck = load_checkpoint(ckpt_path) if resume and ckpt_path.exists() else None
+    ck = load_checkpoint(ckpt_path, need=RESUME_KEYS) if resume and ckpt_path.exists() else None
     if ck and str(ck.get("fold", fold)) != str(fold):
         raise ValueError(f"{ckpt_path} is a run of fold {ck['fold']}, not of fold {fold}: "
                          f"resume it with --fold {ck['fold']}, or start fold {fold} in "
@@ -521,9 +540,8 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
     fp = Diffusion.from_config(cfg).to(device)
     stopper, history, start = EarlyStopping(cfg.patience), [], 0
     if ck:
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
+        for part, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
+            load_state(part, ck[key], ckpt_path)
         stopper = EarlyStopping(cfg.patience, ck["best_val"], ck["bad_epochs"])
         history, start = ck["history"], ck["epoch"]
         set_rng_state(ck["rng"])
@@ -536,6 +554,8 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
         return pd.DataFrame(history)
 
     train_ds, val_ds = fold_datasets(cfg, fold)
+    # a conditional model's labels are indexes into these names: its files keep them
+    names = {"classes": train_ds.classes} if cfg.n_classes else {}
     images = train_ds.images.pin_memory() if device.type == "cuda" else train_ds.images
     val_images = val_ds.images
     if cfg.val_images and len(val_images) > cfg.val_images:
@@ -615,7 +635,7 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                   f"(≤{left / 60:.0f} min left)", flush=True)
         if improved and d.main:
             save_checkpoint({"config": dataclasses.asdict(cfg), "ema": ema.model.state_dict(),
-                             "epoch": epoch + 1, "val_loss": val}, out / "best.pt")
+                             "epoch": epoch + 1, "val_loss": val, **names}, out / "best.pt")
         if cfg.snapshot_every and (epoch + 1) % cfg.snapshot_every == 0 and d.main:
             save_checkpoint({"config": dataclasses.asdict(cfg), "epoch": epoch + 1,
                              "ema": {k: v.half() for k, v in ema.model.state_dict().items()}},
@@ -625,7 +645,8 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                              "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                              "epoch": epoch + 1, "best_val": stopper.best,
                              "bad_epochs": stopper.bad_epochs, "history": history,
-                             "fold": str(fold), "rng": rng_state(), "speed": speed}, ckpt_path)
+                             "fold": str(fold), "rng": rng_state(), "speed": speed, **names},
+                            ckpt_path)
             write_csv(pd.DataFrame(history), out / "history.csv")
         if stopper.stop:
             break
@@ -634,14 +655,27 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
 
 def export_ema(cfg: Config, fold, path: Path | str | None = None) -> Path:
     """Write the best EMA weights in half precision (≈ 2 bytes a parameter) for committing, by
-    default with the run's history to committed_dir(cfg, fold)."""
-    ck = load_checkpoint(cfg.run_dir(fold) / "best.pt")
+    default with the run's history to committed_dir(cfg, fold): the history goes inside the
+    weights file (one file, so never a mismatched pair) and beside it as history.csv, whose
+    temporary is complete before the weights are replaced and renamed right after them."""
+    best = cfg.run_dir(fold) / "best.pt"
+    if not best.exists():
+        raise FileNotFoundError(f"{best} not found: fold {fold} of this profile has no trained "
+                                f"weights to export. Train it first with "
+                                f"`{train_command(cfg, fold)}`, then export")
+    ck = load_checkpoint(best, need=("config", "ema"))
     ck["ema"] = {k: v.half() for k, v in ck["ema"].items()}
-    if path is None:
-        path = committed_dir(cfg, fold) / "ema_fp16.pt"
-        write_csv(pd.read_csv(cfg.run_dir(fold) / "history.csv"), path.parent / "history.csv")
-    save_checkpoint(ck, Path(path))
-    return Path(path)
+    if path is not None:
+        save_checkpoint(ck, Path(path))
+        return Path(path)
+    path = committed_dir(cfg, fold) / "ema_fp16.pt"
+    remove_partial(path.parent)                          # of an export that was killed
+    history = pd.read_csv(cfg.run_dir(fold) / "history.csv")
+    ck["history"] = history.to_dict("records")
+    with atomic_path(path.parent / "history.csv") as tmp:
+        history.to_csv(tmp, index=False)
+        save_checkpoint(ck, path)
+    return path
 
 
 # -----------------------------------------------------------------------------------------------

@@ -706,9 +706,9 @@ def test_timestep_out_of_range_raises():
             fp.q_sample(x, torch.tensor([bad]), x)
 
 
-def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
+def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys, tmp_path):
     """`sample` hands --steps, --eta and --no-clip to the DDIM sampler and saves a grid named by
-    them; --steps or --eta with another sampler is an error."""
+    every setting in --out; --steps or --eta with another sampler is an error."""
     seen, ts = {}, []
     real = dl.SAMPLERS["ddim"]
 
@@ -718,12 +718,14 @@ def test_cli_sample_passes_the_ddim_options(monkeypatch, capsys):
         return real(model, diff, x, t, t_prev, g, **kw)
     monkeypatch.setitem(dl.SAMPLERS, "ddim", spy)
     ddpm_cli.main(["sample", "--profile", "smoke", "--n", "4", "--steps", "3", "--eta", "0.5",
-                   "--seed", "7"])
+                   "--seed", "7", "--out", str(tmp_path)])
     assert (ts, seen["eta"], seen["clip"]) == ([1000, 500, 1], 0.5, True)
-    out = smoke_cfg().fig_dir() / "samples_ddim3_eta0.5_seed7.png"
+    out = tmp_path / "samples_smoke_ddim3_eta0.5_clip_n4_seed7.png"
     assert out.exists() and str(out.name) in capsys.readouterr().out
-    ddpm_cli.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--no-clip"])
-    assert seen["clip"] is False and "samples_ddim3_noclip_seed0.png" in capsys.readouterr().out
+    ddpm_cli.main(["sample", "--profile", "smoke", "--n", "2", "--steps", "3", "--no-clip",
+                   "--out", str(tmp_path)])
+    assert seen["clip"] is False
+    assert "samples_smoke_ddim3_eta0_noclip_n2_seed0.png" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="DDIM option"):
         ddpm_cli.main(["sample", "--profile", "smoke", "--method", "ddpm", "--steps", "3"])
 

@@ -15,6 +15,7 @@ import torch
 
 import ddpm_lib as dl
 import ddpm_cli
+import ddpm_io
 import ddpm_train as dt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_planted_pickle_payload_does_not_run(run, tmp_path):
     marker = tmp_path / "code-ran"
     evil = tmp_path / "best.pt"
     torch.save({**ck, "extra": Payload(marker)}, evil)
-    with pytest.raises(dl.CheckpointError, match="holds more than tensors.*GLOBAL posix.system") as e:
+    with pytest.raises(ddpm_io.CheckpointError, match="holds more than tensors.*GLOBAL posix.system") as e:
         dl.load_model(smoke_cfg(), 0, evil)
     assert str(evil) in str(e.value)
     assert not marker.exists()
@@ -83,7 +84,7 @@ def test_planted_pickle_payload_does_not_run(run, tmp_path):
     import pickle
     import warnings
     evil.write_bytes(pickle.dumps(Payload(marker), protocol=2))
-    with pytest.raises(dl.CheckpointError), warnings.catch_warnings():
+    with pytest.raises(ddpm_io.CheckpointError), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dl.load_checkpoint(evil)
     assert not marker.exists()
@@ -113,7 +114,7 @@ def test_bad_checkpoint_on_resume(run, tmp_path, capsys, content):
 def test_corrupt_best_pt_on_load(run, tmp_path):
     out = copy_run(run, tmp_path)
     (out / "best.pt").write_bytes(b"\x00" * 100)
-    with pytest.raises(dl.CheckpointError, match="not a readable checkpoint"):
+    with pytest.raises(ddpm_io.CheckpointError, match="not a readable checkpoint"):
         dl.load_model(smoke_cfg(), 0, out / "best.pt")
 
 
@@ -124,7 +125,7 @@ def test_full_disk_keeps_previous_file(tmp_path, monkeypatch):
     def full(*a, **k):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 0")
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(dl.CheckpointError, match="could not write .*is it full") as e:
+    with pytest.raises(ddpm_io.CheckpointError, match="could not write .*is it full") as e:
         dl.save_checkpoint({"epoch": 2}, path)
     assert str(path) in str(e.value)
     assert dl.load_checkpoint(path)["epoch"] == 1
