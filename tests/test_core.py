@@ -286,31 +286,6 @@ def test_alpha_decoding_of_an_exact_scaled_network_darkens_x0(t_val):
     torch.testing.assert_close(rec, dl.to_unit(k * x0), rtol=0, atol=1e-5)
 
 
-class IdealNet(nn.Module):
-    """ε̂ that decodes to the true x0 exactly (it is given x0): (x_t − √ᾱ_t·x0)/√(1−ᾱ_t)."""
-
-    def __init__(self, x0, fp):
-        super().__init__()
-        self.x0, self.fp, self.w = x0, fp, nn.Parameter(torch.zeros(()))
-
-    def forward(self, x, t):
-        ab = self.fp.at(self.fp.alpha_bar, t)
-        return (x - ab.sqrt() * self.x0) / (1 - ab).sqrt()
-
-
-def test_ideal_reconstruction_upsampled_scores_the_ceiling():
-    """Table 1's 100×100 column of a perfect x̂0 is the down- and upsampling ceiling, per image;
-    at the model's own resolution it scores 1."""
-    cfg = smoke_cfg()
-    small, big = dl.eval_images(cfg), dl.eval_images(cfg, size=100)
-    fp = dl.Diffusion.from_config(cfg)
-    per = dl.one_step_eval(IdealNet(dl.to_float(small), fp), fp, small, ts=(50, 800), hires=big)
-    ceiling = dl.upsampling_ceiling(cfg)
-    assert np.allclose(per.ssim, 1, atol=1e-4)
-    assert np.isclose(per.groupby("t").ssim_hr.mean(), ceiling.ssim_hr_mean.iloc[0], atol=1e-4).all()
-    assert 0.3 < ceiling.ssim_hr_mean.iloc[0] < 1 and ceiling.n.iloc[0] == len(small)
-
-
 def _ideal_x0(t_val: int):
     """(x0, x_t, ε, scaled-ε process, ε process) on the smoke profile's synthetic test images,
     x_t made with known seeded ε at one t."""

@@ -190,7 +190,7 @@ def test_conditional_training_samples_with_the_ema_weights(tmp_path, monkeypatch
         dl.load_model(cfg, "all", tmp_path / "plain" / "best.pt")
 
 
-def test_cli_samples_a_fruit_with_guidance(monkeypatch, capsys):
+def test_cli_samples_a_fruit_with_guidance(monkeypatch, capsys, tmp_path):
     """`sample --fruit NAME --w W` samples the class-conditional model guided toward that class
     with weight w, and names the grid after both; `train --conditional` needs --fold all."""
     classes = sorted(dl.load_index(dl.get_config("smoke")).label.unique())
@@ -202,10 +202,11 @@ def test_cli_samples_a_fruit_with_guidance(monkeypatch, capsys):
         return real(model, *args, **kw)
     monkeypatch.setitem(dl.SAMPLERS, "ddim", spy)
     cli.main(["sample", "--profile", "smoke", "--n", "3", "--steps", "2", "--fruit", classes[1],
-             "--w", "2"])
+              "--w", "2", "--out", str(tmp_path)])
     m = seen["model"]
     assert isinstance(m, dl.Guided) and m.w == 2.0 and m.y.tolist() == [1, 1, 1]
-    assert f"_{classes[1].replace(' ', '_')}_w2_seed0.png" in capsys.readouterr().out
+    name = f"_{classes[1].replace(' ', '_')}_w2_n3_seed0.png"
+    assert name in capsys.readouterr().out and len(list(tmp_path.glob(f"*{name}"))) == 1
     with pytest.raises(SystemExit, match="add --fold all"):
         cli.main(["train", "--profile", "smoke", "--fold", "0", "--conditional"])
 

@@ -432,8 +432,21 @@ def test_one_step_eval_rows_and_perfect_predictor():
     assert bad[bad.t == 1000].ssim.mean() < 0.5
     # the report-faithful reconstruction runs on the same rows
     rep = dl.one_step_eval(net, dl.Diffusion(T, target="scaled_eps"), images, ts=(50,),
-                           report=True, batch=4)
+                           decode="eq5", batch=4)
     assert len(rep) == len(images) and ((rep.ssim >= -1) & (rep.ssim <= 1)).all()
+
+
+def test_perfect_reconstruction_upsampled_scores_the_ceiling():
+    """Table 1's 100×100 column of a perfect x̂0 (Oracle) is the down- and upsampling ceiling,
+    per image; at the model's own resolution it scores 1."""
+    cfg = dl.get_config("smoke")
+    small, big = dl.eval_images(cfg), dl.eval_images(cfg, size=100)
+    fp = dl.Diffusion.from_config(cfg)
+    per = dl.one_step_eval(Oracle(dl.to_float(small), fp), fp, small, ts=(50, 800), hires=big)
+    ceiling = dl.upsampling_ceiling(cfg)
+    assert np.allclose(per.ssim, 1, atol=1e-4)
+    assert np.allclose(per.groupby("t").ssim_hr.mean(), ceiling.ssim_hr_mean.iloc[0], atol=1e-4)
+    assert 0.3 < ceiling.ssim_hr_mean.iloc[0] < 1 and ceiling.n.iloc[0] == len(small)
 
 
 def _long_table(ts=(50, 100, 150), folds=(0, 1, 2)) -> pd.DataFrame:
