@@ -1768,18 +1768,21 @@ NOTEBOOK_WIDTH = 6.8                     # inches: JupyterLab shows a figure ~68
 
 def legible(fig, min_pt: float = 10.0):
     """Raise every text of fig to min_pt as the notebook shows it (scaled down to NOTEBOOK_WIDTH
-    when wider), then wrap each axes title that is wider than its axes; returns fig."""
+    when wider), lay it out (constrained, unless it has a layout) and wrap each axes title that
+    is wider than its axes at spaces; returns fig."""
     import textwrap
     from matplotlib.text import Text
     floor = min_pt * max(1.0, fig.get_figwidth() / NOTEBOOK_WIDTH)
     for t in fig.findobj(Text):                              # tick labels drawn later copy the first's
         t.set_fontsize(max(t.get_fontsize(), floor))
-    fig.draw_without_rendering()                             # lays it out with the new sizes
+    if fig.get_layout_engine() is None:
+        fig.set_layout_engine("constrained")
+    fig.draw_without_rendering()
     for ax in fig.axes:
         for t in (ax.title, ax._left_title, ax._right_title):
             if t.get_text() and (w := t.get_window_extent().width) > ax.bbox.width:
                 n = max(map(len, t.get_text().split("\n"))) * ax.bbox.width / w
-                t.set_text(textwrap.fill(t.get_text(), max(8, int(n))))
+                t.set_text(textwrap.fill(t.get_text(), int(n), break_long_words=False))
     return fig
 
 
