@@ -619,7 +619,7 @@ def plot_time_to_quality(df: pd.DataFrame, ffd_aim: float = 3.0, rec_aim: float 
     """time_to_quality's table: FFD ÷ its floor (log scale, ± its bootstrap std) and
     recognizability against the measured training minutes, the aims as dashed lines."""
     import matplotlib.pyplot as plt
-    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8))[1]
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")[1]
     axes[0].errorbar(df.minutes, df.ffd_ratio, fmt="o-",
                      yerr=df.ffd_std / df.ffd_floor if "ffd_std" in df else None)
     axes[0].axhline(ffd_aim, ls="--", color="grey", label=f"aim: {ffd_aim:g}× the floor")
@@ -629,7 +629,7 @@ def plot_time_to_quality(df: pd.DataFrame, ffd_aim: float = 3.0, rec_aim: float 
     axes[1].set(ylim=(0, 1.02), ylabel="share with p ≥ 0.9", title="recognizability")
     for ax in axes:
         ax.set_xlabel("training minutes, as measured")
-        ax.legend(fontsize=9)
+        ax.legend()
     return axes
 
 

@@ -1716,7 +1716,29 @@ def pick_w(df: pd.DataFrame, ffd_max: float = 1.5) -> float:
 
 
 # -----------------------------------------------------------------------------------------------
-# plotting
+# plotting: every figure reads at notebook width (legible, applied by save_fig)
+
+NOTEBOOK_WIDTH = 6.8                     # inches: JupyterLab shows a figure ~680 px wide (100 dpi)
+
+
+def legible(fig, min_pt: float = 10.0):
+    """Raise every text of fig to min_pt as the notebook shows it (scaled down to NOTEBOOK_WIDTH
+    when wider), lay it out (constrained, unless it has a layout) and wrap each axes title that
+    is wider than its axes at spaces; returns fig."""
+    import textwrap
+    from matplotlib.text import Text
+    floor = min_pt * max(1.0, fig.get_figwidth() / NOTEBOOK_WIDTH)
+    for t in fig.findobj(Text):                              # tick labels drawn later copy the first's
+        t.set_fontsize(max(t.get_fontsize(), floor))
+    if fig.get_layout_engine() is None:
+        fig.set_layout_engine("constrained")
+    fig.draw_without_rendering()
+    for ax in fig.axes:
+        for t in (ax.title, ax._left_title, ax._right_title):
+            if t.get_text() and (w := t.get_window_extent().width) > ax.bbox.width:
+                n = max(map(len, t.get_text().split("\n"))) * ax.bbox.width / w
+                t.set_text(textwrap.fill(t.get_text(), int(n), break_long_words=False))
+    return fig
 
 
 def image_grid(x: torch.Tensor, nrow: int = 8) -> np.ndarray:
@@ -1731,8 +1753,7 @@ def show_grid(x: torch.Tensor, nrow: int = 8, ax=None, title: str | None = None)
     ax = ax or plt.subplots(figsize=(nrow, max(1, math.ceil(len(x) / nrow))))[1]
     ax.imshow(image_grid(x, nrow))
     ax.set_axis_off()
-    if title:
-        ax.set_title(title)
+    ax.set_title(title or "")
     return ax
 
 
@@ -1740,18 +1761,18 @@ def plot_xt(fp: Diffusion, x0: torch.Tensor, eps: torch.Tensor, ts, fig=None):
     """One image x0 (1, 3, H, W) in [-1, 1] noised to each t (0: x0 itself) with the noise eps
     (Eq. 4), above the histogram of its pixels against N(0, 1)."""
     import matplotlib.pyplot as plt
-    fig = fig or plt.figure(figsize=(2.4 * len(ts), 4.4))
+    fig = fig or plt.figure(figsize=(1.6 * len(ts), 3.8))
     axes = fig.subplots(2, len(ts), squeeze=False, gridspec_kw=dict(height_ratios=[1.2, 1]))
     grid = np.linspace(-4, 4, 200)
     for j, tv in enumerate(ts):
         x = x0 if tv == 0 else fp.q_sample(x0, torch.tensor([tv]), eps)
         ab = 1.0 if tv == 0 else fp.alpha_bar[tv - 1].item()
         axes[0, j].imshow(image_grid(x, nrow=1))
-        axes[0, j].set_title(f"t = {tv}, ᾱ_t = {ab:.3f}", fontsize=9)
+        axes[0, j].set_title(f"t = {tv}\nᾱ_t = {ab:.3f}")
         axes[0, j].set_axis_off()
         axes[1, j].hist(x.flatten().numpy(), bins=50, range=(-4, 4), density=True, alpha=0.7)
         axes[1, j].plot(grid, np.exp(-grid ** 2 / 2) / np.sqrt(2 * np.pi), "k-", lw=1)
-        axes[1, j].set_yticks([])
+        axes[1, j].set(xticks=(-3, 0, 3), yticks=[])
     return fig
 
 
@@ -1770,7 +1791,7 @@ def plot_history(histories: dict, ax=None, title: str = "loss per epoch",
         if max_epochs and len(h) < max_epochs:
             ax.plot(h.epoch.iloc[-1], h.val_loss.iloc[-1], "x", color=c, ms=9, mew=2)
     ax.set(xlabel="epoch", ylabel="ε-MSE", yscale="log", title=title)
-    ax.legend(fontsize=8)
+    ax.legend()
     return ax
 
 
@@ -1780,7 +1801,7 @@ def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, axes=None)
     fold; the report's five folds (report_table1) as thin black lines in both panels."""
     import matplotlib.pyplot as plt
     hr = "ssim_hr_mean" in df
-    axes = axes if axes is not None else plt.subplots(1, 1 + hr, figsize=(6 + 5 * hr, 4),
+    axes = axes if axes is not None else plt.subplots(1, 1 + hr, figsize=(4.5 + 4.5 * hr, 4),
                                                       layout="constrained", squeeze=False)[1][0]
     for ax, col in zip(axes, ("ssim_mean", "ssim_hr_mean")):
         for (method, d), c in zip(df.groupby("method", sort=False), ("C0", "C3", "C1")):
@@ -1793,10 +1814,11 @@ def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, axes=None)
                 ax.plot(r.t, r.ssim_mean, "-", color="k", lw=0.8, alpha=0.7,
                         label="the report, its 5 folds" if k == 0 else None)
         ax.set(xlabel="t", ylabel="SSIM", ylim=(0, 1))
-        ax.legend(fontsize=9)
-    axes[0].set_title("one-step x̂0 against the ground truth at our resolution")
+    axes[-1].legend()                                          # the same lines in both panels
+    axes[0].set_title("one-step x̂0 vs the ground truth, at our resolution")
     if hr:
         axes[1].set_title("the same x̂0 upsampled (bilinear) to 100×100")
+    legible(axes[0].figure)                                    # notebook 04 shows it unsaved
     return axes
 
 
@@ -1804,34 +1826,36 @@ def plot_figure4(rows: dict, ts):
     """The report's Figure 4: one row of images per entry of `rows` ({title: (len(ts), 3, H, W)
     in [0, 1]}), one column per timestep in ts, labelled 't = …'."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(rows), 1, figsize=(1.1 * len(ts), 1.45 * len(rows)),
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.8 * len(ts), 1.3 * len(rows)),
                              layout="constrained", squeeze=False)
     for ax, (name, x) in zip(axes[:, 0], rows.items()):
         s = x.shape[-1] + 1                                         # image_grid pads by 1 pixel
         ax.imshow(image_grid(x.cpu() * 2 - 1, nrow=len(ts)))         # image_grid takes [-1, 1]
-        ax.set_title(name, fontsize=9, loc="left")
-        ax.set_xticks([1 + s * i + s / 2 for i in range(len(ts))], [f"t = {v}" for v in ts],
-                      fontsize=7)
+        ax.set_title(name, loc="left")
+        ax.set_xticks([1 + s * i + s / 2 for i in range(len(ts))], [f"t = {v}" for v in ts])
         ax.set_yticks([])
     return fig
 
 
-def plot_figure5(xs: dict, trajs: dict, n_show: int = 8):
-    """The report's Figure 5 for each sampler of figure5: one sample's x_t at the kept t (left,
-    shown clipped to [-1, 1]; the last column is the sample), n_show final samples (middle),
-    and the mean brightness of the set at each kept t (right)."""
+def plot_figure5(xs: dict, trajs: dict, n_show: int = 4):
+    """The report's Figure 5, one row per sampler of figure5: one sample's x_t at the kept t
+    (left, shown clipped to [-1, 1]; the last column is the sample), n_show final samples
+    (middle), and the mean brightness of the set at each kept t (right)."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(xs), 3, figsize=(16, 1.9 * len(xs)), layout="constrained",
-                             gridspec_kw=dict(width_ratios=(10, n_show * 0.8, 4)))
-    for row, name in zip(axes, xs):
-        ts = sorted(trajs[name], reverse=True)
+    ts = sorted(next(iter(trajs.values())), reverse=True)
+    k = len(next(iter(xs.values()))[:n_show])
+    fig, axes = plt.subplots(len(xs), 3, figsize=(10, 1.5 * len(xs) + 0.5), layout="constrained",
+                             gridspec_kw=dict(width_ratios=(len(ts), k, 4.5)), squeeze=False)
+    for i, (row, name) in enumerate(zip(axes, xs)):
         show_grid(torch.cat([trajs[name][t][:1].clamp(-1, 1) for t in ts]), nrow=len(ts), ax=row[0])
-        row[0].set_title(f"{name}: one sample at t = {ts[0]} … {ts[-1]}", fontsize=9, loc="left")
+        row[0].set_title(name, loc="left")
         show_grid(xs[name][:n_show], nrow=n_show, ax=row[1])
-        row[1].set_title(f"{len(xs[name][:n_show])} samples", fontsize=9)
         row[2].plot(ts, [to_unit(trajs[name][t]).mean().item() for t in ts], "o-", ms=3)
-        row[2].set(ylim=(0, 1), xlim=(max(ts) + 50, -50), ylabel="mean brightness")
-    axes[-1][2].set_xlabel("t (sampling runs right to left)")
+        row[2].set(ylim=(0, 1), yticks=(0, 0.5, 1), xlim=(max(ts) + 50, -50), ylabel="brightness")
+        row[2].locator_params(axis="x", nbins=3)
+        row[2].tick_params(labelbottom=i == len(xs) - 1)
+    axes[-1][2].set_xlabel("t (sampling →)")                     # the t axis runs from T to 0
+    fig.suptitle(f"one sample at t = {ts[0]} … {ts[-1]}, {k} final samples, mean brightness by t")
     return fig
 
 
@@ -1840,19 +1864,18 @@ def plot_leakage(histories: dict, axes=None):
     h}), the validation loss and the loss on Test/ by epoch (both with fixed noise and t), and
     their ratio Test/ ÷ validation (> 1: validation is optimistic about unseen images)."""
     import matplotlib.pyplot as plt
-    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 4))[1]
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")[1]
     for i, (name, h) in enumerate(histories.items()):
         c = f"C{i}"
-        axes[0].plot(h.epoch, h.val_loss, "-", color=c, label=f"{name}: validation")
-        axes[0].plot(h.epoch, h.test_loss, ":", color=c, label=f"{name}: Test/")
+        axes[0].plot(h.epoch, h.val_loss, "-", color=c)
+        axes[0].plot(h.epoch, h.test_loss, ":", color=c)
         axes[1].plot(h.epoch, h.test_loss / h.val_loss, "-", color=c, label=name)
     axes[0].set(xlabel="epoch", ylabel="loss (fixed noise and t)", yscale="log",
-                title="validation vs Test/ loss")
+                title="validation (solid) vs Test/ (dotted)")
     axes[1].axhline(1, color="grey", lw=0.8)
-    axes[1].set(xlabel="epoch", ylabel="Test/ loss ÷ validation loss",
+    axes[1].set(xlabel="epoch", ylabel="Test/ ÷ validation",
                 title="how optimistic validation is")
-    for ax in axes:
-        ax.legend(fontsize=8)
+    axes[1].legend()
     return axes
 
 
@@ -1860,20 +1883,21 @@ def plot_guidance(df: pd.DataFrame, per: pd.DataFrame, axes=None):
     """guidance_metrics' tables against w: accuracy on the requested class (mean, and each class
     faintly) and FFD over all classes, the unconditional model's as a dashed line."""
     import matplotlib.pyplot as plt
-    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8))[1]
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(9, 4), layout="constrained")[1]
     g = df[df.set == "conditional model"]
     for _, c in per.groupby("cls"):
         axes[0].plot(c.w, c.accuracy, "-", color="grey", lw=0.6, alpha=0.6)
-    axes[0].plot(g.w, g.accuracy, "o-", lw=2, label="mean over classes (grey: each class)")
-    axes[0].set(ylim=(0, 1.02), ylabel="classifier's accuracy on the requested class",
-                title="fidelity")
+    axes[0].plot(g.w, g.accuracy, "o-", lw=2)
+    axes[0].set(ylim=(0, 1.02), ylabel="accuracy on the requested class",
+                title="fidelity (grey: each class)")
     axes[1].plot(g.w, g.ffd, "o-", label="conditional model")
     axes[1].axhline(df.set_index("set").ffd["unconditional model"], ls="--", color="grey",
                     label="unconditional model")
     axes[1].set(ylabel="FFD (all classes)", title="diversity and realism")
     for ax in axes:
-        ax.set_xlabel("guidance weight w (0: unconditional, 1: conditional)")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("w (0: unconditional, 1: conditional)")
+    axes[1].legend()
+    legible(axes[0].figure)                                    # notebook 05 shows it unsaved
     return axes
 
 
@@ -1882,14 +1906,14 @@ def plot_class_grid(x: torch.Tensor, classes: list, n_show: int = 8, title: str 
     first n_show per class, labelled with the class."""
     import matplotlib.pyplot as plt
     k = len(classes)
-    x = x.view(k, -1, *x.shape[1:])[:, :n_show].flatten(0, 1)
-    fig, ax = plt.subplots(figsize=(0.9 * n_show + 1.6, 0.9 * k), layout="constrained")
-    ax.imshow(image_grid(x, nrow=n_show))
+    x = x.view(k, -1, *x.shape[1:])[:, :n_show]
+    fig, ax = plt.subplots(figsize=(0.7 * x.shape[1] + 1.6, 0.7 * k + 0.5), layout="constrained")
+    ax.imshow(image_grid(x.flatten(0, 1), nrow=x.shape[1]))
     s = x.shape[-1] + 1                                                 # image_grid pads by 1
-    ax.set_yticks([1 + s * i + s / 2 for i in range(k)], classes, fontsize=8)
+    ax.set_yticks([1 + s * i + s / 2 for i in range(k)], classes)
     ax.set_xticks([])
-    ax.set_title(title or "", fontsize=9, loc="left")
-    return fig
+    ax.set_title(title or "", loc="left")
+    return legible(fig)                                        # notebook 05 shows it unsaved
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1907,8 +1931,9 @@ def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
 
 def save_fig(fig, name: str, cfg: Config, folder: Path | str | None = None) -> Path:
     """<name>.png in folder, by default cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke
-    profile's go to runs/smoke/figures)."""
+    profile's go to runs/smoke/figures), made legible first (as the notebook then shows it)."""
     path = Path(folder or cfg.fig_dir()) / f"{name}.png"
+    legible(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     return path
