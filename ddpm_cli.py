@@ -805,7 +805,10 @@ def cmd_sample(a) -> None:
                                  f"({weights(generation_config(cfg, cond), 'all')}) or these "
                                  f"settings make the sampler diverge; try another model file or "
                                  f"the defaults")
-    ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))))
+    what = f"{a.fruit}, w = {a.w:g}" if cond else "unconditional"
+    ax = show_grid(x, nrow=int(math.ceil(math.sqrt(a.n))),
+                   title=f"{what}: {a.method}{f'-{a.steps}' if a.method == 'ddim' else ''}, "
+                         f"seed {a.seed}")
     print(f"{a.n} samples → {save_fig(ax.figure, _sample_name(a, cfg), cfg, a.out or SAMPLES)}")
 
 
@@ -814,13 +817,13 @@ SAMPLES = ROOT / "samples"              # `sample`'s pictures (ignored by git)
 
 def _guidance(a, cfg: Config) -> dict:
     """--fruit and --w: the sampler's label and guidance weight ({} without --fruit); a.w gets
-    its default (3)."""
+    its default (1: the class-conditional model unguided, as notebook 05 chose)."""
     if a.fruit is None:
         if a.w is not None:
             raise ValueError("--w is the guidance weight of --fruit (the class-conditional "
                              "model): add --fruit NAME, or leave --w out")
         return {}
-    a.w = 3.0 if a.w is None else a.w
+    a.w = 1.0 if a.w is None else a.w
     classes = sorted(load_index(cfg).label.unique())
     if a.fruit not in classes:
         raise ValueError(f"--fruit {a.fruit!r} is not a class of {cfg.data_dir}/index.csv: "
@@ -855,11 +858,22 @@ def _check_classes(cfg: Config, classes: list) -> None:
                          f"away and train on this index: `{train_command(gcfg, 'all')}`")
 
 
+# --help of `submit`'s sbatch settings (ddpm_train.Slurm)
+SLURM_HELP = {"partition": "sbatch --partition ('': the cluster's default)",
+              "account": "sbatch --account ('': the cluster's default)",
+              "time": "time limit of each array task; a task that reaches it is requeued",
+              "cpus_per_task": "CPU cores of each task (its OMP_NUM_THREADS)",
+              "gpus_per_task": "GPUs of each task; more than 1 runs torchrun, one process a GPU",
+              "mem": "sbatch --mem ('': the cluster's default)",
+              "signal_secs": "SIGTERM this many seconds before the time limit (stop and requeue)"}
+
+
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each option's default, where it has one that says something."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False, "") or "default" in (action.help or ""):
+        if action.default is None or action.default is False or action.default == "" \
+                or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -870,7 +884,9 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "train-all": cmd_train_all,
             "report": cmd_report, "sample": cmd_sample}
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """`python -m ddpm_lib`'s parser: one subcommand per COMMANDS entry, every option with its help
+    and its default shown."""
     ap = argparse.ArgumentParser(prog="python -m ddpm_lib", description=dl.__doc__.split("\n")[1])
     sub = ap.add_subparsers(dest="cmd", required=True)
     fmt = dict(formatter_class=_Help)
@@ -892,7 +908,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="data", help="where index.csv goes")
     p.add_argument("--classes", nargs="+", help="class folder names (default: the 10 of the "
                    "shared subset when indexing it, else all)")
-    p.add_argument("--split", choices=["grouped", "random"], default="grouped")
+    p.add_argument("--split", choices=["grouped", "random"], default="grouped",
+                   help="the folds in index.csv: grouped (leakage-free blocks of each video) or "
+                        "random (the report's)")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable files out, listed")
     p.add_argument("--seed", type=_seed, default=0, help="the seed of the random split")
 
@@ -905,8 +923,11 @@ def main(argv=None) -> None:
                    help="scaled_eps: the report-faithful target (default: eps)")
     p.add_argument("--split", choices=["grouped", "random"], default=None,
                    help="random: the report's leaking split (default: grouped)")
-    p.add_argument("--max-epochs", type=_whole(1), default=None)
-    p.add_argument("--patience", type=_whole(1), default=None)
+    p.add_argument("--max-epochs", type=_whole(1), default=None,
+                   help="stop after this many epochs (default: the profile's, 40 for the folds)")
+    p.add_argument("--patience", type=_whole(1), default=None,
+                   help="early stopping: epochs without a lower validation loss (default: the "
+                        "profile's, 5 for the folds)")
     p.add_argument("--conditional", action="store_true", help="with --fold all: the "
                    "class-conditional generation model (classifier-free guidance)")
 
@@ -918,9 +939,11 @@ def main(argv=None) -> None:
 
     p = parser("submit", "every run of train-all as one SLURM job array (sbatch)")
     for f in dataclasses.fields(Slurm):
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       help=SLURM_HELP[f.name])
     p.add_argument("--out", default=None, help="base folder of the runs (default: runs/<profile>)")
-    p.add_argument("--max-epochs", type=_whole(1), default=None)
+    p.add_argument("--max-epochs", type=_whole(1), default=None,
+                   help="each run's epoch cap (default: the profile's)")
     p.add_argument("--tasks", default="", help="which runs, by their index in planned_runs "
                    "(sbatch --array syntax: '0,6'); default: all")
     p.add_argument("--wait", action="store_true", help="return when every task has ended")
@@ -929,16 +952,21 @@ def main(argv=None) -> None:
     p = parser("evaluate", "Table 1 (one-step SSIM/PSNR) and the generation metrics; curve: the "
                "generation run's snapshots scored; guidance: the conditional model by w")
     p.add_argument("--what", choices=["table1", "generation", "both", "curve", "guidance"],
-                   default="both")
+                   default="both", help="table1: notebook 04's tables; generation: notebook 05's "
+                   "generation table; both; curve: the generation run's snapshots; guidance: "
+                   "notebook 05's guidance tables")
     p.add_argument("--n", type=_whole(2), default=None,
                    help="samples per sampler (default: the profile's, EVAL; curve: 500 per "
                         "snapshot; guidance: 50 per class)")
 
     p = parser("export", "write a run's best EMA weights in half precision for committing (the "
                "generation model; a fold run's with its history)")
-    p.add_argument("--fold", default="all", type=_fold_arg)
-    p.add_argument("--target", choices=["eps", "scaled_eps"], default=None)
-    p.add_argument("--split", choices=["grouped", "random"], default=None)
+    p.add_argument("--fold", default="all", type=_fold_arg,
+                   help="0..4, or 'all' (the generation model)")
+    p.add_argument("--target", choices=["eps", "scaled_eps"], default=None,
+                   help="the run's target (default: eps)")
+    p.add_argument("--split", choices=["grouped", "random"], default=None,
+                   help="the run's split (default: grouped)")
     p.add_argument("--conditional", action="store_true", help="the class-conditional model")
 
     parser("classifier", "train the fruit classifier that scores samples (FFD, KID, "
@@ -958,11 +986,14 @@ def main(argv=None) -> None:
     p.add_argument("--fruit", default=None, help="a class name (e.g. 'Banana 1'): samples of it "
                    "from the class-conditional model")
     p.add_argument("--w", type=_guidance_w, default=None, help="with --fruit: the guidance "
-                   f"weight, |w| ≤ {MAX_W:g} (0: unconditional, 1: conditional; default 3)")
+                   f"weight, |w| ≤ {MAX_W:g} (0: unconditional, 1: conditional; default 1)")
     p.add_argument("--out", default=None, help="folder of the picture (default: samples/, "
                    "ignored by git)")
+    return ap
 
-    a = ap.parse_args(argv)
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
     keep_freed_memory()
     try:
         COMMANDS[a.cmd](a)

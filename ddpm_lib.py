@@ -1189,12 +1189,12 @@ def one_step_eval(model, fp: Diffusion, images: torch.Tensor, ts=TABLE1_T, seed:
     return pd.concat(rows, ignore_index=True)
 
 
-def upsampling_ceiling(cfg: Config, size: int = 100) -> pd.DataFrame:
+def upsampling_ceiling(cfg: Config, size: int = 100, n: int | None = None) -> pd.DataFrame:
     """What a perfect x̂0 at cfg's image size scores at the dataset's size×size: each evaluation
     image read at cfg.image_size (read_image's antialiased resize), upsampled back (upsample)
     and scored against its size×size original. One row: ssim_hr_mean, ssim_hr_std, psnr_hr_mean,
     n."""
-    small, big = eval_images(cfg), eval_images(cfg, size=size)
+    small, big = eval_images(cfg, n), eval_images(cfg, n, size)
     up, gt = upsample(to_unit(to_float(small)), size), to_unit(to_float(big))
     s, p = ssim(up, gt), psnr(up, gt)
     return pd.DataFrame([dict(ssim_hr_mean=s.mean().item(), ssim_hr_std=s.std().item(),
@@ -1283,13 +1283,14 @@ TABLE1_METHODS = {"corrected": ("eps", "eps"), "report-faithful": ("scaled_eps",
                   "report-faithful, 1/√α_t decoding": ("scaled_eps", "alpha")}
 
 
-def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True) -> pd.DataFrame:
+def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True,
+           n: int | None = None) -> pd.DataFrame:
     """Table 1 for every trained fold model (weights: local or committed) under each of
-    TABLE1_METHODS, in fp32. Below 100×100 the reconstructions are also scored upsampled to the
+    TABLE1_METHODS, in fp32, on n test images (default EVAL's n_eval). Below 100×100 the reconstructions are also scored upsampled to the
     dataset's 100×100 (one_step_eval's hires). Long format: method, fold, t, then summarise's
     columns."""
-    images = eval_images(cfg)
-    hires = eval_images(cfg, size=100) if cfg.image_size < 100 else None
+    images = eval_images(cfg, n)
+    hires = eval_images(cfg, n, 100) if cfg.image_size < 100 else None
     parts = []
     for method, (target, decode) in TABLE1_METHODS.items():
         c = dataclasses.replace(cfg, target=target)
@@ -1353,7 +1354,7 @@ def save_table1(cfg: Config, df: pd.DataFrame) -> pd.DataFrame:
     for method in ("corrected", "report-faithful"):
         if method in df.method.values:
             save_table(table1_wide(df, method), f"table1_{method.replace('-', '_')}_by_fold", cfg)
-    ceiling = upsampling_ceiling(cfg) if "ssim_hr_mean" in df else None
+    ceiling = upsampling_ceiling(cfg, n=int(df.n.iloc[0])) if "ssim_hr_mean" in df else None
     vs = table1_vs_report(df, report_table1(), ceiling)
     save_table(vs.round(6), "table1_vs_report", cfg)
     axes = plot_table1(df, report_table1())

@@ -9,6 +9,7 @@ goes to pytest's tmp_path, never to runs/. Reference values are computed indepen
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -809,3 +810,21 @@ def test_plot_figure4_one_row_per_entry_one_column_per_t():
     assert [ax.get_title(loc="left") for ax in fig.axes] == ["a", "b"]
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["t = 50", "t = 500", "t = 1000"]
     assert fig.axes[1].images[0].get_array().min() == 1.0          # the ones shown white
+
+
+def test_every_option_has_help_and_shows_its_default():
+    """`python -m ddpm_lib COMMAND --help`: every option of every command says what it does, and
+    every option with a default shows it."""
+    ap = ddpm_cli.build_parser()
+    commands = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == set(ddpm_cli.COMMANDS)
+    for name, p in commands.items():
+        text = p.format_help().split("options:")[1]
+        for act in p._actions:
+            if act.help == argparse.SUPPRESS or "-h" in act.option_strings:
+                continue
+            assert act.help, f"{name} {act.option_strings}: no help text"
+            if act.default not in (None, False, "", argparse.SUPPRESS):
+                flag = act.option_strings[-1]
+                block = text[text.index(f"  {flag}"):].split("\n  -")[0]
+                assert "default" in block, f"{name} {flag}: default {act.default!r} not shown"
