@@ -31,3 +31,21 @@ def _one_thread():
 def real_subset() -> Path:
     """The real Fruits-360 subset (FRUITS360_DIR, else ../shared/fruits-360-subset)."""
     return Path(os.environ.get("FRUITS360_DIR", ROOT.parent / "shared" / "fruits-360-subset"))
+
+
+CHROMIUM = "/usr/bin/chromium"        # Debian's (make browser-tools); Playwright's own is never used
+
+
+def need_chromium() -> None:
+    """Skip, saying why, where Debian's Chromium or the playwright package is missing."""
+    import importlib.util
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no {CHROMIUM} (Debian's chromium: `make browser-tools` installs it as root)")
+    if importlib.util.find_spec("playwright") is None:
+        pytest.skip("the playwright package is not installed (requirements-test.txt)")
+
+
+def launch_chromium(pw):
+    """Headless Chromium through playwright (pw: sync_playwright()'s context), as root can run it."""
+    return pw.chromium.launch(executable_path=CHROMIUM, headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])

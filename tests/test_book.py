@@ -10,7 +10,6 @@ them where it can). Playwright's own browser download is never used."""
 import functools
 import http.server
 import importlib.util
-import os
 import re
 import subprocess
 import sys
@@ -22,8 +21,9 @@ from urllib.parse import urldefrag, urljoin, urlsplit
 
 import pytest
 
+from conftest import launch_chromium, need_chromium
+
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
 BUILD_TIMEOUT = 300  # seconds; the build takes a few seconds on an idle 2-core machine
 
 # per page: its title, the bar's links, every image (src, drawn?) and every link's target
@@ -37,10 +37,7 @@ PAGE_JS = """() => ({
 
 
 def _requirements():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no {CHROMIUM} (Debian's chromium: `make browser-tools` installs it as root)")
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("the playwright package is not installed (requirements-test.txt)")
+    need_chromium()
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +89,7 @@ def problems(root: Path) -> list[str]:
     base = f"http://127.0.0.1:{server.server_address[1]}/"
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox", "--disable-gpu",
-                                               "--disable-dev-shm-usage"])
+            browser = launch_chromium(pw)
             try:
                 page = browser.new_page()
                 page.route("**/*", lambda route: route.continue_()

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import launch_chromium, need_chromium
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "02_forward_process.ipynb"
-CHROMIUM = "/usr/bin/chromium"
 TOKEN = "ddpm-browser-test"
 # generous waits: the machine may be busy (2 cores); a normal run takes well under a minute
 SERVER_TIMEOUT = 60      # jupyter lab answering /api/status
@@ -40,10 +41,7 @@ LAB_SETTINGS = {
 
 
 def _requirements():
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"no {CHROMIUM} (Debian's chromium: `make browser-tools` installs it as root)")
-    if importlib.util.find_spec("playwright") is None:
-        pytest.skip("the playwright package is not installed (requirements-test.txt)")
+    need_chromium()
     if importlib.util.find_spec("jupyterlab") is None:
         pytest.skip("jupyterlab is not installed (requirements.txt)")
 
@@ -179,9 +177,7 @@ def test_slider_changes_picture(lab):
     t0, page = time.time(), None
     try:
         with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                         args=["--no-sandbox", "--disable-gpu",
-                                               "--disable-dev-shm-usage"])
+            browser = launch_chromium(pw)
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.set_default_timeout(PAGE_TIMEOUT * 1000)
