@@ -453,16 +453,23 @@ def _report_fields(figs: Path) -> dict:
         f["ttq_n"] = str(int(last.n))
     if (gd := csv("guidance")) is not None:                          # notebook 05, section 5
         cols = ["set", "w", "n", "accuracy", "min_class_accuracy", "recognizability", "ffd",
-                "ffd_vs_unconditional", "kid", "nn_ssim_mean", "nn_ssim_max"]
-        f["guidance_table"] = to_markdown(gd[[c for c in cols if c in gd]].round(3))
+                "ffd_vs_unconditional", "kid", "kid_vs_unconditional", "nn_ssim_max"]
+        f["guidance_table"] = to_markdown(gd[[c for c in cols if c in gd and gd[c].notna().any()]]
+                                          .round(3))
         w = pick_w(gd)
-        r = gd[(gd.set == "conditional model") & (gd.w == w)].iloc[0]
-        real = gd.set_index("set").loc["real: test images"]
+        g = gd[gd.set == "conditional model"].set_index("w")
+        r, real = g.loc[w], gd.set_index("set").loc["real: test images"]
         f["guidance_w"], f["guidance_n_per_class"] = f"{w:g}", str(int(gd.n_per_class.iloc[0]))
-        for col in ("accuracy", "min_class_accuracy", "recognizability", "ffd_vs_unconditional",
-                    "nn_ssim_max"):
+        for col in ("accuracy", "min_class_accuracy", "recognizability", "nn_ssim_max"):
             f[f"guidance_{col}"] = f"{r[col]:.3f}"
         f["guidance_real_nn_ssim_max"] = f"{real.nn_ssim_max:.3f}"
+        key = "ffd" if g.ffd.notna().any() else "kid"
+        f["guidance_measure"] = f"{key.upper()} {r[f'{key}_vs_unconditional']:.2f}×"
+        f["guidance_by_w"] = (f"From w = {g.index.min():g} to w = {g.index.max():g}, accuracy on the "
+                              f"requested class goes {' → '.join(f'{a:.2f}' for a in g.accuracy)} "
+                              f"and {key.upper()} against the test images "
+                              f"{' → '.join(f'{v:.3g}' for v in g[key])} (w = "
+                              f"{', '.join(f'{v:g}' for v in g.index)}).")
     if (gc := csv("guidance_by_class")) is not None:
         f["guidance_class_table"] = to_markdown(
             gc.pivot(index="cls", columns="w", values="accuracy").round(3).reset_index())

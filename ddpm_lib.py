@@ -1357,7 +1357,7 @@ def save_table1(cfg: Config, df: pd.DataFrame) -> pd.DataFrame:
     ceiling = upsampling_ceiling(cfg, n=int(df.n.iloc[0])) if "ssim_hr_mean" in df else None
     vs = table1_vs_report(df, report_table1(), ceiling)
     save_table(vs.round(6), "table1_vs_report", cfg)
-    axes = plot_table1(df, report_table1())
+    axes = plot_table1(df, report_table1(), None if ceiling is None else ceiling.ssim_hr_mean[0])
     save_fig(axes[0].figure, "04_ssim_vs_t", cfg)
     plt.close(axes[0].figure)
     return vs
@@ -1796,13 +1796,15 @@ def plot_history(histories: dict, ax=None, title: str = "loss per epoch",
     return ax
 
 
-def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, axes=None):
+def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, ceiling: float | None = None,
+                axes=None):
     """SSIM against t per method of a table1 frame (left: at our resolution; right: upsampled
-    to 100×100, where scored), the mean over folds with a band from the lowest to the highest
-    fold; the report's five folds (report_table1) as thin black lines in both panels."""
+    to 100×100, where scored, with the upsampling ceiling dashed), the mean over folds with a band
+    from the lowest to the highest fold; the report's five folds (report_table1) as thin black
+    lines in both panels; one legend below."""
     import matplotlib.pyplot as plt
     hr = "ssim_hr_mean" in df
-    axes = axes if axes is not None else plt.subplots(1, 1 + hr, figsize=(4.5 + 4.5 * hr, 4),
+    axes = axes if axes is not None else plt.subplots(1, 1 + hr, figsize=(4.5 + 4.5 * hr, 4.8),
                                                       layout="constrained", squeeze=False)[1][0]
     for ax, col in zip(axes, ("ssim_mean", "ssim_hr_mean")):
         for (method, d), c in zip(df.groupby("method", sort=False), ("C0", "C3", "C1")):
@@ -1815,11 +1817,14 @@ def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, axes=None)
                 ax.plot(r.t, r.ssim_mean, "-", color="k", lw=0.8, alpha=0.7,
                         label="the report, its 5 folds" if k == 0 else None)
         ax.set(xlabel="t", ylabel="SSIM", ylim=(0, 1))
-    axes[-1].legend()                                          # the same lines in both panels
+    if hr and ceiling is not None:
+        axes[1].axhline(ceiling, ls="--", color="0.4", label="ceiling: a perfect 32×32 x̂0")
     axes[0].set_title("one-step x̂0 vs the ground truth, at our resolution")
     if hr:
         axes[1].set_title("the same x̂0 upsampled (bilinear) to 100×100")
-    legible(axes[0].figure)                                    # notebook 04 shows it unsaved
+    fig = axes[0].figure
+    fig.legend(*axes[-1].get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    legible(fig)                                               # notebook 04 shows it unsaved
     return axes
 
 
@@ -1882,7 +1887,8 @@ def plot_leakage(histories: dict, axes=None):
 
 def plot_guidance(df: pd.DataFrame, per: pd.DataFrame, axes=None):
     """guidance_metrics' tables against w: accuracy on the requested class (mean, and each class
-    faintly) and FFD over all classes, the unconditional model's as a dashed line."""
+    faintly) and FFD over all classes (KID where no FFD was scored), the unconditional model's as
+    a dashed line."""
     import matplotlib.pyplot as plt
     axes = axes if axes is not None else plt.subplots(1, 2, figsize=(9, 4), layout="constrained")[1]
     g = df[df.set == "conditional model"]
@@ -1891,10 +1897,11 @@ def plot_guidance(df: pd.DataFrame, per: pd.DataFrame, axes=None):
     axes[0].plot(g.w, g.accuracy, "o-", lw=2)
     axes[0].set(ylim=(0, 1.02), ylabel="accuracy on the requested class",
                 title="fidelity (grey: each class)")
-    axes[1].plot(g.w, g.ffd, "o-", label="conditional model")
-    axes[1].axhline(df.set_index("set").ffd["unconditional model"], ls="--", color="grey",
+    key = "ffd" if g.ffd.notna().any() else "kid"
+    axes[1].plot(g.w, g[key], "o-", label="conditional model")
+    axes[1].axhline(df.set_index("set")[key]["unconditional model"], ls="--", color="grey",
                     label="unconditional model")
-    axes[1].set(ylabel="FFD (all classes)", title="diversity and realism")
+    axes[1].set(ylabel=f"{key.upper()} (all classes)", title="diversity and realism")
     for ax in axes:
         ax.set_xlabel("w (0: unconditional, 1: conditional)")
     axes[1].legend()
