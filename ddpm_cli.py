@@ -502,8 +502,6 @@ def _resolution_fields(vs: pd.DataFrame) -> dict:
                      f"leaving {hi - r:+.3f} between our models and the report's.")
     return dict(resolution_table=to_markdown(table), resolution_split=" ".join(words),
                 ceiling_ssim=f"{vs['ceiling 100'].iloc[0]:.3f}",
-                ssim50_corrected_100=f"{vs.loc[50, 'corrected 100']:.3f}",
-                report50_mean=f"{vs.loc[50, 'report']:.3f}",
                 report50_range=f"{vs.loc[50, 'report lowest']:.3f}–{vs.loc[50, 'report highest']:.3f}")
 
 
