@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_lib as dl
-from ddpm_lib import (Config, DataError, Diffusion, EVAL, FruitClassifier, INDEX_COLUMNS, PROFILES,
+from ddpm_lib import (classify, Config, DataError, Diffusion, EVAL, FruitClassifier, INDEX_COLUMNS, PROFILES,
                       ROOT, SAMPLERS, SUBSET_CLASSES, _decode, assign_folds, atomic_path,
                       classifier_path, committed_dir, ffd_floor, generation_config,
                       generation_metrics, generation_model, get_config, get_device,
@@ -350,9 +350,10 @@ def make_synthetic(root: Path | str, n_classes: int = 3, frames: int = 40, size:
 # report: report/template.md filled from the tables in figures/
 
 
-def _report_fields(figs: Path) -> dict:
+def _report_fields(figs: Path, recipe: str = "") -> dict:
     """Named pieces of the report (markdown tables and headline numbers) from figures/*.csv;
-    a piece whose table is not there yet is left out (write_report marks it missing)."""
+    a piece whose table is not there yet is left out (write_report marks it missing). recipe:
+    the generation model's (recipe_of), whose time-to-quality table the ttq_ fields read."""
     def csv(name):
         p = figs / f"{name}.csv"
         return pd.read_csv(p) if p.exists() else None
@@ -441,7 +442,12 @@ def _report_fields(figs: Path) -> dict:
         f["gen_minutes"], f["gen_img_s"] = f"{gt.minutes[0]:.1f}", f"{gt.images_per_s[0]:,.0f}"
         f["gen_best_val_loss"] = f"{gt.best_val_loss[0]:.4g}"
         f["gen_epochs"] = str(int(gt.epochs[0]))
-    if (tq := csv("generation_time_to_quality")) is not None:        # `evaluate --what curve`
+    tables = [pd.read_csv(p).assign(run=p.stem.removeprefix("recipe_"))
+              for p in sorted(figs.glob("recipe_*.csv"))]             # `evaluate --what curve`
+    chosen = [t for t in tables if t.recipe.iloc[0] == recipe]
+    if chosen:                                    # the time to quality of GENERATION's recipe
+        tq = chosen[0].drop(columns=["run", "recipe"])
+        f["ttq_recipe"] = chosen[0].recipe.iloc[0]
         f["ttq_table"] = to_markdown(tq.round(3))
         ok = tq[(tq.ffd_ratio < 3) & (tq.recognizability >= 0.95)]
         f["ttq_cross"] = (f"{ok.minutes.iloc[0]:.0f} min (epoch {int(ok.epoch.iloc[0])})"
@@ -451,6 +457,16 @@ def _report_fields(figs: Path) -> dict:
         f["ttq_last_ffd_ratio"] = f"{last.ffd_ratio:.2f}"
         f["ttq_last_rec"] = f"{last.recognizability:.3f}"
         f["ttq_n"] = str(int(last.n))
+    if tables:                                                # every recipe measured
+        t = pd.concat(tables)
+        t["ffd_ratio_std"] = t.ffd_std / t.ffd_floor
+        f["recipes_table"] = to_markdown(t[["run", "epoch", "minutes", "ffd_ratio", "ffd_ratio_std",
+                                            "kid", "recognizability"]].round(3))
+        f["recipes_settings"] = to_markdown(t.drop_duplicates("run")[["run", "recipe"]])
+        for run, d in t.groupby("run"):                      # each recipe's last snapshot
+            key = "recipe_" + re.sub(r"\W", "_", run)
+            f[f"{key}_ffd_ratio"] = f"{d.ffd_ratio.iloc[-1]:.1f}"
+            f[f"{key}_rec"] = f"{d.recognizability.iloc[-1]:.2f}"
     if (gd := csv("guidance")) is not None:                          # notebook 05, section 5
         cols = ["set", "w", "n", "accuracy", "min_class_accuracy", "recognizability", "ffd",
                 "ffd_vs_unconditional", "kid", "kid_vs_unconditional", "nn_ssim_max"]
@@ -515,7 +531,7 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
     template = Path(template) if template else ROOT / "report" / "template.md"
     out = Path(out) if out else (ROOT / "report" / "report.md" if cfg.profile != "smoke"
                                  else figs.parent / "report.md")
-    fields = _report_fields(figs)
+    fields = _report_fields(figs, recipe_of(generation_config(cfg)))
     if not fields:
         raise DataError(f"{figs} holds none of the report's tables: {out} is left as it is. "
                         f"Produce them first (`make figures`, or the notebooks)")
@@ -585,24 +601,38 @@ def train_classifier(cfg: Config, progress: bool = True) -> FruitClassifier:
 # time to quality: the generation run's EMA snapshots scored (evaluate --what curve)
 
 
-def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool = True
-                    ) -> pd.DataFrame:
-    """Score the EMA snapshots of the generation run (GENERATION's snapshot_every) after their
-    epochs of training: n DDIM samples each (η = 0, not clipped, seed cfg.seed), their FFD with
-    its bootstrap std against the floor at n, KID and recognizability. minutes: the training
-    time the run measured up to that epoch (validation included), on the CPU its history names."""
+# The settings a recipe experiment varies (time_to_quality's recipe column).
+RECIPE_KEYS = ("sigma_data", "min_snr_gamma", "lr", "lr_warmup", "lr_decay", "ema_decay",
+               "batch_size")
+
+
+def recipe_of(cfg: Config) -> str:
+    """cfg's RECIPE_KEYS as 'key=value, …' (time_to_quality's recipe column)."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                     for k in RECIPE_KEYS for v in [getattr(cfg, k)])
+
+
+def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool = True,
+                    run: Path | str | None = None) -> pd.DataFrame:
+    """Score the EMA snapshots of the generation run (or of the run folder `run`, any recipe:
+    its snapshots' own config) kept every snapshot_every epochs: n DDIM samples each (η = 0,
+    not clipped, seed cfg.seed), their FFD with its bootstrap std against the floor at n, KID
+    and recognizability. minutes: the training time the run measured up to that epoch
+    (validation included), on the CPU and threads its history names."""
     gcfg = generation_config(cfg)
-    run, dev = gcfg.run_dir("all"), get_device()
+    run, dev = Path(run) if run else gcfg.run_dir("all"), get_device()
     snaps = sorted(run.glob("ema_epoch*.pt"))
     if not snaps:
         raise FileNotFoundError(f"no snapshots (ema_epoch*.pt) in {run}: they are kept while the "
                                 f"generation model trains (`{train_command(gcfg, 'all')}`), "
                                 f"every snapshot_every epochs")
+    gcfg = Config(**{**load_checkpoint(snaps[0], need=("config",))["config"], "root": cfg.root})
     hist = pd.read_csv(run / "history.csv")
     classes, train_ds, test_imgs, clf, _ = scoring_setup(cfg, progress)
     per_epoch = (gcfg.steps_per_epoch or len(train_ds) // gcfg.batch_size) * gcfg.batch_size
     real_test = to_float(test_imgs)
     floor, floor_std = ffd_floor(clf, train_ds.images, real_test, n, seed=cfg.seed)
+    real_test = classify(clf, real_test)[0]                  # every snapshot's reference
     fp, rows = Diffusion.from_config(gcfg).to(dev), []
     for path in tqdm(snaps, desc="snapshots", disable=not progress):
         epoch = load_checkpoint(path)["epoch"]
@@ -611,7 +641,9 @@ def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool =
                       progress=False)
         q, h = quality(clf, x, real_test, None, len(classes)), hist[hist.epoch <= epoch]
         rows.append(dict(epoch=epoch, images=epoch * per_epoch, minutes=h.seconds.sum() / 60,
-                         cpu=h.cpu.iloc[-1] if "cpu" in h else "not recorded", n=n,
+                         cpu=h.cpu.iloc[-1] if "cpu" in h else "not recorded",
+                         threads=h.threads.iloc[-1] if "threads" in h else np.nan,
+                         recipe=recipe_of(gcfg), n=n,
                          ffd=q["ffd"], ffd_std=q["ffd_std"], ffd_floor=floor,
                          ffd_floor_std=floor_std, ffd_ratio=q["ffd"] / floor, kid=q["kid"],
                          recognizability=q["recognizability"],
@@ -619,17 +651,19 @@ def time_to_quality(cfg: Config, n: int = 500, steps: int = 50, progress: bool =
     return pd.DataFrame(rows)
 
 
-def plot_time_to_quality(df: pd.DataFrame, ffd_aim: float = 3.0, rec_aim: float = 0.95,
+def plot_time_to_quality(curves: dict, ffd_aim: float = 3.0, rec_aim: float = 0.95,
                          axes=None):
-    """time_to_quality's table: FFD ÷ its floor (log scale, ± its bootstrap std) and
-    recognizability against the measured training minutes, the aims as dashed lines."""
+    """time_to_quality's tables ({recipe: table}): FFD ÷ its floor (log scale, ± its bootstrap
+    std) and recognizability against the measured training minutes, the aims dashed."""
     import matplotlib.pyplot as plt
     axes = axes if axes is not None else plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")[1]
-    axes[0].errorbar(df.minutes, df.ffd_ratio, fmt="o-",
-                     yerr=df.ffd_std / df.ffd_floor if "ffd_std" in df else None)
+    for name, df in curves.items():
+        axes[0].errorbar(df.minutes, df.ffd_ratio, fmt="o-", label=name,
+                         yerr=df.ffd_std / df.ffd_floor if "ffd_std" in df else None)
+        axes[1].plot(df.minutes, df.recognizability, "o-", label=name)
+    n = {int(df.n.iloc[0]) for df in curves.values()}
     axes[0].axhline(ffd_aim, ls="--", color="grey", label=f"aim: {ffd_aim:g}× the floor")
-    axes[0].set(yscale="log", ylabel="FFD ÷ floor", title=f"FFD (DDIM, n = {df.n.iloc[0]})")
-    axes[1].plot(df.minutes, df.recognizability, "o-")
+    axes[0].set(yscale="log", ylabel="FFD ÷ floor", title=f"FFD (DDIM-50, n = {', '.join(map(str, sorted(n)))})")
     axes[1].axhline(rec_aim, ls="--", color="grey", label=f"aim: {rec_aim:g}")
     axes[1].set(ylim=(0, 1.02), ylabel="share with p ≥ 0.9", title="recognizability")
     for ax in axes:
@@ -680,6 +714,23 @@ def _number(lo: float, hi: float, what: str):
     return parse
 
 
+def _setting(v: str) -> tuple[str, object]:
+    """--set KEY=VALUE: a Config field and its value, parsed as the field's type."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    key, eq, raw = v.partition("=")
+    if not eq or key not in fields or key in ("profile", "root"):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with KEY a Config setting ({', '.join(sorted(fields))}), not {v!r}")
+    kind = bool if fields[key].default is None else type(fields[key].default)
+    try:
+        value = ({"true": True, "false": False}[raw.lower()] if kind is bool
+                 else kind(raw) if kind in (int, float, str) else float(raw))
+    except (KeyError, ValueError):
+        what = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
+        raise argparse.ArgumentTypeError(f"{key} takes {what}, not {raw!r}") from None
+    return key, value
+
+
 # --eta, --w and --seed: what makes sense (|w| beyond MAX_W only saturates the picture)
 _eta = _number(0, 1, "0: deterministic, 1: DDPM's variance")
 MAX_W = 20.0
@@ -710,16 +761,24 @@ def cmd_train(a) -> None:
         raise ValueError("--conditional is the class-conditional generation model: add --fold all")
     over = {k: v for k, v in dict(target=a.target, split=a.split, max_epochs=a.max_epochs,
                                    patience=a.patience).items() if v is not None}
-    cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
+    cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional,
+                     **over, **dict(a.set))
+    if a.set and a.out is None:
+        raise ValueError("--set changes the recipe: give the run its own folder with --out")
     h = train(cfg, a.fold, resume=a.resume, out=a.out)
     if len(h):
         b = h.loc[h.val_loss.idxmin()]
         print(f"done: {len(h)} epochs, best val loss {b.val_loss:.4f} at epoch {b.epoch:.0f}, "
               f"{h.images_per_s.median():.0f} img/s")
         if a.fold == "all" and a.out is None:                  # the generation model's run
-            s = pd.DataFrame([run_summary(cfg, a.fold, h)])
-            name = "generation_training" + "_cond" * a.conditional
-            print(f"summary → {save_table(s, name, cfg)}")
+            save_generation_summary(cfg, h)
+
+
+def save_generation_summary(cfg: Config, history: pd.DataFrame) -> None:
+    """The generation model's training table (generation_training[_cond]), from its history:
+    written when its run ends (train) and when it is exported for committing (export)."""
+    s = pd.DataFrame([run_summary(cfg, "all", history)])
+    print(f"summary → {save_table(s, 'generation_training' + '_cond' * bool(cfg.n_classes), cfg)}")
 
 
 def cmd_train_all(a) -> None:
@@ -756,9 +815,9 @@ def cmd_evaluate(a) -> None:
         print(f"generation metrics → {save_table(df, 'generation_metrics', cfg)}")
         print(df.to_string(index=False))
     if a.what == "curve":
-        df = time_to_quality(cfg, a.n or 500)
-        print(f"time to quality → {save_table(df, 'generation_time_to_quality', cfg)}, "
-              f"{save_fig(plot_time_to_quality(df)[0].figure, 'generation_time_to_quality', cfg)}")
+        df = time_to_quality(cfg, a.n or 500, run=a.run)
+        name = "recipe_" + Path(a.run or "generation").name
+        print(f"time to quality → {save_table(df, name, cfg)} (`report` draws the curves)")
         print(df.to_string(index=False))
     if a.what == "guidance":
         df, per, xs = guidance_metrics(cfg, a.n or 50)
@@ -780,10 +839,17 @@ def cmd_export(a) -> None:
     cfg = get_config(a.profile, generation=a.fold == "all", conditional=a.conditional, **over)
     path = export_ema(cfg, a.fold)
     print(f"{path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if a.fold == "all":
+        save_generation_summary(cfg, pd.read_csv(path.parent / "history.csv"))
 
 
 def cmd_report(a) -> None:
-    print(f"report → {write_report(get_config(a.profile))}")
+    cfg = get_config(a.profile)
+    if curves := {p.stem.removeprefix("recipe_"): pd.read_csv(p)
+                  for p in sorted(cfg.fig_dir().glob("recipe_*.csv"))}:
+        fig = plot_time_to_quality(curves)[0].figure             # every recipe's time to quality
+        print(f"curves → {save_fig(fig, 'generation_time_to_quality', cfg)}")
+    print(f"report → {write_report(cfg)}")
 
 
 def cmd_sample(a) -> None:
@@ -935,6 +1001,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "profile's, 5 for the folds)")
     p.add_argument("--conditional", action="store_true", help="with --fold all: the "
                    "class-conditional generation model (classifier-free guidance)")
+    p.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="any Config setting, e.g. --set min_snr_gamma=5 (repeatable; needs "
+                        "--out): an experiment's recipe")
 
     p = parser("train-all", "every run the notebooks need (resumed, or skipped when finished or "
                "committed)")
@@ -963,6 +1032,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_whole(2), default=None,
                    help="samples per sampler (default: the profile's, EVAL; curve: 500 per "
                         "snapshot; guidance: 50 per class)")
+    p.add_argument("--run", default=None, help="curve: the run folder of a recipe (train "
+                   "--set … --out DIR), its table recipe_<folder name>.csv (default: the "
+                   "generation run, recipe_generation.csv)")
 
     p = parser("export", "write a run's best EMA weights in half precision for committing (the "
                "generation model; a fold run's with its history)")

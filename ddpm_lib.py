@@ -38,6 +38,7 @@ References
   [IDDPM] A. Nichol, P. Dhariwal. Improved Denoising Diffusion Probabilistic Models. ICML 2021.
   [EDM]   T. Karras, M. Aittala, T. Aila, S. Laine. Elucidating the Design Space of
           Diffusion-Based Generative Models. NeurIPS 2022 (preconditioning, Table 1).
+  [MinSNR] T. Hang et al. Efficient Diffusion Training via Min-SNR Weighting Strategy. ICCV 2023.
   [CFG]   J. Ho, T. Salimans. Classifier-Free Diffusion Guidance. NeurIPS 2021 Workshop.
   [SSIM]  Z. Wang et al. Image quality assessment: from error visibility to structural
           similarity. IEEE TIP 2004 (computed as scikit-image's structural_similarity).
@@ -92,7 +93,10 @@ class Config:
     target: str = "eps"             # 'eps' (corrected) or 'scaled_eps' (report-faithful)
     split: str = "grouped"          # 'grouped' (leakage-free folds) or 'random' (the report's)
     batch_size: int = 64
-    lr: float = 2e-4                # Adam, the report's
+    lr: float = 2e-4                # Adam, the report's (the peak, with a schedule)
+    lr_warmup: int = 0              # steps of linear learning-rate warm-up (not the report's)
+    lr_decay: str = "constant"      # 'constant' (the report) or 'cosine': to 0 at max_epochs
+    min_snr_gamma: float = 0.0      # > 0: min-SNR-γ loss weighting [MinSNR] (not the report's)
     weight_decay: float = 1e-6
     max_epochs: int = 40            # the report's cap
     patience: int = 5               # early stopping on the validation loss (the report's)
@@ -152,15 +156,22 @@ PROFILES = {
 }
 
 
-# The generation model: the same U-Net with EDM's preconditioning (sigma_data: σ_d = 0.7, the
-# training images' root mean square at 32×32 in [-1, 1]), trained from scratch on every training
-# image ('all'), validated on Test/, for longer and with a larger learning rate than the fold
-# runs; cpu keeps snapshots of its EMA weights along the way (time_to_quality scores them).
+# The generation model: the U-Net with EDM's preconditioning (σ_d = 0.7, the training images' RMS),
+# from scratch on every training image ('all'), validated on Test/; cpu: min-SNR-5 [MinSNR], lr
+# warmed up to 10⁻³ then a half cosine to 0 over 16 epochs, EMA snapshots every 4 (time_to_quality).
 GENERATION = {
-    "smoke": dict(max_epochs=2, sigma_data=0.7, snapshot_every=1),
+    "smoke": dict(max_epochs=2, sigma_data=0.7, snapshot_every=1, min_snr_gamma=5.0,
+                  lr_warmup=2, lr_decay="cosine"),
+    "cpu": dict(lr=1e-3, lr_warmup=250, lr_decay="cosine", min_snr_gamma=5.0, ema_decay=0.9995,
+                max_epochs=16, patience=16, sigma_data=0.7, snapshot_every=4),
+    "full": dict(max_epochs=40, patience=40, sigma_data=0.7),
+}
+
+
+# The class-conditional twin's recipe where it differs: cpu's is GENERATION's previous one.
+GENERATION_COND = {
     "cpu": dict(lr=5e-4, ema_decay=0.9995, max_epochs=60, patience=60, sigma_data=0.7,
                 snapshot_every=10),
-    "full": dict(max_epochs=40, patience=40, sigma_data=0.7),
 }
 
 
@@ -188,11 +199,13 @@ def default_profile() -> str:
 def get_config(profile: str | None = None, generation: bool = False, conditional: bool = False,
                **overrides) -> Config:
     """The profile's settings (+ GENERATION's for the generation model), then `overrides`;
-    conditional: the class-conditional generation model, over the index's classes."""
+    conditional: the class-conditional generation model (GENERATION_COND's recipe where the
+    profile has one), over the index's classes."""
     profile = profile or default_profile()
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: choose one of {sorted(PROFILES)}")
-    gen = GENERATION[profile] if generation or conditional else {}
+    gen = (GENERATION_COND.get(profile, GENERATION[profile]) if conditional else
+           GENERATION[profile] if generation else {})
     cfg = Config(profile=profile, **{**PROFILES[profile], **gen, **overrides})
     if conditional:
         cfg = dataclasses.replace(cfg, n_classes=load_index(cfg).label.nunique())
@@ -261,13 +274,13 @@ class Diffusion(nn.Module):
 
     sigma_data > 0 (not the report's) preconditions the network as EDM does [EDM]: ε̂ =
     c_skip(t)·x_t + c_out(t)·F(x_t, t), c_skip·x_t = E[ε | x_t] and c_out² the variance left were
-    x0 ~ N(0, σ_d²·I); F's target (ε − c_skip·x_t)/c_out has unit variance at every t (EDM's loss
-    weighting). At t = T, ε̂ ≈ x_t by construction, which the report's scale-blind U-Net (UNet)
-    cannot produce. EDM's c_in is left out (that U-Net ignores it), and t stays uniform.
+    x0 ~ N(0, σ_d²·I); F's target (ε − c_skip·x_t)/c_out has unit variance at every t. At t = T,
+    ε̂ ≈ x_t by construction, which the scale-blind UNet cannot produce. No c_in; t stays uniform.
     """
 
     def __init__(self, T: int = 1000, schedule: str = "linear", beta_1: float = 1e-3,
-                 beta_T: float = 0.02, target: str = "eps", sigma_data: float = 0.0):
+                 beta_T: float = 0.02, target: str = "eps", sigma_data: float = 0.0,
+                 min_snr_gamma: float = 0.0):
         super().__init__()
         if target not in ("eps", "scaled_eps"):
             raise ValueError(f"target must be 'eps' or 'scaled_eps', not {target!r}")
@@ -275,7 +288,11 @@ class Diffusion(nn.Module):
             raise ValueError(f"sigma_data (preconditioning) must be ≥ 0 and needs target='eps', "
                              f"got {sigma_data} with {target!r}: the report-faithful mode is the "
                              f"report's network without it (use a profile such as cpu)")
+        if min_snr_gamma < 0 or (min_snr_gamma and target != "eps"):
+            raise ValueError(f"min_snr_gamma must be ≥ 0 and needs target='eps', got "
+                             f"{min_snr_gamma} with {target!r}")
         self.T, self.target, self.sigma_data = T, target, sigma_data
+        self.min_snr_gamma = min_snr_gamma
         b = make_betas(T, schedule, beta_1, beta_T)
         ab = torch.cumprod(1 - b, 0)
         ab_prev = torch.cat([torch.ones(1, dtype=b.dtype), ab[:-1]])
@@ -291,16 +308,19 @@ class Diffusion(nn.Module):
             v = ab * sigma_data ** 2 + 1 - ab                       # E[x_t²] if E[x0²] = σ_d²
             reg("c_skip", (1 - ab).sqrt() / v)                      # E[ε | x_t] if x0 ~ N(0, σ_d²)
             reg("c_out", ab.sqrt() * sigma_data / v.sqrt())         # sd(ε | x_t) then
+        if min_snr_gamma:         # [MinSNR]: the x0-MSE weighted by min(SNR_t, γ), SNR = ᾱ/(1-ᾱ)
+            snr = ab / (1 - ab)   # the ε-MSE is SNR·x0-MSE; F's is (SNR + 1/σ_d²)·x0-MSE
+            reg("loss_weight", snr.clamp(max=min_snr_gamma) / (snr + (1 / sigma_data ** 2
+                                                                      if sigma_data else 0)))
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Diffusion":
-        return cls(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.target, cfg.sigma_data)
+        return cls(cfg.T, cfg.schedule, cfg.beta_1, cfg.beta_T, cfg.target, cfg.sigma_data,
+                   cfg.min_snr_gamma)
 
     def at(self, buf: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """buf at timesteps t (1-based), shaped (B, 1, 1, 1) to broadcast over images.
-        t is range-checked on the CPU only: on CUDA the check would cost a host sync per call
-        (several per sampling step), and an index out of range fails there anyway (device-side
-        assert), just with a less helpful message."""
+        """buf at timesteps t (1-based), shaped (B, 1, 1, 1). t is range-checked on the CPU only (on
+        CUDA a check costs a host sync per call; an index out of range fails there anyway)."""
         if t.device.type == "cpu" and (t.min() < 1 or t.max() > self.T):
             raise IndexError(f"timesteps run from 1 to {self.T}, got {t.min().item()}..{t.max().item()}")
         return buf[t - 1].view(-1, 1, 1, 1)
@@ -758,14 +778,10 @@ def _decode(path: Path) -> torch.Tensor:
 def assign_folds(df: pd.DataFrame, n_folds: int = 5, split: str = "grouped",
                  seed: int = 0) -> pd.DataFrame:
     """Give every training row a fold (0..n-1) and a leakage group; test rows get fold -1.
-
-    grouped: the frames of one video of one class are cut, in frame order, into n contiguous
-    blocks of equal size, and the blocks go to the n folds in a seeded order. A block is the
-    leakage unit (`group`). Every fold gets 1/n of every video, so folds are stratified by class
-    and balanced. Frames at a block edge still have neighbours across the edge: `fold_rows`
-    purges those from the training side (±k frames).
-    random: the report's split — frames scattered over folds at random (stratified by class).
-    """
+    grouped: each video of each class is cut, in frame order, into n contiguous blocks (the
+    leakage unit, `group`) that go to the n folds in a seeded order, so every fold gets 1/n of
+    every video; `fold_rows` purges block-edge neighbours (±k frames) from the training side.
+    random: the report's split — frames scattered over folds at random (stratified by class)."""
     rng = np.random.default_rng(seed)
     df = df.copy()
     df["fold"], df["group"] = -1, ""
@@ -792,12 +808,9 @@ PURGE_K = 10
 
 
 def fold_rows(index: pd.DataFrame, fold, k: int = PURGE_K) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, val) rows for one fold. fold='all': every training row, validated on Test/.
-
-    Training rows within ±k frames of a validation frame of the same class and video are purged,
-    so no validation image has a near-duplicate neighbour in training (k=10: the subset's README
-    measures SSIM 0.23–0.71 at k=10, against 0.79–0.94 at k=1).
-    """
+    """(train, val) rows for one fold ('all': every training row, validated on Test/). Training
+    rows within ±k frames of a validation frame of the same class and video are purged (k=10:
+    the subset's README measures SSIM 0.23–0.71 at k=10, against 0.79–0.94 at k=1)."""
     tr = index[index.split == "train"]
     if fold == "all":
         return tr, index[index.split == "test"]
@@ -975,9 +988,26 @@ class EMA:
 def diffusion_loss(model, fp: Diffusion, x0, t, eps, y=None) -> torch.Tensor:
     """Algorithm 1 [DDPM]: ‖target − net(x_t, t)‖², target ε (or the report's scaled ε, or with
     sigma_data F's target: the ε-MSE weighted by 1/c_out², see Diffusion); y: class labels
-    of a conditional model (None: unconditional)."""
+    of a conditional model (None: unconditional). With min_snr_gamma, each image's MSE is
+    weighted by loss_weight(t) [MinSNR]."""
     xt, target = fp(x0, t, eps)
-    return F.mse_loss((model(xt, t) if y is None else model(xt, t, y)).float(), target)
+    out = (model(xt, t) if y is None else model(xt, t, y)).float()
+    if not fp.min_snr_gamma:
+        return F.mse_loss(out, target)
+    return (fp.at(fp.loss_weight, t) * (out - target) ** 2).mean()
+
+
+def learning_rate(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimizer step `step` (0-based): a linear warm-up over lr_warmup steps
+    to cfg.lr, then constant, or (lr_decay 'cosine') half a cosine down to 0 at max_epochs."""
+    if step < cfg.lr_warmup:
+        return cfg.lr * (step + 1) / cfg.lr_warmup
+    if cfg.lr_decay not in ("constant", "cosine"):
+        raise ValueError(f"lr_decay must be 'constant' or 'cosine', not {cfg.lr_decay!r}")
+    if cfg.lr_decay == "constant":
+        return cfg.lr
+    total = max(cfg.max_epochs * steps_per_epoch - cfg.lr_warmup, 1)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min((step - cfg.lr_warmup) / total, 1.0)))
 
 
 def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, loss: torch.Tensor,
@@ -1204,11 +1234,10 @@ def upsampling_ceiling(cfg: Config, size: int = 100, n: int | None = None) -> pd
 @torch.no_grad()
 def scale_response(model, fp: Diffusion, images: torch.Tensor, ts=(100, 300, 500, 700, 900,
                    1000), c: float = 1.1, seed: int = 0) -> pd.DataFrame:
-    """Whether ε̂ follows the scale of its input: images (uint8) noised to each t (Eq. 4), then
-    the mean over images of ‖ε̂(c·x_t, t)‖ / ‖ε̂(x_t, t)‖. At large t, x_t is nearly ε and the
-    ideal ε̂ ≈ x_t grows with it (ratio → c); the report's U-Net, whose convolutions feed
-    GroupNorm(1, C) without a bias (UNet), returns the same ε̂ for both (ratio 1). fp on the
-    model's device. One row per t: t, ratio, and c."""
+    """Whether ε̂ follows the scale of its input: images (uint8) noised to each t (Eq. 4), the
+    mean of ‖ε̂(c·x_t, t)‖ / ‖ε̂(x_t, t)‖. At large t the ideal ε̂ ≈ x_t grows with it (ratio →
+    c); the report's U-Net (bias-free convolutions into GroupNorm(1, C)) gives ratio 1. fp on
+    the model's device. One row per t: t, ratio, and c."""
     device = next(model.parameters(), torch.empty(0)).device
     x0 = to_float(images).to(device)
     rows = []
@@ -1546,8 +1575,9 @@ def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | Non
     """The sample-quality numbers of one set x (in [-1, 1]): FFD (ffd=True; with its bootstrap
     std) and KID against real_test, recognizability (share of images the classifier gives
     p ≥ 0.9 for some class), classes covered by those, and the SSIM to the nearest training
-    image. Pass None to skip a reference (real test images against themselves; training images
-    against the training set)."""
+    image. real_test may be given as its classify features (N, d), computed once where many sets
+    are scored against it. Pass None to skip a reference (real test images against themselves;
+    training images against the training set)."""
     f, p = classify(clf, x)
     conf, pred = p.max(1)
     covered = torch.bincount(pred[conf >= 0.9], minlength=n_classes)
@@ -1555,7 +1585,7 @@ def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | Non
              recognizability=float((conf >= 0.9).float().mean()),
              classes_covered=int((covered > 0).sum()), nn_ssim_mean=np.nan, nn_ssim_max=np.nan)
     if real_test is not None:
-        fr, _ = classify(clf, real_test)
+        fr = real_test if real_test.dim() == 2 else classify(clf, real_test)[0]
         if ffd:
             q["ffd"], q["ffd_std"] = frechet_distance(f, fr), ffd_bootstrap_std(f, fr, seed=seed)
         q["kid"], q["kid_std"] = kid(f, fr, subset_size=min(100, len(x)), seed=seed)
@@ -1576,12 +1606,11 @@ def scoring_setup(cfg: Config, progress: bool = True):
 
 def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: int | None = None,
                        progress: bool = True) -> tuple[pd.DataFrame, dict]:
-    """Sample every GEN_SAMPLERS row with its model (story_models) and score each set, after
-    real training and test images (the references). n samples a DDIM row, n_slow a 1000-step row
-    (DDPM, the report's method); defaults EVAL's. Only a set of EVAL's n_samples gets an FFD, with
-    its bootstrap std and its ratio to the floor at that n (ffd_floor, independent draws); the
-    others KID and recognizability. Returns (one row per set, {name: samples}); samples are also
-    saved to runs/<profile>/samples.pt."""
+    """Every GEN_SAMPLERS row sampled with its model (story_models) and scored, after real
+    training and test images: n per DDIM row, n_slow per 1000-step row (defaults EVAL's). Only a
+    set of EVAL's n_samples gets an FFD (bootstrap std, ratio to ffd_floor's independent draws);
+    all get KID and recognizability. Returns (a row per set, {name: samples}, also saved to
+    runs/<profile>/samples.pt)."""
     ev = EVAL[cfg.profile]
     n, n_slow, n_ffd = n or ev["n_samples"], n_slow or ev["n_report"], ev["n_samples"]
     classes, train_ds, test_imgs, clf, acc = scoring_setup(cfg, progress)
@@ -1590,11 +1619,12 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: 
     g = torch.Generator().manual_seed(cfg.seed)
     real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:n]])
     real_test = to_float(test_imgs)
+    f_test = classify(clf, real_test)[0]                     # the reference of every FFD and KID
     # the references: real training images against the test set (a real set at the same n, drawn
     # apart from the floor's), real test images against the training set (how near a real unseen
     # image comes to a copy)
     rows.append(dict(sampler="real: training images", seconds_per_image=np.nan,
-                     **quality(clf, real_train, real_test, None, len(classes), ffd=n >= n_ffd)))
+                     **quality(clf, real_train, f_test, None, len(classes), ffd=n >= n_ffd)))
     rows.append(dict(sampler="real: test images", seconds_per_image=np.nan,
                      **quality(clf, real_test, None, train_imgs, len(classes))))
     for name, (key, method, kw) in GEN_SAMPLERS.items():
@@ -1605,7 +1635,7 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: 
         secs = (time.perf_counter() - t0) / k
         samples[name] = x
         rows.append(dict(sampler=name, seconds_per_image=secs, **quality(
-            clf, x, real_test, train_imgs, len(classes), ffd=k >= n_ffd)))
+            clf, x, f_test, train_imgs, len(classes), ffd=k >= n_ffd)))
     df = pd.DataFrame(rows)
     floor, floor_std = ffd_floor(clf, train_imgs, real_test, n_ffd, seed=cfg.seed)
     at = df.columns.get_loc("ffd_std") + 1
@@ -1639,14 +1669,11 @@ GUIDANCE_W = (0, 1, 2, 3, 5)
 
 def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: int = 50,
                      progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Sample n_per_class images of every class at each guidance weight w with the
-    class-conditional generation model (DDIM, η = 0, not clipped; the same x_T for every w) and
-    score them with the fruit classifier: accuracy on the requested class, recognizability, KID
-    (per class against that class's test images, and over all), FFD over all where the k·n
-    samples reach EVAL's n_samples (the one n of FFD), nearest-training SSIM. The
-    unconditional generation model draws as many samples from the same seed for comparison, and
-    the real test images give the nearest-training SSIM a real unseen image reaches.
-    Returns (one row per set, one row per (w, class), {w: samples (class-major)})."""
+    """n_per_class images of every class at each guidance weight w from the class-conditional
+    model (DDIM, η = 0, not clipped, one x_T for every w), scored: accuracy on the requested
+    class, recognizability, KID (per class and over all), FFD where the k·n samples reach EVAL's
+    n_samples, nearest-training SSIM; beside as many unconditional samples (same seed) and the
+    real test images. Returns (a row per set, a row per (w, class), {w: samples, class-major})."""
     dev = get_device()
     ccfg = generation_config(cfg, conditional=True)
     cond = generation_model(cfg, conditional=True).to(dev)
@@ -1661,8 +1688,9 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
                  **quality(clf, real_test, None, train_imgs, k))]
     unc, _ = sample(generation_model(cfg).to(dev), fp, "ddim", len(y), cfg.image_size,
                     cfg.seed, steps=steps, clip=False, progress=progress)
+    f_all = classify(clf, real_test)[0]                      # the reference of every set
     rows.append(dict(set="unconditional model", w=np.nan, accuracy=np.nan,
-                     **quality(clf, unc, real_test, train_imgs, k, ffd=ffd)))
+                     **quality(clf, unc, f_all, train_imgs, k, ffd=ffd)))
     f_test = [classify(clf, real_test[test.labels == c])[0] for c in range(k)]    # per class
     by_class, samples = [], {}
     for w in tqdm(ws, desc="guidance weights", disable=not progress):
@@ -1677,7 +1705,7 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
                                  recognizability=(p[m].max(1).values >= 0.9).float().mean().item(),
                                  kid=kid(f[m], f_test[c], subset_size=min(100, int(m.sum())))[0]))
         rows.append(dict(set="conditional model", w=w, accuracy=hit.mean().item(),
-                         **quality(clf, x, real_test, train_imgs, k, ffd=ffd)))
+                         **quality(clf, x, f_all, train_imgs, k, ffd=ffd)))
     df, per = pd.DataFrame(rows), pd.DataFrame(by_class)
     worst = per.groupby("w").accuracy.min()
     df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))

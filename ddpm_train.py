@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ddpm_lib import (PURGE_K, channels_last, ROOT, Config, EMA, Diffusion, Fruits, atomic_path, autocast,
                       bf16_fast, build_model, check_config, committed_dir, diffusion_loss,
                       eval_images, fold_rows, get_config, get_device,
-                      load_checkpoint, load_index, load_state, optimizer_step, planned_runs,
+                      load_checkpoint, learning_rate, load_index, load_state, optimizer_step, planned_runs,
                       save_checkpoint, seed_everything, to_float, tqdm, train_command, write_csv)
 
 # -----------------------------------------------------------------------------------------------
@@ -600,6 +600,9 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                     f"{len(losses) + 1}: training stopped. The last good checkpoint ({ckpt_path}, "
                     f"epoch {start if not history else history[-1]['epoch']}) is intact; lower "
                     f"the learning rate or check the data, then rerun with --resume")
+            if cfg.lr_warmup or cfg.lr_decay != "constant":
+                for group in opt.param_groups:
+                    group["lr"] = learning_rate(cfg, epoch * steps + len(losses), steps)
             optimizer_step(model, ema, opt, loss, cfg)
             losses.append(step_loss.item())
             rate = len(losses) * len(x0) * d.world / (time.perf_counter() - t0)

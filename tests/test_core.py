@@ -226,6 +226,65 @@ def test_preconditioned_run_trains_and_is_kept_apart(tmp_path, monkeypatch):
         dl.generation_model(smoke_cfg(root=str(tmp_path), data_dir=data))
 
 
+@pytest.mark.parametrize("sd", [0.0, 0.7])
+def test_min_snr_weighting_is_min_snr_times_the_x0_error(sd):
+    """min_snr_gamma [MinSNR]: for any network output, the loss is the mean over images of
+    min(SNR_t, γ)·‖x̂0 − x0‖²/d, with x̂0 computed here in float64 from the output (ε, or EDM's
+    F through c_skip and c_out), with or without preconditioning; γ = 0 leaves the plain MSE."""
+    gamma, g = 5.0, torch.Generator().manual_seed(1)
+    x0 = torch.rand(6, 3, 8, 8, generator=g) * 2 - 1
+    eps, out = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
+    t = torch.tensor([1, 20, 100, 300, 700, 1000])
+    fp = dl.Diffusion(T, sigma_data=sd, min_snr_gamma=gamma)
+    loss = dl.diffusion_loss(lambda xt, tt: out, fp, x0, t, eps)
+    _, ab, _ = np_linear_alpha_bar()
+    a = ab[t.numpy() - 1][:, None, None, None]
+    X0, E, O = (v.double().numpy() for v in (x0, eps, out))
+    xt = np.sqrt(a) * X0 + np.sqrt(1 - a) * E
+    v = a * sd ** 2 + 1 - a
+    eps_hat = np.sqrt(1 - a) / v * xt + np.sqrt(a) * sd / np.sqrt(v) * O if sd else O
+    x0_hat = (xt - np.sqrt(1 - a) * eps_hat) / np.sqrt(a)
+    snr = (a / (1 - a)).ravel()
+    want = np.mean(np.minimum(snr, gamma) * ((x0_hat - X0) ** 2).mean(axis=(1, 2, 3)))
+    assert loss.item() == pytest.approx(want, rel=1e-4)
+    plain = dl.Diffusion(T, sigma_data=sd)
+    xt_, target = plain(x0, t, eps)
+    assert dl.diffusion_loss(lambda xt, tt: out, plain, x0, t, eps).item() == pytest.approx(
+        ((out - target) ** 2).mean().item(), rel=1e-6)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        dl.Diffusion(10, target="scaled_eps", min_snr_gamma=5)
+
+
+def test_learning_rate_warms_up_then_decays_and_training_follows_it(tmp_path):
+    """learning_rate: linear warm-up to lr, then constant or half a cosine to 0 at max_epochs;
+    a smoke run's history records, each epoch, the rate of its last step (computed here)."""
+    c = smoke_cfg(lr=1e-3, lr_warmup=4, lr_decay="cosine", max_epochs=2)     # 3 steps an epoch
+    assert [dl.learning_rate(c, s, 3) for s in range(4)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert dl.learning_rate(c, 5, 3) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert dl.learning_rate(dataclasses.replace(c, lr_decay="constant"), 5, 3) == 1e-3
+    with pytest.raises(ValueError, match="lr_decay"):
+        dl.learning_rate(dataclasses.replace(c, lr_decay="linear"), 5, 3)
+    c = smoke_cfg(lr=1e-3, lr_warmup=2, lr_decay="cosine", max_epochs=2)
+    h = dt.train(c, 0, out=tmp_path / "run", progress=False)
+    assert h.lr.tolist() == pytest.approx([1e-3, 1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4))])
+
+
+def test_train_set_takes_any_setting_by_its_type_and_needs_out(capsys):
+    """`train --set KEY=VALUE`: parsed as the Config field's type; an unknown key or a value of
+    the wrong type is a usage error naming it; a changed recipe needs its own --out."""
+    assert ddpm_cli._setting("min_snr_gamma=5") == ("min_snr_gamma", 5.0)
+    assert ddpm_cli._setting("lr_warmup=250") == ("lr_warmup", 250)
+    assert ddpm_cli._setting("flip=false") == ("flip", False)
+    assert ddpm_cli._setting("bf16=true") == ("bf16", True)
+    for bad, said in (("min_snr=5", "Config setting"), ("lr_warmup=2.5", "takes a whole number"),
+                      ("profile=cpu", "Config setting"), ("lr", "KEY=VALUE")):
+        with pytest.raises(argparse.ArgumentTypeError, match=said):
+            ddpm_cli._setting(bad)
+    with pytest.raises(SystemExit) as e:
+        ddpm_cli.main(["train", "--profile", "smoke", "--fold", "all", "--set", "lr=1e-3"])
+    assert "--out" in str(e.value.code)
+
+
 def test_predict_x0_inverts_q_sample():
     fp = dl.Diffusion(T)
     g = torch.Generator().manual_seed(0)
@@ -631,7 +690,7 @@ def test_committed_generation_model_loads():
     """The committed generation models (unconditional and class-conditional): half-precision
     EMA weights, at most 10 MB, made with the profile's settings (another config is refused)."""
     cfg = dl.get_config("cpu", generation=True)
-    cond = dataclasses.replace(cfg, n_classes=10)
+    cond = dataclasses.replace(dl.get_config("cpu", **dl.GENERATION_COND["cpu"]), n_classes=10)
     for c in (cfg, cond):
         path = dl.committed_dir(c, "all") / "ema_fp16.pt"
         assert path.stat().st_size <= 10e6

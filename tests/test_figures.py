@@ -57,9 +57,9 @@ FIGURES = {
     "guidance": lambda: dl.plot_guidance(*_guidance()),
     "class_grid": lambda: dl.plot_class_grid(torch.rand(30, 3, 16, 16), [f"class {c}" for c in "abc"] * 2,
                                              n_show=8, title="requested class per row, w = 2, DDIM-50, seed 0"),
-    "time_to_quality": lambda: ddpm_cli.plot_time_to_quality(pd.DataFrame(dict(
-        minutes=[5.0, 10, 20], ffd_ratio=[9.0, 4, 2], ffd_std=[0.1] * 3, ffd_floor=[1.0] * 3, n=[500] * 3,
-        recognizability=[0.5, 0.8, 0.9]))),
+    "time_to_quality": lambda: ddpm_cli.plot_time_to_quality({name: pd.DataFrame(dict(
+        minutes=[5.0, 10, 20], ffd_ratio=[9.0 * k, 4 * k, 2 * k], ffd_std=[0.1] * 3, ffd_floor=[1.0] * 3,
+        n=[500] * 3, recognizability=[0.5, 0.8, 0.9])) for name, k in (("committed recipe", 2), ("new", 1))}),
 }
 
 

@@ -267,9 +267,25 @@ def test_time_to_quality_scores_every_snapshot(tmp_path, monkeypatch):
     np.testing.assert_allclose(tq.minutes, h.seconds.cumsum() / 60)
     assert (tq.ffd_ratio > 0).all() and (tq.ffd_std > 0).all() and tq.kid.notna().all()
     assert set(tq.cpu) == {h.cpu.iloc[0]} and h.cpu.iloc[0] == dt.cpu_name()
-    tq.to_csv(tmp_path / "generation_time_to_quality.csv", index=False)
-    f = cli._report_fields(tmp_path)
-    assert f["ttq_last_epoch"] == "2" and f["ttq_n"] == "6"
+    tq.to_csv(tmp_path / "recipe_generation.csv", index=False)
+    assert "ttq_table" not in cli._report_fields(tmp_path, "another recipe")
+    f = cli._report_fields(tmp_path, cli.recipe_of(gcfg))
+    assert f["ttq_last_epoch"] == "2" and f["ttq_n"] == "6" and "min_snr_gamma=5" in f["ttq_recipe"]
+    # another recipe's run folder (train --set … --out): scored under its snapshots' own config
+    other = tmp_path / "minsnr"
+    dt.train(dataclasses.replace(gcfg, min_snr_gamma=0.0, lr_decay="constant"), "all", out=other,
+             progress=False)
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        dl.load_model(gcfg, "all", other / "ema_epoch0002.pt")
+    tr = cli.time_to_quality(cfg, n=6, steps=2, progress=False, run=other)
+    assert tr.epoch.tolist() == [1, 2] and not np.allclose(tr.ffd, tq.ffd)
+    figs = dl.get_config("smoke").fig_dir()
+    (figs / "recipe_minsnr.csv").unlink(missing_ok=True)
+    cli.main(["evaluate", "--profile", "smoke", "--what", "curve", "--run", str(other), "--n", "6"])
+    assert pd.read_csv(figs / "recipe_minsnr.csv").epoch.tolist() == [1, 2]
+    (figs / "generation_time_to_quality.png").unlink(missing_ok=True)
+    cli.main(["report", "--profile", "smoke"])                # draws every recipe's curve
+    assert (figs / "generation_time_to_quality.png").exists()
 
 
 def test_cli_evaluate_guidance_writes_tables_and_figures(capsys):
