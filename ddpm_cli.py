@@ -457,6 +457,11 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         f["ttq_last_ffd_ratio"] = f"{last.ffd_ratio:.2f}"
         f["ttq_last_rec"] = f"{last.recognizability:.3f}"
         f["ttq_n"] = str(int(last.n))
+        r = dict(kv.split("=") for kv in f["ttq_recipe"].split(", "))   # EMA's warm-up (EMA)
+        d, steps = float(r["ema_decay"]), int(last.images) // int(r["batch_size"])
+        f["ttq_steps"], f["ema_last_decay"] = f"{steps:,}", f"{(1 + steps) / (10 + steps):.5f}"
+        f["ema_binds_step"] = f"{math.ceil((10 * d - 1) / (1 - d) - 1e-6):,}"
+        f["ttq_recipe_ema"] = r["ema_decay"]
     if tables:                                                # every recipe measured
         t = pd.concat(tables)
         t["ffd_ratio_std"] = t.ffd_std / t.ffd_floor
@@ -656,7 +661,7 @@ def plot_time_to_quality(curves: dict, ffd_aim: float = 3.0, rec_aim: float = 0.
     """time_to_quality's tables ({recipe: table}): FFD ÷ its floor (log scale, ± its bootstrap
     std) and recognizability against the measured training minutes, the aims dashed."""
     import matplotlib.pyplot as plt
-    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")[1]
+    axes = axes if axes is not None else plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")[1]
     for name, df in curves.items():
         axes[0].errorbar(df.minutes, df.ffd_ratio, fmt="o-", label=name,
                          yerr=df.ffd_std / df.ffd_floor if "ffd_std" in df else None)
@@ -668,7 +673,8 @@ def plot_time_to_quality(curves: dict, ffd_aim: float = 3.0, rec_aim: float = 0.
     axes[1].set(ylim=(0, 1.02), ylabel="share with p ≥ 0.9", title="recognizability")
     for ax in axes:
         ax.set_xlabel("training minutes, as measured")
-        ax.legend()
+    axes[0].legend(handles=axes[0].get_lines()[-1:], loc="center right")  # the aim only
+    axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))          # every recipe, outside
     return axes
 
 

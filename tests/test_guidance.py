@@ -271,6 +271,10 @@ def test_time_to_quality_scores_every_snapshot(tmp_path, monkeypatch):
     assert "ttq_table" not in cli._report_fields(tmp_path, "another recipe")
     f = cli._report_fields(tmp_path, cli.recipe_of(gcfg))
     assert f["ttq_last_epoch"] == "2" and f["ttq_n"] == "6" and "min_snr_gamma=5" in f["ttq_recipe"]
+    steps = 2 * gcfg.steps_per_epoch                 # where the configured EMA decay first acts
+    assert f["ttq_steps"] == str(steps) and f["ema_last_decay"] == f"{(1 + steps) / (10 + steps):.5f}"
+    binds = next(n for n in range(10**6) if (1 + n) / (10 + n) >= gcfg.ema_decay)
+    assert f["ema_binds_step"] == f"{binds:,}"
     # another recipe's run folder (train --set … --out): scored under its snapshots' own config
     other = tmp_path / "minsnr"
     dt.train(dataclasses.replace(gcfg, min_snr_gamma=0.0, lr_decay="constant"), "all", out=other,
