@@ -667,13 +667,13 @@ def plot_time_to_quality(curves: dict, ffd_aim: float = 3.0, rec_aim: float = 0.
                          yerr=df.ffd_std / df.ffd_floor if "ffd_std" in df else None)
         axes[1].plot(df.minutes, df.recognizability, "o-", label=name)
     n = {int(df.n.iloc[0]) for df in curves.values()}
-    axes[0].axhline(ffd_aim, ls="--", color="grey", label=f"aim: {ffd_aim:g}× the floor")
+    aim = axes[0].axhline(ffd_aim, ls="--", color="grey", label=f"aim: {ffd_aim:g}× the floor")
     axes[0].set(yscale="log", ylabel="FFD ÷ floor", title=f"FFD (DDIM-50, n = {', '.join(map(str, sorted(n)))})")
     axes[1].axhline(rec_aim, ls="--", color="grey", label=f"aim: {rec_aim:g}")
     axes[1].set(ylim=(0, 1.02), ylabel="share with p ≥ 0.9", title="recognizability")
     for ax in axes:
         ax.set_xlabel("training minutes, as measured")
-    axes[0].legend(handles=axes[0].get_lines()[-1:], loc="center right")  # the aim only
+    axes[0].legend(handles=[aim], loc="center right")                      # the aim only
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5))          # every recipe, outside
     return axes
 
