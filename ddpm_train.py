@@ -467,6 +467,26 @@ def fold_datasets(cfg: Config, fold) -> tuple[Fruits, Fruits]:
             Fruits(val, root, cfg.image_size, False, classes))
 
 
+# The settings a run's weights must share with the run they start from (Config.init).
+INIT_KEYS = ("width", "time_dim", "heads", "n_classes", "sigma_data", "T", "beta_1", "beta_T",
+             "schedule", "target", "split")
+
+
+def init_weights(cfg: Config, fold) -> Path:
+    """The committed weights that a cfg.init run starts from: the same run (target, split, fold)
+    of profile cfg.init, checked to share INIT_KEYS with cfg."""
+    src_cfg = dataclasses.replace(get_config(cfg.init), **{k: getattr(cfg, k) for k in INIT_KEYS})
+    src = committed_dir(src_cfg, fold) / "ema_fp16.pt"
+    if not src.exists():
+        raise FileNotFoundError(f"{src} not found: a {cfg.profile} run starts from the committed "
+                                f"{cfg.init} run of the same fold and target. Train and export "
+                                f"it first: `{train_command(src_cfg, fold)}`, then "
+                                f"`python -m ddpm_lib export --profile {cfg.init} --fold {fold}`")
+    check_config(load_checkpoint(src, need=("config", "ema"))["config"], src_cfg, src,
+                 keys=INIT_KEYS)
+    return src
+
+
 def remove_partial(folder: Path | str) -> list[Path]:
     """Delete the temporary files atomic_path leaves when a process is killed mid-write."""
     left = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
@@ -537,6 +557,12 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
     model = build_model(cfg, device, verbose=progress)
     ema = EMA(model, cfg.ema_decay)
     opt = make_optimizer(model, cfg)
+    if cfg.init and not ck:                          # fine-tuning: another profile's weights
+        src = init_weights(cfg, fold)
+        load_state(model, load_checkpoint(src, need=("config", "ema"))["ema"], src)
+        ema = EMA(model, cfg.ema_decay)
+        if progress:
+            print(f"starting from {src}", flush=True)
     fp = Diffusion.from_config(cfg).to(device)
     stopper, history, start = EarlyStopping(cfg.patience), [], 0
     if ck:
