@@ -20,9 +20,9 @@ export FRUITS360_DIR
 # cell, run metadata and widget state dropped), so opening one changes nothing.
 NOTEBOOKS := $(sort $(wildcard notebooks/0[1-3]*.ipynb))
 NB04 := notebooks/04_ssim_evaluation.ipynb
-NB04_PARAMS := -p N_EVAL 500
+NB04_PARAMS := -p N_EVAL 500 -p N_NATIVE 200
 NB05 := notebooks/05_generation.ipynb
-NB05_PARAMS := -p N_SAMPLES 500 -p N_REPORT 16 -p N_FIG5 4 -p N_GRID 16 -p N_PROG 4 -p N_PER_CLASS 10
+NB05_PARAMS := -p N_SAMPLES 500 -p N_REPORT 16 -p N_FIG5 4 -p N_FIG5_NATIVE 8 -p N_GRID 16 -p N_PROG 4 -p N_PER_CLASS 10
 PAPERMILL := DDPM_PROGRESS=0 timeout 2400 $(PY) -m papermill --cwd notebooks --no-progress-bar
 # no progress bars in stored outputs (ddpm_lib.tqdm); a notebook may take 30 min, a cell 20
 NBEXEC := DDPM_PROGRESS=0 timeout 1800 $(PY) -m nbconvert --to notebook --execute --inplace \
@@ -104,4 +104,4 @@ book: env
 	$(PY) tools/build_book.py --out site
 
 clean:
-	rm -rf runs/smoke
+	rm -rf runs/smoke runs/smoke-native

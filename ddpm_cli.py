@@ -31,6 +31,7 @@ from ddpm_lib import (classify, Config, DataError, Diffusion, EVAL, FruitClassif
                       classifier_path, committed_dir, ffd_floor, generation_config,
                       generation_metrics, generation_model, get_config, get_device,
                       guidance_metrics, load_checkpoint, load_classifier, load_index, load_model,
+                      native_findings,
                       parse_name, pick_w, planned_runs, quality, report_table1, run_summary,
                       sample, save_checkpoint, save_fig, save_guidance, save_table, save_table1,
                       scoring_setup, seed_everything, show_grid, split_data, story_models, table1,
@@ -384,6 +385,26 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         f["table1_vs_report"] = to_markdown(vs.round(3))
         if "corrected 100" in vs:
             f.update(_resolution_fields(vs.set_index("t")))
+    if (tn := csv("native/table1_native")) is not None:            # notebook 04, 100×100 models
+        table, say = native_findings(tn, report_table1())
+        f["native_table"], f["native_findings"] = to_markdown(table), " ".join(say)
+        f["native_n"] = str(int(tn.n.iloc[0]))
+        f["native_tv"] = next(m for m in tn.method.unique() if m.startswith("TV denoiser"))
+    if (tc := csv("native/tv_weight_choice")) is not None:
+        f["native_tv_choice"] = to_markdown(tc.round(4))
+    if (ts := csv("native/training_summary")) is not None:
+        f["native_training_table"] = to_markdown(ts)
+    if (f5 := csv("native/figure5_brightness")) is not None:        # notebook 05, 100×100
+        by_t = csv("native/figure5_brightness_by_t")
+        f["figure5_native_table"] = to_markdown((by_t if by_t is not None else f5).round(3))
+        b = f5.set_index("images")["mean"]
+        black = lambda m: "converges to black" if m < 0.2 else "does not converge to black"
+        low = (lambda k: f", lowest along the chain {by_t[k].min():.2f}") if by_t is not None \
+            else (lambda k: "")
+        f["key_figure5_native"] = (
+            f"At 100×100, with its own model trained at that size ({int(f5.n.iloc[1])} samples), "
+            + "; ".join(f"{k} {black(b[k])} (mean brightness {b[k]:.2f}{low(k)})"
+                        for k in b.index[1:3]) + f"; real test images: {b.iloc[0]:.2f}.")
     if (lk := csv("leakage")) is not None:
         f["leakage_table"] = to_markdown(lk.round(4))
         for split, r in lk[lk.when == "best epoch"].set_index("split").iterrows():
@@ -519,8 +540,9 @@ def _resolution_fields(vs: pd.DataFrame) -> dict:
         r, lo, hi = vs.loc[t, ["report", "corrected", "corrected 100"]]
         words.append(f"At {when} t (t = {t}) the report's folds average {r:.3f}; our corrected "
                      f"models score {lo:.3f} at 32×32 ({lo - r:+.3f} from the report's) and "
-                     f"{hi:.3f} upsampled to 100×100: resolution moves our score by {hi - lo:+.3f}, "
-                     f"leaving {hi - r:+.3f} between our models and the report's.")
+                     f"{hi:.3f} upsampled to 100×100: scoring at 100×100 moves our score by "
+                     f"{hi - lo:+.3f}, leaving {hi - r:+.3f} between our upsampled models and the "
+                     f"report's (a proxy for resolution: the 100×100 models measure it).")
     return dict(resolution_table=to_markdown(table), resolution_split=" ".join(words),
                 ceiling_ssim=f"{vs['ceiling 100'].iloc[0]:.3f}",
                 report50_range=f"{vs.loc[50, 'report lowest']:.3f}–{vs.loc[50, 'report highest']:.3f}")
@@ -750,7 +772,8 @@ MAX_SAMPLES = 4096                      # one grid picture; more: several runs, 
 PROFILE_HELP = {"smoke": "synthetic fruit, a tiny model, seconds (tests, CI)",
                 "cpu": "the real 10-class subset at 32×32, the report's protocol (2-core CPU)",
                 "full": "the report's 100×100 setup (a GPU)",
-                "native": "100×100 on a CPU: fold 0 fine-tuned from cpu's 32×32 weights"}
+                "native": "100×100 on a CPU: fold 0 fine-tuned from cpu's 32×32 weights",
+                "smoke-native": "smoke's fold 0 fine-tuned at 24×24 (tests, CI)"}
 
 
 def cmd_data(a) -> None:
@@ -790,7 +813,7 @@ def save_generation_summary(cfg: Config, history: pd.DataFrame) -> None:
 
 def cmd_train_all(a) -> None:
     cfg = get_config(a.profile)
-    for over, fold in planned_runs():
+    for over, fold in planned_runs(cfg.profile):
         c = get_config(cfg.profile, generation=fold == "all", **over)
         out = run_out(a.out and Path(a.out).resolve(), c, fold)
         if a.out is None and uses_committed(c, fold, a.retrain):

@@ -129,8 +129,10 @@ class Config:
 
     def fig_dir(self) -> Path:
         """Where this profile's figures and tables go: figures/ for cpu (the committed ones),
-        figures/<profile>/ for any other, runs/smoke/figures for smoke (tests and CI)."""
-        d = {"cpu": self.home / "figures", "smoke": self.home / "runs" / "smoke" / "figures"}.get(
+        figures/<profile>/ for any other (native: figures/native/), runs/smoke/figures for smoke
+        and runs/smoke/figures/native for smoke-native (tests and CI)."""
+        smoke = self.home / "runs" / "smoke" / "figures"
+        d = {"cpu": self.home / "figures", "smoke": smoke, "smoke-native": smoke / "native"}.get(
             self.profile, self.home / "figures" / self.profile)
         d.mkdir(parents=True, exist_ok=True)
         return d
@@ -156,10 +158,19 @@ PROFILES = {
     # the report's setup: 100×100, 40 epochs, 5 folds; for a GPU.
     "full": dict(image_size=100, width=32, batch_size=64, max_epochs=40),
     # the report's resolution on a CPU: fold 0 only (corrected and report-faithful), fine-tuned
-    # at 100×100 from the cpu profile's committed 32×32 weights of the same run (the U-Net is
+    # at 100×100 from the cpu profile's 32×32 weights of the same run (the U-Net is
     # convolutional), under the report's protocol (lr 2e-4, patience 5) with fewer epochs.
     "native": dict(image_size=100, width=32, batch_size=32, init="cpu", max_epochs=16),
+    # smoke's twin of native: smoke's fold-0 weights fine-tuned at 24×24, for tests and CI.
+    "smoke-native": dict(data_dir="runs/smoke/data", image_size=24, width=8, time_dim=32, heads=2,
+                         batch_size=16, max_epochs=1, steps_per_epoch=3, val_images=32, bf16=False,
+                         channels_last=False, init="smoke"),
 }
+
+
+# The profile whose models work at the dataset's own resolution (100×100; smoke's synthetic
+# stand-in at 24×24), fine-tuned from this one's: notebooks 04 and 05 score them beside it.
+NATIVE = {"cpu": "native", "smoke": "smoke-native"}
 
 
 # The generation model: the U-Net with EDM's preconditioning (σ_d = 0.7, the training images' RMS),
@@ -171,7 +182,6 @@ GENERATION = {
     "cpu": dict(lr=1e-3, lr_warmup=250, lr_decay="cosine", min_snr_gamma=5.0, ema_decay=0.9995,
                 max_epochs=16, patience=16, sigma_data=0.7, snapshot_every=4),
     "full": dict(max_epochs=40, patience=40, sigma_data=0.7),
-    "native": dict(max_epochs=40, patience=40, sigma_data=0.7),     # none trained (a GPU's)
 }
 
 
@@ -189,7 +199,9 @@ EVAL = {
     "smoke": dict(n_eval=32, n_samples=16, n_report=8, clf_epochs=1),
     "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),
     "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
-    "native": dict(n_eval=200, n_samples=0, n_report=8, clf_epochs=0),   # Table 1, Figures 4–5
+    # fine-tuned fold-0 models only: Table 1 (n_eval test images), Figures 4 and 5 (n_report)
+    "native": dict(n_eval=200, n_samples=0, n_report=8, clf_epochs=0),
+    "smoke-native": dict(n_eval=32, n_samples=0, n_report=4, clf_epochs=0),
 }
 
 
@@ -212,6 +224,9 @@ def get_config(profile: str | None = None, generation: bool = False, conditional
     profile = profile or default_profile()
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: choose one of {sorted(PROFILES)}")
+    if (generation or conditional) and profile not in GENERATION:
+        raise ValueError(f"the {profile} profile has no generation model (its runs are fold "
+                         f"0's only): choose one of {sorted(GENERATION)}")
     gen = (GENERATION_COND.get(profile, GENERATION[profile]) if conditional else
            GENERATION[profile] if generation else {})
     cfg = Config(profile=profile, **{**PROFILES[profile], **gen, **overrides})
@@ -718,27 +733,66 @@ FIG5_SAMPLERS = {
 }
 
 
-def figure5(cfg: Config, n: int = 16, seed: int = 0, fold: int = 0,
-            keep=tuple(range(900, -1, -100)), progress: bool = True):
-    """Every FIG5_SAMPLERS set from the same x_T (seed): the report-faithful and the corrected
-    model of one fold (the same training images and protocol; trained first where missing,
-    see trained). Returns ({name: x0}, {name: {t: x_t}} for t in keep, a table per set with
-    the mean and spread of its pixels in [0, 1] and its share of dark pixels (all channels
-    < 0.1), the real test images' row first)."""
+# The report's Figure 4, honestly: name → (target, decoding) of each row's one-step x̂0
+# (reconstruct), after the ground truth and x_t.
+FIG4_ROWS = {
+    "x̂0 corrected (ε model)": ("eps", "eps"),
+    "x̂0 scaled-ε model, 1/√α_t alone (where the report started: too dark)": ("scaled_eps", "alpha"),
+    "x̂0 report-faithful (scaled-ε model, its decoding + Eq. 5)": ("scaled_eps", "eq5"),
+    "x̂0 scaled-ε model, decoded correctly": ("scaled_eps", "eps"),
+}
+
+
+@torch.no_grad()
+def figure4(cfg: Config, ts, image: int = 0, seed: int = 0, fold: int = 0) -> dict:
+    """The rows of the report's Figure 4 for one seeded test image (eval_images' `image`): the
+    ground truth, x_t at each t in ts (noise drawn with `seed`, the same x_t for every model),
+    and each FIG4_ROWS model's one-step x̂0 (fold `fold`), all in [0, 1]: {title: (len(ts), 3,
+    H, W)}."""
     dev = get_device()
+    x0 = to_float(eval_images(cfg, n=max(8, image + 1))[image:image + 1])
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    t = torch.tensor(ts, device=dev)
+    x0s, epss = (v.expand(len(ts), -1, -1, -1).to(dev) for v in (x0, eps))
+    xt = Diffusion.from_config(cfg).to(dev).q_sample(x0s, t, epss)
+    rows = {"ground truth x0": to_unit(x0s), "forward process x_t": to_unit(xt)}
+    for name, (target, decode) in FIG4_ROWS.items():
+        c = dataclasses.replace(cfg, target=target)
+        rows[name] = reconstruct(load_model(c, fold).to(dev), Diffusion.from_config(c).to(dev),
+                                 xt, t, decode)
+    return rows
+
+
+def figure5(cfg: Config, n: int = 16, seed: int = 0, fold: int = 0,
+            keep=tuple(range(900, -1, -100)), progress: bool = True, samplers=None):
+    """Every FIG5_SAMPLERS set (or those named in `samplers`) from the same x_T (seed): the
+    report-faithful and the corrected model of one fold (the same training images and protocol;
+    trained first where missing, see trained). Returns ({name: x0}, {name: {t: x_t}} for t in
+    keep, a table per set with the mean and spread of its pixels in [0, 1] and its share of dark
+    pixels (all channels < 0.1), the real test images' row first)."""
+    dev = get_device()
+    chosen = {k: v for k, v in FIG5_SAMPLERS.items() if samplers is None or k in samplers}
     rows = [_pixel_stats("real test images", to_float(eval_images(cfg, n=max(n, 64))))]
     models = {}                                        # target → (model, its Diffusion)
-    for target in dict.fromkeys(t for t, _, _ in FIG5_SAMPLERS.values()):
+    for target in dict.fromkeys(t for t, _, _ in chosen.values()):
         c = dataclasses.replace(cfg, target=target)
         trained(c, fold, progress=False)
         models[target] = load_model(c, fold).to(dev), Diffusion.from_config(c).to(dev)
     xs, trajs = {}, {}
-    for name, (target, method, kw) in FIG5_SAMPLERS.items():
+    for name, (target, method, kw) in chosen.items():
         model, fp = models[target]
         xs[name], trajs[name] = sample(model, fp, method, n, cfg.image_size, seed=seed,
                                        keep=keep, progress=progress, **kw)
         rows.append(_pixel_stats(name, xs[name]))
     return xs, trajs, pd.DataFrame(rows)
+
+
+def brightness_by_t(trajs: dict) -> pd.DataFrame:
+    """The mean brightness (x_t shown in [0, 1], clipped) of each figure5 set at each kept t: one
+    row per t in sampling order (T first), one column per set."""
+    ts = sorted(next(iter(trajs.values())), reverse=True)
+    return pd.DataFrame({"t": ts, **{name: [to_unit(tr[t]).mean().item() for t in ts]
+                                     for name, tr in trajs.items()}})
 
 
 def _pixel_stats(name: str, x: torch.Tensor) -> dict:
@@ -1028,12 +1082,15 @@ def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, los
     ema.update(model)
 
 
-def planned_runs() -> list[tuple[dict, object]]:
+def planned_runs(profile: str | None = None) -> list[tuple[dict, object]]:
     """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
     generation model (on every training image), and on fold 0 the report-faithful target and
     the report's random split, then the class-conditional generation model. Fold 0 and the
     generation model come first: they are what the later notebooks need most when a CPU run is
-    cut short."""
+    cut short. A fine-tuned profile (Config.init, e.g. native) has fold 0's corrected and
+    report-faithful runs only."""
+    if profile is not None and PROFILES[profile].get("init"):
+        return [({}, 0), (dict(target="scaled_eps"), 0)]
     return ([({}, 0), ({}, "all")] + [({}, k) for k in range(1, 5)]
             + [(dict(target="scaled_eps"), 0), (dict(split="random"), 0),
                (dict(conditional=True), "all")])
@@ -1200,16 +1257,43 @@ def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
 
 
+# Table 1's yardsticks that need no network: x̂0 = x_t/√ᾱ_t as it is (the noise left in), and
+# scikit-image's total-variation denoiser (Chambolle) of it with weight c·σ_t, where
+# σ_t = ½·√((1−ᾱ_t)/ᾱ_t) is the noise's standard deviation in x_t/√ᾱ_t on the [0, 1] scale and
+# the factor c is chosen on training images, never on the test images Table 1 scores
+# (tv_weight_choice).
+YARDSTICKS = ("x_t/√ᾱ_t", "TV denoiser")
+TV_GRID = (0.125, 0.25, 0.5, 1.0, 2.0)                 # the factors c that tv_weight_choice tries
+
+
+def yardstick_x0(fp: Diffusion, xt: torch.Tensor, t: torch.Tensor, how: str,
+                 tv_weight: float = 1.0) -> torch.Tensor:
+    """A one-step x̂0 in [0, 1] without a network (YARDSTICKS): 'x_t/√ᾱ_t', or 'TV denoiser'
+    (denoise_tv_chambolle of the unclipped x_t/√ᾱ_t, weight tv_weight·σ_t, then clipped)."""
+    ab = fp.at(fp.alpha_bar, t).cpu()
+    u = (xt.cpu().float() / ab.sqrt() + 1) / 2                # x_t/√ᾱ_t on the [0, 1] scale
+    if how == "x_t/√ᾱ_t":
+        return u.clamp(0, 1)
+    if how != "TV denoiser":
+        raise ValueError(f"a yardstick is one of {YARDSTICKS}, not {how!r}")
+    from skimage.restoration import denoise_tv_chambolle
+    sigma = 0.5 * ((1 - ab) / ab).sqrt().flatten()
+    out = [denoise_tv_chambolle(x.permute(1, 2, 0).numpy(), weight=tv_weight * s.item(),
+                                channel_axis=-1) for x, s in zip(u, sigma)]
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().clamp(0, 1)
+
+
 @torch.no_grad()
 def one_step_eval(model, fp: Diffusion, images: torch.Tensor, ts=TABLE1_T, seed: int = 0,
                   decode: str = "eps", batch: int = 250,
-                  hires: torch.Tensor | None = None) -> pd.DataFrame:
+                  hires: torch.Tensor | None = None, tv_weight: float = 1.0) -> pd.DataFrame:
     """The report's Table 1 protocol for one model: noise the images (uint8) to each t with fixed
     seeded noise, predict x̂0 in one step (reconstruct, `decode`), and score SSIM and PSNR
-    against the ground truth in [0, 1]; brightness is x̂0's mean. hires: the same images at the
-    dataset's resolution (uint8, e.g. 100×100): x̂0 is also upsampled to it (upsample) and scored
-    against them (ssim_hr, psnr_hr). One row per image and t."""
-    device = next(model.parameters()).device
+    against the ground truth in [0, 1]; brightness is x̂0's mean. model None: `decode` names a
+    yardstick (yardstick_x0, with tv_weight) that sees the same x_t. hires: the same images at the dataset's
+    resolution (uint8, e.g. 100×100): x̂0 is also upsampled to it (upsample) and scored against
+    them (ssim_hr, psnr_hr). One row per image and t."""
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
     rows = []
     for t_val in ts:
         g = torch.Generator().manual_seed(seed * 100_003 + t_val)
@@ -1217,7 +1301,9 @@ def one_step_eval(model, fp: Diffusion, images: torch.Tensor, ts=TABLE1_T, seed:
             x0 = to_float(images[i:i + batch])
             t = torch.full((len(x0),), t_val, dtype=torch.long)
             xt = fp.q_sample(x0, t, torch.randn(x0.shape, generator=g)).to(device)
-            rec, gt = reconstruct(model, fp, xt, t.to(device), decode).cpu(), to_unit(x0)
+            rec = (reconstruct(model, fp, xt, t.to(device), decode) if model is not None
+                   else yardstick_x0(fp, xt, t, decode, tv_weight)).cpu()
+            gt = to_unit(x0)
             r = dict(t=t_val, ssim=ssim(rec, gt), psnr=psnr(rec, gt),
                      brightness=rec.mean(dim=(1, 2, 3)))
             if hires is not None:
@@ -1398,6 +1484,165 @@ def save_table1(cfg: Config, df: pd.DataFrame) -> pd.DataFrame:
     save_fig(axes[0].figure, "04_ssim_vs_t", cfg)
     plt.close(axes[0].figure)
     return vs
+
+# The native Table 1's methods: TABLE1_METHODS, and the report-faithful model decoded as the
+# corrected method decodes (its output divided by √(1−ᾱ_t) read as ε, Eq. 15), so that the
+# target and the decoding can be told apart.
+NATIVE_METHODS = {**TABLE1_METHODS, "scaled-ε model, decoded as ε": ("scaled_eps", "eps")}
+
+
+def tv_weight_choice(cfg: Config, n: int = 32, ts=(50, 200, 400, 600, 800),
+                     grid=TV_GRID) -> pd.DataFrame:
+    """The TV yardstick's weight factor c (yardstick_x0), chosen where Table 1 never looks: on n
+    seeded training images of fold 0 at cfg's size, the mean SSIM over `ts` of each c in grid.
+    One row per c (tv_weight, ssim_mean, n), the best first."""
+    tr, _ = fold_rows(load_index(cfg), 0)
+    tr = tr.sample(n=min(n, len(tr)), random_state=cfg.seed).sort_index()
+    images = Fruits(tr, cfg.home / cfg.data_dir / "fruits-360", cfg.image_size).images
+    fp = Diffusion.from_config(cfg)
+    rows = [dict(tv_weight=c, ssim_mean=one_step_eval(None, fp, images, ts, cfg.seed + 1,
+                                                      "TV denoiser", tv_weight=c).ssim.mean(),
+                 n=len(images)) for c in grid]
+    return pd.DataFrame(rows).sort_values("ssim_mean", ascending=False, ignore_index=True)
+
+
+def table1_native(cfg: Config, small: Config, tv_weight: float, fold: int = 0,
+                  n: int | None = None, ts=TABLE1_T, progress: bool = True) -> pd.DataFrame:
+    """Table 1 at cfg's resolution (the native profile: the dataset's 100×100) for one fold, every
+    row on the same n test images (eval_images) and, at cfg's size, the same noise: cfg's models
+    under NATIVE_METHODS; `small`'s models of that fold (the cpu profile's 32×32) scored upsampled
+    to cfg's size (one_step_eval's hires); a perfect small x̂0 upsampled (the ceiling, the same at
+    every t); and YARDSTICKS (TV with tv_weight, see tv_weight_choice). All in fp32. Long format:
+    method, resolution, kind ('native', 'upsampled', 'ceiling' or 'no network'), t, then
+    summarise's columns."""
+    n = n or EVAL[cfg.profile]["n_eval"]
+    images, low = eval_images(cfg, n), eval_images(small, n)         # the same rows, two sizes
+    size, parts = cfg.image_size, []
+
+    def add(per, method, res):
+        kind = ("no network" if "no network" in res else "ceiling" if method.startswith("ceiling")
+                else "upsampled" if "upsampled" in res else "native")
+        parts.append(summarise(per).assign(method=method, resolution=res, kind=kind))
+
+    bar = tqdm(total=2 * len(NATIVE_METHODS) + 1 + len(YARDSTICKS), disable=not progress,
+               desc=f"Table 1 at {size}×{size}")
+    for method, (target, decode) in NATIVE_METHODS.items():
+        for base in (cfg, small):
+            c = dataclasses.replace(base, target=target)
+            if weights(c, fold).exists():
+                model, fp = load_model(c, fold), Diffusion.from_config(c)
+                if c.image_size == size:
+                    add(one_step_eval(model, fp, images, ts, c.seed, decode), method,
+                        f"{size}×{size}")
+                else:                                  # scored at `size`: its x̂0 upsampled
+                    per = one_step_eval(model, fp, low, ts, c.seed, decode, hires=images)
+                    per = per.drop(columns=["ssim", "psnr"]).rename(
+                        columns={"ssim_hr": "ssim", "psnr_hr": "psnr"})
+                    add(per, method, f"{c.image_size}×{c.image_size} upsampled")
+            bar.update()
+    up, gt = upsample(to_unit(to_float(low)), size), to_unit(to_float(images))
+    s, p = ssim(up, gt).numpy(), psnr(up, gt).numpy()
+    add(pd.concat([pd.DataFrame(dict(t=t, ssim=s, psnr=p, brightness=up.mean(dim=(1, 2, 3))
+                                     .numpy())) for t in ts], ignore_index=True),
+        "ceiling: a perfect x̂0", f"{small.image_size}×{small.image_size} upsampled")
+    bar.update()
+    fp = Diffusion.from_config(cfg)
+    for how in YARDSTICKS:
+        add(one_step_eval(None, fp, images, ts, cfg.seed, how, tv_weight=tv_weight),
+            how + (f" (weight {tv_weight:g}·σ_t)" if how == "TV denoiser" else ""),
+            f"{size}×{size}, no network")
+        bar.update()
+    bar.close()
+    df = pd.concat(parts, ignore_index=True)
+    first = ["method", "resolution", "kind"]
+    return df[first + [c for c in df.columns if c not in first]]
+
+
+def table1_native_wide(df: pd.DataFrame, report: pd.DataFrame) -> pd.DataFrame:
+    """table1_native beside the report: one row per t; the report's five folds, then each row of
+    ours as 'mean ± std' over the test images."""
+    out = report.pivot(index="t", columns="fold", values="ssim_mean")
+    std = report.pivot(index="t", columns="fold", values="ssim_std")
+    wide = pd.DataFrame(index=out.index)
+    for k in out.columns:
+        wide[f"report fold {k}"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(out[k], std[k])]
+    for (method, res), d in df.groupby(["method", "resolution"], sort=False):
+        d = d.set_index("t")
+        wide[f"{method} ({res})"] = [f"{d.ssim_mean[t]:.3f} ± {d.ssim_std[t]:.3f}"
+                                     for t in wide.index]
+    return wide.reset_index()
+
+
+def native_findings(df: pd.DataFrame, report: pd.DataFrame, ts=(50, 250, 500, 800, 1000),
+                    low=(50, 250)) -> tuple[pd.DataFrame, list[str]]:
+    """What table1_native decides about the report's Table 1, from its numbers: a table at `ts`
+    (the report's fold 0 and fold range, then each row of ours), and sentences on resolution
+    (native vs upsampled corrected model), target (the scaled-ε model decoded as ε vs the
+    corrected one), decoding (Eq. 5 vs Eq. 15 on the scaled-ε model), which row follows the
+    report's fold mean closest at low t (`low`: the report's plateau, inclusive) and over all t,
+    and the network-free yardsticks."""
+    rep = report.groupby("t").ssim_mean.agg(["mean", "min", "max"])
+    rows = {}
+    for (method, res, kind), d in df.groupby(["method", "resolution", "kind"], sort=False):
+        rows[f"{method}, {res}"] = d.set_index("t").ssim_mean
+    table = pd.DataFrame({"report fold 0": report.query("fold == 0").set_index("t").ssim_mean,
+                          "report range": [f"{a:.3f}–{b:.3f}" for a, b in zip(rep["min"], rep["max"])],
+                          **rows}).loc[list(ts)]
+    get = {(m, k): d.set_index("t").ssim_mean for (m, k), d in df.groupby(["method", "kind"])}
+    C, U = get[("corrected", "native")], get.get(("corrected", "upsampled"))
+    F, E = get.get(("report-faithful", "native")), get.get(("scaled-ε model, decoded as ε", "native"))
+    A = get.get(("report-faithful, 1/√α_t decoding", "native"))
+    tv = next(v for (m, k), v in get.items() if m.startswith("TV denoiser"))
+    raw = get[("x_t/√ᾱ_t", "no network")]
+    res = df.groupby("kind").resolution.first()            # e.g. '100×100', '32×32 upsampled'
+    big, small = res["native"], res.get("upsampled", "").removesuffix(" upsampled")
+    t0, t1 = ts[0], ts[2]
+    say = [f"At t = {t0} the report's five folds score {rep['mean'][t0]:.3f} ({rep['min'][t0]:.3f}–"
+           f"{rep['max'][t0]:.3f}); our corrected model trained at {big} scores {C[t0]:.3f}"
+           + (f", the {small} one upsampled {U[t0]:.3f}" if U is not None else "") + "."]
+    if U is not None:
+        say.append(f"Resolution: seeing {big} pixels moves the corrected model by {C[t0] - U[t0]:+.3f} "
+                   f"at t = {t0} and {C[t1] - U[t1]:+.3f} at t = {t1} against the upsampled {small} "
+                   f"model.")
+    if E is not None:
+        say.append(f"Target: the model trained on the report's √(1−ᾱ_t)·ε, decoded as ε (Eq. 15), "
+                   f"scores {E[t0]:.3f} at t = {t0} and {E[t1]:.3f} at t = {t1}, {E[t0] - C[t0]:+.3f} and "
+                   f"{E[t1] - C[t1]:+.3f} from the corrected model.")
+    if E is not None and F is not None:
+        say.append(f"Decoding: the same model decoded the report's way (Eq. 5) scores {F[t0]:.3f} and "
+                   f"{F[t1]:.3f}, {F[t0] - E[t0]:+.3f} and {F[t1] - E[t1]:+.3f} from Eq. 15"
+                   + (f"; with 1/√α_t alone {A[t0]:.3f} and {A[t1]:.3f}." if A is not None else "."))
+    nets = {name: v for name, v in rows.items() if "no network" not in name
+            and not name.startswith("ceiling")}
+    near = lambda sel: sorted((float((v[sel] - rep["mean"][sel]).abs().mean()), name)
+                              for name, v in nets.items())
+    lo = [t for t in rep.index if low[0] <= t <= low[1]]
+    (d_lo, n_lo), (d_all, n_all) = near(lo)[0], near(list(rep.index))[0]
+    say.append(f"Closest to the report: at t = {low[0]}–{low[1]} (its plateau) the row nearest the "
+               f"report's fold mean is {n_lo} (mean |ΔSSIM| {d_lo:.3f}); over all {len(rep)} t it is "
+               f"{n_all} ({d_all:.3f}).")
+    beats = [int(t) for t in rep.index if tv[t] > rep["max"][t]]
+    say.append(f"Without a network: x_t/√ᾱ_t scores {raw[t0]:.3f} at t = {t0} and the TV denoiser "
+               f"{tv[t0]:.3f}; TV is above the report's best fold at {len(beats)} of {len(rep)} t"
+               + (f" (t = {', '.join(map(str, beats))})" if beats else "") + f" and above our corrected "
+               f"{big} model at {int((tv > C).sum())}.")
+    return table.round(3).reset_index(names="t"), say
+
+
+def save_table1_native(cfg: Config, df: pd.DataFrame, choice: pd.DataFrame) -> pd.DataFrame:
+    """The one writer of the native Table 1 files in cfg's figure folder: table1_native (long,
+    numeric), table1_native_wide (beside the report's folds), tv_weight_choice, and the figure
+    04_ssim_vs_t_native. Returns the wide table."""
+    import matplotlib.pyplot as plt
+    save_table(df, "table1_native", cfg)
+    save_table(choice, "tv_weight_choice", cfg)
+    wide = table1_native_wide(df, report_table1())
+    save_table(wide, "table1_native_wide", cfg)
+    ax = plot_table1_native(df, report_table1())
+    save_fig(ax.figure, "04_ssim_vs_t_native", cfg)
+    plt.close(ax.figure)
+    return wide
+
 
 # -----------------------------------------------------------------------------------------------
 # generation: the models of notebook 05
@@ -1864,6 +2109,26 @@ def plot_table1(df: pd.DataFrame, report: pd.DataFrame | None = None, ceiling: f
     return axes
 
 
+def plot_table1_native(df: pd.DataFrame, report: pd.DataFrame | None = None, ax=None):
+    """SSIM against t of every row of table1_native (networks solid, the ceiling dashed, the
+    yardsticks dotted), with the report's five folds as thin black lines; one legend below."""
+    import matplotlib.pyplot as plt
+    ax = ax if ax is not None else plt.subplots(figsize=(NOTEBOOK_WIDTH, 5.6),
+                                                layout="constrained")[1]
+    for i, ((method, res), d) in enumerate(df.groupby(["method", "resolution"], sort=False)):
+        style = ":" if "no network" in res else "--" if method.startswith("ceiling") else "o-"
+        ax.plot(d.t, d.ssim_mean, style, ms=3, color=f"C{i}", label=f"{method}, {res}")
+    if report is not None:
+        for k, r in report.groupby("fold"):
+            ax.plot(r.t, r.ssim_mean, "-", color="k", lw=0.8, alpha=0.7,
+                    label="the report, its 5 folds (100×100)" if k == 0 else None)
+    ax.set(xlabel="t", ylabel="SSIM", ylim=(0, 1),
+           title="one-step x̂0 at the dataset's 100×100, the same test images for every line")
+    ax.figure.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=2)
+    legible(ax.figure)
+    return ax
+
+
 def plot_figure4(rows: dict, ts):
     """The report's Figure 4: one row of images per entry of `rows` ({title: (len(ts), 3, H, W)
     in [0, 1]}), one column per timestep in ts, labelled 't = …'."""
@@ -1884,7 +2149,8 @@ def plot_figure5(xs: dict, trajs: dict, n_show: int = 4):
     (left, shown clipped to [-1, 1]; the last column is the sample), n_show final samples
     (middle), and the mean brightness of the set at each kept t (right)."""
     import matplotlib.pyplot as plt
-    ts = sorted(next(iter(trajs.values())), reverse=True)
+    bright = brightness_by_t(trajs)
+    ts = bright.t.tolist()
     k = len(next(iter(xs.values()))[:n_show])
     fig, axes = plt.subplots(len(xs), 3, figsize=(10, 1.5 * len(xs) + 0.5), layout="constrained",
                              gridspec_kw=dict(width_ratios=(len(ts), k, 4.5)), squeeze=False)
@@ -1892,7 +2158,7 @@ def plot_figure5(xs: dict, trajs: dict, n_show: int = 4):
         show_grid(torch.cat([trajs[name][t][:1].clamp(-1, 1) for t in ts]), nrow=len(ts), ax=row[0])
         row[0].set_title(name, loc="left")
         show_grid(xs[name][:n_show], nrow=n_show, ax=row[1])
-        row[2].plot(ts, [to_unit(trajs[name][t]).mean().item() for t in ts], "o-", ms=3)
+        row[2].plot(ts, bright[name], "o-", ms=3)
         row[2].set(ylim=(0, 1), yticks=(0, 0.5, 1), xlim=(max(ts) + 50, -50), ylabel="brightness")
         row[2].locator_params(axis="x", nbins=3)
         row[2].tick_params(labelbottom=i == len(xs) - 1)

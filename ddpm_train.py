@@ -31,7 +31,8 @@ from ddpm_lib import (PURGE_K, channels_last, ROOT, Config, EMA, Diffusion, Frui
                       bf16_fast, build_model, check_config, committed_dir, diffusion_loss,
                       eval_images, fold_rows, get_config, get_device,
                       load_checkpoint, learning_rate, load_index, load_state, optimizer_step, planned_runs,
-                      save_checkpoint, seed_everything, to_float, tqdm, train_command, write_csv)
+                      save_checkpoint, seed_everything, to_float, tqdm, train_command, weights,
+                      write_csv)
 
 # -----------------------------------------------------------------------------------------------
 # precision and memory layout, chosen by measuring where training starts
@@ -473,15 +474,14 @@ INIT_KEYS = ("width", "time_dim", "heads", "n_classes", "sigma_data", "T", "beta
 
 
 def init_weights(cfg: Config, fold) -> Path:
-    """The committed weights that a cfg.init run starts from: the same run (target, split, fold)
-    of profile cfg.init, checked to share INIT_KEYS with cfg."""
+    """The weights that a cfg.init run starts from: those of the same run (target, split, fold)
+    of profile cfg.init (weights(): local, else committed), checked to share INIT_KEYS."""
     src_cfg = dataclasses.replace(get_config(cfg.init), **{k: getattr(cfg, k) for k in INIT_KEYS})
-    src = committed_dir(src_cfg, fold) / "ema_fp16.pt"
+    src = weights(src_cfg, fold)
     if not src.exists():
-        raise FileNotFoundError(f"{src} not found: a {cfg.profile} run starts from the committed "
-                                f"{cfg.init} run of the same fold and target. Train and export "
-                                f"it first: `{train_command(src_cfg, fold)}`, then "
-                                f"`python -m ddpm_lib export --profile {cfg.init} --fold {fold}`")
+        raise FileNotFoundError(f"{src} not found: a {cfg.profile} run starts from the {cfg.init} "
+                                f"run of the same fold and target. Train it first: "
+                                f"`{train_command(src_cfg, fold)}`")
     check_config(load_checkpoint(src, need=("config", "ema"))["config"], src_cfg, src,
                  keys=INIT_KEYS)
     return src
