@@ -1561,8 +1561,9 @@ def table1_native(cfg: Config, small: Config, tv_weight: float, fold: int = 0,
 def table1_native_wide(df: pd.DataFrame, report: pd.DataFrame) -> pd.DataFrame:
     """table1_native beside the report: one row per t; the report's five folds, then each row of
     ours as 'mean ± std' over the test images."""
-    out = report.pivot(index="t", columns="fold", values="ssim_mean")
-    std = report.pivot(index="t", columns="fold", values="ssim_std")
+    ts = sorted(set(df.t))
+    out = report.pivot(index="t", columns="fold", values="ssim_mean").loc[ts]
+    std = report.pivot(index="t", columns="fold", values="ssim_std").loc[ts]
     wide = pd.DataFrame(index=out.index)
     for k in out.columns:
         wide[f"report fold {k}"] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(out[k], std[k])]
@@ -1581,11 +1582,12 @@ def native_findings(df: pd.DataFrame, report: pd.DataFrame, ts=(50, 250, 500, 80
     corrected one), decoding (Eq. 5 vs Eq. 15 on the scaled-ε model), which row follows the
     report's fold mean closest at low t (`low`: the report's plateau, inclusive) and over all t,
     and the network-free yardsticks."""
-    rep = report.groupby("t").ssim_mean.agg(["mean", "min", "max"])
+    rep = report.groupby("t").ssim_mean.agg(["mean", "min", "max"]).loc[sorted(set(df.t))]
+    ts = [t for t in ts if t in rep.index]
     rows = {}
     for (method, res, kind), d in df.groupby(["method", "resolution", "kind"], sort=False):
         rows[f"{method}, {res}"] = d.set_index("t").ssim_mean
-    table = pd.DataFrame({"report fold 0": report.query("fold == 0").set_index("t").ssim_mean,
+    table = pd.DataFrame({"report fold 0": report.query("fold == 0").set_index("t").ssim_mean[rep.index],
                           "report range": [f"{a:.3f}–{b:.3f}" for a, b in zip(rep["min"], rep["max"])],
                           **rows}).loc[list(ts)]
     get = {(m, k): d.set_index("t").ssim_mean for (m, k), d in df.groupby(["method", "kind"])}

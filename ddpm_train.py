@@ -476,7 +476,8 @@ INIT_KEYS = ("width", "time_dim", "heads", "n_classes", "sigma_data", "T", "beta
 def init_weights(cfg: Config, fold) -> Path:
     """The weights that a cfg.init run starts from: those of the same run (target, split, fold)
     of profile cfg.init (weights(): local, else committed), checked to share INIT_KEYS."""
-    src_cfg = dataclasses.replace(get_config(cfg.init), **{k: getattr(cfg, k) for k in INIT_KEYS})
+    src_cfg = dataclasses.replace(get_config(cfg.init), root=cfg.root,
+                                  **{k: getattr(cfg, k) for k in INIT_KEYS})
     src = weights(src_cfg, fold)
     if not src.exists():
         raise FileNotFoundError(f"{src} not found: a {cfg.profile} run starts from the {cfg.init} "
