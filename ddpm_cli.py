@@ -734,6 +734,10 @@ def _setting(v: str) -> tuple[str, object]:
     except (KeyError, ValueError):
         what = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
         raise argparse.ArgumentTypeError(f"{key} takes {what}, not {raw!r}") from None
+    try:
+        dl.check_setting(key, value)                  # the one range check (SETTING_RULES)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return key, value
 
 
@@ -772,6 +776,16 @@ def cmd_train(a) -> None:
                      **over, **dict(a.set))
     if a.set and a.out is None:
         raise ValueError("--set changes the recipe: give the run its own folder with --out")
+    if cfg.target != "eps" and (cfg.sigma_data or cfg.min_snr_gamma):
+        parts = [f"{k} {getattr(cfg, k):g}" for k in ("sigma_data", "min_snr_gamma")
+                 if getattr(cfg, k)]
+        fold_cmd = train_command(get_config(a.profile, target=cfg.target), 0)
+        raise ValueError(
+            f"--target {cfg.target} (the report-faithful target) cannot be trained with "
+            f"{' and '.join(parts)} (EDM preconditioning and min-SNR weighting need target eps)"
+            + (f": the generation model (--fold all) uses them. Train the report-faithful target "
+               f"on a fold: `{fold_cmd}`" if a.fold == "all" else
+               f": leave {' and '.join(p.split()[0] for p in parts)} out of --set"))
     h = train(cfg, a.fold, resume=a.resume, out=a.out)
     if len(h):
         b = h.loc[h.val_loss.idxmin()]
