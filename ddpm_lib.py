@@ -894,13 +894,18 @@ def parse_name(filename: str) -> tuple[str, int]:
 
 def _decode(path: Path) -> torch.Tensor:
     """The one image decoder of the library (torchvision): any mode → uint8 RGB (3, H, W); a
-    16-bit image keeps its high byte."""
+    16-bit image keeps its high byte; a transparent PNG is composited on white (`data` says so).
+    """
     from torchvision.io import ImageReadMode, decode_image
+    png = Path(path).suffix.lower() == ".png"
     with warnings.catch_warnings():         # torchvision 0.29 announces a move of its decoders
         warnings.simplefilter("ignore", DeprecationWarning)
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
+        img = decode_image(str(path), mode=ImageReadMode.RGB_ALPHA if png else ImageReadMode.RGB)
     if img.dtype == torch.uint16:
         img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    if img.shape[0] == 4:                   # transparency: on white, Fruits-360's background
+        a = img[3:].to(torch.int32)
+        img = ((img[:3].to(torch.int32) * a + 255 * (255 - a) + 127) // 255).to(torch.uint8)
     return img
 
 

@@ -116,3 +116,85 @@ def test_fold_all_with_scaled_eps_gives_advice_that_applies(home, tmp_path, caps
     assert "--fold" in cmd and cmd[cmd.index("--fold") + 1] != "all"
     ddpm_cli.main([*cmd, "--out", str(tmp_path / "R")])                     # it trains
     assert (tmp_path / "R" / "best.pt").exists()
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. one range check per setting, at the edge: Config, the command line, the notebooks
+
+
+@pytest.mark.parametrize("setting, words", [
+    ("image_size=7", "image_size = 7 is out of range: it must be a whole number in [8, 1,024]"),
+    ("T=0", "T = 0 is out of range: it must be a whole number in [2, 100,000]"),
+    ("batch_size=0", "batch_size = 0 is out of range: it must be a whole number in [1, 65,536]"),
+    ("lr=1e10", "lr = 10000000000.0 is out of range: it must be a number in (0, 0.1]"),
+    ("lr=nan", "lr = nan is out of range"),
+    ("ema_decay=1.5", "ema_decay = 1.5 is out of range: it must be a number in [0, 1]"),
+    ("schedule=cosin", "schedule = 'cosin' is out of range: it must be one of 'linear', 'cosine'"),
+    ("seed=-1", "seed = -1 is out of range"),
+])
+def test_set_out_of_range(tmp_path, capsys, setting, words):
+    """Used to end in "unexpected … please report it" (image_size, T), a raw torch.cat message
+    (batch_size 0), or a message naming a checkpoint that does not exist (lr 1e10)."""
+    rc, msg = main_error(["train", "--profile", "smoke", "--set", setting, "--out",
+                          str(tmp_path / "R")], capsys)
+    assert rc == 2 and words in msg.strip().splitlines()[-1]          # argparse's usage, one line
+    assert not (tmp_path / "R").exists()
+
+
+@pytest.mark.parametrize("over, words", [
+    (dict(image_size=7), "image_size = 7 is out of range"),
+    (dict(T=0), "T = 0 is out of range"),
+    (dict(batch_size=0), "batch_size = 0 is out of range"),
+    (dict(seed=1.5), "seed = 1.5 is out of range: it must be a whole number"),
+    (dict(max_epochs=True), "max_epochs = True is out of range"),
+    (dict(beta_1=0.03), "the noise schedule must rise, beta_1 < beta_T"),
+    (dict(heads=3), "heads = 3 must divide the attention's 4 × width = 32 channels"),
+])
+def test_config_out_of_range(over, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        dl.get_config("smoke", **over)
+
+
+def test_every_setting_has_a_rule_and_every_profile_passes():
+    import dataclasses
+    assert {f.name for f in dataclasses.fields(dl.Config)} == set(dl.SETTING_RULES)
+    for p in dl.PROFILES:
+        dl.get_config(p), dl.get_config(p, generation=True)
+
+
+@pytest.mark.parametrize("params, words", [
+    (dict(SEED=1.5), "SEED = 1.5 is out of range: it must be a whole number in [0, "),
+    (dict(N_EVAL=-1), "N_EVAL = -1 is out of range: it must be a whole number ≥ 1"),
+    (dict(N_EVAL=0), "N_EVAL = 0 is out of range"),                   # silently became 500
+    (dict(N_SAMPLES="abc"), "N_SAMPLES = 'abc' is out of range"),
+    (dict(IMAGE=99), "IMAGE = 99 is out of range: it must be a whole number in [0, 7]"),
+    (dict(PROFILE="gpu"), "PROFILE = 'gpu' is out of range: it must be None (DDPM_PROFILE) or"),
+])
+def test_notebook_parameters_out_of_range(params, words):
+    """Used to end in deep library tracebacks in cells 3–10 (N_EVAL 0 silently became 500)."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        dl.check_params(**{"PROFILE": None, "SEED": 0, **params})
+
+
+def test_notebook_parameters_all_have_a_rule():
+    import json
+    for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cell = next(c for c in json.loads(nb.read_text())["cells"]
+                    if "parameters" in c["metadata"].get("tags", []))
+        names = re.findall(r"^([A-Z][A-Z0-9_]*) *=", "".join(cell["source"]), re.M)
+        assert names and set(names) <= set(dl.PARAM_RULES), nb.name
+        ns = {}
+        exec("".join(cell["source"]), ns)                     # its defaults pass
+        dl.check_params(**{k: ns[k] for k in names})
+
+
+def test_sample_n_beyond_memory_says_how_much(monkeypatch, capsys):
+    """--n 4096 used to take 5.5 GB without a word."""
+    monkeypatch.setattr(ddpm_cli, "available_memory", lambda: 2 * 10**9)
+    monkeypatch.setattr(ddpm_cli, "generation_model", lambda *a, **k: pytest.fail("allocated"))
+    rc, msg = main_error(["sample", "--profile", "cpu", "--n", "4096"], capsys)
+    assert rc == 1 and "--n 4096 at 32×32 would take about 5.6 GB of memory" in msg
+    assert "2.0 GB is available: use --n 1166 or fewer" in msg
+    assert commands(msg.replace("use --n 1166", "`python -m ddpm_lib sample --n 1166`")) == [
+        ["sample", "--n", "1166"]]
+    ddpm_cli.check_sample_memory(1166, 32)                     # the advice fits
