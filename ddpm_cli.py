@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -136,7 +137,9 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
 def _transparent(path: Path) -> bool:
     """Whether a PNG has pixels that are not opaque (the loader puts them on white)."""
     from torchvision.io import ImageReadMode, decode_image
-    img = decode_image(str(path), mode=ImageReadMode.RGB_ALPHA)
+    with warnings.catch_warnings():         # torchvision 0.29 announces a move of its decoders
+        warnings.simplefilter("ignore", DeprecationWarning)
+        img = decode_image(str(path), mode=ImageReadMode.RGB_ALPHA)
     return bool((img[3] < (65535 if img.dtype == torch.uint16 else 255)).any())
 
 

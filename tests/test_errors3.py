@@ -198,3 +198,170 @@ def test_sample_n_beyond_memory_says_how_much(monkeypatch, capsys):
     assert commands(msg.replace("use --n 1166", "`python -m ddpm_lib sample --n 1166`")) == [
         ["sample", "--n", "1166"]]
     ddpm_cli.check_sample_memory(1166, 32)                     # the advice fits
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. files that are not what they claim
+
+
+def test_fifo_as_a_model_file_is_refused_before_it_is_opened(home, tmp_path):
+    """Used to hang forever (open() of a FIFO waits for a writer)."""
+    import signal
+    fifo = tmp_path / "best.pt"
+    os.mkfifo(fifo)
+
+    def hung(*a):
+        raise TimeoutError("opened the FIFO and waited")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(5)
+    try:
+        with pytest.raises(ddpm_io.CheckpointError, match=f"{fifo} is a FIFO .named pipe., not a "
+                                                          f"model file: it was not opened"):
+            dl.load_model(home, 0, fifo)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_device_as_a_model_file(home):
+    with pytest.raises(ddpm_io.CheckpointError, match="/dev/null is a device, not a model file"):
+        dl.load_model(home, 0, "/dev/null")
+
+
+def test_folder_as_a_model_file(home, tmp_path):
+    with pytest.raises(ddpm_io.CheckpointError, match=f"{tmp_path} is a folder, not a model"):
+        ddpm_io.load_checkpoint(tmp_path)
+
+
+def test_zip_bomb_is_refused_before_it_is_unpacked(tmp_path, monkeypatch):
+    """A 2 MB zip-bomb model file used to reach 2.7 GB of memory before it was refused."""
+    bomb = tmp_path / "best.pt"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\0" * 50_000_000)
+        z.writestr("archive/version", b"3\n")
+    assert bomb.stat().st_size < 1_000_000
+    monkeypatch.setattr(ddpm_io.torch, "load", lambda *a, **k: pytest.fail("torch.load ran"))
+    with pytest.raises(ddpm_io.CheckpointError, match=r"is not a model file of this project "
+                                                      r"\(its entries would unpack to 50.0 MB"):
+        ddpm_io.load_checkpoint(bomb)
+
+
+def test_oversized_model_file_is_refused_unread(tmp_path, monkeypatch):
+    big = tmp_path / "best.pt"
+    with open(big, "wb") as f:                           # sparse: no disk used
+        f.truncate(3 * 1024**3)
+    monkeypatch.setattr(ddpm_io.torch, "load", lambda *a, **k: pytest.fail("torch.load ran"))
+    with pytest.raises(ddpm_io.CheckpointError, match=r"3.2 GB, more than any model file"):
+        ddpm_io.load_checkpoint(big)
+
+
+def test_random_bytes_as_a_model_file(tmp_path):
+    """19 of 300 random files used to end in "unexpected IndexError"."""
+    rng = random.Random(45)
+    for i in range(300):
+        path = tmp_path / f"random{i}.pt"
+        head = b"PK\x03\x04" if i % 3 == 0 else b""              # a third look like a zip
+        path.write_bytes(head + rng.randbytes(rng.randint(0, 4096)))
+        with pytest.raises(ddpm_io.CheckpointError, match=f"{path} is not a model file of this "
+                                                          f"project"):
+            ddpm_io.load_checkpoint(path)
+
+
+def test_random_bytes_as_the_sample_model(home, capsys):
+    gcfg = dl.generation_config(home)
+    path = gcfg.run_dir("all") / "best.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(random.Random(0).randbytes(2000))
+    rc, msg = main_error(["sample", "--profile", "smoke", "--n", "4"], capsys)
+    assert rc == 1 and len(msg.splitlines()) == 1 and "is not a model file of this project" in msg
+
+
+def test_data_out_is_taken_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    """`cd /tmp && data --synthetic --out reldata` used to write <repo>/reldata."""
+    repo = tmp_path / "repo"
+    monkeypatch.setattr(ddpm_cli, "ROOT", repo)
+    monkeypatch.chdir(tmp_path)
+    ddpm_cli.main(["data", "--synthetic", "--out", "reldata"])
+    assert (tmp_path / "reldata" / "index.csv").exists() and not repo.exists()
+    assert f"→ {tmp_path / 'reldata' / 'index.csv'}" in capsys.readouterr().out
+
+
+def test_data_if_changed_reindexes_when_the_source_changes(tmp_path, capsys):
+    a = ddpm_cli.make_synthetic(tmp_path / "a", n_classes=2, frames=20, size=32)
+    b = ddpm_cli.make_synthetic(tmp_path / "b", n_classes=3, frames=20, size=32)
+    out = tmp_path / "data"
+    run = ["data", "--if-changed", "--out", str(out), "--from"]
+    ddpm_cli.main([*run, str(a)])
+    ddpm_cli.main([*run, str(a)])
+    assert "is up to date: it was made from" in capsys.readouterr().out
+    ddpm_cli.main([*run, str(b)])                        # FRUITS360_DIR changed
+    assert "up to date" not in capsys.readouterr().out
+    assert dl.read_index(out / "index.csv").label.nunique() == 3
+    ddpm_cli.main([*run, str(b), "--classes", "Fake 0 1", "Fake 1 1"])     # other classes
+    assert dl.read_index(out / "index.csv").label.nunique() == 2
+
+
+def test_make_data_runs_when_fruits360_dir_changes(tmp_path):
+    """`FRUITS360_DIR=/other make data` used to print "Nothing to be done" once data/index.csv
+    existed, and `make figures` ran on the old data."""
+    if not shutil.which("make"):
+        pytest.skip("no make")
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
+    venv = tmp_path / "venv"
+    for p in ("requirements.txt", "pyproject.toml", "data/index.csv", "venv/.ddpm-installed"):
+        (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / p).write_text("")
+    os.utime(venv / ".ddpm-installed", (2e9, 2e9))             # the environment is installed
+    r = subprocess.run(["make", "-n", "data", "FRUITS360_DIR=/other", f"VIRTUAL_ENV={venv}"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f'{venv}/bin/python -m ddpm_lib data --from "/other" --if-changed' in r.stdout
+
+
+def test_transparent_png_goes_on_white_and_is_named(tmp_path, capsys):
+    """A transparent PNG used to get a black background without a word."""
+    from PIL import Image
+    src = ddpm_cli.make_synthetic(tmp_path / "src", n_classes=2, frames=20, size=32)
+    jpg = src / "Training" / "Fake 0 1" / "r_5_100.jpg"
+    png = jpg.with_suffix(".png")
+    img = torch.zeros(4, 32, 32, dtype=torch.uint8)
+    img[0, :, :16] = 200                                      # left half red, opaque
+    img[3, :, :16] = 255                                      # right half fully transparent
+    jpg.unlink()
+    Image.fromarray(img.permute(1, 2, 0).numpy(), "RGBA").save(png)
+    ddpm_cli.prepare_data(src=src, out=tmp_path / "d")
+    assert f"1 images have transparent pixels (first: {png})" in capsys.readouterr().out
+    x = dl._decode(png)
+    assert (x[:, :, 16:] == 255).all() and (x[0, :, :16] == 200).all()
+
+
+def test_folder_named_like_an_image_is_skipped(tmp_path, capsys):
+    """A folder named 912_100.jpg used to give a torch dispatcher message."""
+    src = ddpm_cli.make_synthetic(tmp_path / "src", n_classes=2, frames=20, size=32)
+    folder = src / "Training" / "Fake 0 1" / "912_100.jpg"
+    folder.mkdir()
+    index = ddpm_cli.prepare_data(src=src, out=tmp_path / "d")
+    assert "skipped 1 files" in (out := capsys.readouterr().out) and f"{folder} (a folder)" in out
+    assert not index.path.str.contains("912_100").any()
+
+
+def test_empty_class_folder_without_classes(tmp_path, capsys):
+    """Used to say "remove the class from --classes" when no --classes was given."""
+    src = ddpm_cli.make_synthetic(tmp_path / "src", n_classes=2, frames=20, size=32)
+    empty = src / "Training" / "Empty 1"
+    empty.mkdir()
+    rc, msg = main_error(["data", "--from", str(src), "--out", str(tmp_path / "d")], capsys)
+    assert rc == 1 and f"class folder {empty} is missing or has no images" in msg
+    assert "--classes" not in msg.split("or index the other classes only")[0]
+    assert f"remove the empty folder {empty}" in msg
+    shutil.rmtree(empty)                                      # the advice, followed
+    ddpm_cli.main(["data", "--from", str(src), "--out", str(tmp_path / "d")])
+
+
+def test_empty_class_folder_with_classes(tmp_path, capsys):
+    src = ddpm_cli.make_synthetic(tmp_path / "src", n_classes=2, frames=20, size=32)
+    (src / "Test" / "Fake 1 1").rename(tmp_path / "moved")
+    (src / "Test" / "Fake 1 1").mkdir()
+    rc, msg = main_error(["data", "--from", str(src), "--out", str(tmp_path / "d"),
+                          "--classes", "Fake 0 1", "Fake 1 1"], capsys)
+    assert rc == 1 and "remove the class from --classes" in msg
