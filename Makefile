@@ -47,7 +47,7 @@ $(TEST_STAMP): requirements-test.txt $(STAMP)
 	touch $(TEST_STAMP)
 
 # re-indexed whenever FRUITS360_DIR (or the zip it names) is not what data/index.csv was made
-# from (data/.source records it; --if-changed compares), so `make figures` never runs on old data
+# from (data/source.txt records it; --if-changed compares), so `make figures` never runs on old data
 data: env
 	$(PY) -m ddpm_lib data --from "$(FRUITS360_DIR)" --if-changed
 

@@ -136,11 +136,7 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
 
 def _transparent(path: Path) -> bool:
     """Whether a PNG has pixels that are not opaque (the loader puts them on white)."""
-    from torchvision.io import ImageReadMode, decode_image
-    with warnings.catch_warnings():         # torchvision 0.29 announces a move of its decoders
-        warnings.simplefilter("ignore", DeprecationWarning)
-        img = decode_image(str(path), mode=ImageReadMode.RGB_ALPHA)
-    return bool((img[3] < (65535 if img.dtype == torch.uint16 else 255)).any())
+    return dl.png_alpha(path) is not None
 
 
 def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
@@ -221,7 +217,7 @@ def data_out(out: Path | str | None) -> Path:
     return ROOT / "data" if out is None else Path(out).resolve()
 
 
-SOURCE_STAMP = ".source"       # in a data folder: what its index.csv was made from (source_stamp)
+SOURCE_STAMP = "source.txt"    # in a data folder: what its index.csv was made from (source_stamp)
 
 
 def source_stamp(src: Path | str, classes=None, split: str = "grouped", seed: int = 0) -> str:
@@ -245,10 +241,9 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     """The `data` command: put the images at out/fruits-360 (a link, or the unpacked zip) and
     write out/index.csv. Sources: a folder or .zip (src), a URL, or the synthetic set. out:
     data_out's (default: the repository's data/; a relative path from the working directory).
-    A --from source is recorded in out/.source (source_stamp)."""
+    A --from source is recorded in out/source.txt (source_stamp)."""
     out = data_out(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / SOURCE_STAMP).unlink(missing_ok=True)        # written again once the switch is whole
     stamp = source_stamp(src, classes, split, seed) if src is not None and not synthetic else None
     _remove_leftovers(out)
     if synthetic:
@@ -271,6 +266,7 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     else:
         root = _find_split_dirs(src)["Training"].parent
         index = _index_folder(root, out, classes, split, seed, skip_bad)
+    (out / SOURCE_STAMP).unlink(missing_ok=True)        # written again once the switch is whole
     _switch_data(out, index, root)
     if stamp:
         with atomic_path(out / SOURCE_STAMP) as tmp:

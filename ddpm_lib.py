@@ -897,16 +897,29 @@ def _decode(path: Path) -> torch.Tensor:
     16-bit image keeps its high byte; a transparent PNG is composited on white (`data` says so).
     """
     from torchvision.io import ImageReadMode, decode_image
-    png = Path(path).suffix.lower() == ".png"
     with warnings.catch_warnings():         # torchvision 0.29 announces a move of its decoders
         warnings.simplefilter("ignore", DeprecationWarning)
-        img = decode_image(str(path), mode=ImageReadMode.RGB_ALPHA if png else ImageReadMode.RGB)
+        img = decode_image(str(path), mode=ImageReadMode.RGB)
     if img.dtype == torch.uint16:
         img = (img.to(torch.int32) >> 8).to(torch.uint8)
-    if img.shape[0] == 4:                   # transparency: on white, Fruits-360's background
-        a = img[3:].to(torch.int32)
-        img = ((img[:3].to(torch.int32) * a + 255 * (255 - a) + 127) // 255).to(torch.uint8)
+    a = png_alpha(path)
+    if a is not None:                       # transparency: on white, Fruits-360's background
+        a = a.to(torch.int32)
+        img = ((img.to(torch.int32) * a + 255 * (255 - a) + 127) // 255).to(torch.uint8)
     return img
+
+
+def png_alpha(path: Path) -> torch.Tensor | None:
+    """A PNG's alpha (1, H, W) uint8 where some pixel is not opaque, else None (PIL reads it:
+    torchvision's RGB_ALPHA mode misreads palette images)."""
+    if Path(path).suffix.lower() != ".png":
+        return None
+    from PIL import Image
+    with Image.open(path) as im:
+        if "A" not in im.getbands() and "transparency" not in im.info:
+            return None
+        a = torch.from_numpy(np.asarray(im.convert("RGBA"))[..., 3].copy())[None]
+    return a if (a < 255).any() else None
 
 
 def assign_folds(df: pd.DataFrame, n_folds: int = 5, split: str = "grouped",
