@@ -365,3 +365,14 @@ def test_empty_class_folder_with_classes(tmp_path, capsys):
     rc, msg = main_error(["data", "--from", str(src), "--out", str(tmp_path / "d"),
                           "--classes", "Fake 0 1", "Fake 1 1"], capsys)
     assert rc == 1 and "remove the class from --classes" in msg
+
+
+def test_report_error_table_names_each_case():
+    text = (ROOT / "report" / "template.md").read_text()
+    table = text[text.index("**When something goes wrong.**"):text.index("## Appendix")]
+    for case in ("--resume --set lr=", "`--resume` after `data` re-indexed", "`--set image_size=7`",
+                 "`T=0`", "`batch_size=0`", "`lr=1e10`", "ddpm_lib.check_params",
+                 "`--fold all --target scaled_eps`", "`sample --n` beyond", "a FIFO, device",
+                 "random bytes", "a zip bomb", "`FRUITS360_DIR` changed", "`data --out reldata`",
+                 "a transparent PNG", "`912_100.jpg`", "an empty class folder"):
+        assert case in table, case
