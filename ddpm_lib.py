@@ -221,7 +221,8 @@ def check_settings(settings: dict, whole: bool = False) -> dict:
     """check_setting of each item; whole=True (a complete Config) also checks the settings that
     depend on each other. Returns settings."""
     for k, v in settings.items():
-        check_setting(k, v)
+        if k in SETTING_RULES or not whole:        # a new Config field without a rule yet passes
+            check_setting(k, v)                    # (test_every_setting_has_a_rule says so)
     if whole:
         s = settings
         if not s["beta_1"] < s["beta_T"]:
