@@ -46,9 +46,10 @@ $(TEST_STAMP): requirements-test.txt $(STAMP)
 	$(PIP) -r requirements-test.txt -c requirements.txt
 	touch $(TEST_STAMP)
 
-data: env data/index.csv
-data/index.csv:
-	$(PY) -m ddpm_lib data --from "$(FRUITS360_DIR)"
+# re-indexed whenever FRUITS360_DIR (or the zip it names) is not what data/index.csv was made
+# from (data/source.txt records it; --if-changed compares), so `make figures` never runs on old data
+data: env
+	$(PY) -m ddpm_lib data --from "$(FRUITS360_DIR)" --if-changed
 
 # every model the notebooks need, resumed where a run stopped, skipped when finished or committed
 train: env data

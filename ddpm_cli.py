@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
     root = Path(root)
     dirs = _find_split_dirs(root)
     available = sorted(p.name for p in dirs["Training"].iterdir() if p.is_dir())
+    given = bool(classes)
     classes = list(classes) if classes else available
     missing = [c for c in classes if c not in available]
     if missing:
@@ -95,14 +97,17 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
         for c in classes:
             cdir = d / c
             entries = sorted(cdir.iterdir()) if cdir.is_dir() else []
-            imgs = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
+            imgs = [p for p in entries if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
             bad += [str(p) for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_EXTS]
+            bad += [f"{p} (a folder)" for p in entries if p.is_dir()]
             if not imgs:
+                fix = ("remove the class from --classes or restore its images" if given else
+                       f"restore its images, or remove the empty folder {cdir}, or index the "
+                       f"other classes only (--classes NAME …)")
                 raise DataError(f"class folder {cdir} is missing or has no images "
-                                f"({', '.join(IMAGE_EXTS)}); remove the class from --classes or "
-                                f"restore its images")
+                                f"({', '.join(IMAGE_EXTS)}): {fix}")
             files += [(split_name, c, p) for p in imgs]
-    resized = []
+    resized, transparent = [], []
     for split_name, c, p in tqdm(files, desc="checking images", leave=False):
         try:
             video, frame = parse_name(p.name)
@@ -112,6 +117,8 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
                                 f"leakage, are unknown: rename or remove it, or rerun with "
                                 f"--skip-bad to leave such files out")
             hw = check_image(p)
+            if p.suffix.lower() == ".png" and _transparent(p):
+                transparent.append(str(p))
         except DataError:
             if not skip_bad:
                 raise
@@ -124,8 +131,13 @@ def build_index(root: Path | str, classes=None, n_folds: int = 5, split: str = "
     if not rows:
         return pd.DataFrame(columns=INDEX_COLUMNS), bad
     df = assign_folds(pd.DataFrame(rows), n_folds, split, seed)[INDEX_COLUMNS]
-    df.attrs["resized"] = resized
+    df.attrs["resized"], df.attrs["transparent"] = resized, transparent
     return df, bad
+
+
+def _transparent(path: Path) -> bool:
+    """Whether a PNG has pixels that are not opaque (the loader puts them on white)."""
+    return dl.png_alpha(path) is not None
 
 
 def _fetch_url(url: str, dest: Path, expected_size: int | None = None) -> Path:
@@ -200,13 +212,40 @@ def _unpack(src: Path, dest: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def data_out(out: Path | str | None) -> Path:
+    """`data --out`: the repository's data/ (where training reads) by default; a path given is
+    taken from the working directory, as every other --out is."""
+    return ROOT / "data" if out is None else Path(out).resolve()
+
+
+SOURCE_STAMP = "source.txt"    # in a data folder: what its index.csv was made from (source_stamp)
+
+
+def source_stamp(src: Path | str, classes=None, split: str = "grouped", seed: int = 0) -> str:
+    """What an index is made from: the --from path (resolved; a zip's size and mtime too), the
+    classes, the split and its seed. `data --if-changed` re-indexes only when it differs."""
+    src = Path(src).resolve()
+    zip_version = _zip_stamp(src) if src.is_file() else ""
+    return (f"{src}\n{zip_version}\nclasses {sorted(classes) if classes else 'default'}\n"
+            f"split {split} seed {seed}\n")
+
+
+def up_to_date(out: Path, stamp: str) -> bool:
+    """Whether out/index.csv was made from `stamp`'s source, whole (no switch left half-done)."""
+    return ((out / "index.csv").exists() and not (out / dl.SWITCHING).exists()
+            and (out / SOURCE_STAMP).exists() and (out / SOURCE_STAMP).read_text() == stamp)
+
+
 def prepare_data(src: Path | str | None = None, url: str | None = None, synthetic: bool = False,
-                 out: Path | str = "data", classes=None, split: str = "grouped", seed: int = 0,
-                 skip_bad: bool = False, synthetic_size: int = 100) -> pd.DataFrame:
+                 out: Path | str | None = None, classes=None, split: str = "grouped",
+                 seed: int = 0, skip_bad: bool = False, synthetic_size: int = 100) -> pd.DataFrame:
     """The `data` command: put the images at out/fruits-360 (a link, or the unpacked zip) and
-    write out/index.csv. Sources: a folder or .zip (src), a URL, or the synthetic set."""
-    out = ROOT / out if not Path(out).is_absolute() else Path(out)
+    write out/index.csv. Sources: a folder or .zip (src), a URL, or the synthetic set. out:
+    data_out's (default: the repository's data/; a relative path from the working directory).
+    A --from source is recorded in out/source.txt (source_stamp)."""
+    out = data_out(out)
     out.mkdir(parents=True, exist_ok=True)
+    stamp = source_stamp(src, classes, split, seed) if src is not None and not synthetic else None
     _remove_leftovers(out)
     if synthetic:
         src = make_synthetic(out / "synthetic-fruits", size=synthetic_size, seed=seed)
@@ -228,7 +267,11 @@ def prepare_data(src: Path | str | None = None, url: str | None = None, syntheti
     else:
         root = _find_split_dirs(src)["Training"].parent
         index = _index_folder(root, out, classes, split, seed, skip_bad)
+    (out / SOURCE_STAMP).unlink(missing_ok=True)        # written again once the switch is whole
     _switch_data(out, index, root)
+    if stamp:
+        with atomic_path(out / SOURCE_STAMP) as tmp:
+            tmp.write_text(stamp)
     if src.suffix.lower() == ".zip":                   # older versions, now unused
         for old in set(out.glob(f"{src.stem}-unpacked*")) - {dest}:
             shutil.rmtree(old, ignore_errors=True)
@@ -293,12 +336,16 @@ def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
                         f"(or pass --from {link}) — it is not deleted")
     index, bad = build_index(root, classes, split=split, seed=seed, skip_bad=skip_bad)
     if bad:
-        print(f"skipped {len(bad)} files (unreadable, not {'/'.join(IMAGE_EXTS)}, or named "
-              f"outside the dataset's scheme):\n  " + "\n  ".join(bad))
+        print(f"skipped {len(bad)} files (unreadable, not {'/'.join(IMAGE_EXTS)}, named "
+              f"outside the dataset's scheme, or folders):\n  " + "\n  ".join(bad))
     resized = index.attrs.get("resized", [])
     if resized:
         print(f"warning: {len(resized)} images are not square (first: {resized[0]}); they are "
               f"resized to a square, so their aspect ratio changes")
+    transparent = index.attrs.get("transparent", [])
+    if transparent:
+        print(f"note: {len(transparent)} images have transparent pixels (first: {transparent[0]}); "
+              f"they are put on a white background, as Fruits-360's fruit are")
     if index.empty:
         raise DataError(f"no readable image in {root}: nothing indexed")
     return index
@@ -756,6 +803,10 @@ def _setting(v: str) -> tuple[str, object]:
     except (KeyError, ValueError):
         what = {bool: "true or false", int: "a whole number", float: "a number"}.get(kind, "text")
         raise argparse.ArgumentTypeError(f"{key} takes {what}, not {raw!r}") from None
+    try:
+        dl.check_setting(key, value)                  # the one range check (SETTING_RULES)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return key, value
 
 
@@ -778,11 +829,15 @@ PROFILE_HELP = {"smoke": "synthetic fruit, a tiny model, seconds (tests, CI)",
 
 def cmd_data(a) -> None:
     t0 = time.perf_counter()
-    index = prepare_data(a.src, a.url, a.synthetic, a.out, a.classes, a.split, a.seed, a.skip_bad)
+    out = data_out(a.out)
+    if a.if_changed and a.src and up_to_date(out, source_stamp(a.src, a.classes, a.split, a.seed)):
+        print(f"{out / 'index.csv'} is up to date: it was made from {Path(a.src).resolve()}")
+        return
+    index = prepare_data(a.src, a.url, a.synthetic, out, a.classes, a.split, a.seed, a.skip_bad)
     counts = index[index.split == "train"].fold.value_counts().sort_index()
     print(f"{len(index)} images ({(index.split == 'train').sum()} train, "
           f"{(index.split == 'test').sum()} test, {index.label.nunique()} classes) → "
-          f"{Path(a.out) / 'index.csv'} in {time.perf_counter() - t0:.1f} s; rows per fold: "
+          f"{out / 'index.csv'} in {time.perf_counter() - t0:.1f} s; rows per fold: "
           + ", ".join(f"{k}: {v}" for k, v in counts.items()))
 
 
@@ -795,6 +850,16 @@ def cmd_train(a) -> None:
                      **over, **dict(a.set))
     if a.set and a.out is None:
         raise ValueError("--set changes the recipe: give the run its own folder with --out")
+    if cfg.target != "eps" and (cfg.sigma_data or cfg.min_snr_gamma):
+        parts = [f"{k} {getattr(cfg, k):g}" for k in ("sigma_data", "min_snr_gamma")
+                 if getattr(cfg, k)]
+        fold_cmd = train_command(get_config(a.profile, target=cfg.target), 0)
+        raise ValueError(
+            f"--target {cfg.target} (the report-faithful target) cannot be trained with "
+            f"{' and '.join(parts)} (EDM preconditioning and min-SNR weighting need target eps)"
+            + (f": the generation model (--fold all) uses them. Train the report-faithful target "
+               f"on a fold: `{fold_cmd}`" if a.fold == "all" else
+               f": leave {' and '.join(p.split()[0] for p in parts)} out of --set"))
     h = train(cfg, a.fold, resume=a.resume, out=a.out)
     if len(h):
         b = h.loc[h.val_loss.idxmin()]
@@ -898,6 +963,7 @@ def cmd_sample(a) -> None:
         kw["clip"] = not a.no_clip
     cond = a.fruit is not None
     kw.update(_guidance(a, cfg))
+    check_sample_memory(a.n, cfg.image_size)
     model = generation_model(cfg, conditional=cond)
     fp = Diffusion.from_config(generation_config(cfg)).to(get_device())
     x, _ = sample(model, fp, a.method, a.n, cfg.image_size, a.seed, **kw)
@@ -914,6 +980,42 @@ def cmd_sample(a) -> None:
 
 
 SAMPLES = ROOT / "samples"              # `sample`'s pictures (ignored by git)
+
+
+# What `sample` takes per image, mostly the grid picture's arrays: measured 5.5 GB for --n 4096
+# at 32×32 (issue 45), so about 1,340 bytes a pixel; scaled by the image size.
+SAMPLE_BYTES_PER_PIXEL = 1340
+
+
+def available_memory() -> int:
+    """Bytes this machine can still give (MemAvailable), or 0 where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_sample_memory(n: int, size: int) -> None:
+    """Say, before anything is allocated, how much memory --n samples of size×size take: refused
+    where it is more than 80% of what is available, named where it is over 1 GB."""
+    need, free = n * size * size * SAMPLE_BYTES_PER_PIXEL, available_memory()
+    per = size * size * SAMPLE_BYTES_PER_PIXEL
+    if free and need > 0.8 * free:
+        fits = max(int(0.8 * free // per), 0)
+        raise ValueError(f"--n {n} at {size}×{size} would take about {need / 1e9:.1f} GB of memory "
+                         f"(about {per / 1e6:.1f} MB a sample, mostly the picture), and "
+                         f"{free / 1e9:.1f} GB is available: "
+                         + (f"use --n {fits} or fewer (several runs with another --seed for more)"
+                            if fits else "free memory (close other programs) first"))
+    if need > 1e9:
+        print(f"note: --n {n} at {size}×{size} takes about {need / 1e9:.1f} GB of memory",
+              flush=True)
 
 
 def _guidance(a, cfg: Config) -> dict:
@@ -1006,7 +1108,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from", dest="src", help="folder or .zip with Training/ and Test/")
     src.add_argument("--url", nargs="?", const=DEFAULT_URL, help="download the archive first")
     src.add_argument("--synthetic", action="store_true", help="fake fruit, for tests only")
-    p.add_argument("--out", default="data", help="where index.csv goes")
+    p.add_argument("--out", default=None, help="where index.csv goes (default: the repository's "
+                   "data/, which training reads; a relative path is taken from the working "
+                   "directory)")
+    p.add_argument("--if-changed", action="store_true", help="with --from: do nothing when "
+                   "index.csv was made from the same source, classes, split and seed (make data)")
     p.add_argument("--classes", nargs="+", help="class folder names (default: the 10 of the "
                    "shared subset when indexing it, else all)")
     p.add_argument("--split", choices=["grouped", "random"], default="grouped",

@@ -57,6 +57,7 @@ def load_checkpoint(path: Path | str, need=()) -> dict:
     """Read one of our checkpoints with torch.load(weights_only=True): tensors and plain data
     only, so a file from elsewhere cannot run code while it loads. need: the keys it must have
     (a bare state dict, or an export where a training checkpoint is needed, is refused)."""
+    _check_model_file(Path(path))
     ck = _torch_load(Path(path))
     missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
     if missing:
@@ -85,6 +86,51 @@ def load_state(module, state, path: Path) -> None:
                               f"Use an earlier checkpoint or train again")
 
 
+# The largest model file this project writes is far below this (the full profile's training
+# checkpoint: tens of MB); a larger one is not ours, and is refused before it is read.
+MAX_MODEL_BYTES = 2 * 1024**3
+
+
+def _not_ours(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is not a model file of this project ({why}; not a readable checkpoint: "
+        f"truncated, empty, corrupt or another format). Delete it and train again, or restore it "
+        f"from its source")
+
+
+def _check_model_file(path: Path) -> None:
+    """Refuse, before torch.load opens it, what cannot be one of our model files: a FIFO, device
+    or folder (opening a FIFO waits forever), a file over MAX_MODEL_BYTES, anything but the zip
+    archive torch.save writes, and a zip whose entries are compressed or unpack to more than the
+    file holds (torch.save stores them as they are; a zip bomb does not)."""
+    import stat
+    import zipfile
+    st = os.stat(path)                              # FileNotFoundError: said by the caller
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)"
+                if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file")
+        raise CheckpointError(f"{path} is {kind}, not a model file: it was not opened. Point at "
+                              f"the .pt file that train or export wrote, or remove {path}")
+    if st.st_size > MAX_MODEL_BYTES:
+        raise _not_ours(path, f"{st.st_size / 1e9:.1f} GB, more than any model file of this "
+                              f"project ({MAX_MODEL_BYTES / 1e9:.1f} GB at most)")
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError,
+            UnicodeDecodeError, IndexError, KeyError) as e:
+        raise _not_ours(path, f"not the zip archive torch.save writes: {type(e).__name__}") from None
+    packed = [i.filename for i in infos if i.compress_type != zipfile.ZIP_STORED]
+    unpacked = sum(i.file_size for i in infos)
+    if packed or unpacked > st.st_size:
+        raise _not_ours(path, f"its entries would unpack to {unpacked / 1e6:,.1f} MB from a "
+                              f"{st.st_size / 1e6:,.1f} MB file"
+                              + (f", compressed ({packed[0]}…)" if packed else "")
+                              + ": torch.save never compresses, so it was not unpacked")
+
+
 def _torch_load(path: Path):
     import pickle
     try:
@@ -99,11 +145,10 @@ def _torch_load(path: Path):
                 f"it could run code: {why}). Use a checkpoint written by this repository's own "
                 f"train or export, or delete it") from None
         err = e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        err = e
-    raise CheckpointError(
-        f"{path} is not a readable checkpoint (truncated, empty or corrupt: "
-        f"{type(err).__name__}). Delete it and train again, or restore it from its source")
+    except (RuntimeError, EOFError, OSError, ValueError, IndexError, KeyError, TypeError,
+            AttributeError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        err = e                                  # a damaged archive fails in many ways
+    raise _not_ours(path, type(err).__name__)
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -114,6 +114,9 @@ class Config:
     n_classes: int = 0              # > 0: class-conditional, with a null class [CFG]
     p_uncond: float = 0.1           # conditional: share of training labels dropped to null
 
+    def __post_init__(self):
+        check_settings(dataclasses.asdict(self), whole=True)
+
     @property
     def home(self) -> Path:
         """The folder that data_dir, runs/, figures/ and data/checkpoints/ are relative to."""
@@ -138,8 +141,127 @@ class Config:
         return d
 
 
-# Settings that may differ when a run is resumed (everything else must match the checkpoint).
-RESUMABLE_KEYS = {"max_epochs", "patience", "profile", "snapshot_every", "root"}
+# Settings that may differ when a run is resumed (everything else must match the checkpoint);
+# lr: a run that diverged continues with a lower one (its history's lr column records it).
+RESUMABLE_KEYS = {"max_epochs", "patience", "profile", "snapshot_every", "root", "lr"}
+
+
+# The one range check of every setting (issue 45): Config (so get_config and dataclasses.replace),
+# the command line's --set and flags, and the notebooks' parameters cells (check_params) use it.
+# A rule: ("int", lo, hi), ("float", lo, hi, lo_open), ("choice", values), ("bool", none_ok), ("str",)
+BIG = 10**9
+SETTING_RULES = {
+    "profile": ("choice", "PROFILES"), "root": ("str",), "data_dir": ("str",),
+    "image_size": ("int", 8, 1024), "width": ("int", 1, 1024), "time_dim": ("int", 2, 8192),
+    "heads": ("int", 1, 64), "sigma_data": ("float", 0.0, 100.0, False),
+    "T": ("int", 2, 100_000), "beta_1": ("float", 0.0, 1.0, True),
+    "beta_T": ("float", 0.0, 1.0, True), "schedule": ("choice", ("linear", "cosine")),
+    "target": ("choice", ("eps", "scaled_eps")), "split": ("choice", ("grouped", "random")),
+    "batch_size": ("int", 1, 65_536), "lr": ("float", 0.0, 0.1, True),
+    "lr_warmup": ("int", 0, BIG), "lr_decay": ("choice", ("constant", "cosine")),
+    "min_snr_gamma": ("float", 0.0, 1e4, False), "weight_decay": ("float", 0.0, 1.0, False),
+    "max_epochs": ("int", 1, 100_000), "patience": ("int", 1, 100_000),
+    "init": ("choice", "PROFILES+''"), "steps_per_epoch": ("int", 0, BIG),
+    "val_images": ("int", 0, BIG), "ema_decay": ("float", 0.0, 1.0, False),
+    "grad_clip": ("float", 0.0, 1e6, True), "flip": ("bool", False), "bf16": ("bool", True),
+    "channels_last": ("bool", True), "seed": ("int", 0, 2**63 - 1),
+    "snapshot_every": ("int", 0, 100_000), "n_classes": ("int", 0, 100_000),
+    "p_uncond": ("float", 0.0, 1.0, False),
+}
+
+
+def _rule_text(rule) -> str:
+    kind = rule[0]
+    if kind == "int":
+        return (f"a whole number ≥ {rule[1]:,}" if rule[2] == BIG else
+                f"a whole number in [{rule[1]:,}, {rule[2]:,}]")
+    if kind == "float":
+        return f"a number in {'(' if rule[3] else '['}{rule[1]:g}, {rule[2]:g}]"
+    if kind == "choice":
+        return "one of " + ", ".join(repr(c) for c in _choices(rule))
+    if kind == "bool":
+        return "True or False" + (" (or None: measured)" if rule[1] else "")
+    return "text"
+
+
+def _choices(rule) -> tuple:
+    if rule[1] == "PROFILES":
+        return tuple(sorted(PROFILES))
+    if rule[1] == "PROFILES+''":
+        return ("", *sorted(PROFILES))
+    return tuple(rule[1])
+
+
+def check_setting(name: str, value, rules: dict | None = None):
+    """One setting against its rule (SETTING_RULES): the value, or a ValueError of one line that
+    names the setting, its value and its allowed range."""
+    import numbers
+    rules = SETTING_RULES if rules is None else rules
+    if name not in rules:
+        raise ValueError(f"{name} is not a setting here: choose one of {', '.join(rules)}")
+    rule, kind = rules[name], rules[name][0]
+    ok = True
+    if kind == "int":
+        ok = (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+              and rule[1] <= value <= rule[2])
+    elif kind == "float":
+        ok = (isinstance(value, numbers.Real) and not isinstance(value, bool)
+              and math.isfinite(value) and (rule[1] < value if rule[3] else rule[1] <= value)
+              and value <= rule[2])
+    elif kind == "choice":
+        ok = isinstance(value, str) and value in _choices(rule)
+    elif kind == "bool":
+        ok = isinstance(value, bool) or (rule[1] and value is None)
+    elif kind == "str":
+        ok = isinstance(value, str)
+    if not ok:
+        raise ValueError(f"{name} = {value!r} is out of range: it must be {_rule_text(rule)}")
+    return value
+
+
+def check_settings(settings: dict, whole: bool = False) -> dict:
+    """check_setting of each item; whole=True (a complete Config) also checks the settings that
+    depend on each other. Returns settings."""
+    for k, v in settings.items():
+        if k in SETTING_RULES or not whole:        # a new Config field without a rule yet passes
+            check_setting(k, v)                    # (test_every_setting_has_a_rule says so)
+    if whole:
+        s = settings
+        if not s["beta_1"] < s["beta_T"]:
+            raise ValueError(f"beta_1 = {s['beta_1']!r} and beta_T = {s['beta_T']!r}: the noise "
+                             f"schedule must rise, beta_1 < beta_T")
+        if (4 * s["width"]) % s["heads"]:
+            raise ValueError(f"heads = {s['heads']} must divide the attention's 4 × width = "
+                             f"{4 * s['width']} channels: choose heads among "
+                             f"{[h for h in range(1, 9) if (4 * s['width']) % h == 0]}")
+        if s["time_dim"] % 2:
+            raise ValueError(f"time_dim = {s['time_dim']} must be even (sines and cosines)")
+    return settings
+
+
+# The notebooks' parameters cells (papermill -p NAME VALUE): each notebook's second cell calls
+# check_params(...) with its own, so a bad value stops there in one line, not in a later cell.
+PARAM_RULES = {
+    "PROFILE": ("choice", "PROFILES+None"), "SEED": SETTING_RULES["seed"],
+    "IMAGE": ("int", 0, 7),                       # an index into eval_images(cfg, n=8)
+    **{k: ("int", 1, BIG) for k in ("N_EVAL", "N_SAMPLES", "N_REPORT", "N_FIG5", "N_GRID",
+                                    "N_PROG", "N_PER_CLASS")},
+}
+
+
+def check_params(**params) -> dict:
+    """A notebook's parameters, checked: e.g. check_params(PROFILE=PROFILE, SEED=SEED,
+    N_EVAL=N_EVAL). SEED a whole number ≥ 0, IMAGE in [0, 7], every N_* a whole number ≥ 1 (0
+    is refused, never replaced by a default). Raises a one-line ValueError naming the parameter,
+    its value and its range; returns params."""
+    for k, v in params.items():
+        if k == "PROFILE":
+            if v is not None and v not in PROFILES:
+                raise ValueError(f"PROFILE = {v!r} is out of range: it must be None (DDPM_PROFILE) "
+                                 f"or one of {', '.join(repr(p) for p in sorted(PROFILES))}")
+            continue
+        check_setting(k, v, PARAM_RULES)
+    return params
 
 
 # Settings of speed only (precision and memory layout): check_config passes them by default, and
@@ -827,14 +949,32 @@ def parse_name(filename: str) -> tuple[str, int]:
 
 def _decode(path: Path) -> torch.Tensor:
     """The one image decoder of the library (torchvision): any mode → uint8 RGB (3, H, W); a
-    16-bit image keeps its high byte."""
+    16-bit image keeps its high byte; a transparent PNG is composited on white (`data` says so).
+    """
     from torchvision.io import ImageReadMode, decode_image
     with warnings.catch_warnings():         # torchvision 0.29 announces a move of its decoders
         warnings.simplefilter("ignore", DeprecationWarning)
         img = decode_image(str(path), mode=ImageReadMode.RGB)
     if img.dtype == torch.uint16:
         img = (img.to(torch.int32) >> 8).to(torch.uint8)
+    a = png_alpha(path)
+    if a is not None:                       # transparency: on white, Fruits-360's background
+        a = a.to(torch.int32)
+        img = ((img.to(torch.int32) * a + 255 * (255 - a) + 127) // 255).to(torch.uint8)
     return img
+
+
+def png_alpha(path: Path) -> torch.Tensor | None:
+    """A PNG's alpha (1, H, W) uint8 where some pixel is not opaque, else None (PIL reads it:
+    torchvision's RGB_ALPHA mode misreads palette images)."""
+    if Path(path).suffix.lower() != ".png":
+        return None
+    from PIL import Image
+    with Image.open(path) as im:
+        if "A" not in im.getbands() and "transparency" not in im.info:
+            return None
+        a = torch.from_numpy(np.asarray(im.convert("RGBA"))[..., 3].copy())[None]
+    return a if (a < 255).any() else None
 
 
 def assign_folds(df: pd.DataFrame, n_folds: int = 5, split: str = "grouped",

@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ddpm_lib import (PURGE_K, channels_last, ROOT, Config, EMA, Diffusion, Fruits, atomic_path, autocast,
+from ddpm_lib import (PURGE_K, RESUMABLE_KEYS, SPEED_KEYS, channels_last, ROOT, Config, EMA, Diffusion, Fruits, atomic_path, autocast,
                       bf16_fast, build_model, check_config, committed_dir, diffusion_loss,
                       eval_images, fold_rows, get_config, get_device,
                       load_checkpoint, learning_rate, load_index, load_state, optimizer_step, planned_runs,
@@ -523,6 +524,76 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
         return _train(cfg, fold, resume, out, progress and d.main, stop, d)
 
 
+# -----------------------------------------------------------------------------------------------
+# what a run was made from (issue 45): its index, its fold's images, its classes
+
+
+def _digest(lines) -> str:
+    import hashlib
+    return hashlib.sha1("\n".join(sorted(lines)).encode()).hexdigest()[:16]
+
+
+def data_fingerprint(cfg: Config, fold) -> dict:
+    """What a run is trained on: digests of the index (every image, its split and fold) and of
+    this fold's assignment (which images train, which validate), the class names, the counts,
+    and the folder its images came from (data_dir/fruits-360's target)."""
+    index = load_index(cfg)
+    tr, val = fold_rows(index, fold, PURGE_K if cfg.split == "grouped" else 0)
+    link = cfg.home / cfg.data_dir / "fruits-360"
+    return {"index": _digest(index.path + "|" + index.label + "|" + index.split + "|"
+                             + index.fold.astype(str)),
+            "folds": _digest(list("train|" + tr.path) + list("val|" + val.path)),
+            "classes": sorted(index.label.unique()), "n_train": len(tr), "n_val": len(val),
+            "source": str(link.resolve()) if link.exists() else ""}
+
+
+def run_command(cfg: Config, fold, out: Path | str) -> str:
+    """train_command with the run's folder and every recipe setting it was given (--set, flags)
+    beyond its profile's, so that the line, run as printed, trains or resumes this very run."""
+    cmd = train_command(cfg, fold)
+    from ddpm_lib import GENERATION, GENERATION_COND, PROFILES
+    p = cfg.profile
+    gen = ((GENERATION_COND.get(p, GENERATION[p]) if cfg.n_classes else GENERATION[p])
+           if fold == "all" else {})
+    base = dataclasses.asdict(Config(profile=p, **{**PROFILES[p], **gen}))
+    for k, v in dataclasses.asdict(cfg).items():
+        if k in ("max_epochs", "patience") and v != base[k]:
+            cmd += f" --{k.replace('_', '-')} {v}"
+        elif (k not in RESUMABLE_KEYS | SPEED_KEYS | {"target", "split", "n_classes", "profile",
+                                                      "root"} and v != base[k]):
+            cmd += f" --set {shlex.quote(f'{k}={v}')}"
+    return f"{cmd} --out {shlex.quote(str(out))}"
+
+
+def check_data(saved: dict, now: dict, ckpt_path: Path, cfg: Config, fold, out: Path) -> None:
+    """Refuse to resume a run on other data than it was made from (saved: its checkpoint's
+    data_fingerprint), naming what changed and both ways out."""
+    if saved is None or all(saved.get(k) == now.get(k) for k in ("index", "folds", "classes")):
+        return
+    what = []
+    added = sorted(set(now["classes"]) - set(saved["classes"]))
+    removed = sorted(set(saved["classes"]) - set(now["classes"]))
+    if added or removed:
+        what.append("classes" + (f" added: {', '.join(added)}" if added else "")
+                    + (";" if added and removed else "")
+                    + (f" removed: {', '.join(removed)}" if removed else ""))
+    if saved.get("folds") != now.get("folds"):
+        what.append(f"fold {fold}'s images changed (training {saved['n_train']:,} → "
+                    f"{now['n_train']:,}, validation {saved['n_val']:,} → {now['n_val']:,}): "
+                    f"resuming would train on images it validated on")
+    elif saved.get("index") != now.get("index"):
+        what.append("the index lists other images")
+    data = cfg.home / cfg.data_dir
+    back = (f"index its data again — `python -m ddpm_lib data --from {saved['source']} --out "
+            f"{data}` — and rerun this command" if saved.get("source") else
+            f"index the data it was trained on again (`python -m ddpm_lib data --from … --out "
+            f"{data}`) and rerun this command")
+    fresh = out.with_name(out.name + "-new")
+    raise ValueError(f"{ckpt_path} was trained on other data than {data / 'index.csv'} holds now "
+                     f"({'; '.join(what)}). Either {back}, or start a fresh run on the new data "
+                     f"in another folder: `{run_command(cfg, fold, fresh)}`")
+
+
 # What a training checkpoint holds that resuming needs (an export or a best.pt lacks most).
 RESUME_KEYS = ("config", "model", "ema", "optimizer", "epoch", "best_val", "bad_epochs",
                "history", "rng")
@@ -546,6 +617,9 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                          f"another --out folder")
     if ck:
         check_config(ck["config"], cfg, ckpt_path)
+    data = data_fingerprint(cfg, fold)
+    if ck:
+        check_data(ck.get("data"), data, ckpt_path, cfg, fold, out)
     speed = resumed_speed(ck["config"], cfg, device, ckpt_path) if ck else \
         speed_choice(cfg, device)
     if not ck and d.world > 1:                       # one choice for all processes: rank 0's
@@ -569,6 +643,8 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
     if ck:
         for part, key in ((model, "model"), (ema, "ema"), (opt, "optimizer")):
             load_state(part, ck[key], ckpt_path)
+        for group in opt.param_groups:                # lr may change on resume (RESUMABLE_KEYS)
+            group["lr"] = cfg.lr
         stopper = EarlyStopping(cfg.patience, ck["best_val"], ck["bad_epochs"])
         history, start = ck["history"], ck["epoch"]
         set_rng_state(ck["rng"])
@@ -625,8 +701,10 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                 raise FloatingPointError(
                     f"loss is {step_loss.item()} at fold {fold}, epoch {epoch + 1}, step "
                     f"{len(losses) + 1}: training stopped. The last good checkpoint ({ckpt_path}, "
-                    f"epoch {start if not history else history[-1]['epoch']}) is intact; lower "
-                    f"the learning rate or check the data, then rerun with --resume")
+                    f"epoch {start if not history else history[-1]['epoch']}) is intact: lower "
+                    f"the learning rate and continue from it, "
+                    f"`{run_command(cfg, fold, out)} --resume --set lr={cfg.lr / 10:g}`, or "
+                    f"check the data")
             if cfg.lr_warmup or cfg.lr_decay != "constant":
                 for group in opt.param_groups:
                     group["lr"] = learning_rate(cfg, epoch * steps + len(losses), steps)
@@ -675,7 +753,8 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                              "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                              "epoch": epoch + 1, "best_val": stopper.best,
                              "bad_epochs": stopper.bad_epochs, "history": history,
-                             "fold": str(fold), "rng": rng_state(), "speed": speed, **names},
+                             "fold": str(fold), "rng": rng_state(), "speed": speed,
+                             "data": data, **names},
                             ckpt_path)
             write_csv(pd.DataFrame(history), out / "history.csv")
         if stopper.stop:
