@@ -244,7 +244,8 @@ def check_settings(settings: dict, whole: bool = False) -> dict:
 PARAM_RULES = {
     "PROFILE": ("choice", "PROFILES+None"), "SEED": SETTING_RULES["seed"],
     "IMAGE": ("int", 0, 7),                       # an index into eval_images(cfg, n=8)
-    **{k: ("int", 1, BIG) for k in ("N_EVAL", "N_SAMPLES", "N_REPORT", "N_FIG5", "N_GRID",
+    **{k: ("int", 1, BIG) for k in ("N_EVAL", "N_NATIVE", "N_SAMPLES", "N_REPORT", "N_FIG5",
+                                    "N_FIG5_NATIVE", "N_GRID",
                                     "N_PROG", "N_PER_CLASS")},
 }
 

@@ -186,6 +186,10 @@ def test_notebook_parameters_all_have_a_rule():
         ns = {}
         exec("".join(cell["source"]), ns)                     # its defaults pass
         dl.check_params(**{k: ns[k] for k in names})
+        cells = json.loads(nb.read_text())["cells"]           # and the next cell checks them all
+        after = "".join(cells[cells.index(cell) + 1]["source"])
+        call = re.search(r"dl\.check_params\(([^)]*)\)", after)
+        assert call and set(re.findall(r"(\w+)=\1", call.group(1))) == set(names), nb.name
 
 
 def test_sample_n_beyond_memory_says_how_much(monkeypatch, capsys):
