@@ -860,6 +860,10 @@ def cmd_train(a) -> None:
             + (f": the generation model (--fold all) uses them. Train the report-faithful target "
                f"on a fold: `{fold_cmd}`" if a.fold == "all" else
                f": leave {' and '.join(p.split()[0] for p in parts)} out of --set"))
+    ckpt = (Path(a.out) if a.out else cfg.run_dir(a.fold)) / "checkpoint.pt"
+    if a.resume and "lr" not in dict(a.set) and ckpt.is_file():
+        # the learning rate changes on resume only when --set lr asks (the NaN advice)
+        cfg = dataclasses.replace(cfg, lr=load_checkpoint(ckpt)["config"].get("lr", cfg.lr))
     h = train(cfg, a.fold, resume=a.resume, out=a.out)
     if len(h):
         b = h.loc[h.val_loss.idxmin()]

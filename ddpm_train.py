@@ -645,6 +645,9 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
             load_state(part, ck[key], ckpt_path)
         for group in opt.param_groups:                # lr may change on resume (RESUMABLE_KEYS)
             group["lr"] = cfg.lr
+        if progress and ck["config"].get("lr", cfg.lr) != cfg.lr:
+            print(f"learning rate {ck['config']['lr']:g} → {cfg.lr:g} from epoch {ck['epoch'] + 1} "
+                  f"(the history's lr column records it)", flush=True)
         stopper = EarlyStopping(cfg.patience, ck["best_val"], ck["bad_epochs"])
         history, start = ck["history"], ck["epoch"]
         set_rng_state(ck["rng"])

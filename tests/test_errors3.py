@@ -101,6 +101,17 @@ def test_nan_advice_run_as_printed_continues_with_a_lower_lr(home, tmp_path, mon
     assert list(h.epoch) == [1, 2] and list(h.lr) == [2e-4, 2e-5]
 
 
+def test_resume_without_set_lr_keeps_the_runs_learning_rate(home, tmp_path):
+    """lr may change on resume only when asked: a run made with --set lr=1e-3 and resumed
+    without --set keeps 1e-3 (not the profile's 2e-4)."""
+    out = tmp_path / "R"
+    ddpm_cli.main(["train", "--profile", "smoke", "--fold", "0", "--out", str(out),
+                   "--max-epochs", "1", "--set", "lr=1e-3"])
+    ddpm_cli.main(["train", "--profile", "smoke", "--fold", "0", "--out", str(out),
+                   "--max-epochs", "2", "--resume"])
+    assert list(pd.read_csv(out / "history.csv").lr) == [1e-3, 1e-3]
+
+
 def test_resume_with_a_recipe_advises_the_recipe(home, tmp_path):
     cfg = dl.get_config("smoke", root=home.root, min_snr_gamma=5.0, max_epochs=3)
     cmd = dt.run_command(cfg, 0, tmp_path / "R")
