@@ -1379,16 +1379,22 @@ def nearest_ssim(x: torch.Tensor, train: torch.Tensor, batch: int = 64) -> torch
     return nearest_train(x, train, batch)[0]
 
 
-@torch.no_grad()
-def reconstruct(model, fp: Diffusion, xt: torch.Tensor, t: torch.Tensor,
-                decode: str = "eps") -> torch.Tensor:
-    """The one-step x̂0 of Table 1, in [0, 1], in fp32. decode: 'eps' reads the output as ε and
-    solves Eq. 4 for x0 (Eq. 15); 'eq5' is the report's scaler·(x_t − output) (report_x0);
-    'alpha' the same with 1/√α_t alone, where the report started (too dark)."""
-    out = model(xt, t).float()
+def decode_x0(fp: Diffusion, xt: torch.Tensor, t: torch.Tensor, out: torch.Tensor,
+              decode: str = "eps") -> torch.Tensor:
+    """The one-step x̂0 of Table 1 from the network's output `out`, in [0, 1]. decode: 'eps'
+    reads the output as ε and solves Eq. 4 for x0 (Eq. 15); 'eq5' is the report's
+    scaler·(x_t − output) (report_x0); 'alpha' the same with 1/√α_t alone, where the report
+    started (too dark)."""
     if decode in ("eq5", "alpha"):
         return report_x0(xt, t, out, decode)
     return to_unit(fp.predict_x0(xt, t, fp.eps_from_output(xt, t, out)))
+
+
+@torch.no_grad()
+def reconstruct(model, fp: Diffusion, xt: torch.Tensor, t: torch.Tensor,
+                decode: str = "eps") -> torch.Tensor:
+    """The one-step x̂0 of Table 1, in [0, 1], in fp32: the model's output decoded (decode_x0)."""
+    return decode_x0(fp, xt, t, model(xt, t).float(), decode)
 
 
 def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -1426,15 +1432,17 @@ def yardstick_x0(fp: Diffusion, xt: torch.Tensor, t: torch.Tensor, how: str,
 
 @torch.no_grad()
 def one_step_eval(model, fp: Diffusion, images: torch.Tensor, ts=TABLE1_T, seed: int = 0,
-                  decode: str = "eps", batch: int = 250,
+                  decode: str | tuple = "eps", batch: int = 250,
                   hires: torch.Tensor | None = None, tv_weight: float = 1.0) -> pd.DataFrame:
     """The report's Table 1 protocol for one model: noise the images (uint8) to each t with fixed
-    seeded noise, predict x̂0 in one step (reconstruct, `decode`), and score SSIM and PSNR
-    against the ground truth in [0, 1]; brightness is x̂0's mean. model None: `decode` names a
-    yardstick (yardstick_x0, with tv_weight) that sees the same x_t. hires: the same images at the dataset's
-    resolution (uint8, e.g. 100×100): x̂0 is also upsampled to it (upsample) and scored against
-    them (ssim_hr, psnr_hr). One row per image and t."""
+    seeded noise, predict x̂0 in one step (decode_x0, `decode`), and score SSIM and PSNR
+    against the ground truth in [0, 1]; brightness is x̂0's mean. A tuple of decodings scores
+    each from one network evaluation, in a `decode` column. model None: `decode` names a
+    yardstick (yardstick_x0, with tv_weight) that sees the same x_t. hires: the same images at
+    the dataset's resolution (uint8, e.g. 100×100): x̂0 is also upsampled to it (upsample) and
+    scored against them (ssim_hr, psnr_hr). One row per image and t (and decoding)."""
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    decodes = (decode,) if isinstance(decode, str) else tuple(decode)
     rows = []
     for t_val in ts:
         g = torch.Generator().manual_seed(seed * 100_003 + t_val)
@@ -1442,16 +1450,29 @@ def one_step_eval(model, fp: Diffusion, images: torch.Tensor, ts=TABLE1_T, seed:
             x0 = to_float(images[i:i + batch])
             t = torch.full((len(x0),), t_val, dtype=torch.long)
             xt = fp.q_sample(x0, t, torch.randn(x0.shape, generator=g)).to(device)
-            rec = (reconstruct(model, fp, xt, t.to(device), decode) if model is not None
-                   else yardstick_x0(fp, xt, t, decode, tv_weight)).cpu()
+            out = model(xt, t.to(device)).float() if model is not None else None
             gt = to_unit(x0)
-            r = dict(t=t_val, ssim=ssim(rec, gt), psnr=psnr(rec, gt),
-                     brightness=rec.mean(dim=(1, 2, 3)))
-            if hires is not None:
-                up, gt_hr = upsample(rec, hires.shape[-1]), to_unit(to_float(hires[i:i + batch]))
-                r.update(ssim_hr=ssim(up, gt_hr), psnr_hr=psnr(up, gt_hr))
-            rows.append(pd.DataFrame({k: v if k == "t" else v.numpy() for k, v in r.items()}))
+            for dec in decodes:
+                rec = (decode_x0(fp, xt, t.to(device), out, dec) if model is not None
+                       else yardstick_x0(fp, xt, t, dec, tv_weight)).cpu()
+                r = dict(t=t_val, ssim=ssim(rec, gt), psnr=psnr(rec, gt),
+                         brightness=rec.mean(dim=(1, 2, 3)))
+                if hires is not None:
+                    up = upsample(rec, hires.shape[-1])
+                    gt_hr = to_unit(to_float(hires[i:i + batch]))
+                    r.update(ssim_hr=ssim(up, gt_hr), psnr_hr=psnr(up, gt_hr))
+                r = pd.DataFrame({k: v if k == "t" else v.numpy() for k, v in r.items()})
+                rows.append(r if isinstance(decode, str) else r.assign(decode=dec))
     return pd.concat(rows, ignore_index=True)
+
+
+def by_decoding(methods: dict) -> dict:
+    """{target: {method: decoding}} of a TABLE1_METHODS-like dict: the methods that share one
+    model, so that one network evaluation serves all its decodings (one_step_eval)."""
+    out = {}
+    for method, (target, decode) in methods.items():
+        out.setdefault(target, {})[method] = decode
+    return out
 
 
 def upsampling_ceiling(cfg: Config, size: int = 100, n: int | None = None) -> pd.DataFrame:
@@ -1556,13 +1577,16 @@ def table1(cfg: Config, folds=range(5), ts=TABLE1_T, progress: bool = True,
     images = eval_images(cfg, n)
     hires = eval_images(cfg, n, 100) if cfg.image_size < 100 else None
     parts = []
-    for method, (target, decode) in TABLE1_METHODS.items():
+    for target, methods in by_decoding(TABLE1_METHODS).items():
         c = dataclasses.replace(cfg, target=target)
         fp = Diffusion.from_config(c)
-        for k in tqdm(folds, desc=f"Table 1, {method}", disable=not progress):
+        for k in tqdm(folds, desc=f"Table 1, {target} models", disable=not progress):
             if weights(c, k).exists():
-                per = one_step_eval(load_model(c, k), fp, images, ts, c.seed, decode, hires=hires)
-                parts.append(summarise(per).assign(method=method, fold=k))
+                per = one_step_eval(load_model(c, k), fp, images, ts, c.seed,
+                                    tuple(methods.values()), hires=hires)
+                for method, decode in methods.items():
+                    parts.append(summarise(per[per.decode == decode].drop(columns="decode"))
+                                 .assign(method=method, fold=k))
     if not parts:
         raise FileNotFoundError(f"no trained fold under {cfg.run_dir(0).parent}: train first")
     df = pd.concat(parts, ignore_index=True)
@@ -1665,21 +1689,24 @@ def table1_native(cfg: Config, small: Config, tv_weight: float, fold: int = 0,
                 else "upsampled" if "upsampled" in res else "native")
         parts.append(summarise(per).assign(method=method, resolution=res, kind=kind))
 
-    bar = tqdm(total=2 * len(NATIVE_METHODS) + 1 + len(YARDSTICKS), disable=not progress,
+    groups = by_decoding(NATIVE_METHODS)
+    bar = tqdm(total=2 * len(groups) + 1 + len(YARDSTICKS), disable=not progress,
                desc=f"Table 1 at {size}×{size}")
-    for method, (target, decode) in NATIVE_METHODS.items():
-        for base in (cfg, small):
+    for base in (cfg, small):
+        for target, methods in groups.items():
             c = dataclasses.replace(base, target=target)
             if weights(c, fold).exists():
                 model, fp = load_model(c, fold), Diffusion.from_config(c)
+                decodes = tuple(methods.values())
                 if c.image_size == size:
-                    add(one_step_eval(model, fp, images, ts, c.seed, decode), method,
-                        f"{size}×{size}")
+                    per, res = one_step_eval(model, fp, images, ts, c.seed, decodes), f"{size}×{size}"
                 else:                                  # scored at `size`: its x̂0 upsampled
-                    per = one_step_eval(model, fp, low, ts, c.seed, decode, hires=images)
+                    per = one_step_eval(model, fp, low, ts, c.seed, decodes, hires=images)
                     per = per.drop(columns=["ssim", "psnr"]).rename(
                         columns={"ssim_hr": "ssim", "psnr_hr": "psnr"})
-                    add(per, method, f"{c.image_size}×{c.image_size} upsampled")
+                    res = f"{c.image_size}×{c.image_size} upsampled"
+                for method, decode in methods.items():
+                    add(per[per.decode == decode].drop(columns="decode"), method, res)
             bar.update()
     up, gt = upsample(to_unit(to_float(low)), size), to_unit(to_float(images))
     s, p = ssim(up, gt).numpy(), psnr(up, gt).numpy()

@@ -164,3 +164,19 @@ def test_report_reads_the_native_tables(root):
     _, say = dl.native_findings(df, dl.report_table1())
     assert f["native_findings"] == " ".join(say) and f["native_n"] == "4"
     assert f["native_tv"].startswith("TV denoiser (weight 1")
+
+
+def test_one_evaluation_serves_every_decoding_with_the_same_numbers(root):
+    """one_step_eval with a tuple of decodings scores each exactly as a run of its own (one
+    network evaluation instead of one per decoding)."""
+    _, small = cfgs(root, target="scaled_eps")
+    model, fp = dl.load_model(small, 0), dl.Diffusion.from_config(small)
+    images = dl.eval_images(small, 6)
+    both = dl.one_step_eval(model, fp, images, (50, 700), 0, ("eq5", "alpha", "eps"), batch=4)
+    for decode in ("eq5", "alpha", "eps"):
+        alone = dl.one_step_eval(model, fp, images, (50, 700), 0, decode, batch=4)
+        got = both[both.decode == decode].drop(columns="decode").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, alone)
+    assert dl.by_decoding(dl.TABLE1_METHODS) == {
+        "eps": {"corrected": "eps"},
+        "scaled_eps": {"report-faithful": "eq5", "report-faithful, 1/√α_t decoding": "alpha"}}
