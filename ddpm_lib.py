@@ -283,7 +283,7 @@ PROFILES = {
     # the report's resolution on a CPU: fold 0 only (corrected and report-faithful), fine-tuned
     # at 100×100 from the cpu profile's 32×32 weights of the same run (the U-Net is
     # convolutional), under the report's protocol (lr 2e-4, patience 5) with fewer epochs.
-    "native": dict(image_size=100, width=32, batch_size=32, init="cpu", max_epochs=16),
+    "native": dict(image_size=100, width=32, batch_size=32, init="cpu", max_epochs=12),
     # smoke's twin of native: smoke's fold-0 weights fine-tuned at 24×24, for tests and CI.
     "smoke-native": dict(data_dir="runs/smoke/data", image_size=24, width=8, time_dim=32, heads=2,
                          batch_size=16, max_epochs=1, steps_per_epoch=3, val_images=32, bf16=False,
