@@ -332,8 +332,14 @@ TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timestep
 
 
 def default_profile() -> str:
-    """DDPM_PROFILE if set, else 'full' with CUDA and 'cpu' without."""
-    p = os.environ.get("DDPM_PROFILE") or ("full" if torch.cuda.is_available() else "cpu")
+    """DDPM_PROFILE if set, else 'cpu' (the profile with committed models).
+
+    The user picks the profile; a GPU never does. CUDA
+    speeds up whatever profile runs (get_device), so a
+    student with a GPU who opens notebook 03 loads the
+    committed cpu models instead of starting hours of
+    100×100 training."""
+    p = os.environ.get("DDPM_PROFILE") or "cpu"
     if p not in PROFILES:
         raise ValueError(f"unknown profile {p!r} (DDPM_PROFILE): choose one of {sorted(PROFILES)}")
     return p
@@ -1046,15 +1052,17 @@ def leaking_pairs(train: pd.DataFrame, val: pd.DataFrame, k: int = PURGE_K) -> i
 
 
 def load_index(cfg: Config) -> pd.DataFrame:
-    """Read data_dir/index.csv; the smoke profile makes its synthetic set on first use."""
+    """Read data_dir/index.csv. Missing, it is an error
+    naming the command that makes it (`make data`, or
+    `data --synthetic` for the smoke profiles): the
+    library never calls the command line."""
     d = cfg.home / cfg.data_dir
     path = d / "index.csv"
-    if not path.exists() and cfg.profile == "smoke":
-        from ddpm_cli import prepare_data
-        prepare_data(synthetic=True, out=d, seed=cfg.seed, split=cfg.split, synthetic_size=32)
     if not path.exists():
-        raise DataError(f"{path} not found: run `python -m ddpm_lib data --from "
-                        f"../shared/fruits-360-subset` (or --synthetic) first")
+        make = ("--synthetic --synthetic-size 32" if cfg.profile.startswith("smoke")
+                else "--from ../shared/fruits-360-subset")
+        raise DataError(f"{path} not found: make it with `python -m ddpm_lib data "
+                        f"{make} --out {d}` (or `make data`)")
     if (d / SWITCHING).exists():
         raise DataError(f"{d}: a `data` run was stopped while switching index.csv and "
                         f"fruits-360 to new images, so the two may not match: run "
@@ -1299,14 +1307,29 @@ def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
 
 def trained(cfg: Config, fold, progress: bool = True, retrain: bool = False
             ) -> pd.DataFrame | None:
-    """A run's history, training only what is missing: where uses_committed, the committed
-    history (None where none is committed) and nothing is trained; otherwise the local run,
-    trained or resumed where it stopped (ddpm_train.train; retrain=True trains even where weights
-    are committed, into runs/, which weights() then prefers)."""
+    """A run's history; it never trains.
+
+    Where uses_committed: the committed history (None
+    where none is committed). Otherwise the local run's
+    history, if its weights (best.pt) exist. A run not
+    trained yet is an error naming the command that
+    trains it (the command line trains: `train`,
+    `train-all`, `make train`); retrain=True refuses
+    the committed export. `progress` is unused (kept
+    for callers)."""
     if uses_committed(cfg, fold, retrain):
         return run_history(cfg, fold)
-    from ddpm_train import train
-    return train(cfg, fold, resume=True, progress=progress)
+    run = cfg.run_dir(fold)
+    if (run / "best.pt").exists():
+        return run_history(cfg, fold)
+    cmd = train_command(cfg, fold)
+    if (run / "checkpoint.pt").exists():
+        cmd += " --resume"
+    raise FileNotFoundError(
+        f"{run} has no trained model: train it with "
+        f"`{cmd}` (or every run of the profile: "
+        f"`python -m ddpm_lib train-all --profile "
+        f"{cfg.profile}`)")
 
 
 def run_summary(cfg: Config, fold, history: pd.DataFrame) -> dict:
@@ -1882,16 +1905,14 @@ def classifier_path(cfg: Config) -> Path:
 
 def load_classifier(cfg: Config) -> tuple[FruitClassifier, list, float]:
     """The one yardstick of sample quality: (classifier, its classes, its test accuracy) from
-    classifier_path. Missing, it is an error naming the command that trains it — except for the
-    smoke profile (tests), which trains its own on first use."""
+    classifier_path. Missing, it is an error naming the
+    command that trains it (the library never trains)."""
     path = classifier_path(cfg)
     if not path.exists():
-        if cfg.profile != "smoke":
-            raise FileNotFoundError(f"the fruit classifier {path} is missing: restore it with `git "
-                                    f"checkout -- {path.relative_to(cfg.home)}`, or train it with "
-                                    f"`python -m ddpm_lib classifier --profile {cfg.profile}`")
-        from ddpm_cli import train_classifier
-        train_classifier(cfg, progress=False)
+        restore = (f"restore it with `git checkout -- {path.relative_to(cfg.home)}`, or "
+                   if cfg.profile in COMMITTED_PROFILES else "")
+        raise FileNotFoundError(f"the fruit classifier {path} is missing: {restore}train it "
+                                f"with `python -m ddpm_lib classifier --profile {cfg.profile}`")
     ck = load_checkpoint(path)
     classes = sorted(load_index(cfg).label.unique())
     if (ck["classes"], ck["image_size"]) != (classes, cfg.image_size):

@@ -548,6 +548,13 @@ def test_generation_metrics_scores_every_story_row(tmp_path, monkeypatch):
     cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
                                                "smoke" / "data"), T=20)
     monkeypatch.setitem(dl.GENERATION, "smoke", dict(dl.GENERATION["smoke"], T=20))
+    with pytest.raises(FileNotFoundError, match="train it with `python -m ddpm_lib train"):
+        dl.story_models(cfg)                                   # the library never trains
+    dt.train(dataclasses.replace(cfg, target="eps", split="grouped"), 0, progress=False)
+    dt.train(dl.generation_config(cfg), "all", progress=False)
+    with pytest.raises(FileNotFoundError, match="classifier --profile smoke"):
+        dl.load_classifier(cfg)                                # nor trains a classifier
+    dl.classifier_path(cfg).write_bytes(dl.classifier_path(dl.get_config("smoke")).read_bytes())
     models = dl.story_models(cfg)
     assert models["generation"][1].sigma_data == 0.7 and models["fold0"][1].sigma_data == 0
     df, samples = dl.generation_metrics(cfg, models, n=16, n_slow=4, progress=False)
