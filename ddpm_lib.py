@@ -1231,6 +1231,52 @@ def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, los
     ema.update(model)
 
 
+def train_step(model: nn.Module, ema: "EMA",
+               opt: torch.optim.Optimizer,
+               fp: Diffusion, x0: torch.Tensor,
+               cfg: Config, *,
+               g: torch.Generator | None = None,
+               t=None, eps=None, y=None,
+               lr: float | None = None,
+               net: nn.Module | None = None,
+               check=None) -> torch.Tensor | None:
+    """One step of Algorithm 1 [DDPM], on a batch x0:
+
+        t ~ Uniform({1, …, T}),  ε ~ N(0, I)
+        loss = ‖ε − ε_θ(x_t, t)‖²   (diffusion_loss)
+        Adam step on ∇loss, then the EMA update
+
+    t and ε are drawn here from the generator g (how
+    notebook 03 runs it), or come already drawn: the
+    training loop takes them from epoch_batches, which
+    draws them in the epoch generator's order so that
+    a resumed run repeats them exactly.
+
+    y: class labels (conditional models); lr: this
+    step's learning rate (None: leave it); net: the
+    module that computes the loss (DDP's wrapper when
+    distributed; default model); check(loss): False
+    skips the update (the loop's stop signal), and it
+    may raise (a non-finite loss). Returns the loss,
+    computed before the update, or None if skipped.
+    """
+    if t is None:
+        t = fp.sample_t(len(x0), g).to(x0.device)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=g)
+        eps = eps.to(x0.device)
+    with autocast(x0.device, cfg.bf16):
+        loss = diffusion_loss(net or model, fp,
+                              x0, t, eps, y)
+    if check is not None and not check(loss):
+        return None
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    optimizer_step(model, ema, opt, loss, cfg)
+    return loss
+
+
 def planned_runs(profile: str | None = None) -> list[tuple[dict, object]]:
     """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
     generation model (on every training image), and on fold 0 the report-faithful target and

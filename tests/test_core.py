@@ -637,7 +637,7 @@ def test_nan_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         saved.setdefault("bytes", (out / "checkpoint.pt").read_bytes())   # epoch 1's file
         return real_loss(*a, **k) * float("nan")
 
-    monkeypatch.setattr(dt, "diffusion_loss", loss_nan_in_epoch_2)
+    monkeypatch.setattr(dl, "diffusion_loss", loss_nan_in_epoch_2)   # in dl.train_step
     with pytest.raises(FloatingPointError, match="epoch 2") as e:
         dt.train(cfg, 0, out=out, progress=False)
     assert "resume" in str(e.value)
