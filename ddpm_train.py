@@ -443,10 +443,12 @@ def epoch_batches(images: torch.Tensor, cfg: Config, fp: Diffusion, g: torch.Gen
 @torch.no_grad()
 def validation_loss(model, fp: Diffusion, images: torch.Tensor, cfg: Config,
                     device: torch.device, batch: int = 256) -> float:
-    """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with
-    sigma_data, not comparable with the others) over the validation images, with fixed, seeded
-    noise and timesteps so that epochs are comparable. A conditional model is validated with the
-    null class."""
+    """The loss training optimises (diffusion_loss), over the validation images, with fixed,
+    seeded noise and timesteps so that epochs are comparable: the mean squared error to the
+    training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with sigma_data, not
+    comparable with the others), each image's error weighted by loss_weight(t) where the
+    run trains with min_snr_gamma [MinSNR]. A conditional model is validated with the null
+    class."""
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     total, count = 0.0, 0
     for i in range(0, len(images), batch):
@@ -456,7 +458,11 @@ def validation_loss(model, fp: Diffusion, images: torch.Tensor, cfg: Config,
         with autocast(device, cfg.bf16):
             xt, target = fp(x0, t, eps)
             out = model(xt, t).float()
-        total += F.mse_loss(out, target, reduction="sum").item()
+        if fp.min_snr_gamma:                                   # as diffusion_loss weighs it
+            err = fp.at(fp.loss_weight, t) * (out - target) ** 2
+            total += err.sum().item()
+        else:
+            total += F.mse_loss(out, target, reduction="sum").item()
         count += target.numel()
     return total / count
 

@@ -255,6 +255,27 @@ def test_min_snr_weighting_is_min_snr_times_the_x0_error(sd):
         dl.Diffusion(10, target="scaled_eps", min_snr_gamma=5)
 
 
+@pytest.mark.parametrize("gamma", [5.0, 0.0])
+def test_validation_loss_is_the_training_loss_on_one_batch(gamma):
+    """validation_loss scores the loss training optimises: on one batch, with its own seeded
+    t and ε, it equals diffusion_loss (min-SNR weights included) — and under min-SNR it is
+    not the plain MSE, so leaving the weights out fails here."""
+    cfg = dl.get_config("smoke", generation=True, min_snr_gamma=gamma)
+    fp = dl.Diffusion.from_config(cfg)
+    torch.manual_seed(0)
+    model = dl.build_model(cfg, verbose=False).eval()
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    val = dt.validation_loss(model, fp, images, cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(cfg.seed + 7919)          # validation_loss's draws
+    t, eps = fp.sample_t(8, g), torch.randn(8, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        train = dl.diffusion_loss(model, fp, dl.to_float(images), t, eps).item()
+        xt, target = fp(dl.to_float(images), t, eps)
+        plain = torch.nn.functional.mse_loss(model(xt, t).float(), target).item()
+    assert val == pytest.approx(train, rel=1e-5)
+    assert (val != pytest.approx(plain, rel=1e-2)) if gamma else val == pytest.approx(plain)
+
+
 def test_learning_rate_warms_up_then_decays_and_training_follows_it(tmp_path):
     """learning_rate: linear warm-up to lr, then constant or half a cosine to 0 at max_epochs;
     a smoke run's history records, each epoch, the rate of its last step (computed here)."""
