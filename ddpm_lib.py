@@ -1291,6 +1291,48 @@ def planned_runs(profile: str | None = None) -> list[tuple[dict, object]]:
                (dict(conditional=True), "all")])
 
 
+def describe_run(cfg: Config, seed: int | None = None,
+                 runs=None) -> str:
+    """The settings a notebook runs with, to print in
+    its setup cell: the profile (and where it came
+    from), the seed, the device and precision, and
+    for each run the weights it loads — committed or
+    local, with the path — or that it is missing.
+
+    runs: (config overrides, fold) pairs, default
+    planned_runs(cfg.profile)."""
+    env = os.environ.get("DDPM_PROFILE")
+    src = ("DDPM_PROFILE" if env == cfg.profile else
+           "the default" if not env and cfg.profile == "cpu"
+           else "PROFILE")
+    prec = os.environ.get("DDPM_PRECISION") or "measured"
+    seed = cfg.seed if seed is None else seed
+    lines = [f"profile {cfg.profile} (from {src}), "
+             f"seed {seed}, device {get_device()}; "
+             f"evaluation and sampling in fp32, "
+             f"training precision {prec} (DDPM_PRECISION)"]
+    for over, fold in (planned_runs(cfg.profile)
+                       if runs is None else runs):
+        try:
+            c = get_config(cfg.profile, generation=fold == "all",
+                           **{**dict(root=cfg.root), **over})
+        except DataError as e:        # a conditional run counts the classes
+            lines.append(f"  {over} {fold}: {e}")
+            continue
+        w = weights(c, fold)
+        export = committed_dir(c, fold) / "ema_fp16.pt"
+        kind = ("missing" if not w.exists() else
+                "committed" if w == export else
+                "local, preferred to the committed export"
+                if export.exists() else "local")
+        try:
+            shown = w.relative_to(c.home)
+        except ValueError:
+            shown = w
+        lines.append(f"  {c.run_name(fold):24s} {kind}: {shown}")
+    return "\n".join(lines)
+
+
 def train_command(cfg: Config, fold, out: Path | str | None = None) -> str:
     """The command line that trains (and with --resume continues) this run."""
     cmd = f"python -m ddpm_lib train --profile {cfg.profile} --fold {fold}"
@@ -2068,18 +2110,21 @@ def scoring_setup(cfg: Config, progress: bool = True):
 
 
 def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: int | None = None,
-                       progress: bool = True) -> tuple[pd.DataFrame, dict]:
+                       progress: bool = True, seed: int | None = None
+                       ) -> tuple[pd.DataFrame, dict]:
     """Every GEN_SAMPLERS row sampled with its model (story_models) and scored, after real
     training and test images: n per DDIM row, n_slow per 1000-step row (defaults EVAL's). Only a
     set of EVAL's n_samples gets an FFD (bootstrap std, ratio to ffd_floor's independent draws);
-    all get KID and recognizability. Returns (a row per set, {name: samples}, also saved to
-    runs/<profile>/samples.pt)."""
+    all get KID and recognizability. seed: every draw (x_T and z of each sampler, the real
+    training subset, the floor's subsets); None: cfg.seed. Returns (a row per set,
+    {name: samples}, also saved to runs/<profile>/samples.pt)."""
+    seed = cfg.seed if seed is None else seed
     ev = EVAL[cfg.profile]
     n, n_slow, n_ffd = n or ev["n_samples"], n_slow or ev["n_report"], ev["n_samples"]
     classes, train_ds, test_imgs, clf, acc = scoring_setup(cfg, progress)
     train_imgs = train_ds.images
     rows, samples = [], {}
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:n]])
     real_test = to_float(test_imgs)
     f_test = classify(clf, real_test)[0]                     # the reference of every FFD and KID
@@ -2087,20 +2132,21 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: 
     # apart from the floor's), real test images against the training set (how near a real unseen
     # image comes to a copy)
     rows.append(dict(sampler="real: training images", seconds_per_image=np.nan,
-                     **quality(clf, real_train, f_test, None, len(classes), ffd=n >= n_ffd)))
+                     **quality(clf, real_train, f_test, None, len(classes), seed,
+                             ffd=n >= n_ffd)))
     rows.append(dict(sampler="real: test images", seconds_per_image=np.nan,
-                     **quality(clf, real_test, None, train_imgs, len(classes))))
+                     **quality(clf, real_test, None, train_imgs, len(classes), seed)))
     for name, (key, method, kw) in GEN_SAMPLERS.items():
         model, fp = models[key]
         k = n if method == "ddim" else n_slow
         t0 = time.perf_counter()
-        x, _ = sample(model, fp, method, k, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
+        x, _ = sample(model, fp, method, k, cfg.image_size, seed=seed, progress=progress, **kw)
         secs = (time.perf_counter() - t0) / k
         samples[name] = x
         rows.append(dict(sampler=name, seconds_per_image=secs, **quality(
-            clf, x, f_test, train_imgs, len(classes), ffd=k >= n_ffd)))
+            clf, x, f_test, train_imgs, len(classes), seed, ffd=k >= n_ffd)))
     df = pd.DataFrame(rows)
-    floor, floor_std = ffd_floor(clf, train_imgs, real_test, n_ffd, seed=cfg.seed)
+    floor, floor_std = ffd_floor(clf, train_imgs, real_test, n_ffd, seed=seed)
     at = df.columns.get_loc("ffd_std") + 1
     df.insert(at, "ffd_floor", np.where(df.ffd.notna(), floor, np.nan))
     df.insert(at + 1, "ffd_floor_std", np.where(df.ffd.notna(), floor_std, np.nan))
@@ -2131,12 +2177,15 @@ GUIDANCE_W = (0, 1, 2, 3, 5)
 
 
 def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: int = 50,
-                     progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                     progress: bool = True, seed: int | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """n_per_class images of every class at each guidance weight w from the class-conditional
     model (DDIM, η = 0, not clipped, one x_T for every w), scored: accuracy on the requested
     class, recognizability, KID (per class and over all), FFD where the k·n samples reach EVAL's
     n_samples, nearest-training SSIM; beside as many unconditional samples (same seed) and the
-    real test images. Returns (a row per set, a row per (w, class), {w: samples, class-major})."""
+    real test images. seed: x_T of every set (None: cfg.seed). Returns (a row per set, a row
+    per (w, class), {w: samples, class-major})."""
+    seed = cfg.seed if seed is None else seed
     dev = get_device()
     ccfg = generation_config(cfg, conditional=True)
     cond = generation_model(cfg, conditional=True).to(dev)
@@ -2148,16 +2197,16 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     y = torch.arange(k).repeat_interleave(n_per_class)                   # (k·n,) class-major
     ffd = len(y) >= EVAL[cfg.profile]["n_samples"]                      # the one n of FFD
     rows = [dict(set="real: test images", w=np.nan, accuracy=np.nan,
-                 **quality(clf, real_test, None, train_imgs, k))]
+                 **quality(clf, real_test, None, train_imgs, k, seed))]
     unc, _ = sample(generation_model(cfg).to(dev), fp, "ddim", len(y), cfg.image_size,
-                    cfg.seed, steps=steps, clip=False, progress=progress)
+                    seed, steps=steps, clip=False, progress=progress)
     f_all = classify(clf, real_test)[0]                      # the reference of every set
     rows.append(dict(set="unconditional model", w=np.nan, accuracy=np.nan,
-                     **quality(clf, unc, f_all, train_imgs, k, ffd=ffd)))
+                     **quality(clf, unc, f_all, train_imgs, k, seed, ffd=ffd)))
     f_test = [classify(clf, real_test[test.labels == c])[0] for c in range(k)]    # per class
     by_class, samples = [], {}
     for w in tqdm(ws, desc="guidance weights", disable=not progress):
-        x, _ = sample(cond, fp, "ddim", len(y), cfg.image_size, cfg.seed, y=y, w=w,
+        x, _ = sample(cond, fp, "ddim", len(y), cfg.image_size, seed, y=y, w=w,
                       steps=steps, clip=False, progress=progress)
         samples[w] = x
         f, p = classify(clf, x)
@@ -2168,7 +2217,7 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
                                  recognizability=(p[m].max(1).values >= 0.9).float().mean().item(),
                                  kid=kid(f[m], f_test[c], subset_size=min(100, int(m.sum())))[0]))
         rows.append(dict(set="conditional model", w=w, accuracy=hit.mean().item(),
-                         **quality(clf, x, f_all, train_imgs, k, ffd=ffd)))
+                         **quality(clf, x, f_all, train_imgs, k, seed, ffd=ffd)))
     df, per = pd.DataFrame(rows), pd.DataFrame(by_class)
     worst = per.groupby("w").accuracy.min()
     df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))
@@ -2181,9 +2230,10 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
 
 
 def save_guidance(cfg: Config, df: pd.DataFrame, per: pd.DataFrame, samples: dict,
-                  classes: list) -> float:
+                  classes: list, seed: int | None = None) -> float:
     """Write guidance_metrics' results where notebook 05 and `evaluate --what guidance` both put
-    them (guidance, guidance_by_class, 05_guidance, 05_guidance_grid at pick_w's w); returns w."""
+    them (guidance, guidance_by_class, 05_guidance, 05_guidance_grid at pick_w's w); returns w.
+    seed: the one the samples were drawn with, for the grid's title (None: cfg.seed)."""
     import matplotlib.pyplot as plt
     save_table(df, "guidance", cfg)
     save_table(per, "guidance_by_class", cfg)
@@ -2191,7 +2241,8 @@ def save_guidance(cfg: Config, df: pd.DataFrame, per: pd.DataFrame, samples: dic
     for name, fig in (("05_guidance", plot_guidance(df, per)[0].figure),
                       ("05_guidance_grid", plot_class_grid(samples[w], classes, title=f"requested "
                                                            f"class per row, w = {w:g}, DDIM-50, "
-                                                           f"seed {cfg.seed}"))):
+                                                           f"seed {cfg.seed if seed is None else seed}"
+                                                           ))):
         save_fig(fig, name, cfg)
         plt.close(fig)
     return w

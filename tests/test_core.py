@@ -846,6 +846,27 @@ def test_plot_leakage_draws_both_losses_and_their_ratio():
     assert list(axes[1].lines[1].get_ydata()) == [1.0, 1.0, 1.0]          # random
 
 
+def test_with_cuda_the_default_is_cpu_and_its_committed_models(monkeypatch):
+    """A GPU never picks the profile: with CUDA mocked and no DDPM_PROFILE, the notebooks run
+    the cpu profile, and describe_run (their setup cells) says every fold run loads its
+    committed export (no local run here: runs/cpu does not exist in the checkout)."""
+    monkeypatch.delenv("DDPM_PROFILE", raising=False)
+    monkeypatch.setattr(dl.torch.cuda, "is_available", lambda: True)
+    cfg = dl.get_config()
+    assert cfg.profile == "cpu"
+    if (cfg.home / "runs" / "cpu").exists():
+        pytest.skip("a local runs/cpu/ exists: its weights would be preferred")
+    runs = [(o, k) for o, k in dl.planned_runs("cpu") if not o.get("conditional")]
+    text = dl.describe_run(cfg, 5, runs=runs)
+    assert text.startswith("profile cpu (from the default), seed 5, device cuda")
+    rows = text.splitlines()[1:]
+    assert len(rows) == len(runs) and all(" committed: data/checkpoints/runs/cpu/" in r
+                                          for r in rows), text
+    for o, k in runs:
+        c = dl.get_config("cpu", generation=k == "all", **o)
+        assert dl.uses_committed(c, k) and dl.weights(c, k).name == "ema_fp16.pt"
+
+
 def test_missing_data_and_classifier_name_the_command_that_makes_them(tmp_path, monkeypatch):
     """The library never calls the command line: missing data or a missing classifier is an
     error naming the command that makes it (no hidden `data` or `classifier` run)."""
