@@ -1415,9 +1415,22 @@ def trained(cfg: Config, fold, progress: bool = True, retrain: bool = False
         cmd += " --resume"
     raise FileNotFoundError(
         f"{run} has no trained model: train it with "
-        f"`{cmd}` (or every run of the profile: "
+        f"`{cmd}` (at most {cfg.max_epochs} epochs"
+        f"{time_hint(cfg, fold)}), or every run of "
+        f"the profile with "
         f"`python -m ddpm_lib train-all --profile "
-        f"{cfg.profile}`)")
+        f"{cfg.profile}`")
+
+
+def time_hint(cfg: Config, fold) -> str:
+    """', about N min' from a history of the same run
+    (local, else committed: its minutes per epoch ×
+    max_epochs), or '' where there is none."""
+    h = run_history(cfg, fold)
+    if h is None or not len(h) or "seconds" not in h:
+        return ""
+    minutes = h.seconds.mean() * cfg.max_epochs / 60
+    return f", up to about {minutes:.0f} min at the last run's speed"
 
 
 def run_summary(cfg: Config, fold, history: pd.DataFrame) -> dict:

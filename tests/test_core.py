@@ -897,8 +897,9 @@ def test_trained_never_trains_and_train_all_trains_only_what_is_missing(tmp_path
     monkeypatch.setattr(dt, "train", lambda c, k, **kw: calls.append(k) or h)
     assert dl.uses_committed(cfg, 0) and dl.trained(cfg, 0).equals(h) and calls == []
     with pytest.raises(FileNotFoundError, match=r"train it with `python -m ddpm_lib train "
-                                                r"--profile smoke --fold 0`"):
-        dl.trained(cfg, 0, retrain=True)
+                                                r"--profile smoke --fold 0` \(at most 1 epochs, "
+                                                r"up to about \d+ min at the last run's speed"):
+        dl.trained(cfg, 0, retrain=True)                  # how long: the committed history's
     assert not dl.uses_committed(cfg, 1)                     # nothing committed: an error
     with pytest.raises(FileNotFoundError, match="--fold 1`"):
         dl.trained(cfg, 1)
