@@ -96,7 +96,15 @@ browser-tools:
 	      >/dev/null; }; } || echo "warning: could not install chromium: the browser test will skip"; \
 	else echo "note: no /usr/bin/chromium, and no root apt-get to install it: the browser test will skip"; fi
 
+# the smoke data, models and classifier come from the command line first (the library never
+# trains or makes data: trained(), load_classifier and load_index name the command instead)
+SMOKE_DATA := runs/smoke/data
 test: test-env cluster-tools browser-tools
+	test -f $(SMOKE_DATA)/index.csv || \
+	  $(PY) -m ddpm_lib data --synthetic --synthetic-size 32 --out $(SMOKE_DATA)
+	DDPM_PROFILE=smoke $(PY) -m ddpm_lib train-all --profile smoke
+	DDPM_PROFILE=smoke $(PY) -m ddpm_lib train-all --profile smoke-native
+	test -f runs/smoke/classifier.pt || DDPM_PROFILE=smoke $(PY) -m ddpm_lib classifier --profile smoke
 	DDPM_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -q
 

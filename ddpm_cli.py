@@ -833,7 +833,8 @@ def cmd_data(a) -> None:
     if a.if_changed and a.src and up_to_date(out, source_stamp(a.src, a.classes, a.split, a.seed)):
         print(f"{out / 'index.csv'} is up to date: it was made from {Path(a.src).resolve()}")
         return
-    index = prepare_data(a.src, a.url, a.synthetic, out, a.classes, a.split, a.seed, a.skip_bad)
+    index = prepare_data(a.src, a.url, a.synthetic, out, a.classes, a.split, a.seed, a.skip_bad,
+                         a.synthetic_size)
     counts = index[index.split == "train"].fold.value_counts().sort_index()
     print(f"{len(index)} images ({(index.split == 'train').sum()} train, "
           f"{(index.split == 'test').sum()} test, {index.label.nunique()} classes) → "
@@ -1124,6 +1125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "random (the report's)")
     p.add_argument("--skip-bad", action="store_true", help="leave unreadable files out, listed")
     p.add_argument("--seed", type=_seed, default=0, help="the seed of the random split")
+    p.add_argument("--synthetic-size", type=int, default=100, help="with --synthetic: the "
+                   "images' side in pixels (32 for the smoke profiles' set, make test)")
 
     p = parser("train", "train one fold (or 'all': the generation model) of a profile")
     p.add_argument("--fold", default=0, type=_fold_arg,

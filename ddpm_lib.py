@@ -332,8 +332,14 @@ TABLE1_T = tuple(range(50, 1001, 50))            # the report's Table 1 timestep
 
 
 def default_profile() -> str:
-    """DDPM_PROFILE if set, else 'full' with CUDA and 'cpu' without."""
-    p = os.environ.get("DDPM_PROFILE") or ("full" if torch.cuda.is_available() else "cpu")
+    """DDPM_PROFILE if set, else 'cpu' (the profile with committed models).
+
+    The user picks the profile; a GPU never does. CUDA
+    speeds up whatever profile runs (get_device), so a
+    student with a GPU who opens notebook 03 loads the
+    committed cpu models instead of starting hours of
+    100×100 training."""
+    p = os.environ.get("DDPM_PROFILE") or "cpu"
     if p not in PROFILES:
         raise ValueError(f"unknown profile {p!r} (DDPM_PROFILE): choose one of {sorted(PROFILES)}")
     return p
@@ -1046,15 +1052,17 @@ def leaking_pairs(train: pd.DataFrame, val: pd.DataFrame, k: int = PURGE_K) -> i
 
 
 def load_index(cfg: Config) -> pd.DataFrame:
-    """Read data_dir/index.csv; the smoke profile makes its synthetic set on first use."""
+    """Read data_dir/index.csv. Missing, it is an error
+    naming the command that makes it (`make data`, or
+    `data --synthetic` for the smoke profiles): the
+    library never calls the command line."""
     d = cfg.home / cfg.data_dir
     path = d / "index.csv"
-    if not path.exists() and cfg.profile == "smoke":
-        from ddpm_cli import prepare_data
-        prepare_data(synthetic=True, out=d, seed=cfg.seed, split=cfg.split, synthetic_size=32)
     if not path.exists():
-        raise DataError(f"{path} not found: run `python -m ddpm_lib data --from "
-                        f"../shared/fruits-360-subset` (or --synthetic) first")
+        make = ("--synthetic --synthetic-size 32" if cfg.profile.startswith("smoke")
+                else "--from ../shared/fruits-360-subset")
+        raise DataError(f"{path} not found: make it with `python -m ddpm_lib data "
+                        f"{make} --out {d}` (or `make data`)")
     if (d / SWITCHING).exists():
         raise DataError(f"{d}: a `data` run was stopped while switching index.csv and "
                         f"fruits-360 to new images, so the two may not match: run "
@@ -1223,6 +1231,52 @@ def optimizer_step(model: nn.Module, ema: "EMA", opt: torch.optim.Optimizer, los
     ema.update(model)
 
 
+def train_step(model: nn.Module, ema: "EMA",
+               opt: torch.optim.Optimizer,
+               fp: Diffusion, x0: torch.Tensor,
+               cfg: Config, *,
+               g: torch.Generator | None = None,
+               t=None, eps=None, y=None,
+               lr: float | None = None,
+               net: nn.Module | None = None,
+               check=None) -> torch.Tensor | None:
+    """One step of Algorithm 1 [DDPM], on a batch x0:
+
+        t ~ Uniform({1, …, T}),  ε ~ N(0, I)
+        loss = ‖ε − ε_θ(x_t, t)‖²   (diffusion_loss)
+        Adam step on ∇loss, then the EMA update
+
+    t and ε are drawn here from the generator g (how
+    notebook 03 runs it), or come already drawn: the
+    training loop takes them from epoch_batches, which
+    draws them in the epoch generator's order so that
+    a resumed run repeats them exactly.
+
+    y: class labels (conditional models); lr: this
+    step's learning rate (None: leave it); net: the
+    module that computes the loss (DDP's wrapper when
+    distributed; default model); check(loss): False
+    skips the update (the loop's stop signal), and it
+    may raise (a non-finite loss). Returns the loss,
+    computed before the update, or None if skipped.
+    """
+    if t is None:
+        t = fp.sample_t(len(x0), g).to(x0.device)
+    if eps is None:
+        eps = torch.randn(x0.shape, generator=g)
+        eps = eps.to(x0.device)
+    with autocast(x0.device, cfg.bf16):
+        loss = diffusion_loss(net or model, fp,
+                              x0, t, eps, y)
+    if check is not None and not check(loss):
+        return None
+    if lr is not None:
+        for group in opt.param_groups:
+            group["lr"] = lr
+    optimizer_step(model, ema, opt, loss, cfg)
+    return loss
+
+
 def planned_runs(profile: str | None = None) -> list[tuple[dict, object]]:
     """(config overrides, fold) of every run the notebooks use: the 5 corrected folds, the
     generation model (on every training image), and on fold 0 the report-faithful target and
@@ -1235,6 +1289,48 @@ def planned_runs(profile: str | None = None) -> list[tuple[dict, object]]:
     return ([({}, 0), ({}, "all")] + [({}, k) for k in range(1, 5)]
             + [(dict(target="scaled_eps"), 0), (dict(split="random"), 0),
                (dict(conditional=True), "all")])
+
+
+def describe_run(cfg: Config, seed: int | None = None,
+                 runs=None) -> str:
+    """The settings a notebook runs with, to print in
+    its setup cell: the profile (and where it came
+    from), the seed, the device and precision, and
+    for each run the weights it loads — committed or
+    local, with the path — or that it is missing.
+
+    runs: (config overrides, fold) pairs, default
+    planned_runs(cfg.profile)."""
+    env = os.environ.get("DDPM_PROFILE")
+    src = ("DDPM_PROFILE" if env == cfg.profile else
+           "the default" if not env and cfg.profile == "cpu"
+           else "PROFILE")
+    prec = os.environ.get("DDPM_PRECISION") or "measured"
+    seed = cfg.seed if seed is None else seed
+    lines = [f"profile {cfg.profile} (from {src}), "
+             f"seed {seed}, device {get_device()}; "
+             f"evaluation and sampling in fp32, "
+             f"training precision {prec} (DDPM_PRECISION)"]
+    for over, fold in (planned_runs(cfg.profile)
+                       if runs is None else runs):
+        try:
+            c = get_config(cfg.profile, generation=fold == "all",
+                           **{**dict(root=cfg.root), **over})
+        except DataError as e:        # a conditional run counts the classes
+            lines.append(f"  {over} {fold}: {e}")
+            continue
+        w = weights(c, fold)
+        export = committed_dir(c, fold) / "ema_fp16.pt"
+        kind = ("missing" if not w.exists() else
+                "committed" if w == export else
+                "local, preferred to the committed export"
+                if export.exists() else "local")
+        try:
+            shown = w.relative_to(c.home)
+        except ValueError:
+            shown = w
+        lines.append(f"  {c.run_name(fold):24s} {kind}: {shown}")
+    return "\n".join(lines)
 
 
 def train_command(cfg: Config, fold, out: Path | str | None = None) -> str:
@@ -1299,14 +1395,42 @@ def load_model(cfg: Config, fold=0, path: Path | str | None = None) -> UNet:
 
 def trained(cfg: Config, fold, progress: bool = True, retrain: bool = False
             ) -> pd.DataFrame | None:
-    """A run's history, training only what is missing: where uses_committed, the committed
-    history (None where none is committed) and nothing is trained; otherwise the local run,
-    trained or resumed where it stopped (ddpm_train.train; retrain=True trains even where weights
-    are committed, into runs/, which weights() then prefers)."""
+    """A run's history; it never trains.
+
+    Where uses_committed: the committed history (None
+    where none is committed). Otherwise the local run's
+    history, if its weights (best.pt) exist. A run not
+    trained yet is an error naming the command that
+    trains it (the command line trains: `train`,
+    `train-all`, `make train`); retrain=True refuses
+    the committed export. `progress` is unused (kept
+    for callers)."""
     if uses_committed(cfg, fold, retrain):
         return run_history(cfg, fold)
-    from ddpm_train import train
-    return train(cfg, fold, resume=True, progress=progress)
+    run = cfg.run_dir(fold)
+    if (run / "best.pt").exists():
+        return run_history(cfg, fold)
+    cmd = train_command(cfg, fold)
+    if (run / "checkpoint.pt").exists():
+        cmd += " --resume"
+    raise FileNotFoundError(
+        f"{run} has no trained model: train it with "
+        f"`{cmd}` (at most {cfg.max_epochs} epochs"
+        f"{time_hint(cfg, fold)}), or every run of "
+        f"the profile with "
+        f"`python -m ddpm_lib train-all --profile "
+        f"{cfg.profile}`")
+
+
+def time_hint(cfg: Config, fold) -> str:
+    """', about N min' from a history of the same run
+    (local, else committed: its minutes per epoch ×
+    max_epochs), or '' where there is none."""
+    h = run_history(cfg, fold)
+    if h is None or not len(h) or "seconds" not in h:
+        return ""
+    minutes = h.seconds.mean() * cfg.max_epochs / 60
+    return f", up to about {minutes:.0f} min at the last run's speed"
 
 
 def run_summary(cfg: Config, fold, history: pd.DataFrame) -> dict:
@@ -1909,16 +2033,14 @@ def classifier_path(cfg: Config) -> Path:
 
 def load_classifier(cfg: Config) -> tuple[FruitClassifier, list, float]:
     """The one yardstick of sample quality: (classifier, its classes, its test accuracy) from
-    classifier_path. Missing, it is an error naming the command that trains it — except for the
-    smoke profile (tests), which trains its own on first use."""
+    classifier_path. Missing, it is an error naming the
+    command that trains it (the library never trains)."""
     path = classifier_path(cfg)
     if not path.exists():
-        if cfg.profile != "smoke":
-            raise FileNotFoundError(f"the fruit classifier {path} is missing: restore it with `git "
-                                    f"checkout -- {path.relative_to(cfg.home)}`, or train it with "
-                                    f"`python -m ddpm_lib classifier --profile {cfg.profile}`")
-        from ddpm_cli import train_classifier
-        train_classifier(cfg, progress=False)
+        restore = (f"restore it with `git checkout -- {path.relative_to(cfg.home)}`, or "
+                   if cfg.profile in COMMITTED_PROFILES else "")
+        raise FileNotFoundError(f"the fruit classifier {path} is missing: {restore}train it "
+                                f"with `python -m ddpm_lib classifier --profile {cfg.profile}`")
     ck = load_checkpoint(path)
     classes = sorted(load_index(cfg).label.unique())
     if (ck["classes"], ck["image_size"]) != (classes, cfg.image_size):
@@ -2028,18 +2150,21 @@ def scoring_setup(cfg: Config, progress: bool = True):
 
 
 def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: int | None = None,
-                       progress: bool = True) -> tuple[pd.DataFrame, dict]:
+                       progress: bool = True, seed: int | None = None
+                       ) -> tuple[pd.DataFrame, dict]:
     """Every GEN_SAMPLERS row sampled with its model (story_models) and scored, after real
     training and test images: n per DDIM row, n_slow per 1000-step row (defaults EVAL's). Only a
     set of EVAL's n_samples gets an FFD (bootstrap std, ratio to ffd_floor's independent draws);
-    all get KID and recognizability. Returns (a row per set, {name: samples}, also saved to
-    runs/<profile>/samples.pt)."""
+    all get KID and recognizability. seed: every draw (x_T and z of each sampler, the real
+    training subset, the floor's subsets); None: cfg.seed. Returns (a row per set,
+    {name: samples}, also saved to runs/<profile>/samples.pt)."""
+    seed = cfg.seed if seed is None else seed
     ev = EVAL[cfg.profile]
     n, n_slow, n_ffd = n or ev["n_samples"], n_slow or ev["n_report"], ev["n_samples"]
     classes, train_ds, test_imgs, clf, acc = scoring_setup(cfg, progress)
     train_imgs = train_ds.images
     rows, samples = [], {}
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(seed)
     real_train = to_float(train_imgs[torch.randperm(len(train_imgs), generator=g)[:n]])
     real_test = to_float(test_imgs)
     f_test = classify(clf, real_test)[0]                     # the reference of every FFD and KID
@@ -2047,20 +2172,21 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: 
     # apart from the floor's), real test images against the training set (how near a real unseen
     # image comes to a copy)
     rows.append(dict(sampler="real: training images", seconds_per_image=np.nan,
-                     **quality(clf, real_train, f_test, None, len(classes), ffd=n >= n_ffd)))
+                     **quality(clf, real_train, f_test, None, len(classes), seed,
+                             ffd=n >= n_ffd)))
     rows.append(dict(sampler="real: test images", seconds_per_image=np.nan,
-                     **quality(clf, real_test, None, train_imgs, len(classes))))
+                     **quality(clf, real_test, None, train_imgs, len(classes), seed)))
     for name, (key, method, kw) in GEN_SAMPLERS.items():
         model, fp = models[key]
         k = n if method == "ddim" else n_slow
         t0 = time.perf_counter()
-        x, _ = sample(model, fp, method, k, cfg.image_size, seed=cfg.seed, progress=progress, **kw)
+        x, _ = sample(model, fp, method, k, cfg.image_size, seed=seed, progress=progress, **kw)
         secs = (time.perf_counter() - t0) / k
         samples[name] = x
         rows.append(dict(sampler=name, seconds_per_image=secs, **quality(
-            clf, x, f_test, train_imgs, len(classes), ffd=k >= n_ffd)))
+            clf, x, f_test, train_imgs, len(classes), seed, ffd=k >= n_ffd)))
     df = pd.DataFrame(rows)
-    floor, floor_std = ffd_floor(clf, train_imgs, real_test, n_ffd, seed=cfg.seed)
+    floor, floor_std = ffd_floor(clf, train_imgs, real_test, n_ffd, seed=seed)
     at = df.columns.get_loc("ffd_std") + 1
     df.insert(at, "ffd_floor", np.where(df.ffd.notna(), floor, np.nan))
     df.insert(at + 1, "ffd_floor_std", np.where(df.ffd.notna(), floor_std, np.nan))
@@ -2091,12 +2217,15 @@ GUIDANCE_W = (0, 1, 2, 3, 5)
 
 
 def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: int = 50,
-                     progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+                     progress: bool = True, seed: int | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """n_per_class images of every class at each guidance weight w from the class-conditional
     model (DDIM, η = 0, not clipped, one x_T for every w), scored: accuracy on the requested
     class, recognizability, KID (per class and over all), FFD where the k·n samples reach EVAL's
     n_samples, nearest-training SSIM; beside as many unconditional samples (same seed) and the
-    real test images. Returns (a row per set, a row per (w, class), {w: samples, class-major})."""
+    real test images. seed: x_T of every set (None: cfg.seed). Returns (a row per set, a row
+    per (w, class), {w: samples, class-major})."""
+    seed = cfg.seed if seed is None else seed
     dev = get_device()
     ccfg = generation_config(cfg, conditional=True)
     cond = generation_model(cfg, conditional=True).to(dev)
@@ -2108,16 +2237,16 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     y = torch.arange(k).repeat_interleave(n_per_class)                   # (k·n,) class-major
     ffd = len(y) >= EVAL[cfg.profile]["n_samples"]                      # the one n of FFD
     rows = [dict(set="real: test images", w=np.nan, accuracy=np.nan,
-                 **quality(clf, real_test, None, train_imgs, k))]
+                 **quality(clf, real_test, None, train_imgs, k, seed))]
     unc, _ = sample(generation_model(cfg).to(dev), fp, "ddim", len(y), cfg.image_size,
-                    cfg.seed, steps=steps, clip=False, progress=progress)
+                    seed, steps=steps, clip=False, progress=progress)
     f_all = classify(clf, real_test)[0]                      # the reference of every set
     rows.append(dict(set="unconditional model", w=np.nan, accuracy=np.nan,
-                     **quality(clf, unc, f_all, train_imgs, k, ffd=ffd)))
+                     **quality(clf, unc, f_all, train_imgs, k, seed, ffd=ffd)))
     f_test = [classify(clf, real_test[test.labels == c])[0] for c in range(k)]    # per class
     by_class, samples = [], {}
     for w in tqdm(ws, desc="guidance weights", disable=not progress):
-        x, _ = sample(cond, fp, "ddim", len(y), cfg.image_size, cfg.seed, y=y, w=w,
+        x, _ = sample(cond, fp, "ddim", len(y), cfg.image_size, seed, y=y, w=w,
                       steps=steps, clip=False, progress=progress)
         samples[w] = x
         f, p = classify(clf, x)
@@ -2128,7 +2257,7 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
                                  recognizability=(p[m].max(1).values >= 0.9).float().mean().item(),
                                  kid=kid(f[m], f_test[c], subset_size=min(100, int(m.sum())))[0]))
         rows.append(dict(set="conditional model", w=w, accuracy=hit.mean().item(),
-                         **quality(clf, x, f_all, train_imgs, k, ffd=ffd)))
+                         **quality(clf, x, f_all, train_imgs, k, seed, ffd=ffd)))
     df, per = pd.DataFrame(rows), pd.DataFrame(by_class)
     worst = per.groupby("w").accuracy.min()
     df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))
@@ -2141,9 +2270,10 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
 
 
 def save_guidance(cfg: Config, df: pd.DataFrame, per: pd.DataFrame, samples: dict,
-                  classes: list) -> float:
+                  classes: list, seed: int | None = None) -> float:
     """Write guidance_metrics' results where notebook 05 and `evaluate --what guidance` both put
-    them (guidance, guidance_by_class, 05_guidance, 05_guidance_grid at pick_w's w); returns w."""
+    them (guidance, guidance_by_class, 05_guidance, 05_guidance_grid at pick_w's w); returns w.
+    seed: the one the samples were drawn with, for the grid's title (None: cfg.seed)."""
     import matplotlib.pyplot as plt
     save_table(df, "guidance", cfg)
     save_table(per, "guidance_by_class", cfg)
@@ -2151,7 +2281,8 @@ def save_guidance(cfg: Config, df: pd.DataFrame, per: pd.DataFrame, samples: dic
     for name, fig in (("05_guidance", plot_guidance(df, per)[0].figure),
                       ("05_guidance_grid", plot_class_grid(samples[w], classes, title=f"requested "
                                                            f"class per row, w = {w:g}, DDIM-50, "
-                                                           f"seed {cfg.seed}"))):
+                                                           f"seed {cfg.seed if seed is None else seed}"
+                                                           ))):
         save_fig(fig, name, cfg)
         plt.close(fig)
     return w

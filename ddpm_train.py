@@ -32,7 +32,8 @@ from ddpm_lib import (PURGE_K, RESUMABLE_KEYS, SPEED_KEYS, channels_last, ROOT, 
                       bf16_fast, build_model, check_config, committed_dir, diffusion_loss,
                       eval_images, fold_rows, get_config, get_device,
                       load_checkpoint, learning_rate, load_index, load_state, optimizer_step, planned_runs,
-                      save_checkpoint, seed_everything, to_float, tqdm, train_command, weights,
+                      save_checkpoint, seed_everything, to_float, tqdm, train_command, train_step,
+                      weights,
                       write_csv)
 
 # -----------------------------------------------------------------------------------------------
@@ -442,10 +443,12 @@ def epoch_batches(images: torch.Tensor, cfg: Config, fp: Diffusion, g: torch.Gen
 @torch.no_grad()
 def validation_loss(model, fp: Diffusion, images: torch.Tensor, cfg: Config,
                     device: torch.device, batch: int = 256) -> float:
-    """Mean MSE to the training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with
-    sigma_data, not comparable with the others) over the validation images, with fixed, seeded
-    noise and timesteps so that epochs are comparable. A conditional model is validated with the
-    null class."""
+    """The loss training optimises (diffusion_loss), over the validation images, with fixed,
+    seeded noise and timesteps so that epochs are comparable: the mean squared error to the
+    training target (ε; √(1-ᾱ_t)·ε for 'scaled_eps'; F's target with sigma_data, not
+    comparable with the others), each image's error weighted by loss_weight(t) where the
+    run trains with min_snr_gamma [MinSNR]. A conditional model is validated with the null
+    class."""
     g = torch.Generator().manual_seed(cfg.seed + 7919)
     total, count = 0.0, 0
     for i in range(0, len(images), batch):
@@ -455,7 +458,11 @@ def validation_loss(model, fp: Diffusion, images: torch.Tensor, cfg: Config,
         with autocast(device, cfg.bf16):
             xt, target = fp(x0, t, eps)
             out = model(xt, t).float()
-        total += F.mse_loss(out, target, reduction="sum").item()
+        if fp.min_snr_gamma:                                   # as diffusion_loss weighs it
+            err = fp.at(fp.loss_weight, t) * (out - target) ** 2
+            total += err.sum().item()
+        else:
+            total += F.mse_loss(out, target, reduction="sum").item()
         count += target.numel()
     return total / count
 
@@ -680,6 +687,28 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
         g = torch.Generator().manual_seed(_fold_seed(cfg, fold, epoch))
         model.train()
         t0, losses = time.perf_counter(), []
+
+        def check(loss) -> bool:
+            """Between the loss and the update: one collective a step (the global batch's
+            loss and whether any process was signalled, so that all processes stop, or raise,
+            at the same step); records the step's loss."""
+            both = _all_sum(d, torch.stack([loss.detach().float().cpu(),
+                                            torch.tensor(float(stop["signum"]))]))
+            if both[1] > 0:
+                stop["signum"] = stop["signum"] or 15                    # SIGTERM elsewhere
+                return False
+            step_loss = both[0] / d.world
+            if not torch.isfinite(step_loss):
+                raise FloatingPointError(
+                    f"loss is {step_loss.item()} at fold {fold}, epoch {epoch + 1}, step "
+                    f"{len(losses) + 1}: training stopped. The last good checkpoint ({ckpt_path}, "
+                    f"epoch {start if not history else history[-1]['epoch']}) is intact: lower "
+                    f"the learning rate and continue from it, "
+                    f"`{run_command(cfg, fold, out)} --resume --set lr={cfg.lr / 10:g}`, or "
+                    f"check the data")
+            losses.append(step_loss.item())
+            return True
+
         bar = tqdm(epoch_batches(images, cfg, fp, g, train_ds.labels), total=steps,
                    disable=not progress, desc=f"fold {fold} epoch {epoch + 1}/{cfg.max_epochs}",
                    unit="step")
@@ -690,29 +719,11 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                                  for v in (x0, t, eps, y))
             x0, t, eps = to_device(x0, cfg, device), t.to(device), eps.to(device)
             y = y if y is None else y.to(device)
-            with autocast(device, cfg.bf16):
-                loss = diffusion_loss(net, fp, x0, t, eps, y)
-            # one collective a step: the global batch's loss and whether any process was
-            # signalled, so that all processes stop (or raise) at the same step
-            both = _all_sum(d, torch.stack([loss.detach().float().cpu(),
-                                            torch.tensor(float(stop["signum"]))]))
-            if both[1] > 0:
-                stop["signum"] = stop["signum"] or 15                    # SIGTERM elsewhere
-                break
-            step_loss = both[0] / d.world
-            if not torch.isfinite(step_loss):
-                raise FloatingPointError(
-                    f"loss is {step_loss.item()} at fold {fold}, epoch {epoch + 1}, step "
-                    f"{len(losses) + 1}: training stopped. The last good checkpoint ({ckpt_path}, "
-                    f"epoch {start if not history else history[-1]['epoch']}) is intact: lower "
-                    f"the learning rate and continue from it, "
-                    f"`{run_command(cfg, fold, out)} --resume --set lr={cfg.lr / 10:g}`, or "
-                    f"check the data")
-            if cfg.lr_warmup or cfg.lr_decay != "constant":
-                for group in opt.param_groups:
-                    group["lr"] = learning_rate(cfg, epoch * steps + len(losses), steps)
-            optimizer_step(model, ema, opt, loss, cfg)
-            losses.append(step_loss.item())
+            lr = (learning_rate(cfg, epoch * steps + len(losses), steps)
+                  if cfg.lr_warmup or cfg.lr_decay != "constant" else None)
+            if train_step(model, ema, opt, fp, x0, cfg, t=t, eps=eps, y=y, lr=lr,
+                          net=net, check=check) is None:
+                break                                     # a process was signalled
             rate = len(losses) * len(x0) * d.world / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", img_s=f"{rate:.0f}")
         if stop["signum"]:

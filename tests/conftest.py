@@ -19,12 +19,32 @@ def pytest_configure(config):
     # precision and memory layout fixed (fp32, NCHW), so no test spends time measuring them
     # (ddpm_lib.speed_choice; tests/test_speed.py unsets these)
     os.environ["DDPM_PRECISION"], os.environ["DDPM_MEMORY"] = "fp32", "nchw"
+    smoke_data()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-    torch.set_num_threads(1)
+def smoke_data() -> Path:
+    """The smoke profiles' synthetic set (runs/smoke/data), made through the command line's
+    `data` when missing, as `make test` does: the library never makes data (load_index)."""
+    out = ROOT / "runs" / "smoke" / "data"
+    if not (out / "index.csv").exists():
+        import ddpm_cli
+        ddpm_cli.main(["data", "--synthetic", "--synthetic-size", "32", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def smoke_models():
+    """Every smoke and smoke-native run the notebooks use and the smoke classifier, trained
+    through the command line where missing (train-all skips finished runs), as `make test` does
+    before pytest: the library's trained() and load_classifier never train."""
+    import ddpm_cli
+    import ddpm_lib as dl
+    for profile in ("smoke", "smoke-native"):
+        if not all(dl.weights(dl.get_config(profile, generation=k == "all", **o), k).exists()
+                   for o, k in dl.planned_runs(profile)):
+            ddpm_cli.main(["train-all", "--profile", profile])
+    if not dl.classifier_path(dl.get_config("smoke")).exists():
+        ddpm_cli.main(["classifier", "--profile", "smoke"])
     yield
 
 

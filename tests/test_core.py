@@ -3,7 +3,7 @@ the U-Net, training (overfitting, early stopping, EMA, checkpoints, resume after
 refusals), the profiles and the command line's errors.
 
 Everything runs on the CPU, on one thread, with tiny models (the smoke profile: width 8, 16×16
-synthetic fruit in runs/smoke/data, made by the data pipeline on first use). Training output
+synthetic fruit in runs/smoke/data, made by conftest through the `data` command). Training output
 goes to pytest's tmp_path, never to runs/. Reference values are computed independently here
 (float64 numpy), never copied from a run.
 """
@@ -253,6 +253,27 @@ def test_min_snr_weighting_is_min_snr_times_the_x0_error(sd):
         ((out - target) ** 2).mean().item(), rel=1e-6)
     with pytest.raises(ValueError, match="min_snr_gamma"):
         dl.Diffusion(10, target="scaled_eps", min_snr_gamma=5)
+
+
+@pytest.mark.parametrize("gamma", [5.0, 0.0])
+def test_validation_loss_is_the_training_loss_on_one_batch(gamma):
+    """validation_loss scores the loss training optimises: on one batch, with its own seeded
+    t and ε, it equals diffusion_loss (min-SNR weights included) — and under min-SNR it is
+    not the plain MSE, so leaving the weights out fails here."""
+    cfg = dl.get_config("smoke", generation=True, min_snr_gamma=gamma)
+    fp = dl.Diffusion.from_config(cfg)
+    torch.manual_seed(0)
+    model = dl.build_model(cfg, verbose=False).eval()
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    val = dt.validation_loss(model, fp, images, cfg, torch.device("cpu"))
+    g = torch.Generator().manual_seed(cfg.seed + 7919)          # validation_loss's draws
+    t, eps = fp.sample_t(8, g), torch.randn(8, 3, 16, 16, generator=g)
+    with torch.no_grad():
+        train = dl.diffusion_loss(model, fp, dl.to_float(images), t, eps).item()
+        xt, target = fp(dl.to_float(images), t, eps)
+        plain = torch.nn.functional.mse_loss(model(xt, t).float(), target).item()
+    assert val == pytest.approx(train, rel=1e-5)
+    assert (val != pytest.approx(plain, rel=1e-2)) if gamma else val == pytest.approx(plain)
 
 
 def test_learning_rate_warms_up_then_decays_and_training_follows_it(tmp_path):
@@ -590,7 +611,7 @@ def test_a_setting_newer_than_the_checkpoint_counts_as_its_default(tmp_path):
 def test_generation_model_committed_prefers_the_export(tmp_path, monkeypatch):
     """generation_model: the local run first; committed=True: the committed export first."""
     cfg = smoke_cfg()
-    local = dl.generation_model(cfg)                            # trains the smoke one if missing
+    local = dl.generation_model(cfg)                    # conftest.smoke_models trained it
     gcfg = dl.get_config("smoke", generation=True)
     dt.train(gcfg, 0, out=tmp_path / "other", progress=False)   # same config, other weights
     monkeypatch.setattr(dl, "committed_dir", lambda c, fold: tmp_path / "other")
@@ -637,7 +658,7 @@ def test_nan_loss_raises_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         saved.setdefault("bytes", (out / "checkpoint.pt").read_bytes())   # epoch 1's file
         return real_loss(*a, **k) * float("nan")
 
-    monkeypatch.setattr(dt, "diffusion_loss", loss_nan_in_epoch_2)
+    monkeypatch.setattr(dl, "diffusion_loss", loss_nan_in_epoch_2)   # in dl.train_step
     with pytest.raises(FloatingPointError, match="epoch 2") as e:
         dt.train(cfg, 0, out=out, progress=False)
     assert "resume" in str(e.value)
@@ -665,6 +686,9 @@ def test_profiles(monkeypatch):
     assert dl.get_config().profile == "cpu" and dl.default_profile() == "cpu"
     monkeypatch.setenv("DDPM_PROFILE", "smoke")
     assert dl.get_config().profile == "smoke"
+    monkeypatch.delenv("DDPM_PROFILE")
+    monkeypatch.setattr(dl.torch.cuda, "is_available", lambda: True)
+    assert dl.default_profile() == "cpu"          # a GPU speeds a profile up, never picks one
     with pytest.raises(ValueError, match="nope"):
         dl.get_config("nope")
     monkeypatch.setenv("DDPM_PROFILE", "bogus")
@@ -822,10 +846,48 @@ def test_plot_leakage_draws_both_losses_and_their_ratio():
     assert list(axes[1].lines[1].get_ydata()) == [1.0, 1.0, 1.0]          # random
 
 
-def test_trained_uses_committed_weights_and_trains_only_what_is_missing(tmp_path, monkeypatch,
-                                                                         capsys):
-    """With a fold's weights committed and no local run, trained() and train-all train nothing
-    (the committed history comes back); retrain=True / --retrain train it anyway."""
+def test_with_cuda_the_default_is_cpu_and_its_committed_models(monkeypatch):
+    """A GPU never picks the profile: with CUDA mocked and no DDPM_PROFILE, the notebooks run
+    the cpu profile, and describe_run (their setup cells) says every fold run loads its
+    committed export (no local run here: runs/cpu does not exist in the checkout)."""
+    monkeypatch.delenv("DDPM_PROFILE", raising=False)
+    monkeypatch.setattr(dl.torch.cuda, "is_available", lambda: True)
+    cfg = dl.get_config()
+    assert cfg.profile == "cpu"
+    if (cfg.home / "runs" / "cpu").exists():
+        pytest.skip("a local runs/cpu/ exists: its weights would be preferred")
+    runs = [(o, k) for o, k in dl.planned_runs("cpu") if not o.get("conditional")]
+    text = dl.describe_run(cfg, 5, runs=runs)
+    assert text.startswith("profile cpu (from the default), seed 5, device cuda")
+    rows = text.splitlines()[1:]
+    assert len(rows) == len(runs) and all(" committed: data/checkpoints/runs/cpu/" in r
+                                          for r in rows), text
+    for o, k in runs:
+        c = dl.get_config("cpu", generation=k == "all", **o)
+        assert dl.uses_committed(c, k) and dl.weights(c, k).name == "ema_fp16.pt"
+
+
+def test_missing_data_and_classifier_name_the_command_that_makes_them(tmp_path, monkeypatch):
+    """The library never calls the command line: missing data or a missing classifier is an
+    error naming the command that makes it (no hidden `data` or `classifier` run)."""
+    monkeypatch.setattr(ddpm_cli, "prepare_data", lambda *a, **k: pytest.fail("made data"))
+    monkeypatch.setattr(ddpm_cli, "train_classifier", lambda *a, **k: pytest.fail("trained"))
+    cfg = smoke_cfg(root=str(tmp_path))                   # runs/smoke/data under tmp_path: none
+    with pytest.raises(dl.DataError, match=r"`python -m ddpm_lib data --synthetic "
+                                           r"--synthetic-size 32 --out .*runs/smoke/data`"):
+        dl.load_index(cfg)
+    with pytest.raises(dl.DataError, match="--from ../shared/fruits-360-subset"):
+        dl.load_index(dl.get_config("cpu", root=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="`python -m ddpm_lib classifier --profile smoke`"):
+        dl.load_classifier(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_trained_never_trains_and_train_all_trains_only_what_is_missing(tmp_path, monkeypatch,
+                                                                        capsys):
+    """trained() never trains: with a fold's weights committed and no local run it gives the
+    committed history; with none it is an error naming the train command; retrain=True refuses
+    the export. train-all (the command line) trains what is missing; --retrain trains it all."""
     cfg = smoke_cfg(root=str(tmp_path), data_dir=str(REPO / "runs" / "smoke" / "data"), max_epochs=1)
     dt.train(cfg, 0, progress=False)
     dt.export_ema(cfg, 0)
@@ -834,18 +896,26 @@ def test_trained_uses_committed_weights_and_trains_only_what_is_missing(tmp_path
     calls = []
     monkeypatch.setattr(dt, "train", lambda c, k, **kw: calls.append(k) or h)
     assert dl.uses_committed(cfg, 0) and dl.trained(cfg, 0).equals(h) and calls == []
-    dl.trained(cfg, 0, retrain=True)
-    assert calls == [0]
-    assert not dl.uses_committed(cfg, 1)                     # nothing committed: trained
-    dl.trained(cfg, 1)
-    assert calls == [0, 1]
+    with pytest.raises(FileNotFoundError, match=r"train it with `python -m ddpm_lib train "
+                                                r"--profile smoke --fold 0` \(at most 1 epochs, "
+                                                r"up to about \d+ min at the last run's speed"):
+        dl.trained(cfg, 0, retrain=True)                  # how long: the committed history's
+    assert not dl.uses_committed(cfg, 1)                     # nothing committed: an error
+    with pytest.raises(FileNotFoundError, match="--fold 1`"):
+        dl.trained(cfg, 1)
+    assert calls == []
+    (cfg.run_dir(1)).mkdir(parents=True)
+    (cfg.run_dir(1) / "checkpoint.pt").touch()             # a stopped run: resume it
+    with pytest.raises(FileNotFoundError, match="--fold 1 --resume`"):
+        dl.trained(cfg, 1)
+    shutil.rmtree(cfg.run_dir(1))
     monkeypatch.setattr(ddpm_cli, "get_config", lambda *a, **kw: dataclasses.replace(cfg, **{
         k: v for k, v in kw.items() if k != "generation"}))
     monkeypatch.setattr(ddpm_cli, "planned_runs", lambda profile=None: [({}, 0), ({}, 1)])
     ddpm_cli.main(["train-all", "--profile", "smoke"])
-    assert "committed" in capsys.readouterr().out and calls == [0, 1, 1]
+    assert "committed" in capsys.readouterr().out and calls == [1]
     ddpm_cli.main(["train-all", "--profile", "smoke", "--retrain"])
-    assert calls == [0, 1, 1, 0, 1]
+    assert calls == [1, 0, 1]
 
 
 def test_leakage_table_and_training_summary_keep_what_has_no_history(tmp_path, monkeypatch):

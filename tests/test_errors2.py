@@ -28,8 +28,11 @@ def main_error(args, capsys) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dl.Config:
-    """A smoke config rooted in a temporary folder, with fold 0 trained (2 epochs)."""
+    """A smoke config rooted in a temporary folder, with its synthetic data (the `data`
+    command) and fold 0 trained (2 epochs)."""
     cfg = dl.get_config("smoke", root=str(tmp_path_factory.mktemp("home")))
+    ddpm_cli.main(["data", "--synthetic", "--synthetic-size", "32",
+                   "--out", str(cfg.home / cfg.data_dir)])
     dt.train(cfg, 0, progress=False)
     return cfg
 

@@ -38,7 +38,10 @@ def commands(msg: str) -> list[list[str]]:
 
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> dl.Config:
-    """A smoke config rooted in a fresh temporary folder; the CLI's configs rooted there too."""
+    """A smoke config rooted in a fresh temporary folder, its synthetic data made there by the
+    `data` command (the library never makes data); the CLI's configs rooted there too."""
+    ddpm_cli.main(["data", "--synthetic", "--synthetic-size", "32",
+                   "--out", str(tmp_path / "home" / "runs" / "smoke" / "data")])
     real = dl.get_config
     monkeypatch.setattr(ddpm_cli, "get_config",
                         lambda *a, **k: real(*a, **{"root": str(tmp_path / "home"), **k}))
@@ -84,18 +87,18 @@ def test_checkpoint_records_its_data(home, tmp_path):
 
 
 def test_nan_advice_run_as_printed_continues_with_a_lower_lr(home, tmp_path, monkeypatch, capsys):
-    out, calls, real = tmp_path / "R", [0], dt.diffusion_loss
+    out, calls, real = tmp_path / "R", [0], dl.diffusion_loss
 
     def diverging(*a, **k):                                   # nan from epoch 2 (3 steps each)
         calls[0] += 1
         loss = real(*a, **k)
         return loss * float("nan") if calls[0] > 3 else loss
-    monkeypatch.setattr(dt, "diffusion_loss", diverging)
+    monkeypatch.setattr(dl, "diffusion_loss", diverging)
     rc, msg = main_error(["train", "--profile", "smoke", "--fold", "0", "--out", str(out)], capsys)
     assert rc == 1 and "loss is nan" in msg
     (cmd,) = commands(msg)
     assert cmd[-3:] == ["--resume", "--set", "lr=2e-05"]
-    monkeypatch.setattr(dt, "diffusion_loss", real)
+    monkeypatch.setattr(dl, "diffusion_loss", real)
     ddpm_cli.main(cmd)
     h = pd.read_csv(out / "history.csv")
     assert list(h.epoch) == [1, 2] and list(h.lr) == [2e-4, 2e-5]

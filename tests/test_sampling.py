@@ -548,6 +548,13 @@ def test_generation_metrics_scores_every_story_row(tmp_path, monkeypatch):
     cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
                                                "smoke" / "data"), T=20)
     monkeypatch.setitem(dl.GENERATION, "smoke", dict(dl.GENERATION["smoke"], T=20))
+    with pytest.raises(FileNotFoundError, match="train it with `python -m ddpm_lib train"):
+        dl.story_models(cfg)                                   # the library never trains
+    dt.train(dataclasses.replace(cfg, target="eps", split="grouped"), 0, progress=False)
+    dt.train(dl.generation_config(cfg), "all", progress=False)
+    with pytest.raises(FileNotFoundError, match="classifier --profile smoke"):
+        dl.load_classifier(cfg)                                # nor trains a classifier
+    dl.classifier_path(cfg).write_bytes(dl.classifier_path(dl.get_config("smoke")).read_bytes())
     models = dl.story_models(cfg)
     assert models["generation"][1].sigma_data == 0.7 and models["fold0"][1].sigma_data == 0
     df, samples = dl.generation_metrics(cfg, models, n=16, n_slow=4, progress=False)
@@ -766,3 +773,31 @@ def test_the_committed_yardstick_tells_real_from_damaged_images_at_its_n(tmp_pat
     shifted = (real + torch.tensor([0.4, 0.0, -0.4]).view(1, 3, 1, 1)).clamp(-1, 1)
     for bad in (blurred, shifted):
         assert ffd(bad) > floor + 20 * spread
+
+
+def test_seed_reaches_every_draw_of_generation_metrics(tmp_path, monkeypatch):
+    """Notebook 05's SEED: generation_metrics(seed=s) draws every sampler's x_T (sample), the
+    real subsets (ffd_floor, quality's bootstrap) with s, not cfg.seed; another s, other samples."""
+    data = str(dl.Path(__file__).resolve().parents[1] / "runs" / "smoke" / "data")
+    cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=data)
+    dl.classifier_path(cfg).parent.mkdir(parents=True)
+    dl.classifier_path(cfg).write_bytes(dl.classifier_path(dl.get_config("smoke")).read_bytes())
+    seeds = []
+
+    def fake_sample(model, fp, method, n, size, seed=0, **kw):
+        seeds.append(("sample", seed))
+        return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1, {}
+
+    real_floor, real_quality = dl.ffd_floor, dl.quality
+    monkeypatch.setattr(dl, "sample", fake_sample)
+    monkeypatch.setattr(dl, "ffd_floor", lambda *a, seed=0, **k: seeds.append(("floor", seed))
+                        or real_floor(*a, seed=seed, **k))
+    monkeypatch.setattr(dl, "quality", lambda *a, **k: seeds.append(("quality", a[5]))
+                        or real_quality(*a, **k))
+    fp = dl.Diffusion(20)
+    models = {key: (None, fp) for key, _, _ in dl.GEN_SAMPLERS.values()}
+    _, s7 = dl.generation_metrics(cfg, models, n=16, n_slow=2, progress=False, seed=7)
+    assert seeds and {s for _, s in seeds} == {7}
+    assert {k for k, _ in seeds} == {"sample", "floor", "quality"}
+    _, s8 = dl.generation_metrics(cfg, models, n=16, n_slow=2, progress=False, seed=8)
+    assert all(not torch.equal(s7[k], s8[k]) for k in s7)
