@@ -59,15 +59,23 @@ train: env data
 retrain: env data
 	$(PY) -m ddpm_lib train-all --retrain
 
+# Each notebook runs into notebooks/.NAME.tmp.ipynb and replaces NAME only when it finished, so an
+# interrupted run (Ctrl-C, a timeout, an error) leaves every committed notebook whole.
 notebooks: env data
 	for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(NBEXEC) "$$nb" || { echo "== $$nb again (nbconvert can hang on widgets: jupyter/nbconvert#2029)"; \
-	                        $(NBEXEC) "$$nb"; } || exit 1; \
+	  echo "== $$nb"; tmp="$$(dirname $$nb)/.$$(basename $$nb .ipynb).tmp.ipynb"; cp "$$nb" "$$tmp" && \
+	  { $(NBEXEC) "$$tmp" || { echo "== $$nb again (nbconvert can hang on widgets: jupyter/nbconvert#2029)"; \
+	                          $(NBEXEC) "$$tmp"; }; } && mv "$$tmp" "$$nb" || { rm -f "$$tmp"; exit 1; }; \
 	done
-	$(PAPERMILL) $(NB04) $(NB04) $(NB04_PARAMS)
-	$(PAPERMILL) $(NB05) $(NB05) $(NB05_PARAMS)
+	$(PAPERMILL) $(NB04) notebooks/.04.tmp.ipynb $(NB04_PARAMS) && mv notebooks/.04.tmp.ipynb $(NB04) \
+	  || { rm -f notebooks/.04.tmp.ipynb; exit 1; }
+	$(PAPERMILL) $(NB05) notebooks/.05.tmp.ipynb $(NB05_PARAMS) && mv notebooks/.05.tmp.ipynb $(NB05) \
+	  || { rm -f notebooks/.05.tmp.ipynb; exit 1; }
 	$(PY) tools/normalize_notebooks.py notebooks/*.ipynb
+
+# the committed results have one writer: these targets (and `make figures` through them) write
+# figures/ and report/; any other run writes to runs/<profile>/figures (ddpm_lib.Config.fig_dir)
+train notebooks report: export DDPM_COMMIT_RESULTS = 1
 
 report: env
 	$(PY) -m ddpm_lib report

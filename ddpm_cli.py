@@ -620,20 +620,49 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
         return f"*(figure {name} not produced yet, run `make figures`)*"
 
     text = re.sub(r"!\[([^\]]*)\]\(\.\./figures/([^)]+)\)", fig, text)
-    _keep_better(out, text, figs)
+    _keep_better(out, text, figs, template.read_text())
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     return out
 
 
-def _keep_better(out: Path, text: str, figs: Path) -> None:
-    """Refuse to replace a report with one that has more pieces missing (inputs deleted)."""
+# The sample sizes in a report (issue 44: notebook 05 at its defaults): a new report from smaller
+# samples than the one it would replace is refused. Each is read where the template puts it.
+REPORT_SIZES = ("n_ffd", "guidance_n_per_class", "native_n", "ttq_n")
+
+
+def _report_sizes(text: str, template: str) -> dict:
+    """{size field: its value in text ('n/a' or digits)}, found after the literal words that
+    precede ${field} in the template."""
+    sizes = {}
+    for key in REPORT_SIZES:
+        i = template.find("${" + key + "}")
+        pre = template[max(0, i - 24):i].split("}")[-1] if i >= 0 else ""
+        if len(pre.strip()) >= 3 and (m := re.search(re.escape(pre) + r"(\d+|n/a)", text)):
+            sizes[key] = m.group(1)
+    return sizes
+
+
+def _keep_better(out: Path, text: str, figs: Path, template: str = "") -> None:
+    """Refuse to replace a report with one that has more pieces missing (inputs deleted), one
+    with a metric at n/a, or one from smaller samples than the report it would replace."""
     gap = "not produced yet"
-    old = out.read_text().count(gap) if out.exists() else None
+    old_text = out.read_text() if out.exists() else None
+    old = old_text.count(gap) if old_text is not None else None
     if old is not None and text.count(gap) > old:
         raise DataError(f"{out} has {old} missing pieces, a new one would have "
                         f"{text.count(gap)} (tables or figures absent from {figs}): {out} is kept. "
                         f"Produce them (`make figures`), or delete {out} to write it anyway")
+    if old_text is None:
+        return
+    new_n, old_n = _report_sizes(text, template), _report_sizes(old_text, template)
+    smaller = [f"{k} {new_n[k]} < {v}" for k, v in old_n.items() if k in new_n and v != "n/a"
+               and (new_n[k] == "n/a" or int(new_n[k]) < int(v))]
+    if smaller or ("n/a×" in text and "n/a×" not in old_text):
+        why = ", ".join(smaller) or "a ratio at n/a×"
+        raise DataError(f"the tables in {figs} come from smaller samples than {out} ({why}): "
+                        f"{out} is kept. Regenerate them with `make figures`, or delete {out} "
+                        f"to write it anyway")
 
 
 # -----------------------------------------------------------------------------------------------

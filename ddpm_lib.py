@@ -131,14 +131,38 @@ class Config:
         return self.home / "runs" / self.profile / self.run_name(fold)
 
     def fig_dir(self) -> Path:
-        """Where this profile's figures and tables go: figures/ for cpu (the committed ones),
-        figures/<profile>/ for any other (native: figures/native/), runs/smoke/figures for smoke
-        and runs/smoke/figures/native for smoke-native (tests and CI)."""
+        """Where this profile's figures and tables go. The committed ones (figures/ for cpu,
+        figures/<profile>/ for any other: native → figures/native/) have one writer: `make
+        figures`, which sets DDPM_COMMIT_RESULTS=1 (commit_results). Any other run writes to
+        runs/<profile>/figures (git-ignored) and says so once. The smoke profile always writes to
+        runs/smoke/figures and smoke-native to runs/smoke/figures/native (tests and CI)."""
         smoke = self.home / "runs" / "smoke" / "figures"
-        d = {"cpu": self.home / "figures", "smoke": smoke, "smoke-native": smoke / "native"}.get(
-            self.profile, self.home / "figures" / self.profile)
+        if self.profile in ("smoke", "smoke-native"):
+            d = smoke if self.profile == "smoke" else smoke / "native"
+        elif commit_results():
+            d = self.committed_dir()
+        else:
+            d = self.home / "runs" / self.profile / "figures"
+            if d not in _SCRATCH_SAID:
+                _SCRATCH_SAID.add(d)
+                print(f"note: results of this run go to {d} (scratch, not committed); only `make "
+                      f"figures` (DDPM_COMMIT_RESULTS=1) writes {self.committed_dir()}")
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def committed_dir(self) -> Path:
+        """The committed figures and tables of this profile: figures/ for cpu, else
+        figures/<profile>/ (read by the report; written only when commit_results())."""
+        return self.home / "figures" / ("" if self.profile == "cpu" else self.profile)
+
+
+_SCRATCH_SAID: set = set()                       # the scratch folders already announced
+
+
+def commit_results() -> bool:
+    """True when DDPM_COMMIT_RESULTS=1 (the Makefile's figures, train, notebooks and report
+    targets export it): tables and figures then go to the committed figures/."""
+    return os.environ.get("DDPM_COMMIT_RESULTS", "") == "1"
 
 
 # Settings that may differ when a run is resumed (everything else must match the checkpoint);
@@ -1326,6 +1350,8 @@ def training_summary(runs: list[tuple[Config, object, pd.DataFrame | None]],
     history); a run without a history (a committed model whose history is not committed) keeps
     its row from the table already in cfg.fig_dir(), if it has one."""
     path = cfg.fig_dir() / "training_summary.csv"
+    if not path.exists() and (cfg.committed_dir() / path.name).exists():
+        path = cfg.committed_dir() / path.name                # a scratch run starts from it
     old = pd.read_csv(path).set_index("run") if path.exists() else pd.DataFrame()
     rows = []
     for c, fold, h in runs:
@@ -2383,8 +2409,8 @@ def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
 
 
 def save_fig(fig, name: str, cfg: Config, folder: Path | str | None = None) -> Path:
-    """<name>.png in folder, by default cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke
-    profile's go to runs/smoke/figures), made legible first (as the notebook then shows it)."""
+    """<name>.png in folder, by default cfg.fig_dir(): figures/ (or figures/<profile>/) under
+    `make figures`, else runs/<profile>/figures (smoke: runs/smoke/figures), made legible first (as the notebook then shows it)."""
     path = Path(folder or cfg.fig_dir()) / f"{name}.png"
     legible(fig)
     with atomic_path(path) as tmp:
