@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_lib as dl
-from ddpm_lib import (classify, Config, DataError, Diffusion, EVAL, FruitClassifier, INDEX_COLUMNS, PROFILES,
+from ddpm_lib import (n_text, classify, Config, DataError, Diffusion, EVAL, FruitClassifier, INDEX_COLUMNS, PROFILES,
                       ROOT, SAMPLERS, SUBSET_CLASSES, _decode, assign_folds, atomic_path,
                       classifier_path, committed_dir, ffd_floor, generation_config,
                       generation_metrics, generation_model, get_config, get_device,
@@ -553,7 +553,8 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
             f[f"guidance_{col}"] = f"{r[col]:.3f}"
         f["guidance_real_nn_ssim_max"] = f"{real.nn_ssim_max:.3f}"
         key = "ffd" if g.ffd.notna().any() else "kid"
-        f["guidance_measure"] = f"{key.upper()} {r[f'{key}_vs_unconditional']:.2f}×"
+        f["guidance_measure"] = f"{key.upper()} " + n_text(r[f"{key}_vs_unconditional"], r["n"], ".2f",
+                                                            "×")
         f["guidance_by_w"] = (f"From w = {g.index.min():g} to w = {g.index.max():g}, accuracy on the "
                               f"requested class goes {' → '.join(f'{a:.2f}' for a in g.accuracy)} "
                               f"and {key.upper()} against the test images "

@@ -1954,13 +1954,22 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+# The fewest samples per set that KID is computed from (below: NaN, printed "n/a (n = …)"). Its
+# unbiased estimate divides by m·(m−1): at m = 1 it is 0/0 (a RuntimeWarning), at m = 2 it read
+# −3.3 (issue 44: one pair per set is noise).
+KID_MIN_N = 4
+
+
 def kid(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 50, subset_size: int = 100,
         seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al. 2018) on our features: the unbiased MMD² with
-    the cubic polynomial kernel k(x, y) = (x·y/d + 1)³, mean and std over random subsets."""
+    the cubic polynomial kernel k(x, y) = (x·y/d + 1)³, mean and std over random subsets; NaN
+    (no warning) where a set has fewer than KID_MIN_N samples."""
+    m = min(subset_size, len(f1), len(f2))
+    if m < KID_MIN_N:                     # m·(m−1) samples pairs: below KID_MIN_N it reads noise
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     a, b = f1.double().numpy(), f2.double().numpy()
-    m = min(subset_size, len(a), len(b))
     d = a.shape[1]
     vals = []
     for _ in range(subsets):
@@ -1969,6 +1978,23 @@ def kid(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 50, subset_size: int 
         vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) +
                     (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
     return float(np.mean(vals)), float(np.std(vals))
+
+
+def ratio_of_positive(a, b):
+    """a / b where both are > 0, else NaN: an unbiased KID can be ≤ 0 (at its noise level) and
+    a ratio of it reads as nonsense (a "−3.12×")."""
+    if np.isscalar(a):
+        return a / b if a > 0 and b > 0 else float("nan")
+    a = pd.Series(a, dtype=float)
+    return (a / b).where((a > 0) & (b > 0))
+
+
+def n_text(value, n, spec: str = ".3f", unit: str = "") -> str:
+    """A metric for a sentence: the value formatted with spec (and unit), or "n/a (n = n)" where
+    it is NaN (below its minimum n: KID_MIN_N, FFD's EVAL n_samples)."""
+    if value is None or pd.isna(value):
+        return f"n/a (n = {int(n)})"
+    return f"{value:{spec}}{unit}"
 
 
 def ffd_bootstrap_std(f: torch.Tensor, fr: torch.Tensor, boots: int = 20, seed: int = 0) -> float:
@@ -2133,7 +2159,8 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))
     unc_row = df.set_index("set").loc["unconditional model"]
     df.insert(df.columns.get_loc("ffd") + 1, "ffd_vs_unconditional", df.ffd / unc_row.ffd)
-    df.insert(df.columns.get_loc("kid") + 1, "kid_vs_unconditional", df.kid / unc_row.kid)
+    df.insert(df.columns.get_loc("kid") + 1, "kid_vs_unconditional", ratio_of_positive(
+        df.kid, unc_row.kid))                    # a KID ≤ 0 (at noise level) has no ratio
     df["steps"], df["n_per_class"], df["classifier_test_acc"] = steps, n_per_class, acc
     return df, per, samples
 
@@ -2382,15 +2409,24 @@ def plot_guidance(df: pd.DataFrame, per: pd.DataFrame, axes=None):
 
 def plot_class_grid(x: torch.Tensor, classes: list, n_show: int = 8, title: str | None = None):
     """Class-major samples (len(classes)·n each, as guidance_metrics draws them): a row of the
-    first n_show per class, labelled with the class."""
+    first n_show per class, labelled with the class; with fewer than 5 per class a column per
+    class instead (labels below), so the grid and its title keep a readable width at any n."""
     import matplotlib.pyplot as plt
     k = len(classes)
     x = x.view(k, -1, *x.shape[1:])[:, :n_show]
-    fig, ax = plt.subplots(figsize=(0.7 * x.shape[1] + 1.6, 0.7 * k + 0.5), layout="constrained")
-    ax.imshow(image_grid(x.flatten(0, 1), nrow=x.shape[1]))
-    s = x.shape[-1] + 1                                                 # image_grid pads by 1
-    ax.set_yticks([1 + s * i + s / 2 for i in range(k)], classes)
-    ax.set_xticks([])
+    n, s = x.shape[1], x.shape[-1] + 1                                  # image_grid pads by 1
+    ticks = [1 + s * i + s / 2 for i in range(k)]
+    if n < 5:                                                           # classes across
+        fig, ax = plt.subplots(figsize=(0.75 * k + 1.0, 0.75 * n + 2.2), layout="constrained")
+        ax.imshow(image_grid(x.transpose(0, 1).flatten(0, 1), nrow=k))
+        ax.set_xticks(ticks, classes, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks([])
+    else:
+        fig, ax = plt.subplots(figsize=(max(0.7 * n + 1.6, 5.0), 0.7 * k + 0.5),
+                               layout="constrained")
+        ax.imshow(image_grid(x.flatten(0, 1), nrow=n))
+        ax.set_yticks(ticks, classes)
+        ax.set_xticks([])
     ax.set_title(title or "", loc="left")
     return legible(fig)                                        # notebook 05 shows it unsaved
 
