@@ -325,12 +325,35 @@ def _check_source(src: Path) -> Path:
 TAR_SUFFIXES = (".tar", ".gz", ".tgz", ".bz2", ".xz")
 
 
+ALL_CLASSES = ["*every class*"]                   # `data --all-classes`
+
+
+def committed_classes() -> list:
+    """The class names the committed models store (tools/add_model_classes.py wrote them), else
+    the shared subset's."""
+    for path in sorted((ROOT / "data" / "checkpoints").rglob("*.pt")):
+        if classes := load_checkpoint(path).get("classes"):
+            return list(classes)
+    return sorted(SUBSET_CLASSES)
+
+
 def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
                   skip_bad: bool) -> pd.DataFrame:
     """build_index of root, reporting what it skipped or resized; nothing is written."""
     link = out / "fruits-360"
     if classes is None and root.resolve() == SHARED_SUBSET.resolve():
         classes = SUBSET_CLASSES
+    elif classes is None:                      # the classes the committed models were trained on
+        models = committed_classes()
+        available = sorted(p.name for p in _find_split_dirs(root)["Training"].iterdir()
+                           if p.is_dir())
+        if set(models) <= set(available) and len(available) > len(models):
+            print(f"indexing the {len(models)} classes of the committed models, of the "
+                  f"{len(available)} in {root} (--all-classes: every class; --classes NAME …: "
+                  f"others)")
+            classes = models
+    if classes == ALL_CLASSES:
+        classes = None
     if link.exists() and not link.is_symlink() and link.resolve() != root.resolve():
         raise DataError(f"{link} is a real folder, not a link this command made: move it away "
                         f"(or pass --from {link}) — it is not deleted")
@@ -860,9 +883,12 @@ PROFILE_HELP = {"smoke": "synthetic fruit, a tiny model, seconds (tests, CI)",
 def cmd_data(a) -> None:
     t0 = time.perf_counter()
     out = data_out(a.out)
-    if a.if_changed and a.src and up_to_date(out, source_stamp(a.src, a.classes, a.split, a.seed)):
+    if a.if_changed and a.src and up_to_date(out, source_stamp(
+            a.src, ALL_CLASSES if a.all_classes else a.classes, a.split, a.seed)):
         print(f"{out / 'index.csv'} is up to date: it was made from {Path(a.src).resolve()}")
         return
+    if a.all_classes:
+        a.classes = ALL_CLASSES
     index = prepare_data(a.src, a.url, a.synthetic, out, a.classes, a.split, a.seed, a.skip_bad)
     counts = index[index.split == "train"].fold.value_counts().sort_index()
     print(f"{len(index)} images ({(index.split == 'train').sum()} train, "
@@ -1143,8 +1169,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory)")
     p.add_argument("--if-changed", action="store_true", help="with --from: do nothing when "
                    "index.csv was made from the same source, classes, split and seed (make data)")
-    p.add_argument("--classes", nargs="+", help="class folder names (default: the 10 of the "
-                   "shared subset when indexing it, else all)")
+    cls = p.add_mutually_exclusive_group()
+    cls.add_argument("--classes", nargs="+", help="class folder names (default: the committed "
+                     "models' 10 where the folder has them, else all)")
+    cls.add_argument("--all-classes", action="store_true", help="every class of the folder (the "
+                     "committed models then do not fit: train your own)")
     p.add_argument("--split", choices=["grouped", "random"], default="grouped",
                    help="the folds in index.csv: grouped (leakage-free blocks of each video) or "
                         "random (the report's)")

@@ -1843,7 +1843,26 @@ def generation_model(cfg: Config, conditional: bool = False, committed: bool = F
                                     f"with `{train_command(gcfg, 'all')}`")
         trained(gcfg, "all")
         path = weights(gcfg, "all", committed)
-    return load_model(gcfg, "all", path).to(get_device())
+    model = load_model(gcfg, "all", path)
+    if conditional:                                  # its labels index the classes it stores
+        check_model_classes(model.classes, sorted(load_index(gcfg).label.unique()), path,
+                            gcfg.home / gcfg.data_dir / "index.csv")
+    return model.to(get_device())
+
+
+def check_model_classes(saved, classes: list, path: Path, index: Path) -> None:
+    """Refuse a conditional model whose stored class names are not the index's (a class renamed,
+    added or left out): its label i would draw another fruit than the index's i-th class."""
+    if saved is None or list(saved) == list(classes):
+        return
+    only_model = [c for c in saved if c not in classes]
+    only_index = [c for c in classes if c not in saved]
+    what = (f"the model has {', '.join(only_model) or 'no other class'}, the index "
+            f"{', '.join(only_index) or 'no other class'}" if only_model or only_index else
+            "the same names in another order")
+    raise DataError(f"{path} was trained on other classes than {index} ({what}): its labels would "
+                    f"draw other fruit. Index the images it was trained on (`python -m ddpm_lib "
+                    f"data --from ../shared/fruits-360-subset`), or train it on this index")
 
 
 def story_models(cfg: Config) -> dict:
