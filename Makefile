@@ -11,6 +11,7 @@ VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ddpm-installed
 TEST_STAMP := $(VENV)/.ddpm-test-installed
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.d/ddpm-fruits.json
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 FRUITS360_DIR ?= ../shared/fruits-360-subset
 export FRUITS360_DIR
@@ -33,12 +34,18 @@ NBEXEC := DDPM_PROGRESS=0 timeout 1800 $(PY) -m nbconvert --to notebook --execut
 
 figures: env data train notebooks report
 
-env: $(STAMP)
+env: $(STAMP) $(LAB_SETTINGS)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# JupyterLab of this environment saves only when asked (no autosave: opening or running a notebook
+# changes no file), through JupyterLab's own defaults mechanism, an overrides.d file of its
+# application settings; a user's own settings still win.
+$(LAB_SETTINGS): tools/jupyterlab-settings.json
+	mkdir -p "$(dir $@)" && cp tools/jupyterlab-settings.json "$@"
 
 # the test-only packages, with the main job's pins kept (-c)
 test-env: $(TEST_STAMP)
