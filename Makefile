@@ -1,4 +1,5 @@
-# The README's two commands:
+# The README's commands:
+#   make lab       set up .venv and the data, open the notebooks in JupyterLab (the quick start)
 #   make figures   regenerate every figure, table and report/report.md from the committed models
 #                  (trains only what is missing; `make retrain` rebuilds every model)
 #   make test      the test suite + every notebook under nbval (smoke profile), as CI runs it
@@ -30,7 +31,7 @@ NBEXEC := DDPM_PROGRESS=0 timeout 1800 $(PY) -m nbconvert --to notebook --execut
   --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.record_timing=False
 
 .PHONY: figures test book env test-env cluster-tools browser-tools data train retrain notebooks \
-  report bench clean
+  report bench clean lab
 
 figures: env data train notebooks report
 
@@ -86,6 +87,11 @@ train notebooks report: export DDPM_COMMIT_RESULTS = 1
 
 report: env
 	$(PY) -m ddpm_lib report
+
+# the quick start: JupyterLab on the repository (ddpm_lib.py opens beside the notebooks), showing
+# notebooks/; LAB_ARGS: more jupyter lab options (--no-browser, --port=…)
+lab: env data
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
 bench: env
 	$(PY) tests/bench.py
