@@ -590,6 +590,11 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
                 "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
         f["bench_table"] = to_markdown(b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
+        what = [f"{int(b.threads.iloc[0])} threads" if "threads" in b else "",
+                f"CPU {b.cpu.iloc[0]}" if "cpu" in b else "",
+                f"torch {b.torch.iloc[0]}" if "torch" in b else ""]
+        f["bench_provenance"] = "measured with " + (", ".join(w for w in what if w) or
+                                                    "settings it does not record")
     return f
 
 
