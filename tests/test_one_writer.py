@@ -158,3 +158,20 @@ def test_a_scratch_training_table_starts_from_the_committed_one(tmp_path, monkey
     dl.write_csv(old, cfg.committed_dir() / "training_summary.csv")
     s = dl.training_summary([(cfg, "all", None)], cfg)
     assert list(s.run) == ["eps-grouped/all"] and s.iloc[0].epochs == 9
+
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("0*.ipynb"))
+
+
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebooks_write_results_only_through_save_table_and_save_fig(nb):
+    """So Config.fig_dir decides where every table and picture goes: no code cell writes a file
+    itself or names figures/ as a place to write."""
+    import json
+    import re
+    cells = [("".join(c["source"])) for c in json.loads(nb.read_text())["cells"]
+             if c["cell_type"] == "code"]
+    writes = re.compile(r"\.to_csv\(|\.savefig\(|\bopen\([^)]*['\"][wa]|write_text\(|"
+                        r"write_csv\(|torch\.save\(|['\"]figures/")
+    found = [ln.strip() for src in cells for ln in src.splitlines() if writes.search(ln)]
+    assert not found, found
