@@ -165,11 +165,12 @@ MATH_JS = """() => ({
 })"""
 
 
-@pytest.mark.parametrize("rel", ["notebooks/02_forward_process.html", "report/report.html"])
+@pytest.mark.parametrize("rel", ["notebooks/02_forward_process.html",
+                                 "notebooks/05_generation.html"])
 def test_formulas_are_typeset_offline(site, rel):
     """With every request that leaves 127.0.0.1 refused (the network unplugged), the formulas of
-    notebook 02 and the report are typeset by the MathJax copied into the site, no page asks
-    for anything outside it, and widgets read as a note, not as `interactive(children=(…`."""
+    notebooks 02 and 05 are typeset by the MathJax copied into the site, no page asks for
+    anything outside it, and widgets read as a note, not as `interactive(children=(…`."""
     from playwright.sync_api import sync_playwright
 
     assert (site / "mathjax" / "MathJax.js").exists()
@@ -204,8 +205,7 @@ def test_formulas_are_typeset_offline(site, rel):
     assert state["parsed"] > 0 and state["typeset"] >= state["parsed"] // 2, state
     assert state["errors"] == 0, state
     assert not state["widgetText"], state
-    if rel.startswith("notebooks/02"):
-        assert state["widgetNote"] >= 1, state
+    assert state["widgetNote"] >= 1, state                # both have a widget
 
 
 def test_the_book_needs_no_network_and_shows_widgets_as_a_note(tmp_path):

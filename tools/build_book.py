@@ -42,6 +42,12 @@ nav.book a { color: #0b57d0; text-decoration: none; }
 {#- offline: no require.js or Mermaid from a CDN (no widget or diagram runs in these pages) -#}
 {%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{#- the package ships MathJax's STIX web fonts (not its TeX fonts): use those -#}
+{%- block html_head_js_mathjax -%}
+<script type="text/x-mathjax-config">MathJax.Hub.Config({"HTML-CSS": {availableFonts: [],
+  preferredFont: null, webFont: "STIX-Web", imageFont: null}});</script>
+{{ super() }}
+{%- endblock html_head_js_mathjax -%}
 {% block body_footer %}{{ resources.book_nav | replace('class="book"', 'class="book bottom"') }}{{ super() }}{% endblock body_footer %}
 """
 
