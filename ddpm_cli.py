@@ -577,7 +577,7 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         f["guidance_real_nn_ssim_max"] = f"{real.nn_ssim_max:.3f}"
         key = "ffd" if g.ffd.notna().any() else "kid"
         f["guidance_measure"] = f"{key.upper()} " + n_text(r[f"{key}_vs_unconditional"], r["n"], ".2f",
-                                                            "×")
+                                                            "× the unconditional model's")
         f["guidance_by_w"] = (f"From w = {g.index.min():g} to w = {g.index.max():g}, accuracy on the "
                               f"requested class goes {' → '.join(f'{a:.2f}' for a in g.accuracy)} "
                               f"and {key.upper()} against the test images "
