@@ -888,12 +888,11 @@ PROFILE_HELP = {"smoke": "synthetic fruit, a tiny model, seconds (tests, CI)",
 def cmd_data(a) -> None:
     t0 = time.perf_counter()
     out = data_out(a.out)
-    if a.if_changed and a.src and up_to_date(out, source_stamp(
-            a.src, ALL_CLASSES if a.all_classes else a.classes, a.split, a.seed)):
-        print(f"{out / 'index.csv'} is up to date: it was made from {Path(a.src).resolve()}")
-        return
     if a.all_classes:
         a.classes = ALL_CLASSES
+    if a.if_changed and a.src and up_to_date(out, source_stamp(a.src, a.classes, a.split, a.seed)):
+        print(f"{out / 'index.csv'} is up to date: it was made from {Path(a.src).resolve()}")
+        return
     index = prepare_data(a.src, a.url, a.synthetic, out, a.classes, a.split, a.seed, a.skip_bad)
     counts = index[index.split == "train"].fold.value_counts().sort_index()
     print(f"{len(index)} images ({(index.split == 'train').sum()} train, "
