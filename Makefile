@@ -1,4 +1,5 @@
-# The README's two commands:
+# The README's commands:
+#   make lab       set up .venv and the data, open the notebooks in JupyterLab (the quick start)
 #   make figures   regenerate every figure, table and report/report.md from the committed models
 #                  (trains only what is missing; `make retrain` rebuilds every model)
 #   make test      the test suite + every notebook under nbval (smoke profile), as CI runs it
@@ -11,6 +12,7 @@ VENV := $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ddpm-installed
 TEST_STAMP := $(VENV)/.ddpm-test-installed
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.d/ddpm-fruits.json
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 FRUITS360_DIR ?= ../shared/fruits-360-subset
 export FRUITS360_DIR
@@ -29,16 +31,22 @@ NBEXEC := DDPM_PROGRESS=0 timeout 1800 $(PY) -m nbconvert --to notebook --execut
   --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.record_timing=False
 
 .PHONY: figures test book env test-env cluster-tools browser-tools data train retrain notebooks \
-  report bench clean
+  report bench clean lab
 
 figures: env data train notebooks report
 
-env: $(STAMP)
+env: $(STAMP) $(LAB_SETTINGS)
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements.txt
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# JupyterLab of this environment saves only when asked (no autosave: opening or running a notebook
+# changes no file), through JupyterLab's own defaults mechanism, an overrides.d file of its
+# application settings; a user's own settings still win.
+$(LAB_SETTINGS): tools/jupyterlab-settings.json
+	mkdir -p "$(dir $@)" && cp tools/jupyterlab-settings.json "$@"
 
 # the test-only packages, with the main job's pins kept (-c)
 test-env: $(TEST_STAMP)
@@ -59,18 +67,31 @@ train: env data
 retrain: env data
 	$(PY) -m ddpm_lib train-all --retrain
 
+# Each notebook runs into notebooks/.NAME.tmp.ipynb and replaces NAME only when it finished, so an
+# interrupted run (Ctrl-C, a timeout, an error) leaves every committed notebook whole.
 notebooks: env data
 	for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; \
-	  $(NBEXEC) "$$nb" || { echo "== $$nb again (nbconvert can hang on widgets: jupyter/nbconvert#2029)"; \
-	                        $(NBEXEC) "$$nb"; } || exit 1; \
+	  echo "== $$nb"; tmp="$$(dirname $$nb)/.$$(basename $$nb .ipynb).tmp.ipynb"; cp "$$nb" "$$tmp" && \
+	  { $(NBEXEC) "$$tmp" || { echo "== $$nb again (nbconvert can hang on widgets: jupyter/nbconvert#2029)"; \
+	                          $(NBEXEC) "$$tmp"; }; } && mv "$$tmp" "$$nb" || { rm -f "$$tmp"; exit 1; }; \
 	done
-	$(PAPERMILL) $(NB04) $(NB04) $(NB04_PARAMS)
-	$(PAPERMILL) $(NB05) $(NB05) $(NB05_PARAMS)
+	$(PAPERMILL) $(NB04) notebooks/.04.tmp.ipynb $(NB04_PARAMS) && mv notebooks/.04.tmp.ipynb $(NB04) \
+	  || { rm -f notebooks/.04.tmp.ipynb; exit 1; }
+	$(PAPERMILL) $(NB05) notebooks/.05.tmp.ipynb $(NB05_PARAMS) && mv notebooks/.05.tmp.ipynb $(NB05) \
+	  || { rm -f notebooks/.05.tmp.ipynb; exit 1; }
 	$(PY) tools/normalize_notebooks.py notebooks/*.ipynb
+
+# the committed results have one writer: these targets (and `make figures` through them) write
+# figures/ and report/; any other run writes to runs/<profile>/figures (ddpm_lib.Config.fig_dir)
+train notebooks report: export DDPM_COMMIT_RESULTS = 1
 
 report: env
 	$(PY) -m ddpm_lib report
+
+# the quick start: JupyterLab on the repository (ddpm_lib.py opens beside the notebooks), showing
+# notebooks/; LAB_ARGS: more jupyter lab options (--no-browser, --port=…)
+lab: env data
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
 bench: env
 	$(PY) tests/bench.py

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import ddpm_lib as dl
-from ddpm_lib import (classify, Config, DataError, Diffusion, EVAL, FruitClassifier, INDEX_COLUMNS, PROFILES,
+from ddpm_lib import (n_text, classify, Config, DataError, Diffusion, EVAL, FruitClassifier, INDEX_COLUMNS, PROFILES,
                       ROOT, SAMPLERS, SUBSET_CLASSES, _decode, assign_folds, atomic_path,
                       classifier_path, committed_dir, ffd_floor, generation_config,
                       generation_metrics, generation_model, get_config, get_device,
@@ -325,12 +325,35 @@ def _check_source(src: Path) -> Path:
 TAR_SUFFIXES = (".tar", ".gz", ".tgz", ".bz2", ".xz")
 
 
+ALL_CLASSES = ["*every class*"]                   # `data --all-classes`
+
+
+def committed_classes() -> list:
+    """The class names the committed models store (tools/add_model_classes.py wrote them), else
+    the shared subset's."""
+    for path in sorted((ROOT / "data" / "checkpoints").rglob("*.pt")):
+        if classes := load_checkpoint(path).get("classes"):
+            return list(classes)
+    return sorted(SUBSET_CLASSES)
+
+
 def _index_folder(root: Path, out: Path, classes, split: str, seed: int,
                   skip_bad: bool) -> pd.DataFrame:
     """build_index of root, reporting what it skipped or resized; nothing is written."""
     link = out / "fruits-360"
     if classes is None and root.resolve() == SHARED_SUBSET.resolve():
         classes = SUBSET_CLASSES
+    elif classes is None:                      # the classes the committed models were trained on
+        models = committed_classes()
+        available = sorted(p.name for p in _find_split_dirs(root)["Training"].iterdir()
+                           if p.is_dir())
+        if set(models) <= set(available) and len(available) > len(models):
+            print(f"indexing the {len(models)} classes of the committed models, of the "
+                  f"{len(available)} in {root} (--all-classes: every class; --classes NAME …: "
+                  f"others)")
+            classes = models
+    if classes == ALL_CLASSES:
+        classes = None
     if link.exists() and not link.is_symlink() and link.resolve() != root.resolve():
         raise DataError(f"{link} is a real folder, not a link this command made: move it away "
                         f"(or pass --from {link}) — it is not deleted")
@@ -553,7 +576,8 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
             f[f"guidance_{col}"] = f"{r[col]:.3f}"
         f["guidance_real_nn_ssim_max"] = f"{real.nn_ssim_max:.3f}"
         key = "ffd" if g.ffd.notna().any() else "kid"
-        f["guidance_measure"] = f"{key.upper()} {r[f'{key}_vs_unconditional']:.2f}×"
+        f["guidance_measure"] = f"{key.upper()} " + n_text(r[f"{key}_vs_unconditional"], r["n"], ".2f",
+                                                            "× the unconditional model's")
         f["guidance_by_w"] = (f"From w = {g.index.min():g} to w = {g.index.max():g}, accuracy on the "
                               f"requested class goes {' → '.join(f'{a:.2f}' for a in g.accuracy)} "
                               f"and {key.upper()} against the test images "
@@ -566,6 +590,11 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
                 "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
         f["bench_table"] = to_markdown(b.loc[b.train_img_s.notna(), [c for c in cols if c in b]])
+        what = [f"{int(b.threads.iloc[0])} threads" if "threads" in b else "",
+                f"CPU {b.cpu.iloc[0]}" if "cpu" in b else "",
+                f"torch {b.torch.iloc[0]}" if "torch" in b else ""]
+        f["bench_provenance"] = "measured with " + (", ".join(w for w in what if w) or
+                                                    "settings it does not record")
     return f
 
 
@@ -620,20 +649,49 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
         return f"*(figure {name} not produced yet, run `make figures`)*"
 
     text = re.sub(r"!\[([^\]]*)\]\(\.\./figures/([^)]+)\)", fig, text)
-    _keep_better(out, text, figs)
+    _keep_better(out, text, figs, template.read_text())
     with atomic_path(out) as tmp:
         tmp.write_text(text)
     return out
 
 
-def _keep_better(out: Path, text: str, figs: Path) -> None:
-    """Refuse to replace a report with one that has more pieces missing (inputs deleted)."""
+# The sample sizes in a report (issue 44: notebook 05 at its defaults): a new report from smaller
+# samples than the one it would replace is refused. Each is read where the template puts it.
+REPORT_SIZES = ("n_ffd", "guidance_n_per_class", "native_n", "ttq_n")
+
+
+def _report_sizes(text: str, template: str) -> dict:
+    """{size field: its value in text ('n/a' or digits)}, found after the literal words that
+    precede ${field} in the template."""
+    sizes = {}
+    for key in REPORT_SIZES:
+        i = template.find("${" + key + "}")
+        pre = template[max(0, i - 24):i].split("}")[-1] if i >= 0 else ""
+        if len(pre.strip()) >= 3 and (m := re.search(re.escape(pre) + r"(\d+|n/a)", text)):
+            sizes[key] = m.group(1)
+    return sizes
+
+
+def _keep_better(out: Path, text: str, figs: Path, template: str = "") -> None:
+    """Refuse to replace a report with one that has more pieces missing (inputs deleted), one
+    with a metric at n/a, or one from smaller samples than the report it would replace."""
     gap = "not produced yet"
-    old = out.read_text().count(gap) if out.exists() else None
+    old_text = out.read_text() if out.exists() else None
+    old = old_text.count(gap) if old_text is not None else None
     if old is not None and text.count(gap) > old:
         raise DataError(f"{out} has {old} missing pieces, a new one would have "
                         f"{text.count(gap)} (tables or figures absent from {figs}): {out} is kept. "
                         f"Produce them (`make figures`), or delete {out} to write it anyway")
+    if old_text is None:
+        return
+    new_n, old_n = _report_sizes(text, template), _report_sizes(old_text, template)
+    smaller = [f"{k} {new_n[k]} < {v}" for k, v in old_n.items() if k in new_n and v != "n/a"
+               and (new_n[k] == "n/a" or int(new_n[k]) < int(v))]
+    if smaller or ("n/a×" in text and "n/a×" not in old_text):
+        why = ", ".join(smaller) or "a ratio at n/a×"
+        raise DataError(f"the tables in {figs} come from smaller samples than {out} ({why}): "
+                        f"{out} is kept. Regenerate them with `make figures`, or delete {out} "
+                        f"to write it anyway")
 
 
 # -----------------------------------------------------------------------------------------------
@@ -830,6 +888,8 @@ PROFILE_HELP = {"smoke": "synthetic fruit, a tiny model, seconds (tests, CI)",
 def cmd_data(a) -> None:
     t0 = time.perf_counter()
     out = data_out(a.out)
+    if a.all_classes:
+        a.classes = ALL_CLASSES
     if a.if_changed and a.src and up_to_date(out, source_stamp(a.src, a.classes, a.split, a.seed)):
         print(f"{out / 'index.csv'} is up to date: it was made from {Path(a.src).resolve()}")
         return
@@ -1118,8 +1178,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "directory)")
     p.add_argument("--if-changed", action="store_true", help="with --from: do nothing when "
                    "index.csv was made from the same source, classes, split and seed (make data)")
-    p.add_argument("--classes", nargs="+", help="class folder names (default: the 10 of the "
-                   "shared subset when indexing it, else all)")
+    cls = p.add_mutually_exclusive_group()
+    cls.add_argument("--classes", nargs="+", help="class folder names (default: the committed "
+                     "models' 10 where the folder has them, else all)")
+    cls.add_argument("--all-classes", action="store_true", help="every class of the folder (the "
+                     "committed models then do not fit: train your own)")
     p.add_argument("--split", choices=["grouped", "random"], default="grouped",
                    help="the folds in index.csv: grouped (leakage-free blocks of each video) or "
                         "random (the report's)")

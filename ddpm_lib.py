@@ -131,14 +131,38 @@ class Config:
         return self.home / "runs" / self.profile / self.run_name(fold)
 
     def fig_dir(self) -> Path:
-        """Where this profile's figures and tables go: figures/ for cpu (the committed ones),
-        figures/<profile>/ for any other (native: figures/native/), runs/smoke/figures for smoke
-        and runs/smoke/figures/native for smoke-native (tests and CI)."""
+        """Where this profile's figures and tables go. The committed ones (figures/ for cpu,
+        figures/<profile>/ for any other: native → figures/native/) have one writer: `make
+        figures`, which sets DDPM_COMMIT_RESULTS=1 (commit_results). Any other run writes to
+        runs/<profile>/figures (git-ignored) and says so once. The smoke profile always writes to
+        runs/smoke/figures and smoke-native to runs/smoke/figures/native (tests and CI)."""
         smoke = self.home / "runs" / "smoke" / "figures"
-        d = {"cpu": self.home / "figures", "smoke": smoke, "smoke-native": smoke / "native"}.get(
-            self.profile, self.home / "figures" / self.profile)
+        if self.profile in ("smoke", "smoke-native"):
+            d = smoke if self.profile == "smoke" else smoke / "native"
+        elif commit_results():
+            d = self.committed_dir()
+        else:
+            d = self.home / "runs" / self.profile / "figures"
+            if d not in _SCRATCH_SAID:
+                _SCRATCH_SAID.add(d)
+                print(f"note: results of this run go to {d} (scratch, not committed); only `make "
+                      f"figures` (DDPM_COMMIT_RESULTS=1) writes {self.committed_dir()}")
         d.mkdir(parents=True, exist_ok=True)
         return d
+
+    def committed_dir(self) -> Path:
+        """The committed figures and tables of this profile: figures/ for cpu, else
+        figures/<profile>/ (read by the report; written only when commit_results())."""
+        return self.home / "figures" / ("" if self.profile == "cpu" else self.profile)
+
+
+_SCRATCH_SAID: set = set()                       # the scratch folders already announced
+
+
+def commit_results() -> bool:
+    """True when DDPM_COMMIT_RESULTS=1 (the Makefile's figures, train, notebooks and report
+    targets export it): tables and figures then go to the committed figures/."""
+    return os.environ.get("DDPM_COMMIT_RESULTS", "") == "1"
 
 
 # Settings that may differ when a run is resumed (everything else must match the checkpoint);
@@ -1450,6 +1474,8 @@ def training_summary(runs: list[tuple[Config, object, pd.DataFrame | None]],
     history); a run without a history (a committed model whose history is not committed) keeps
     its row from the table already in cfg.fig_dir(), if it has one."""
     path = cfg.fig_dir() / "training_summary.csv"
+    if not path.exists() and (cfg.committed_dir() / path.name).exists():
+        path = cfg.committed_dir() / path.name                # a scratch run starts from it
     old = pd.read_csv(path).set_index("run") if path.exists() else pd.DataFrame()
     rows = []
     for c, fold, h in runs:
@@ -1968,7 +1994,26 @@ def generation_model(cfg: Config, conditional: bool = False, committed: bool = F
                                     f"with `{train_command(gcfg, 'all')}`")
         trained(gcfg, "all")
         path = weights(gcfg, "all", committed)
-    return load_model(gcfg, "all", path).to(get_device())
+    model = load_model(gcfg, "all", path)
+    if conditional:                                  # its labels index the classes it stores
+        check_model_classes(model.classes, sorted(load_index(gcfg).label.unique()), path,
+                            gcfg.home / gcfg.data_dir / "index.csv")
+    return model.to(get_device())
+
+
+def check_model_classes(saved, classes: list, path: Path, index: Path) -> None:
+    """Refuse a conditional model whose stored class names are not the index's (a class renamed,
+    added or left out): its label i would draw another fruit than the index's i-th class."""
+    if saved is None or list(saved) == list(classes):
+        return
+    only_model = [c for c in saved if c not in classes]
+    only_index = [c for c in classes if c not in saved]
+    what = (f"the model has {', '.join(only_model) or 'no other class'}, the index "
+            f"{', '.join(only_index) or 'no other class'}" if only_model or only_index else
+            "the same names in another order")
+    raise DataError(f"{path} was trained on other classes than {index} ({what}): its labels would "
+                    f"draw other fruit. Index the images it was trained on (`python -m ddpm_lib "
+                    f"data --from ../shared/fruits-360-subset`), or train it on this index")
 
 
 def story_models(cfg: Config) -> dict:
@@ -2077,13 +2122,22 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     return float(((m1 - m2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+# The fewest samples per set that KID is computed from (below: NaN, printed "n/a (n = …)"). Its
+# unbiased estimate divides by m·(m−1): at m = 1 it is 0/0 (a RuntimeWarning), at m = 2 it read
+# −3.3 (issue 44: one pair per set is noise).
+KID_MIN_N = 4
+
+
 def kid(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 50, subset_size: int = 100,
         seed: int = 0) -> tuple[float, float]:
     """Kernel Inception Distance (Bińkowski et al. 2018) on our features: the unbiased MMD² with
-    the cubic polynomial kernel k(x, y) = (x·y/d + 1)³, mean and std over random subsets."""
+    the cubic polynomial kernel k(x, y) = (x·y/d + 1)³, mean and std over random subsets; NaN
+    (no warning) where a set has fewer than KID_MIN_N samples."""
+    m = min(subset_size, len(f1), len(f2))
+    if m < KID_MIN_N:                     # m·(m−1) samples pairs: below KID_MIN_N it reads noise
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     a, b = f1.double().numpy(), f2.double().numpy()
-    m = min(subset_size, len(a), len(b))
     d = a.shape[1]
     vals = []
     for _ in range(subsets):
@@ -2092,6 +2146,23 @@ def kid(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 50, subset_size: int 
         vals.append((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) +
                     (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean())
     return float(np.mean(vals)), float(np.std(vals))
+
+
+def ratio_of_positive(a, b):
+    """a / b where both are > 0, else NaN: an unbiased KID can be ≤ 0 (at its noise level) and
+    a ratio of it reads as nonsense (a "−3.12×")."""
+    if np.isscalar(a):
+        return a / b if a > 0 and b > 0 else float("nan")
+    a = pd.Series(a, dtype=float)
+    return (a / b).where((a > 0) & (b > 0))
+
+
+def n_text(value, n, spec: str = ".3f", unit: str = "") -> str:
+    """A metric for a sentence: the value formatted with spec (and unit), or "n/a (n = n)" where
+    it is NaN (below its minimum n: KID_MIN_N, FFD's EVAL n_samples)."""
+    if value is None or pd.isna(value):
+        return f"n/a (n = {int(n)})"
+    return f"{value:{spec}}{unit}"
 
 
 def ffd_bootstrap_std(f: torch.Tensor, fr: torch.Tensor, boots: int = 20, seed: int = 0) -> float:
@@ -2263,7 +2334,8 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))
     unc_row = df.set_index("set").loc["unconditional model"]
     df.insert(df.columns.get_loc("ffd") + 1, "ffd_vs_unconditional", df.ffd / unc_row.ffd)
-    df.insert(df.columns.get_loc("kid") + 1, "kid_vs_unconditional", df.kid / unc_row.kid)
+    df.insert(df.columns.get_loc("kid") + 1, "kid_vs_unconditional", ratio_of_positive(
+        df.kid, unc_row.kid))                    # a KID ≤ 0 (at noise level) has no ratio
     df["steps"], df["n_per_class"], df["classifier_test_acc"] = steps, n_per_class, acc
     return df, per, samples
 
@@ -2514,15 +2586,24 @@ def plot_guidance(df: pd.DataFrame, per: pd.DataFrame, axes=None):
 
 def plot_class_grid(x: torch.Tensor, classes: list, n_show: int = 8, title: str | None = None):
     """Class-major samples (len(classes)·n each, as guidance_metrics draws them): a row of the
-    first n_show per class, labelled with the class."""
+    first n_show per class, labelled with the class; with fewer than 5 per class a column per
+    class instead (labels below), so the grid and its title keep a readable width at any n."""
     import matplotlib.pyplot as plt
     k = len(classes)
     x = x.view(k, -1, *x.shape[1:])[:, :n_show]
-    fig, ax = plt.subplots(figsize=(0.7 * x.shape[1] + 1.6, 0.7 * k + 0.5), layout="constrained")
-    ax.imshow(image_grid(x.flatten(0, 1), nrow=x.shape[1]))
-    s = x.shape[-1] + 1                                                 # image_grid pads by 1
-    ax.set_yticks([1 + s * i + s / 2 for i in range(k)], classes)
-    ax.set_xticks([])
+    n, s = x.shape[1], x.shape[-1] + 1                                  # image_grid pads by 1
+    ticks = [1 + s * i + s / 2 for i in range(k)]
+    if n < 5:                                                           # classes across
+        fig, ax = plt.subplots(figsize=(0.75 * k + 1.0, 0.75 * n + 2.2), layout="constrained")
+        ax.imshow(image_grid(x.transpose(0, 1).flatten(0, 1), nrow=k))
+        ax.set_xticks(ticks, classes, rotation=45, ha="right", rotation_mode="anchor")
+        ax.set_yticks([])
+    else:
+        fig, ax = plt.subplots(figsize=(max(0.7 * n + 1.6, 5.0), 0.7 * k + 0.5),
+                               layout="constrained")
+        ax.imshow(image_grid(x.flatten(0, 1), nrow=n))
+        ax.set_yticks(ticks, classes)
+        ax.set_xticks([])
     ax.set_title(title or "", loc="left")
     return legible(fig)                                        # notebook 05 shows it unsaved
 
@@ -2541,8 +2622,8 @@ def save_table(df: pd.DataFrame, name: str, cfg: Config) -> Path:
 
 
 def save_fig(fig, name: str, cfg: Config, folder: Path | str | None = None) -> Path:
-    """<name>.png in folder, by default cfg.fig_dir(): figures/ (or figures/<profile>/; the smoke
-    profile's go to runs/smoke/figures), made legible first (as the notebook then shows it)."""
+    """<name>.png in folder, by default cfg.fig_dir(): figures/ (or figures/<profile>/) under
+    `make figures`, else runs/<profile>/figures (smoke: runs/smoke/figures), made legible first (as the notebook then shows it)."""
     path = Path(folder or cfg.fig_dir()) / f"{name}.png"
     legible(fig)
     with atomic_path(path) as tmp:

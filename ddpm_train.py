@@ -667,8 +667,9 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
         return pd.DataFrame(history)
 
     train_ds, val_ds = fold_datasets(cfg, fold)
-    # a conditional model's labels are indexes into these names: its files keep them
-    names = {"classes": train_ds.classes} if cfg.n_classes else {}
+    # a conditional model's labels are indexes into these names: every model file keeps them
+    # (what it was trained on; issue 44)
+    names = {"classes": list(train_ds.classes)}
     images = train_ds.images.pin_memory() if device.type == "cuda" else train_ds.images
     val_images = val_ds.images
     if cfg.val_images and len(val_images) > cfg.val_images:

@@ -2,7 +2,7 @@
 served on 127.0.0.1, and every page is opened in Debian's Chromium (driven by Playwright): each
 loads (HTTP 200) with a title and the navigation bar, every image is there (naturalWidth > 0),
 and every internal link leads to a page or file that exists (HTTP 200). The index links every
-page. Requests that leave 127.0.0.1 (the template's MathJax and require.js on a CDN) are refused,
+page. Requests that leave 127.0.0.1 are refused (MathJax comes with the site: formulas are typeset),
 so the book is checked as read offline.
 
 Skips, saying why, without /usr/bin/chromium or the `playwright` package (`make test` installs
@@ -153,3 +153,74 @@ def test_book_pages_images_and_links(site):
     assert pages == sorted(["index.html", "report/report.html"] + notebooks), pages
     found = problems(site)
     assert not found, f"{len(found)} problem(s) in the book:\n" + "\n".join(found)
+
+
+# MathJax 2's typeset output, and the TeX it has parsed (it replaces each $…$ by such a script)
+MATH_JS = """() => ({
+  typeset: document.querySelectorAll('.MathJax, .MathJax_Display, .MathJax_CHTML, mjx-container').length,
+  parsed: document.querySelectorAll('script[type^="math/tex"]').length,
+  errors: document.querySelectorAll('.MathJax_Error, merror').length,
+  widgetText: document.body.innerText.includes('interactive(children='),
+  widgetNote: document.querySelectorAll('.widget-note').length,
+})"""
+
+
+@pytest.mark.parametrize("rel", ["notebooks/02_forward_process.html",
+                                 "notebooks/05_generation.html"])
+def test_formulas_are_typeset_offline(site, rel):
+    """With every request that leaves 127.0.0.1 refused (the network unplugged), the formulas of
+    notebooks 02 and 05 are typeset by the MathJax copied into the site, no page asks for
+    anything outside it, and widgets read as a note, not as `interactive(children=(…`."""
+    from playwright.sync_api import sync_playwright
+
+    assert (site / "mathjax" / "MathJax.js").exists()
+    outside, server = [], serve(site)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+
+    def route(r):
+        if r.request.url.startswith(base):
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+    try:
+        with sync_playwright() as pw:
+            browser = launch_chromium(pw)
+            try:
+                page = browser.new_page()
+                page.route("**/*", route)
+                page.goto(urljoin(base, rel), wait_until="load", timeout=120_000)
+                page.wait_for_function(
+                    "() => window.MathJax && MathJax.Hub && MathJax.Hub.queue && "
+                    "MathJax.Hub.queue.pending === 0 && !MathJax.Hub.queue.running && "
+                    "document.querySelectorAll('script[type^=\"math/tex\"]').length > 0",
+                    timeout=120_000)
+                state = page.evaluate(MATH_JS)
+            finally:
+                browser.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not outside, f"requests outside the site: {outside}"
+    assert state["parsed"] > 0 and state["typeset"] >= state["parsed"] // 2, state
+    assert state["errors"] == 0, state
+    assert not state["widgetText"], state
+    assert state["widgetNote"] >= 1, state                # both have a widget
+
+
+def test_the_book_needs_no_network_and_shows_widgets_as_a_note(tmp_path):
+    """Without a browser: every page loads MathJax from the site's own copy (a relative path),
+    no script comes from outside, and no widget's text fallback is left."""
+    spec = importlib.util.spec_from_file_location("build_book", REPO / "tools" / "build_book.py")
+    build_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_book)
+    pages = build_book.build(tmp_path / "site")
+    for rel in pages:
+        html = (tmp_path / "site" / rel).read_text()
+        scripts = re.findall(r'<script[^>]*\bsrc="([^"]+)"', html)
+        assert all(not re.match(r"[a-z]+:", s) for s in scripts), (rel, scripts)
+        depth = "../" * rel.count("/")
+        assert f'src="{depth}mathjax/MathJax.js?config=' in html, rel
+        assert "interactive(children=" not in html, rel
+    assert "widget-note" in (tmp_path / "site" / "notebooks" / "02_forward_process.html").read_text()
+    assert (tmp_path / "site" / "mathjax" / "MathJax.js").exists()

@@ -71,9 +71,11 @@ def test_figure5_brightness_runs_from_T_to_0_left_to_right():
 
 
 def test_class_grid_rows_hold_what_each_class_has():
-    """Fewer samples per class than n_show: one row per class all the same."""
+    """Fewer samples per class than n_show: what each class has (2 here: a column per class)."""
     fig = dl.plot_class_grid(torch.rand(6, 3, 16, 16), ["a", "b", "c"], n_show=8)
-    assert fig.axes[0].images[0].get_array().shape[:2] == (3 * 17 + 1, 2 * 17 + 1)
+    assert fig.axes[0].images[0].get_array().shape[:2] == (2 * 17 + 1, 3 * 17 + 1)
+    fig = dl.plot_class_grid(torch.rand(18, 3, 16, 16), ["a", "b", "c"], n_show=8)
+    assert fig.axes[0].images[0].get_array().shape[:2] == (3 * 17 + 1, 6 * 17 + 1)
 
 
 @pytest.mark.parametrize("name", FIGURES)

@@ -6,8 +6,11 @@ Layout of the site (paths as in the repository, so that the report's ../figures/
   report/report.html          report/report.md (one markdown cell, the notebooks' template)
   notebooks/<name>.html       each notebook
   figures/                    a copy of figures/ (the report's images and tables)
+  mathjax/                    MathJax 2.7 from the jupyter-server-mathjax package: formulas are
+                              typeset offline (no CDN)
 Each page has a bar: contents, previous, next. Relative links to a page's source (.ipynb, .md)
-are pointed at its .html.
+are pointed at its .html. A widget (a slider, a menu) cannot run in a static page: its output
+is a note pointing at the still figure the notebook draws beside it.
 
     python tools/build_book.py [--out site]
 """
@@ -36,6 +39,15 @@ nav.book.bottom { border-top: 1px solid #ddd; border-bottom: none; margin-top: 2
 nav.book a { color: #0b57d0; text-decoration: none; }
 </style>{% endblock extra_css %}
 {%- block body_header -%}{{ super() }}{{ resources.book_nav }}{%- endblock body_header -%}
+{#- offline: no require.js or Mermaid from a CDN (no widget or diagram runs in these pages) -#}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{#- the package ships MathJax's STIX web fonts (not its TeX fonts): use those -#}
+{%- block html_head_js_mathjax -%}
+<script type="text/x-mathjax-config">MathJax.Hub.Config({"HTML-CSS": {availableFonts: [],
+  preferredFont: null, webFont: "STIX-Web", imageFont: null}});</script>
+{{ super() }}
+{%- endblock html_head_js_mathjax -%}
 {% block body_footer %}{{ resources.book_nav | replace('class="book"', 'class="book bottom"') }}{{ super() }}{% endblock body_footer %}
 """
 
@@ -58,6 +70,37 @@ def read_notebook(src: Path) -> nbformat.NotebookNode:
 
 def markdown_notebook(text: str) -> nbformat.NotebookNode:
     return nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(text)])
+
+
+MATHJAX_CONFIG = "TeX-AMS-MML_HTMLorMML-full,Safe"     # a configuration the package ships
+WIDGET = "application/vnd.jupyter.widget-view+json"
+WIDGET_NOTE = ('<p class="widget-note"><em>An interactive control here (it runs in JupyterLab, '
+               'not in this static page); the figure beside it shows one of its settings.</em></p>')
+
+
+def mathjax_dir() -> Path:
+    """MathJax's files (MathJax.js and its folders) from the jupyter-server-mathjax package."""
+    try:
+        import jupyter_server_mathjax
+    except ImportError:
+        sys.exit("build_book: the jupyter-server-mathjax package (MathJax for offline formulas) "
+                 "is not installed: run `make env` (requirements.txt)")
+    d = Path(jupyter_server_mathjax.__file__).parent / "static"
+    if not (d / "MathJax.js").exists():
+        sys.exit(f"build_book: {d / 'MathJax.js'} is missing (a broken jupyter-server-mathjax "
+                 f"install): reinstall it with `pip install --force-reinstall jupyter-server-mathjax`")
+    return d
+
+
+def widgets_as_notes(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Each widget output (its text fallback reads `interactive(children=(Dropdown(…`) replaced
+    by WIDGET_NOTE; the committed notebook is not touched (a copy is changed)."""
+    nb = nbformat.from_dict(nb)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if WIDGET in out.get("data", {}):
+                out["data"] = {"text/html": WIDGET_NOTE}
+    return nb
 
 
 def title_of(nb: nbformat.NotebookNode, fallback: str) -> str:
@@ -102,6 +145,7 @@ def prepare_out(out: Path):
 
 def build(out: Path) -> list[str]:
     """Writes the site into `out`; returns its pages (index first)."""
+    mathjax = mathjax_dir()
     prepare_out(out)
     exporter = HTMLExporter(template_name="lab", template_file="book.html.j2",
                             extra_loaders=[jinja2.DictLoader({"book.html.j2": TEMPLATE})])
@@ -117,11 +161,14 @@ def build(out: Path) -> list[str]:
     for i, (path, title, nb) in enumerate(pages):
         prev = pages[i - 1][:2] if i > 1 else None  # the index is reached through "Contents"
         nxt = pages[i + 1][:2] if i + 1 < len(pages) else None
+        exporter.mathjax_url = (Path(os.path.relpath("mathjax", os.path.dirname(path) or "."))
+                                / "MathJax.js").as_posix() + f"?config={MATHJAX_CONFIG}"
         html, _ = exporter.from_notebook_node(
-            nb, resources={"metadata": {"name": title}, "book_nav": nav(path, prev, nxt)})
+            widgets_as_notes(nb), resources={"metadata": {"name": title}, "book_nav": nav(path, prev, nxt)})
         (out / path).parent.mkdir(parents=True, exist_ok=True)
         (out / path).write_text(point_links_at_pages(html, path, names), encoding="utf-8")
     shutil.copytree(ROOT / "figures", out / "figures")
+    shutil.copytree(mathjax, out / "mathjax")
     return [path for path, _, _ in pages]
 
 
