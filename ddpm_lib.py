@@ -1981,8 +1981,8 @@ COMMITTED_PROFILES = ("cpu",)
 
 def generation_model(cfg: Config, conditional: bool = False, committed: bool = False) -> UNet:
     """The profile's generation model (conditional: the class-conditional one) on the device:
-    weights() of its run ('all'). Where it has none, a profile of COMMITTED_PROFILES is an error
-    (its file is missing); any other trains it now (trained)."""
+    weights() of its run ('all'). Where it has none it is an error naming the command that
+    makes it: restoring the committed file (COMMITTED_PROFILES), else training (trained)."""
     gcfg = generation_config(cfg, conditional)
     path = weights(gcfg, "all", committed)
     if not path.exists():
@@ -1992,8 +1992,7 @@ def generation_model(cfg: Config, conditional: bool = False, committed: bool = F
             raise FileNotFoundError(f"the committed generation model {rel} is missing: "
                                     f"restore it with `git checkout -- {rel}`, or train it "
                                     f"with `{train_command(gcfg, 'all')}`")
-        trained(gcfg, "all")
-        path = weights(gcfg, "all", committed)
+        trained(gcfg, "all")                         # raises: the library never trains
     model = load_model(gcfg, "all", path)
     if conditional:                                  # its labels index the classes it stores
         check_model_classes(model.classes, sorted(load_index(gcfg).label.unique()), path,
