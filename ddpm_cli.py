@@ -32,7 +32,7 @@ from ddpm_lib import (n_text, classify, Config, DataError, Diffusion, EVAL, Frui
                       classifier_path, committed_dir, ffd_floor, generation_config,
                       generation_metrics, generation_model, get_config, get_device,
                       guidance_metrics, load_checkpoint, load_classifier, load_index, load_model,
-                      native_findings,
+                      native_findings, native_verdict,
                       parse_name, pick_w, planned_runs, quality, report_table1, run_summary,
                       sample, save_checkpoint, save_fig, save_guidance, save_table, save_table1,
                       scoring_setup, seed_everything, show_grid, split_data, story_models, table1,
@@ -458,6 +458,7 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
     if (tn := csv("native/table1_native")) is not None:            # notebook 04, 100×100 models
         table, say = native_findings(tn, report_table1())
         f["native_table"], f["native_findings"] = to_markdown(table), " ".join(say)
+        f["native_verdict"] = native_verdict(tn, report_table1())
         f["native_n"] = str(int(tn.n.iloc[0]))
         f["native_tv"] = next(m for m in tn.method.unique() if m.startswith("TV denoiser"))
     if (tc := csv("native/tv_weight_choice")) is not None:

@@ -1949,6 +1949,34 @@ def native_findings(df: pd.DataFrame, report: pd.DataFrame, ts=(50, 250, 500, 80
     return table.round(3).reset_index(names="t"), say
 
 
+def native_verdict(df: pd.DataFrame, report: pd.DataFrame, t0: int = 50, low=(50, 250)) -> str:
+    """The verdict of table1_native on the report's plateau (its flat SSIM at low t), in one or
+    two sentences from the numbers at t0: the gap between the report's fold mean and our
+    corrected model at the native size, what the target (scaled-ε model decoded as ε against the
+    corrected one) and the decoding (Eq. 5 against Eq. 15 on the scaled-ε model) move there,
+    and which row of ours follows the report closest at `low` t."""
+    rep = report.groupby("t").ssim_mean.mean()
+    get = {(m, k): d.set_index("t").ssim_mean for (m, k), d in df.groupby(["method", "kind"])}
+    C, E = get[("corrected", "native")], get[("scaled-ε model, decoded as ε", "native")]
+    F = get[("report-faithful", "native")]
+    gap, target, decoding = C[t0] - rep[t0], E[t0] - C[t0], F[t0] - E[t0]
+    lo = [t for t in sorted(set(df.t)) if low[0] <= t <= low[1]]
+    rows = {f"{m}, {r}": d.set_index("t").ssim_mean for (m, r, k), d in
+            df.groupby(["method", "resolution", "kind"]) if k in ("native", "upsampled")}
+    dist, near = min((float((v[lo] - rep[lo]).abs().mean()), name) for name, v in rows.items())
+    small = max(abs(target), abs(decoding)) < 0.5 * abs(gap)
+    say = (f"At t = {t0} the report's folds average {rep[t0]:.3f}, {abs(gap):.3f} "
+           f"{'below' if gap > 0 else 'above'} our corrected model trained at the same "
+           f"resolution ({C[t0]:.3f}); there the report's target moves "
+           f"our model by {target:+.3f} and its decoding by {decoding:+.3f}, so "
+           + ("neither accounts for the report's plateau" if small else
+              "they account for a share of the gap") + ".")
+    return say + (f" The report's values at t = {low[0]}–{low[1]} are followed closest by {near} "
+                  f"(mean |ΔSSIM| {dist:.3f})" + (": reconstructions without the finer detail "
+                  f"of the native resolution. What kept the report's own models there is not "
+                  f"decided by this table." if "upsampled" in near else "."))
+
+
 def save_table1_native(cfg: Config, df: pd.DataFrame, choice: pd.DataFrame) -> pd.DataFrame:
     """The one writer of the native Table 1 files in cfg's figure folder: table1_native (long,
     numeric), table1_native_wide (beside the report's folds), tv_weight_choice, and the figure

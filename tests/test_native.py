@@ -125,6 +125,9 @@ def test_native_table1_rows_share_images_and_the_findings_read_the_table(root):
     c50 = df[(df.method == "corrected") & (df.kind == "native") & (df.t == 50)].ssim_mean.item()
     assert f"scores {c50:.3f}" in say[0] and table.set_index("t").loc[50, "corrected, 24×24"] == round(c50, 3)
     assert any(s.startswith("Closest to the report") for s in say)
+    verdict = dl.native_verdict(df, dl.report_table1())
+    e50 = df[(df.method == "scaled-ε model, decoded as ε") & (df.kind == "native") & (df.t == 50)]
+    assert f"({c50:.3f})" in verdict and f"target moves our model by {e50.ssim_mean.item() - c50:+.3f}" in verdict
     wide = dl.table1_native_wide(df, dl.report_table1())
     assert list(wide.t) == [50, 250, 500, 800, 1000] and "report fold 4" in wide
 
