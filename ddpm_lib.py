@@ -1560,7 +1560,7 @@ def upsample(x: torch.Tensor, size: int) -> torch.Tensor:
 # the factor c is chosen on training images, never on the test images Table 1 scores
 # (tv_weight_choice).
 YARDSTICKS = ("x_t/√ᾱ_t", "TV denoiser")
-TV_GRID = (0.125, 0.25, 0.5, 1.0, 2.0)                 # the factors c that tv_weight_choice tries
+TV_GRID = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)             # the factors c that tv_weight_choice tries
 
 
 def yardstick_x0(fp: Diffusion, xt: torch.Tensor, t: torch.Tensor, how: str,
