@@ -328,10 +328,13 @@ def test_make_data_runs_when_fruits360_dir_changes(tmp_path):
         pytest.skip("no make")
     shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")
     venv = tmp_path / "venv"
-    for p in ("requirements.txt", "pyproject.toml", "data/index.csv", "venv/.ddpm-installed"):
+    lab = "venv/share/jupyter/lab/settings/overrides.d/ddpm-fruits.json"
+    for p in ("requirements.txt", "pyproject.toml", "data/index.csv", "venv/.ddpm-installed",
+              "tools/jupyterlab-settings.json", lab):
         (tmp_path / p).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / p).write_text("")
-    os.utime(venv / ".ddpm-installed", (2e9, 2e9))             # the environment is installed
+    for p in ("venv/.ddpm-installed", lab):                    # the environment is installed
+        os.utime(tmp_path / p, (2e9, 2e9))
     r = subprocess.run(["make", "-n", "data", "FRUITS360_DIR=/other", f"VIRTUAL_ENV={venv}"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
