@@ -658,7 +658,7 @@ def write_report(cfg: Config, template: Path | str | None = None, figs: Path | s
 
 # The sample sizes in a report (issue 44: notebook 05 at its defaults): a new report from smaller
 # samples than the one it would replace is refused. Each is read where the template puts it.
-REPORT_SIZES = ("n_ffd", "guidance_n_per_class", "native_n", "ttq_n")
+REPORT_SIZES = ("n_ffd", "guidance_n_per_class", "ttq_n")
 
 
 def _report_sizes(text: str, template: str) -> dict:
