@@ -57,15 +57,15 @@ $(TEST_STAMP): requirements-test.txt $(STAMP)
 # re-indexed whenever FRUITS360_DIR (or the zip it names) is not what data/index.csv was made
 # from (data/source.txt records it; --if-changed compares), so `make figures` never runs on old data
 data: env
-	$(PY) -m ddpm_lib data --from "$(FRUITS360_DIR)" --if-changed
+	$(PY) -m ddpm_cli data --from "$(FRUITS360_DIR)" --if-changed
 
 # every model the notebooks need, resumed where a run stopped, skipped when finished or committed
 train: env data
-	$(PY) -m ddpm_lib train-all
+	$(PY) -m ddpm_cli train-all
 
 # every model from scratch, the committed ones too (into runs/, which the notebooks then prefer)
 retrain: env data
-	$(PY) -m ddpm_lib train-all --retrain
+	$(PY) -m ddpm_cli train-all --retrain
 
 # Each notebook runs into notebooks/.NAME.tmp.ipynb and replaces NAME only when it finished, so an
 # interrupted run (Ctrl-C, a timeout, an error) leaves every committed notebook whole.
@@ -86,7 +86,7 @@ notebooks: env data
 train notebooks report: export DDPM_COMMIT_RESULTS = 1
 
 report: env
-	$(PY) -m ddpm_lib report
+	$(PY) -m ddpm_cli report
 
 # the quick start: JupyterLab on the repository (ddpm_lib.py opens beside the notebooks), showing
 # notebooks/; LAB_ARGS: more jupyter lab options (--no-browser, --port=…)
@@ -122,10 +122,10 @@ browser-tools:
 SMOKE_DATA := runs/smoke/data
 test: test-env cluster-tools browser-tools
 	test -f $(SMOKE_DATA)/index.csv || \
-	  $(PY) -m ddpm_lib data --synthetic --synthetic-size 32 --out $(SMOKE_DATA)
-	DDPM_PROFILE=smoke $(PY) -m ddpm_lib train-all --profile smoke
-	DDPM_PROFILE=smoke $(PY) -m ddpm_lib train-all --profile smoke-native
-	test -f runs/smoke/classifier.pt || DDPM_PROFILE=smoke $(PY) -m ddpm_lib classifier --profile smoke
+	  $(PY) -m ddpm_cli data --synthetic --synthetic-size 32 --out $(SMOKE_DATA)
+	DDPM_PROFILE=smoke $(PY) -m ddpm_cli train-all --profile smoke
+	DDPM_PROFILE=smoke $(PY) -m ddpm_cli train-all --profile smoke-native
+	test -f runs/smoke/classifier.pt || DDPM_PROFILE=smoke $(PY) -m ddpm_cli classifier --profile smoke
 	DDPM_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -q
 

@@ -1,5 +1,5 @@
 """
-The command line of ddpm_lib (`python -m ddpm_lib COMMAND …`; `--help` lists the commands), with
+The command line of ddpm_lib (`python -m ddpm_cli COMMAND …`; `--help` lists the commands), with
 what only it needs: the data command's sources (a folder, a zip, a URL, the synthetic set) and
 the report writer (report/template.md filled from the tables in figures/).
 """
@@ -702,7 +702,7 @@ def _keep_better(out: Path, text: str, figs: Path, template: str = "") -> None:
 def train_classifier(cfg: Config, progress: bool = True) -> FruitClassifier:
     """Train the fruit classifier on every training image (Training/, flips, Adam 1e-3, batch 64,
     EVAL's clf_epochs, seeded) and write it in half precision to classifier_path with its
-    classes, image size and test accuracy (`python -m ddpm_lib classifier`)."""
+    classes, image size and test accuracy (`python -m ddpm_cli classifier`)."""
     classes = sorted(load_index(cfg).label.unique())
     seed_everything(cfg.seed)                      # before the network: its initial weights too
     clf = FruitClassifier(len(classes))
@@ -1123,7 +1123,7 @@ def _check_classes(cfg: Config, classes: list) -> None:
         raise ValueError(f"{path} was trained on {n} classes{names}, but "
                          f"{gcfg.data_dir}/index.csv has {len(classes)} ({', '.join(classes)}): "
                          f"--fruit would draw another fruit. Index the data it was trained on "
-                         f"again (`python -m ddpm_lib data --from …`), or move {path.parent} "
+                         f"again (`python -m ddpm_cli data --from …`), or move {path.parent} "
                          f"away and train on this index: `{train_command(gcfg, 'all')}`")
 
 
@@ -1154,9 +1154,9 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "train-all": cmd_train_all,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`python -m ddpm_lib`'s parser: one subcommand per COMMANDS entry, every option with its help
+    """`python -m ddpm_cli`'s parser: one subcommand per COMMANDS entry, every option with its help
     and its default shown."""
-    ap = argparse.ArgumentParser(prog="python -m ddpm_lib", description=dl.__doc__.split("\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m ddpm_cli", description=dl.__doc__.split("\n")[1])
     sub = ap.add_subparsers(dest="cmd", required=True)
     fmt = dict(formatter_class=_Help)
     profiles = "; ".join(f"{k}: {v}" for k, v in PROFILE_HELP.items())
@@ -1333,3 +1333,7 @@ def unexpected_message(e: Exception) -> str:
     return (f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
             f"— {where} (DDPM_DEBUG=1 prints it). Please report it")
 
+
+
+if __name__ == "__main__":
+    main()

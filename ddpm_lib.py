@@ -29,7 +29,7 @@ Every number here is computed in fp32 unless a caller asks otherwise (sample's b
 picks its precision by measuring (ddpm_train.speed_choice), and nothing else does. Companion
 modules hold the rest: ddpm_io.py (files written whole, model files read safely), and what the
 notebooks never call, ddpm_train.py (the training run: checkpoints, resuming, torchrun, SLURM,
-speed measurement) and ddpm_cli.py (`python -m ddpm_lib …`, the data command's download and
+speed measurement) and ddpm_cli.py (`python -m ddpm_cli …`, the data command's download and
 unpacking, the fruit classifier's training, the report writer).
 
 References
@@ -1085,12 +1085,12 @@ def load_index(cfg: Config) -> pd.DataFrame:
     if not path.exists():
         make = ("--synthetic --synthetic-size 32" if cfg.profile.startswith("smoke")
                 else "--from ../shared/fruits-360-subset")
-        raise DataError(f"{path} not found: make it with `python -m ddpm_lib data "
+        raise DataError(f"{path} not found: make it with `python -m ddpm_cli data "
                         f"{make} --out {d}` (or `make data`)")
     if (d / SWITCHING).exists():
         raise DataError(f"{d}: a `data` run was stopped while switching index.csv and "
                         f"fruits-360 to new images, so the two may not match: run "
-                        f"`python -m ddpm_lib data` with its --from again")
+                        f"`python -m ddpm_cli data` with its --from again")
     index = read_index(path)
     if cfg.split != "grouped":                 # index.csv holds the grouped folds
         index = assign_folds(index, split=cfg.split, seed=cfg.seed)
@@ -1103,7 +1103,7 @@ INDEX_COLUMNS = ["path", "label", "split", "video", "frame", "group", "fold"]
 
 def read_index(path: Path) -> pd.DataFrame:
     """index.csv, checked: every column present, no row cut short, numbers where numbers go."""
-    redo = ("rebuild it with `python -m ddpm_lib data --from ../shared/fruits-360-subset` "
+    redo = ("rebuild it with `python -m ddpm_cli data --from ../shared/fruits-360-subset` "
             "(or your --from folder)")
     text = path.read_bytes()
     if text and not text.endswith(b"\n"):
@@ -1131,7 +1131,7 @@ def read_image(path: Path, size: int) -> torch.Tensor:
     try:
         img = _decode(path)                                          # (3, H, W) uint8
     except Exception as e:
-        raise DataError(f"cannot decode {path}: {e}. Rebuild the index with `python -m ddpm_lib "
+        raise DataError(f"cannot decode {path}: {e}. Rebuild the index with `python -m ddpm_cli "
                         f"data … --skip-bad`, or replace the file") from e
     if img.shape[-2:] != (size, size):
         img = resize(img, [size, size], antialias=True)
@@ -1359,7 +1359,7 @@ def describe_run(cfg: Config, seed: int | None = None,
 
 def train_command(cfg: Config, fold, out: Path | str | None = None) -> str:
     """The command line that trains (and with --resume continues) this run."""
-    cmd = f"python -m ddpm_lib train --profile {cfg.profile} --fold {fold}"
+    cmd = f"python -m ddpm_cli train --profile {cfg.profile} --fold {fold}"
     cmd += f" --target {cfg.target}" * (cfg.target != "eps")
     cmd += f" --split {cfg.split}" * (cfg.split != "grouped")
     cmd += " --conditional" * bool(cfg.n_classes)
@@ -1442,7 +1442,7 @@ def trained(cfg: Config, fold, progress: bool = True, retrain: bool = False
         f"`{cmd}` (at most {cfg.max_epochs} epochs"
         f"{time_hint(cfg, fold)}), or every run of "
         f"the profile with "
-        f"`python -m ddpm_lib train-all --profile "
+        f"`python -m ddpm_cli train-all --profile "
         f"{cfg.profile}`")
 
 
@@ -2039,7 +2039,7 @@ def check_model_classes(saved, classes: list, path: Path, index: Path) -> None:
             f"{', '.join(only_index) or 'no other class'}" if only_model or only_index else
             "the same names in another order")
     raise DataError(f"{path} was trained on other classes than {index} ({what}): its labels would "
-                    f"draw other fruit. Index the images it was trained on (`python -m ddpm_lib "
+                    f"draw other fruit. Index the images it was trained on (`python -m ddpm_cli "
                     f"data --from ../shared/fruits-360-subset`), or train it on this index")
 
 
@@ -2112,14 +2112,14 @@ def load_classifier(cfg: Config) -> tuple[FruitClassifier, list, float]:
         restore = (f"restore it with `git checkout -- {path.relative_to(cfg.home)}`, or "
                    if cfg.profile in COMMITTED_PROFILES else "")
         raise FileNotFoundError(f"the fruit classifier {path} is missing: {restore}train it "
-                                f"with `python -m ddpm_lib classifier --profile {cfg.profile}`")
+                                f"with `python -m ddpm_cli classifier --profile {cfg.profile}`")
     ck = load_checkpoint(path)
     classes = sorted(load_index(cfg).label.unique())
     if (ck["classes"], ck["image_size"]) != (classes, cfg.image_size):
         raise ValueError(f"{path} was trained on other classes or another image size "
                          f"({len(ck['classes'])} classes, {ck['image_size']}px) than "
                          f"{cfg.data_dir}/index.csv at {cfg.image_size}px: retrain it with "
-                         f"`python -m ddpm_lib classifier --profile {cfg.profile}`")
+                         f"`python -m ddpm_cli classifier --profile {cfg.profile}`")
     clf = FruitClassifier(len(classes))
     clf.load_state_dict({k: v.float() if v.is_floating_point() else v
                          for k, v in ck["model"].items()})
@@ -2676,8 +2676,3 @@ def check_config(saved: dict, cfg: Config, path: Path, keys=None,
     if diff:
         lines = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"{path} was made with another config ({lines}). {advice}")
-
-
-if __name__ == "__main__":              # `python -m ddpm_lib …`: the command line (ddpm_cli)
-    import ddpm_cli
-    ddpm_cli.main()

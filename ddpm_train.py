@@ -1,5 +1,5 @@
 """
-The training run of ddpm_lib (what `python -m ddpm_lib train` and the notebooks' `trained` call):
+The training run of ddpm_lib (what `python -m ddpm_cli train` and the notebooks' `trained` call):
 one fold trained under the report's protocol with resumable, atomic checkpoints, a lock on its
 folder, SIGINT/SIGTERM handled at a safe point, torch.distributed (torchrun) data parallelism,
 SLURM job arrays, and the precision and memory layout chosen by measuring where training starts.
@@ -591,9 +591,9 @@ def check_data(saved: dict, now: dict, ckpt_path: Path, cfg: Config, fold, out: 
     elif saved.get("index") != now.get("index"):
         what.append("the index lists other images")
     data = cfg.home / cfg.data_dir
-    back = (f"index its data again — `python -m ddpm_lib data --from {saved['source']} --out "
+    back = (f"index its data again — `python -m ddpm_cli data --from {saved['source']} --out "
             f"{data}` — and rerun this command" if saved.get("source") else
-            f"index the data it was trained on again (`python -m ddpm_lib data --from … --out "
+            f"index the data it was trained on again (`python -m ddpm_cli data --from … --out "
             f"{data}`) and rerun this command")
     fresh = out.with_name(out.name + "-new")
     raise ValueError(f"{ckpt_path} was trained on other data than {data / 'index.csv'} holds now "
@@ -859,11 +859,11 @@ def slurm_script(profile: str, sl: Slurm, out: Path | None = None, max_epochs: i
         args += ["--max-epochs", str(max_epochs)] if max_epochs else []
         cases.append(f"  {i}) args=({' '.join(shlex.quote(a) for a in args)}) ;;")
     return "\n".join(["#!/bin/bash", *head, "",
-                      f"# written by `python -m ddpm_lib submit --profile {profile}`; the runs of "
+                      f"# written by `python -m ddpm_cli submit --profile {profile}`; the runs of "
                       f"`train-all`, one per task", f"cd {shlex.quote(str(ROOT))}",
                       "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
                       "case $SLURM_ARRAY_TASK_ID in", *cases, "esac",
-                      f"{launch} -m ddpm_lib train --profile {profile} \"${{args[@]}}\" --resume &",
+                      f"{launch} -m ddpm_cli train --profile {profile} \"${{args[@]}}\" --resume &",
                       "pid=$! term=0",
                       "trap 'term=1; kill -TERM $pid' TERM     # SLURM's warning before the limit",
                       "wait $pid; rc=$?",
@@ -885,7 +885,7 @@ def submit(profile: str, sl: Slurm, out: Path | None = None, max_epochs: int | N
         return script
     if shutil.which("sbatch") is None:
         raise FileNotFoundError("sbatch not found: `submit` needs a SLURM cluster (run it on a "
-                                "login node). On one machine use `python -m ddpm_lib train-all`; "
+                                "login node). On one machine use `python -m ddpm_cli train-all`; "
                                 "`submit --dry-run` prints the script")
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / "array.sh"

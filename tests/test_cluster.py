@@ -59,7 +59,7 @@ def wait_for(cond, timeout: float, what: str, step: float = 0.2):
 
 def torchrun(out: Path, *args, wait: bool = True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "ddpm_lib", "train", "--profile", "smoke", "--fold", "0", "--out", str(out), *args]
+           "-m", "ddpm_cli", "train", "--profile", "smoke", "--fold", "0", "--out", str(out), *args]
     p = subprocess.Popen(cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     if wait:
@@ -73,7 +73,7 @@ def ddp_runs(tmp_path_factory):
     """The smoke fold 0 for 4 epochs: one process, and 2 processes under torchrun."""
     base = tmp_path_factory.mktemp("ddp")
     one = base / "one"
-    r = subprocess.run([sys.executable, "-m", "ddpm_lib", "train", "--profile", "smoke",
+    r = subprocess.run([sys.executable, "-m", "ddpm_cli", "train", "--profile", "smoke",
                         "--fold", "0", "--out", str(one), "--max-epochs", "4"], env=env(),
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -113,7 +113,7 @@ def test_killed_ddp_run_resumes_to_the_same_weights(ddp_runs, tmp_path):
 
 def test_batch_must_divide_over_processes(tmp_path):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=3", "-m", "ddpm_lib", "train", "--profile", "smoke",
+                        "--nproc_per_node=3", "-m", "ddpm_cli", "train", "--profile", "smoke",
                         "--out", str(tmp_path / "r")], env=env(), cwd=REPO, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode != 0 and "not divisible by the 3 processes" in p.stdout + p.stderr
@@ -206,13 +206,13 @@ def test_array_matches_train_all(slurm, tmp_path, capsys):
     """`submit` runs every planned run of the smoke profile as one array; the runs end with the
     weights of the same runs made by `train-all` in one process (bit-identical on the CPU)."""
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "ddpm_lib", "train-all", "--profile", "smoke",
+    r = subprocess.run([sys.executable, "-m", "ddpm_cli", "train-all", "--profile", "smoke",
                         "--out", str(tmp_path / "local")], env=env(), cwd=REPO,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     t_local = time.perf_counter() - t0
     t0 = time.perf_counter()
-    r = subprocess.run([sys.executable, "-m", "ddpm_lib", "submit", "--profile", "smoke",
+    r = subprocess.run([sys.executable, "-m", "ddpm_cli", "submit", "--profile", "smoke",
                         "--cpus-per-task", "1", "--time", "10", "--out", str(tmp_path / "array"),
                         "--wait"], env=slurm, cwd=REPO, capture_output=True, text=True,
                        timeout=900)
@@ -232,7 +232,7 @@ def test_killed_task_is_requeued_and_resumes(slurm, tmp_path):
     """SLURM's warning signal (here sent by scancel) makes a task stop with its checkpoint and ask
     to be requeued; resubmitted, it continues and ends as the unbroken run does."""
     base = tmp_path / "array"
-    r = subprocess.run([sys.executable, "-m", "ddpm_lib", "submit", "--profile", "smoke",
+    r = subprocess.run([sys.executable, "-m", "ddpm_cli", "submit", "--profile", "smoke",
                         "--cpus-per-task", "1", "--time", "10", "--out", str(base),
                         "--max-epochs", "100", "--tasks", "0"], env=slurm, cwd=REPO, capture_output=True,
                        text=True, timeout=60)
@@ -247,7 +247,7 @@ def test_killed_task_is_requeued_and_resumes(slurm, tmp_path):
     # make it eligible, and here that did not always happen: resubmit it as a user would.
     subprocess.run(["scancel", job], env=slurm)
     wait_for(lambda: not squeue(slurm, job).strip(), 60, "the requeued task to be cancelled")
-    r = subprocess.run([sys.executable, "-m", "ddpm_lib", "submit", "--profile", "smoke",
+    r = subprocess.run([sys.executable, "-m", "ddpm_cli", "submit", "--profile", "smoke",
                         "--cpus-per-task", "1", "--time", "10", "--out", str(base),
                         "--max-epochs", "100", "--tasks", "0", "--wait"], env=slurm, cwd=REPO,
                        capture_output=True, text=True, timeout=600)

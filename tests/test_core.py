@@ -61,7 +61,7 @@ def cli_env() -> dict:
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "ddpm_lib", *args]
+    return [sys.executable, "-m", "ddpm_cli", *args]
 
 
 # -----------------------------------------------------------------------------------------------
@@ -873,12 +873,12 @@ def test_missing_data_and_classifier_name_the_command_that_makes_them(tmp_path, 
     monkeypatch.setattr(ddpm_cli, "prepare_data", lambda *a, **k: pytest.fail("made data"))
     monkeypatch.setattr(ddpm_cli, "train_classifier", lambda *a, **k: pytest.fail("trained"))
     cfg = smoke_cfg(root=str(tmp_path))                   # runs/smoke/data under tmp_path: none
-    with pytest.raises(dl.DataError, match=r"`python -m ddpm_lib data --synthetic "
+    with pytest.raises(dl.DataError, match=r"`python -m ddpm_cli data --synthetic "
                                            r"--synthetic-size 32 --out .*runs/smoke/data`"):
         dl.load_index(cfg)
     with pytest.raises(dl.DataError, match="--from ../shared/fruits-360-subset"):
         dl.load_index(dl.get_config("cpu", root=str(tmp_path)))
-    with pytest.raises(FileNotFoundError, match="`python -m ddpm_lib classifier --profile smoke`"):
+    with pytest.raises(FileNotFoundError, match="`python -m ddpm_cli classifier --profile smoke`"):
         dl.load_classifier(cfg)
     assert not (tmp_path / "runs").exists()
 
@@ -896,7 +896,7 @@ def test_trained_never_trains_and_train_all_trains_only_what_is_missing(tmp_path
     calls = []
     monkeypatch.setattr(dt, "train", lambda c, k, **kw: calls.append(k) or h)
     assert dl.uses_committed(cfg, 0) and dl.trained(cfg, 0).equals(h) and calls == []
-    with pytest.raises(FileNotFoundError, match=r"train it with `python -m ddpm_lib train "
+    with pytest.raises(FileNotFoundError, match=r"train it with `python -m ddpm_cli train "
                                                 r"--profile smoke --fold 0` \(at most 1 epochs, "
                                                 r"up to about \d+ min at the last run's speed"):
         dl.trained(cfg, 0, retrain=True)                  # how long: the committed history's
@@ -943,7 +943,7 @@ def test_plot_figure4_one_row_per_entry_one_column_per_t():
 
 
 def test_every_option_has_help_and_shows_its_default():
-    """`python -m ddpm_lib COMMAND --help`: every option of every command says what it does, and
+    """`python -m ddpm_cli COMMAND --help`: every option of every command says what it does, and
     every option with a default shows it."""
     ap = ddpm_cli.build_parser()
     commands = next(a for a in ap._actions if isinstance(a, argparse._SubParsersAction)).choices

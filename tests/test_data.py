@@ -739,12 +739,12 @@ def test_prepare_data_from_url(server, tmp_path):
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "ddpm_lib", "data", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "ddpm_cli", "data", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_cli_synthetic(tmp_path):
-    """`python -m ddpm_lib data --synthetic --out DIR` exits 0 and writes DIR/index.csv."""
+    """`python -m ddpm_cli data --synthetic --out DIR` exits 0 and writes DIR/index.csv."""
     out = tmp_path / "cli out"
     r = _cli("--synthetic", "--out", str(out))
     assert r.returncode == 0, r.stderr

@@ -31,7 +31,7 @@ def env() -> dict:
 
 
 def cli(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ddpm_lib", *args], env=env(), cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "ddpm_cli", *args], env=env(), cwd=REPO,
                           capture_output=True, text=True, timeout=300, **kw)
 
 
@@ -163,7 +163,7 @@ def test_lock_of_a_killed_process_is_free(tmp_path):
 def test_two_cli_trainings_on_one_folder(tmp_path):
     """The second process refuses, names the first, and exits non-zero; the first finishes."""
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "ddpm_lib", "train", "--profile", "smoke",
+    first = subprocess.Popen([sys.executable, "-m", "ddpm_cli", "train", "--profile", "smoke",
                               "--out", str(out), "--max-epochs", "40"], env=env(), cwd=REPO,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(600):
@@ -194,7 +194,7 @@ def test_leftover_temporary_files_removed(run, tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_keeps_last_checkpoint_and_says_how_to_resume(tmp_path, sig):
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "ddpm_lib", "train", "--profile", "smoke",
+    p = subprocess.Popen([sys.executable, "-m", "ddpm_cli", "train", "--profile", "smoke",
                           "--out", str(out), "--max-epochs", "400"], env=env(), cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(1200):

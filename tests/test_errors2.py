@@ -433,7 +433,7 @@ def test_webp_is_listed_as_skipped(tmp_path, capsys):
 def test_export_of_a_never_trained_fold(home, capsys):
     rc, msg = main_error(["export", "--profile", "smoke", "--fold", "3"], capsys)
     assert rc == 1 and "fold 3 of this profile has no trained weights" in msg
-    assert "python -m ddpm_lib train --profile smoke --fold 3" in msg
+    assert "python -m ddpm_cli train --profile smoke --fold 3" in msg
 
 
 def test_cpu_command_meets_a_smoke_checkpoint():

@@ -31,9 +31,9 @@ def main_error(args, capsys) -> tuple[int, str]:
 
 
 def commands(msg: str) -> list[list[str]]:
-    """The `python -m ddpm_lib …` commands a message suggests, as argument lists for main()."""
+    """The `python -m ddpm_cli …` commands a message suggests, as argument lists for main()."""
     found = [shlex.split(c) for c in re.findall(r"`([^`]+)`", msg)]
-    return [c[3:] for c in found if c[:3] == ["python", "-m", "ddpm_lib"]]
+    return [c[3:] for c in found if c[:3] == ["python", "-m", "ddpm_cli"]]
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_resume_without_set_lr_keeps_the_runs_learning_rate(home, tmp_path):
 def test_resume_with_a_recipe_advises_the_recipe(home, tmp_path):
     cfg = dl.get_config("smoke", root=home.root, min_snr_gamma=5.0, max_epochs=3)
     cmd = dt.run_command(cfg, 0, tmp_path / "R")
-    assert cmd == (f"python -m ddpm_lib train --profile smoke --fold 0 --set min_snr_gamma=5.0 "
+    assert cmd == (f"python -m ddpm_cli train --profile smoke --fold 0 --set min_snr_gamma=5.0 "
                    f"--max-epochs 3 --out {tmp_path / 'R'}")
 
 
@@ -215,7 +215,7 @@ def test_sample_n_beyond_memory_says_how_much(monkeypatch, capsys):
     rc, msg = main_error(["sample", "--profile", "cpu", "--n", "4096"], capsys)
     assert rc == 1 and "--n 4096 at 32×32 would take about 5.6 GB of memory" in msg
     assert "2.0 GB is available: use --n 1166 or fewer" in msg
-    assert commands(msg.replace("use --n 1166", "`python -m ddpm_lib sample --n 1166`")) == [
+    assert commands(msg.replace("use --n 1166", "`python -m ddpm_cli sample --n 1166`")) == [
         ["sample", "--n", "1166"]]
     ddpm_cli.check_sample_memory(1166, 32)                     # the advice fits
 
@@ -338,7 +338,7 @@ def test_make_data_runs_when_fruits360_dir_changes(tmp_path):
     r = subprocess.run(["make", "-n", "data", "FRUITS360_DIR=/other", f"VIRTUAL_ENV={venv}"],
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert f'{venv}/bin/python -m ddpm_lib data --from "/other" --if-changed' in r.stdout
+    assert f'{venv}/bin/python -m ddpm_cli data --from "/other" --if-changed' in r.stdout
 
 
 def test_transparent_png_goes_on_white_and_is_named(tmp_path, capsys):

@@ -67,7 +67,7 @@ def test_fine_tuning_refuses_another_architecture_and_a_missing_start(root, tmp_
     nat, _ = cfgs(root)
     with pytest.raises(ValueError, match="width"):
         dt.train(dataclasses.replace(nat, width=16), 0, out=tmp_path / "w", progress=False)
-    with pytest.raises(FileNotFoundError, match="Train it first: `python -m ddpm_lib train "
+    with pytest.raises(FileNotFoundError, match="Train it first: `python -m ddpm_cli train "
                                                 "--profile smoke --fold 1`"):
         dt.train(nat, 1, out=tmp_path / "f1", progress=False)
     assert not (tmp_path / "f1" / "checkpoint.pt").exists()

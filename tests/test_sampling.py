@@ -548,7 +548,7 @@ def test_generation_metrics_scores_every_story_row(tmp_path, monkeypatch):
     cfg = dl.get_config("smoke", root=str(tmp_path), data_dir=str(dl.Path(__file__).resolve().parents[1] / "runs" /
                                                "smoke" / "data"), T=20)
     monkeypatch.setitem(dl.GENERATION, "smoke", dict(dl.GENERATION["smoke"], T=20))
-    with pytest.raises(FileNotFoundError, match="train it with `python -m ddpm_lib train"):
+    with pytest.raises(FileNotFoundError, match="train it with `python -m ddpm_cli train"):
         dl.story_models(cfg)                                   # the library never trains
     dt.train(dataclasses.replace(cfg, target="eps", split="grouped"), 0, progress=False)
     dt.train(dl.generation_config(cfg), "all", progress=False)
