@@ -293,22 +293,52 @@ class Interrupted(RuntimeError):
 
 @contextlib.contextmanager
 def catch_stop_signals():
-    """For the block, SIGINT and SIGTERM (what Ctrl-C and a SLURM time limit send) only set
-    flag["signum"], so the caller can stop at a safe point. Outside the main thread: a no-op."""
+    """For the block, SIGINT and SIGTERM (what Ctrl-C and a SLURM time limit send) set
+    flag["signum"], so the caller can stop at a safe point; while flag["at_once"] is true
+    (stop_at_once) they also raise KeyboardInterrupt where they land. Outside the main thread:
+    a no-op."""
     import signal
     import threading
-    flag = {"signum": 0}
+    flag = {"signum": 0, "at_once": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
+
+    def caught(signum, frame):
+        flag["signum"] = signum
+        if flag["at_once"]:
+            raise KeyboardInterrupt     # not an Exception: no `except Exception` holds it up
+
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in old:
-        signal.signal(s, lambda signum, frame: flag.update(signum=signum))
+        signal.signal(s, caught)
     try:
         yield flag
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def stop_at_once(stop: dict, what: str):
+    """Within catch_stop_signals (stop: its flag), for a block that keeps nothing (a run's
+    start: its checks, the speed measurement, loading the data), SIGINT and SIGTERM stop the
+    block where they land instead of at the next training step, and raise Interrupted, whose
+    message is the signal's name followed by `what`. The block may end the mode early by
+    setting stop["at_once"] = False."""
+    import signal
+    stop["at_once"] = True
+    try:
+        if stop["signum"]:                        # arrived just before the block
+            raise KeyboardInterrupt
+        yield
+    except KeyboardInterrupt:
+        if not stop["signum"]:
+            raise
+        raise Interrupted(f"interrupted by {signal.Signals(stop['signum']).name} {what}",
+                          stop["signum"]) from None
+    finally:
+        stop["at_once"] = False
 
 
 def rng_state() -> dict:
@@ -517,7 +547,8 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
     out/best.pt and the history to out/history.csv. resume=True continues a stopped run (and
     returns at once when it has finished); a killed and resumed run ends with the same weights
     as an unbroken one. The run folder is locked for the run (run_lock); SIGINT and SIGTERM
-    stop it at the next step with the last epoch's checkpoint kept (raises Interrupted).
+    stop it at the next step with the last epoch's checkpoint kept, or, before the first step
+    (checks, speed measurement, data), where they land (raises Interrupted either way).
 
     Under torchrun (WORLD_SIZE > 1) every process draws the same global batch of cfg.batch_size
     and trains on its 1/WORLD_SIZE slice with DistributedDataParallel, so an update is the
@@ -528,7 +559,10 @@ def train(cfg: Config, fold=0, resume: bool = False, out: Path | str | None = No
     with run_lock(out) if d.main else contextlib.nullcontext(), catch_stop_signals() as stop:
         if d.main:
             remove_partial(out)
-        return _train(cfg, fold, resume, out, progress and d.main, stop, d)
+        with stop_at_once(stop, f"while fold {fold}'s run was starting (its checks, the speed "
+                                f"measurement, loading the data): nothing new was written. "
+                                f"Continue with `{run_command(cfg, fold, out)} --resume`"):
+            return _train(cfg, fold, resume, out, progress and d.main, stop, d)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -684,6 +718,7 @@ def _train(cfg: Config, fold, resume: bool, out: Path, progress: bool, stop: dic
                                       else None)
     else:
         net = model
+    stop["at_once"] = False       # from here a signal stops the run at the next step (check)
     for epoch in range(start, cfg.max_epochs):
         g = torch.Generator().manual_seed(_fold_seed(cfg, fold, epoch))
         model.train()

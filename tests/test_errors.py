@@ -212,6 +212,74 @@ def test_signal_keeps_last_checkpoint_and_says_how_to_resume(tmp_path, sig):
     assert list(h.epoch) == list(range(1, ck["epoch"] + 2))
 
 
+def ctrl_c(args: list[str], ready, tmp_path: Path, **env_over) -> tuple[float, int, str, str]:
+    """Start `python -m ddpm_cli ARGS` (env() with env_over), wait until ready(stderr so far)
+    says it is doing the work to stop, wait 2 s more and send SIGINT, as Ctrl-C does: (seconds
+    from the signal to the exit, the exit code, stdout, stderr). Fails if it is not ready in
+    120 s or still runs 60 s after the signal."""
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        p = subprocess.Popen([sys.executable, "-m", "ddpm_cli", *args], cwd=REPO, stdout=o,
+                             stderr=e, env={**env(), **env_over}, stdin=subprocess.DEVNULL)
+    try:
+        end = time.time() + 120
+        while not ready(err.read_text(errors="replace")):
+            assert p.poll() is None, f"exited ({p.returncode}) before it was ready:\n" \
+                                     f"{err.read_text()}"
+            assert time.time() < end, f"not ready in 120 s:\n{err.read_text()}"
+            time.sleep(0.1)
+        time.sleep(2)
+        assert p.poll() is None, f"finished before the signal:\n{err.read_text()}"
+        p.send_signal(signal.SIGINT)
+        t0 = time.time()
+        code = p.wait(timeout=60)
+        return time.time() - t0, code, out.read_text(), err.read_text()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def assert_stopped_cleanly(secs: float, code: int, err: str) -> str:
+    """Within 10 s of the signal, exit 130, one `stopped: …` line last and no traceback;
+    returns that line."""
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert secs < 10, f"{secs:.1f} s from SIGINT to exit:\n{err[-2000:]}"
+    assert code == 130, err[-2000:]
+    assert "Traceback" not in err and last.startswith("stopped: "), err[-2000:]
+    return last
+
+
+def test_ctrl_c_stops_the_speed_measurement_at_once(tmp_path):
+    """A new run on a profile that leaves precision to measuring (cpu; here on the smoke data,
+    at a batch whose steps take seconds) stops within seconds of Ctrl-C in the measurement, and
+    caches no half-measured choice. It used to finish every candidate (30 s on a 2-core Xeon),
+    write the cache, load the data and take a step first."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    secs, code, stdout, err = ctrl_c(
+        ["train", "--profile", "cpu", "--out", str(out), "--set", "data_dir=runs/smoke/data",
+         "--set", "batch_size=256", "--max-epochs", "1"],
+        lambda _: (out / ".lock").is_file() and (out / ".lock").read_text() != "", tmp_path,
+        XDG_CACHE_HOME=str(cache), DDPM_PRECISION="", DDPM_MEMORY="")
+    print(f"train's speed measurement: exit {secs:.1f} s after SIGINT")
+    line = assert_stopped_cleanly(secs, code, err)
+    assert "interrupted by SIGINT while fold 0's run was starting" in line and "--resume" in line
+    assert "precision:" not in stdout                      # the signal came before the choice
+    assert not cache.exists() or not list(cache.rglob("*"))        # nothing cached
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]      # nor a checkpoint
+
+
+def test_ctrl_c_stops_sampling_and_writes_no_picture(tmp_path):
+    """`sample` of 4096 smoke samples (about 40 s of sampling) stops within seconds of Ctrl-C
+    and writes no picture, whole or partial."""
+    out = tmp_path / "samples"
+    secs, code, _, err = ctrl_c(["sample", "--profile", "smoke", "--n", "4096", "--out", str(out)],
+                                lambda e: "sampling ddim" in e, tmp_path, DDPM_PROGRESS="1")
+    print(f"sample: exit {secs:.1f} s after SIGINT")
+    assert_stopped_cleanly(secs, code, err)
+    assert not out.exists() or not list(out.iterdir())
+
+
 def test_finished_run_without_best_pt(run, tmp_path, capsys):
     out = copy_run(run, tmp_path)
     (out / "best.pt").unlink()

@@ -15,19 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import free_port, stop
+from test_browser import free_port, installed_lab_settings as installed, stop
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = "@jupyterlab/docmanager-extension:plugin"
 TOKEN = "ddpm-settings-test"
-
-
-def installed(venv: Path) -> Path:
-    """What `make env` installs into venv (its settings rule, nothing else run)."""
-    r = subprocess.run(["make", "env", f"VIRTUAL_ENV={venv}", "-o", f"{venv}/.ddpm-installed"],
-                       cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    return venv / "share" / "jupyter" / "lab" / "settings"
 
 
 def test_make_env_installs_autosave_off(tmp_path):
