@@ -472,8 +472,12 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         black = lambda m: "converges to black" if m < 0.2 else "does not converge to black"
         low = (lambda k: f", lowest along the chain {by_t[k].min():.2f}") if by_t is not None \
             else (lambda k: "")
+        run = csv("native/figure5_run")
+        how = (f", `make figure5-native`, run once: {run.seconds[0] / 60:.0f} min on {run.cpu[0]}"
+               if run is not None else "")
         f["key_figure5_native"] = (
-            f"At 100×100, with its own model trained at that size ({int(f5.n.iloc[1])} samples), "
+            f"At 100×100, with its own model trained at that size ({int(f5.n.iloc[1])} "
+            f"samples{how}), "
             + "; ".join(f"{k} {black(b[k])} (mean brightness {b[k]:.2f}{low(k)})"
                         for k in b.index[1:3]) + f"; real test images: {b.iloc[0]:.2f}.")
     if (lk := csv("leakage")) is not None:
@@ -1045,6 +1049,27 @@ def cmd_sample(a) -> None:
     print(f"{a.n} samples → {save_fig(ax.figure, _sample_name(a, cfg), cfg, a.out or SAMPLES)}")
 
 
+def cmd_figure5(a) -> None:
+    """Figure 5 at the profile's resolution with FIG5_NATIVE_SETS (the native profile: 100×100,
+    `make figure5-native`), run once: its tables (FIG5_NATIVE_TABLES: the pixel statistics, the
+    mean brightness at each shown t beside the real images', and this run's n, seed, seconds and
+    CPU) and 05_figure5_native.png, which notebook 05 and the report read."""
+    import matplotlib
+    matplotlib.use("Agg")
+    cfg = get_config(a.profile)
+    start = time.time()
+    xs, trajs, stats = dl.figure5(cfg, n=a.n, seed=a.seed, samplers=dl.FIG5_NATIVE_SETS)
+    bright = dl.brightness_by_t(trajs).assign(**{"real test images": stats["mean"].iloc[0]})
+    run = pd.DataFrame([dict(profile=cfg.profile, size=cfg.image_size, n=a.n, seed=a.seed,
+                             seconds=round(time.time() - start), cpu=ddpm_train.cpu_name(),
+                             threads=torch.get_num_threads(), device=str(get_device()))])
+    fig = dl.plot_figure5(xs, trajs)
+    for df, name in zip((stats.round(6), bright.round(6), run), dl.FIG5_NATIVE_TABLES):
+        save_table(df, name, cfg)
+    print(f"Figure 5 at {cfg.image_size}×{cfg.image_size}, {a.n} samples a set, in "
+          f"{run.seconds[0]} s → {save_fig(fig, '05_figure5_native', cfg)}")
+
+
 SAMPLES = ROOT / "samples"              # `sample`'s pictures (ignored by git)
 
 
@@ -1150,7 +1175,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 COMMANDS = {"data": cmd_data, "train": cmd_train, "train-all": cmd_train_all,
             "classifier": cmd_classifier,
             "submit": cmd_submit, "evaluate": cmd_evaluate, "export": cmd_export,
-            "report": cmd_report, "sample": cmd_sample}
+            "report": cmd_report, "sample": cmd_sample, "figure5": cmd_figure5}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1273,6 +1298,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"weight, |w| ≤ {MAX_W:g} (0: unconditional, 1: conditional; default 1)")
     p.add_argument("--out", default=None, help="folder of the picture (default: samples/, "
                    "ignored by git)")
+
+    p = parser("figure5", "Figure 5 at the profile's resolution (native: 100×100, make "
+               "figure5-native), run once: its tables and picture, which notebook 05 reads")
+    p.add_argument("--n", type=_whole(1, MAX_SAMPLES), default=8, help="samples per sampler")
+    p.add_argument("--seed", type=_seed, default=0, help="the seed of x_T and of every z")
     return ap
 
 
@@ -1332,7 +1362,6 @@ def unexpected_message(e: Exception) -> str:
         where = "rerun with DDPM_DEBUG=1 to see the full traceback"
     return (f"error: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
             f"— {where} (DDPM_DEBUG=1 prints it). Please report it")
-
 
 
 if __name__ == "__main__":

@@ -34,9 +34,10 @@ def smoke_data() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def smoke_models():
-    """Every smoke and smoke-native run the notebooks use and the smoke classifier, trained
-    through the command line where missing (train-all skips finished runs), as `make test` does
-    before pytest: the library's trained() and load_classifier never train."""
+    """Every smoke and smoke-native run the notebooks use, the smoke classifier and smoke-native's
+    run-once Figure 5 tables, made through the command line where missing (train-all skips
+    finished runs), as `make test` does before pytest: the library's trained(),
+    load_classifier and read_result never train or compute."""
     import ddpm_cli
     import ddpm_lib as dl
     for profile in ("smoke", "smoke-native"):
@@ -45,6 +46,9 @@ def smoke_models():
             ddpm_cli.main(["train-all", "--profile", profile])
     if not dl.classifier_path(dl.get_config("smoke")).exists():
         ddpm_cli.main(["classifier", "--profile", "smoke"])
+    native = dl.get_config("smoke-native")
+    if not (native.fig_dir() / f"{dl.FIG5_NATIVE_TABLES[-1]}.csv").exists():
+        ddpm_cli.main(["figure5", "--profile", "smoke-native", "--n", "1"])
     yield
 
 

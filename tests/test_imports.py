@@ -1,19 +1,14 @@
 """Imports run one way: ddpm_io < ddpm_lib < ddpm_train < ddpm_cli.
 
 The graph is read with `ast` (every `import` and
-`from … import`, at module level and inside functions),
-not grep, so a commented-out import does not count and a
+`from … import`, at module level and inside functions,
+`if __name__ == "__main__":` blocks included), not grep,
+so a commented-out import does not count and a
 function-level one does. A module may import only modules
 below it; an import of its own level or above is an
-upward import, and any cycle is reported too.
-
-The one exception, named here on purpose: `ddpm_lib.py`
-ends with `if __name__ == "__main__": import ddpm_cli`.
-That block runs only when ddpm_lib is the program
-(`python -m ddpm_cli …`, the command every README and
-Makefile line uses), never when a notebook or another
-module imports it, so it is the entry point to the
-command line and not an edge of the library's graph.
+upward import, and any cycle is reported too. There is no
+exception: the command line is `python -m ddpm_cli`, the
+top of the chain.
 """
 import ast
 from pathlib import Path

@@ -188,3 +188,29 @@ def test_one_evaluation_serves_every_decoding_with_the_same_numbers(root):
     assert dl.by_decoding(dl.TABLE1_METHODS) == {
         "eps": {"corrected": "eps"},
         "scaled_eps": {"report-faithful": "eq5", "report-faithful, 1/√α_t decoding": "alpha"}}
+
+
+def test_figure5_native_is_run_once_and_read_back(root, monkeypatch):
+    """`figure5` (make figure5-native) writes FIG5_NATIVE_TABLES and the picture into the profile's
+    folder; read_result reads them back, the run's own before the committed ones; before the run
+    it names the command in one line."""
+    nat, _ = cfgs(root)
+    cmd = "make figure5-native"
+    with pytest.raises(dl.DataError, match=r"figure5_run\.csv is not in .*: run `make "
+                                           r"figure5-native` first"):
+        dl.read_result(nat, "figure5_run", cmd)
+    monkeypatch.setattr(ddpm_cli, "get_config", lambda profile: nat)
+    ddpm_cli.main(["figure5", "--profile", "smoke-native", "--n", "2", "--seed", "3"])
+    stats, by_t, run = (dl.read_result(nat, name, cmd) for name in dl.FIG5_NATIVE_TABLES)
+    assert (run.n[0], run.seed[0], run["size"][0]) == (2, 3, nat.image_size)
+    assert list(stats.images) == ["real test images", *dl.FIG5_NATIVE_SETS]
+    assert (stats.n.iloc[1:] == 2).all()
+    assert list(by_t.columns) == ["t", *dl.FIG5_NATIVE_SETS, "real test images"]
+    assert dl.result_file(nat, "05_figure5_native.png", cmd).parent == nat.fig_dir()
+    # without the run's own tables, the committed ones are read
+    nat.committed_dir().mkdir(parents=True, exist_ok=True)
+    committed = run.assign(seed=7)
+    committed.to_csv(nat.committed_dir() / "figure5_run.csv", index=False)
+    assert dl.read_result(nat, "figure5_run", cmd).seed[0] == 3           # the run's own first
+    (nat.fig_dir() / "figure5_run.csv").unlink()
+    assert dl.read_result(nat, "figure5_run", cmd).seed[0] == 7
