@@ -421,6 +421,12 @@ def make_synthetic(root: Path | str, n_classes: int = 3, frames: int = 40, size:
 # report: report/template.md filled from the tables in figures/
 
 
+# The generation and guidance tables' columns of dl.precision_coverage, beside FFD: fidelity
+# (precision) and coverage, each with its real-vs-real floor at the set's n. Density stays in
+# the CSVs: real images score 0.8 on it (training and test are other videos), not near 1.
+MANIFOLD_COLUMNS = ("precision", "precision_floor", "coverage", "coverage_floor")
+
+
 def _report_fields(figs: Path, recipe: str = "") -> dict:
     """Named pieces of the report (markdown tables and headline numbers) from figures/*.csv;
     a piece whose table is not there yet is left out (write_report marks it missing). recipe:
@@ -495,8 +501,8 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
                             f"brightness {first:.2f}) and its iterative method {black(iterative)} "
                             f"({iterative:.2f}); real test images: {real:.2f}.")
     if (g := csv("generation_metrics")) is not None:
-        cols = ["sampler", "n", "ffd", "ffd_std", "ffd_floor", "ffd_floor_std", "ffd_ratio", "kid",
-                "kid_std", "recognizability",
+        cols = ["sampler", "n", "ffd", "ffd_std", "ffd_floor", "ffd_floor_std", "ffd_ratio",
+                *MANIFOLD_COLUMNS, "kid", "kid_std", "recognizability",
                 "recognizability_ratio", "classes_covered", "nn_ssim_mean", "nn_ssim_max",
                 "seconds_per_image"]
         f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
@@ -511,13 +517,14 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
                 "real: test images": "real", "real: training images": "floor"}
         for name, key in keys.items():
             if name in row.index:
-                for col in ("ffd", "ffd_std", "ffd_floor", "ffd_ratio", "kid", "recognizability",
-                            "recognizability_ratio", "classes_covered", "nn_ssim_max", "n",
-                            "seconds_per_image"):
+                for col in ("ffd", "ffd_std", "ffd_floor", "ffd_ratio", *MANIFOLD_COLUMNS, "kid",
+                            "recognizability", "recognizability_ratio", "classes_covered",
+                            "nn_ssim_max", "n", "seconds_per_image"):
                     v = row.loc[name, col] if col in row else np.nan
                     f[f"{key}_{col}"] = "n/a" if pd.isna(v) else f"{v:.3g}"
         f["classifier_acc"] = f"{g.classifier_test_acc.iloc[0]:.3f}"
         f["n_ffd"] = str(int(g[g.ffd.notna()].n.max())) if g.ffd.notna().any() else "n/a"
+        f["manifold_k"], f["manifold_min_n"] = str(dl.MANIFOLD_K), str(dl.MANIFOLD_MIN_N)
     if (sr := csv("scale_response")) is not None:
         f["scale_table"] = to_markdown(sr.round(4))
         for model, d in sr.groupby("model"):
@@ -570,7 +577,8 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
             f[f"{key}_rec"] = f"{d.recognizability.iloc[-1]:.2f}"
     if (gd := csv("guidance")) is not None:                          # notebook 05, section 5
         cols = ["set", "w", "n", "accuracy", "min_class_accuracy", "recognizability", "ffd",
-                "ffd_vs_unconditional", "kid", "kid_vs_unconditional", "nn_ssim_max"]
+                "ffd_vs_unconditional", *MANIFOLD_COLUMNS, "kid", "kid_vs_unconditional",
+                "nn_ssim_max"]
         f["guidance_table"] = to_markdown(gd[[c for c in cols if c in gd and gd[c].notna().any()]]
                                           .round(3))
         w = pick_w(gd)

@@ -2227,37 +2227,119 @@ def ffd_bootstrap_std(f: torch.Tensor, fr: torch.Tensor, boots: int = 20, seed: 
                          for _ in range(boots)]))
 
 
+def floor_draws(clf: FruitClassifier, train: torch.Tensor, n: int, repeats: int = 5,
+                seed: int = 0) -> list[torch.Tensor]:
+    """The real sets a floor scores: classify features of `repeats` random subsets of n real
+    training images (uint8), subset i drawn with seed seed+1+i (so independent of a row drawn
+    with `seed`)."""
+    return [classify(clf, to_float(train[torch.randperm(
+        len(train), generator=torch.Generator().manual_seed(seed + 1 + i))[:n]]))[0]
+        for i in range(repeats)]
+
+
 def ffd_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor, n: int,
               repeats: int = 5, seed: int = 0) -> tuple[float, float]:
     """What a perfect generator scores with n samples: the FFD of n real training images (uint8)
-    against real_test, (mean, std) over `repeats` random subsets drawn with seeds seed+1… (so
-    independent of a row drawn with `seed`). Like FID, FFD is biased upward for small n: compare
-    a set with the floor at its own n."""
+    against real_test, (mean, std) over floor_draws' `repeats` subsets. Like FID, FFD is biased
+    upward for small n: compare a set with the floor at its own n."""
     fr = classify(clf, real_test)[0]
-    d = [frechet_distance(classify(clf, to_float(train[torch.randperm(
-        len(train), generator=torch.Generator().manual_seed(seed + 1 + i))[:n]]))[0], fr)
-         for i in range(repeats)]
+    d = [frechet_distance(f, fr) for f in floor_draws(clf, train, n, repeats, seed)]
     return float(np.mean(d)), float(np.std(d))
+
+
+# Fidelity and coverage on k-nearest-neighbour manifolds of the real test images' classifier
+# features (precision_coverage). Chosen by measurement with the committed classifier (cpu profile,
+# n = 500 real training images against the reference, 20 draws, mean ± std): the test images are
+# frames of one video per class, so a test image's nearest neighbours are its own neighbouring
+# frames and small k makes tiny balls that other videos miss: k = 3 on 500 test images gives real
+# images precision 0.44, density 0.30, coverage 0.29. A ball must reach across much of its class's
+# video, and stay inside the class (else everything is inside: k = 50 of 500 test images, about
+# 50 a class, gives the drifting DDIM-50 precision 0.48). The reference is FFD's, all 1714 test
+# images (the smallest class has 156), with k = 100: real-vs-real precision 0.973 ± 0.006,
+# coverage 0.984 ± 0.012 (density 0.80 ± 0.02: training and test are other videos); k = 50:
+# 0.90 / 0.83, k = 75: 0.94 / 0.96; k = 30 of 500 test images: 0.958 / 0.971, spread 0.92–1.00.
+# At k = 100, n = 500 (precision / coverage): the committed generation model's (preconditioned)
+# DDIM-50 0.56 / 0.92, the report's U-Net's DDIM-50 unclipped (drifting) 0.03 / 0.12, clipped
+# 0.28 / 0.16, one training image repeated 1.00 / 0.04, blurred (5×5, σ = 1.5) 0.38 / 0.28,
+# colours shifted (±0.4 on red and blue) 0.07 / 0.03, Gaussian noise 0.00 / 0.00. Improved
+# recall (Kynkäänniemi et al.'s, on the samples' own balls) is left out: it gives 1.00 to real
+# images, the model and the drift alike (the drift's wide balls cover every test image).
+MANIFOLD_K = 100
+# The fewest samples a set gets precision, density and coverage from (below: NaN, printed
+# "n/a (n = …)"): coverage falls with n (precision does not, 0.97 at any n), and real images
+# reach 0.9 from n = 100 (0.91 ± 0.03; 0.83 ± 0.05 at n = 50, 0.96 ± 0.02 at n = 200): below
+# it coverage says more about n than about the samples.
+MANIFOLD_MIN_N = 100
+MANIFOLD = ("precision", "density", "coverage")          # precision_coverage's measures
+
+
+def precision_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = MANIFOLD_K) -> dict:
+    """Fidelity and coverage of fake features (M, d) on the real ones (N, d), from one k-NN
+    radius per real point: B_j is the ball around real r_j whose radius is the distance to r_j's
+    k-th nearest other real point, and with 1[·] an indicator
+    precision (Kynkäänniemi et al. 2019) = (1/M) Σ_i 1[f_i ∈ ∪_j B_j], the share of fakes on
+    the real manifold; density (Naeem et al. 2020) = (1/kM) Σ_i Σ_j 1[f_i ∈ B_j], how many real
+    balls hold a fake, ÷ k (about 1 for fakes drawn like the reals, above 1 where they crowd);
+    coverage (Naeem et al. 2020) = (1/N) Σ_j 1[∃ i: f_i ∈ B_j], the share of real balls holding
+    a fake. Returns {MANIFOLD's name: value}; NaN where there are no fakes or not more than k
+    reals (no k-th neighbour)."""
+    if len(fake) == 0 or len(real) <= k:
+        return dict.fromkeys(MANIFOLD, float("nan"))
+    real, fake = real.double(), fake.double()
+    radius = torch.cdist(real, real).kthvalue(k + 1, dim=1).values    # the 1st is r_j itself
+    inside = torch.cdist(fake, real) <= radius                         # (M, N): f_i ∈ B_j
+    return dict(precision=inside.any(1).double().mean().item(),
+                density=inside.sum(1).double().mean().item() / k,
+                coverage=inside.any(0).double().mean().item())
+
+
+def manifold_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor, n: int,
+                   repeats: int = 5, seed: int = 0) -> dict:
+    """What a perfect generator scores with n samples on precision_coverage's measures: those of
+    n real training images (uint8) against real_test (images, or their classify features), as
+    {measure: (mean, std)} over floor_draws' `repeats` subsets. Coverage falls with n: compare a
+    set with the floor at its own n."""
+    fr = real_test if real_test.dim() == 2 else classify(clf, real_test)[0]
+    scores = [precision_coverage(fr, f) for f in floor_draws(clf, train, n, repeats, seed)]
+    return {m: (float(np.mean([s[m] for s in scores])), float(np.std([s[m] for s in scores])))
+            for m in MANIFOLD}
+
+
+def add_manifold_floors(df: pd.DataFrame, clf: FruitClassifier, train: torch.Tensor,
+                        real_test: torch.Tensor, seed: int = 0) -> pd.DataFrame:
+    """Insert into df (quality's rows; in place, and return it) `<measure>_floor` after each of
+    MANIFOLD's columns: manifold_floor's mean at the row's own n on the rows that have the
+    measure, NaN on the others."""
+    scored = df.precision.notna()
+    floors = {n: manifold_floor(clf, train, real_test, int(n), seed=seed)
+              for n in df.n[scored].unique()}
+    for m in MANIFOLD:
+        df.insert(df.columns.get_loc(m) + 1, f"{m}_floor",
+                  [floors[n][m][0] if ok else np.nan for n, ok in zip(df.n, scored)])
+    return df
 
 
 def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | None,
             train: torch.Tensor | None, n_classes: int, seed: int = 0, ffd: bool = True) -> dict:
     """The sample-quality numbers of one set x (in [-1, 1]): FFD (ffd=True; with its bootstrap
-    std) and KID against real_test, recognizability (share of images the classifier gives
-    p ≥ 0.9 for some class), classes covered by those, and the SSIM to the nearest training
-    image. real_test may be given as its classify features (N, d), computed once where many sets
-    are scored against it. Pass None to skip a reference (real test images against themselves;
-    training images against the training set)."""
+    std), precision, density and coverage (precision_coverage; at least MANIFOLD_MIN_N images)
+    and KID against real_test, recognizability (share of images the classifier gives p ≥ 0.9 for
+    some class), classes covered by those, and the SSIM to the nearest training image. real_test
+    may be given as its classify features (N, d), computed once where many sets are scored
+    against it. Pass None to skip a reference (real test images against themselves; training
+    images against the training set)."""
     f, p = classify(clf, x)
     conf, pred = p.max(1)
     covered = torch.bincount(pred[conf >= 0.9], minlength=n_classes)
-    q = dict(n=len(x), ffd=np.nan, ffd_std=np.nan, kid=np.nan, kid_std=np.nan,
-             recognizability=float((conf >= 0.9).float().mean()),
+    q = dict(n=len(x), ffd=np.nan, ffd_std=np.nan, **dict.fromkeys(MANIFOLD, np.nan), kid=np.nan,
+             kid_std=np.nan, recognizability=float((conf >= 0.9).float().mean()),
              classes_covered=int((covered > 0).sum()), nn_ssim_mean=np.nan, nn_ssim_max=np.nan)
     if real_test is not None:
         fr = real_test if real_test.dim() == 2 else classify(clf, real_test)[0]
         if ffd:
             q["ffd"], q["ffd_std"] = frechet_distance(f, fr), ffd_bootstrap_std(f, fr, seed=seed)
+        if len(x) >= MANIFOLD_MIN_N:
+            q.update(precision_coverage(fr, f))
         q["kid"], q["kid_std"] = kid(f, fr, subset_size=min(100, len(x)), seed=seed)
     if train is not None:
         nn_s = nearest_ssim(x, train)
@@ -2280,9 +2362,10 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: 
     """Every GEN_SAMPLERS row sampled with its model (story_models) and scored, after real
     training and test images: n per DDIM row, n_slow per 1000-step row (defaults EVAL's). Only a
     set of EVAL's n_samples gets an FFD (bootstrap std, ratio to ffd_floor's independent draws);
-    all get KID and recognizability. seed: every draw (x_T and z of each sampler, the real
-    training subset, the floor's subsets); None: cfg.seed. Returns (a row per set,
-    {name: samples}, also saved to runs/<profile>/samples.pt)."""
+    a set of at least MANIFOLD_MIN_N precision, density and coverage, each beside its floor at
+    the set's n (add_manifold_floors); all get KID and recognizability. seed: every draw (x_T
+    and z of each sampler, the real training subset, the floors' subsets); None: cfg.seed.
+    Returns (a row per set, {name: samples}, also saved to runs/<profile>/samples.pt)."""
     seed = cfg.seed if seed is None else seed
     ev = EVAL[cfg.profile]
     n, n_slow, n_ffd = n or ev["n_samples"], n_slow or ev["n_report"], ev["n_samples"]
@@ -2316,6 +2399,7 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: 
     df.insert(at, "ffd_floor", np.where(df.ffd.notna(), floor, np.nan))
     df.insert(at + 1, "ffd_floor_std", np.where(df.ffd.notna(), floor_std, np.nan))
     df.insert(at + 2, "ffd_ratio", df.ffd / df.ffd_floor)
+    add_manifold_floors(df, clf, train_imgs, f_test, seed)
     real_rec = df.set_index("sampler").recognizability["real: test images"]
     df.insert(df.columns.get_loc("recognizability") + 1, "recognizability_ratio",
               df.recognizability / real_rec)            # against real test images
@@ -2347,9 +2431,10 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     """n_per_class images of every class at each guidance weight w from the class-conditional
     model (DDIM, η = 0, not clipped, one x_T for every w), scored: accuracy on the requested
     class, recognizability, KID (per class and over all), FFD where the k·n samples reach EVAL's
-    n_samples, nearest-training SSIM; beside as many unconditional samples (same seed) and the
-    real test images. seed: x_T of every set (None: cfg.seed). Returns (a row per set, a row
-    per (w, class), {w: samples, class-major})."""
+    n_samples, precision, density and coverage beside their floors where they reach
+    MANIFOLD_MIN_N (add_manifold_floors), nearest-training SSIM; beside as many unconditional
+    samples (same seed) and the real test images. seed: x_T of every set (None: cfg.seed).
+    Returns (a row per set, a row per (w, class), {w: samples, class-major})."""
     seed = cfg.seed if seed is None else seed
     dev = get_device()
     ccfg = generation_config(cfg, conditional=True)
@@ -2383,7 +2468,8 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
                                  kid=kid(f[m], f_test[c], subset_size=min(100, int(m.sum())))[0]))
         rows.append(dict(set="conditional model", w=w, accuracy=hit.mean().item(),
                          **quality(clf, x, f_all, train_imgs, k, seed, ffd=ffd)))
-    df, per = pd.DataFrame(rows), pd.DataFrame(by_class)
+    df = add_manifold_floors(pd.DataFrame(rows), clf, train_imgs, f_all, seed)
+    per = pd.DataFrame(by_class)
     worst = per.groupby("w").accuracy.min()
     df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))
     unc_row = df.set_index("set").loc["unconditional model"]
