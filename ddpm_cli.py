@@ -479,8 +479,8 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         low = (lambda k: f", lowest along the chain {by_t[k].min():.2f}") if by_t is not None \
             else (lambda k: "")
         run = csv("native/figure5_run")
-        how = (f", `make figure5-native`, run once: {run.seconds[0] / 60:.0f} min on {run.cpu[0]}"
-               if run is not None else "")
+        how = (f", `make figure5-native`, run once: {run.seconds[0] / 60:.0f} min on {run.cpu[0]}, "
+               f"{run.threads[0]} thread{'s' * (int(run.threads[0]) != 1)}" if run is not None else "")
         f["key_figure5_native"] = (
             f"At 100×100, with its own model trained at that size ({int(f5.n.iloc[1])} "
             f"samples{how}), "

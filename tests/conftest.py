@@ -53,8 +53,9 @@ def smoke_models():
 
 
 def real_subset() -> Path:
-    """The real Fruits-360 subset (FRUITS360_DIR, else ../shared/fruits-360-subset)."""
-    return Path(os.environ.get("FRUITS360_DIR", ROOT.parent / "shared" / "fruits-360-subset"))
+    """The real Fruits-360 subset (FRUITS360_DIR, else ../shared/fruits-360-subset), as an
+    absolute path: the Makefile's default is relative, and links made to it must not be."""
+    return Path(os.environ.get("FRUITS360_DIR", ROOT.parent / "shared" / "fruits-360-subset")).resolve()
 
 
 CHROMIUM = "/usr/bin/chromium"        # Debian's (make browser-tools); Playwright's own is never used
