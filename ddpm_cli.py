@@ -1074,7 +1074,7 @@ def cmd_figure5(a) -> None:
     fig = dl.plot_figure5(xs, trajs)
     for df, name in zip((stats.round(6), bright.round(6), run), dl.FIG5_NATIVE_TABLES):
         save_table(df, name, cfg)
-    print(f"Figure 5 at {cfg.image_size}×{cfg.image_size}, {a.n} samples a set, in "
+    print(f"Figure 5 at {cfg.image_size}×{cfg.image_size}, {a.n} sample{'s' * (a.n != 1)} a set, in "
           f"{run.seconds[0]} s → {save_fig(fig, '05_figure5_native', cfg)}")
 
 

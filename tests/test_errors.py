@@ -219,8 +219,13 @@ def ctrl_c(args: list[str], ready, tmp_path: Path, **env_over) -> tuple[float, i
     120 s or still runs 60 s after the signal."""
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "wb") as o, open(err, "wb") as e:
+        # SIGINT at its default in the child, as in a terminal's foreground process: a shell
+        # without job control (CI, `nohup make test &`) starts background commands with SIGINT
+        # ignored, and a Python started so never raises KeyboardInterrupt (seen in a clean-clone
+        # run: `sample` ran on for 60 s and exited 0)
         p = subprocess.Popen([sys.executable, "-m", "ddpm_cli", *args], cwd=REPO, stdout=o,
-                             stderr=e, env={**env(), **env_over}, stdin=subprocess.DEVNULL)
+                             stderr=e, env={**env(), **env_over}, stdin=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         end = time.time() + 120
         while not ready(err.read_text(errors="replace")):
