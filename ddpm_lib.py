@@ -277,8 +277,9 @@ PARAM_RULES = {
 def check_params(**params) -> dict:
     """A notebook's parameters, checked: e.g. check_params(PROFILE=PROFILE, SEED=SEED,
     N_EVAL=N_EVAL). SEED a whole number ≥ 0, IMAGE in [0, 7], every N_* a whole number ≥ 1 (0
-    is refused, never replaced by a default) but N_FIG5_NATIVE ≥ 0 (0: none of one's own). Raises a one-line ValueError naming the parameter,
-    its value and its range; returns params."""
+    is refused, never replaced by a default) but N_FIG5_NATIVE ≥ 0 (0: none of one's own).
+    Raises a one-line ValueError naming the parameter, its value and its range; returns
+    params."""
     for k, v in params.items():
         if k == "PROFILE":
             if v is not None and v not in PROFILES:
