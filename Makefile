@@ -31,7 +31,7 @@ NBEXEC := DDPM_PROGRESS=0 timeout 1800 $(PY) -m nbconvert --to notebook --execut
   --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.record_timing=False
 
 .PHONY: figures test book env test-env cluster-tools browser-tools data train retrain notebooks \
-  report bench clean lab figure5-native
+  report bench clean lab figure5-native generation-seeds
 
 figures: env data train notebooks report
 
@@ -83,7 +83,7 @@ notebooks: env data
 
 # the committed results have one writer: these targets (and `make figures` through them) write
 # figures/ and report/; any other run writes to runs/<profile>/figures (ddpm_lib.Config.fig_dir)
-train notebooks report figure5-native: export DDPM_COMMIT_RESULTS = 1
+train notebooks report figure5-native generation-seeds: export DDPM_COMMIT_RESULTS = 1
 
 report: env
 	$(PY) -m ddpm_cli report
@@ -96,6 +96,14 @@ figure5-native: env data
 
 # the quick start: JupyterLab on the repository (ddpm_lib.py opens beside the notebooks), showing
 # notebooks/; LAB_ARGS: more jupyter lab options (--no-browser, --port=…)
+# Run once, not by `make figures` (which reads the tables it writes, figures/generation_seeds*.csv,
+# and says so): the cause table (CAUSES, five of its rows 1000-step samplers, 64 samples a row)
+# and the headline sets (the generation table's DDIM rows, 500 each; guidance at every w, 10 a
+# class) on the held-out seeds 1–3. Resumable (its cells are cached in runs/cpu/seeds/); two runs
+# side by side (each `OMP_NUM_THREADS=1`) share the cells. Its time: generation_seeds_run.csv.
+generation-seeds: env data
+	$(PY) -m ddpm_cli seeds
+
 lab: env data
 	$(VENV)/bin/jupyter lab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url=/lab/tree/notebooks $(LAB_ARGS)
 
@@ -134,6 +142,8 @@ test: test-env cluster-tools browser-tools
 	test -f runs/smoke/classifier.pt || DDPM_PROFILE=smoke $(PY) -m ddpm_cli classifier --profile smoke
 	test -f runs/smoke/figures/native/figure5_run.csv || \
 	  DDPM_PROFILE=smoke $(PY) -m ddpm_cli figure5 --profile smoke-native --n 1
+	test -f runs/smoke/figures/generation_seeds_run.csv || \
+	  DDPM_PROFILE=smoke $(PY) -m ddpm_cli seeds --profile smoke --seeds 1 2
 	DDPM_PROFILE=smoke $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	  --nbval-sanitize-with=$(CURDIR)/tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -q
 

@@ -37,6 +37,7 @@ from ddpm_lib import (n_text, classify, Config, DataError, Diffusion, EVAL, Frui
                       sample, save_checkpoint, save_fig, save_guidance, save_table, save_table1,
                       scoring_setup, seed_everything, show_grid, split_data, story_models, table1,
                       table1_wide, to_float, to_markdown, tqdm, train_command, uses_committed,
+                      write_csv,
                       weights)
 import ddpm_train
 from ddpm_train import (Interrupted, keep_freed_memory, RunLocked, Slurm, export_ema, remove_partial, run_out, submit,
@@ -471,6 +472,8 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         f["native_tv_choice"] = to_markdown(tc.round(4))
     if (ts := csv("native/training_summary")) is not None:
         f["native_training_table"] = to_markdown(ts)
+        f["native_minutes_range"] = (f"{ts.minutes.min():.0f}" if ts.minutes.nunique() == 1 else
+                                     f"{ts.minutes.min():.0f}–{ts.minutes.max():.0f}")
     if (f5 := csv("native/figure5_brightness")) is not None:        # notebook 05, 100×100
         by_t = csv("native/figure5_brightness_by_t")
         f["figure5_native_table"] = to_markdown((by_t if by_t is not None else f5).round(3))
@@ -502,20 +505,12 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
                             f"({iterative:.2f}); real test images: {real:.2f}.")
     if (g := csv("generation_metrics")) is not None:
         cols = ["sampler", "n", "ffd", "ffd_std", "ffd_floor", "ffd_floor_std", "ffd_ratio",
-                *MANIFOLD_COLUMNS, "kid", "kid_std", "recognizability",
+                "ffd_ratio_std", *MANIFOLD_COLUMNS, "kid", "kid_std", "recognizability",
                 "recognizability_ratio", "classes_covered", "nn_ssim_mean", "nn_ssim_max",
                 "seconds_per_image"]
         f["generation_table"] = to_markdown(g[[c for c in cols if c in g]])
         row = g.set_index("sampler")
-        keys = {"report's method, report's U-Net": "reportgen",
-                "DDPM-1000, report's U-Net": "ddpm_fold0",
-                "DDIM-50 (η = 0), report's U-Net, x̂0 clipped": "ddim50clip_fold0",
-                "DDIM-50 (η = 0), report's U-Net": "ddim50_fold0",
-                "DDPM-1000, preconditioned": "ddpm_gen",
-                "DDIM-50 (η = 0), preconditioned": "ddim50_gen",
-                "DDIM-20 (η = 0), preconditioned": "ddim20_gen",
-                "real: test images": "real", "real: training images": "floor"}
-        for name, key in keys.items():
+        for name, key in GEN_KEYS.items():
             if name in row.index:
                 for col in ("ffd", "ffd_std", "ffd_floor", "ffd_ratio", *MANIFOLD_COLUMNS, "kid",
                             "recognizability", "recognizability_ratio", "classes_covered",
@@ -535,6 +530,7 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         if len(folds):
             f["fold_epochs"] = ", ".join(str(int(e)) for e in folds.epochs)
             f["fold_minutes"] = f"{folds.minutes.sum():.0f}"
+            f["fold_minutes_range"] = f"{folds.minutes.min():.0f}–{folds.minutes.max():.0f}"
             f["folds_early_stopped"] = str(int(folds.early_stopped.sum()))
         stopped = int(h.early_stopped.sum())
         f["early_stopping"] = ("Early stopping never fired: every run of the training table used "
@@ -567,7 +563,11 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
         f["ttq_recipe_ema"] = r["ema_decay"]
     if tables:                                                # every recipe measured
         t = pd.concat(tables)
-        t["ffd_ratio_std"] = t.ffd_std / t.ffd_floor
+        t["ffd_ratio_std"] = dl.ratio_spread(t.ffd, t.ffd_std, t.ffd_floor, t.ffd_floor_std)
+        last = t[t.epoch == t.epoch.max()]
+        f["recipe_images"] = " or ".join(f"{v:,}" for v in sorted(last.images.unique()))
+        f["recipe_threads"] = " or ".join(str(int(v)) for v in last.threads.unique())
+        f["recipe_cpu"] = " or ".join(last.cpu.unique())
         f["recipes_table"] = to_markdown(t[["run", "epoch", "minutes", "ffd_ratio", "ffd_ratio_std",
                                             "kid", "recognizability"]].round(3))
         f["recipes_settings"] = to_markdown(t.drop_duplicates("run")[["run", "recipe"]])
@@ -577,8 +577,8 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
             f[f"{key}_rec"] = f"{d.recognizability.iloc[-1]:.2f}"
     if (gd := csv("guidance")) is not None:                          # notebook 05, section 5
         cols = ["set", "w", "n", "accuracy", "min_class_accuracy", "recognizability", "ffd",
-                "ffd_vs_unconditional", *MANIFOLD_COLUMNS, "kid", "kid_vs_unconditional",
-                "nn_ssim_max"]
+                "ffd_vs_unconditional", "ffd_vs_unconditional_std", *MANIFOLD_COLUMNS, "kid",
+                "kid_vs_unconditional", "nn_ssim_max"]
         f["guidance_table"] = to_markdown(gd[[c for c in cols if c in gd and gd[c].notna().any()]]
                                           .round(3))
         w = pick_w(gd)
@@ -599,6 +599,8 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
     if (gc := csv("guidance_by_class")) is not None:
         f["guidance_class_table"] = to_markdown(
             gc.pivot(index="cls", columns="w", values="accuracy").round(3).reset_index())
+    if (ss := csv(dl.SEED_FILES[1])) is not None:                   # `make generation-seeds`
+        f.update(_seed_fields(ss, csv(dl.SEED_FILES[2]), csv("generation_metrics"), csv("guidance")))
     if (b := csv("bench")) is not None:                                      # `make bench`
         cols = ["cpu", "bf16_native", "model", "size", "batch", "mode", "n_params", "train_img_s",
                 "sample_img_s", "achieved_gflops", "mfu", "paired_ratio"]
@@ -608,6 +610,52 @@ def _report_fields(figs: Path, recipe: str = "") -> dict:
                 f"torch {b.torch.iloc[0]}" if "torch" in b else ""]
         f["bench_provenance"] = "measured with " + (", ".join(w for w in what if w) or
                                                     "settings it does not record")
+    return f
+
+
+# generation_metrics' sets that the report names, by the key of their fields
+GEN_KEYS = {"report's method, report's U-Net": "reportgen",
+            "DDPM-1000, report's U-Net": "ddpm_fold0",
+            "DDIM-50 (η = 0), report's U-Net, x̂0 clipped": "ddim50clip_fold0",
+            "DDIM-50 (η = 0), report's U-Net": "ddim50_fold0",
+            "DDPM-1000, preconditioned": "ddpm_gen",
+            "DDIM-50 (η = 0), preconditioned": "ddim50_gen",
+            "DDIM-20 (η = 0), preconditioned": "ddim20_gen",
+            "real: test images": "real", "real: training images": "floor"}
+
+
+def _seed_fields(summary: pd.DataFrame, run: pd.DataFrame | None, gen: pd.DataFrame | None,
+                 guid: pd.DataFrame | None) -> dict:
+    """The report's pieces from `make generation-seeds`' tables: the run, the cause table (its
+    rows, what each change did, the chain), and the held-out seeds beside seed 0's sets of the
+    generation and guidance tables (`held_<key>`: a set's quality in words)."""
+    f = {"causes_table": to_markdown(dl.cause_table(summary).drop(columns="what it did")),
+         "causes_did": "\n".join(f"- **{r.row}** ({r['from']}): {r['what it did']}."
+                                 for _, r in dl.cause_table(summary).iloc[1:].iterrows()),
+         "cause_chain": dl.cause_chain(summary)}
+    c = summary[summary.table == "causes"].set_index("set")
+    f["causes_n"], f["held_seeds"] = str(int(c.n.iloc[0])), c.seeds.iloc[0]
+    for name, r in c.iterrows():
+        f[f"cause_{re.sub(r'[^A-Za-z0-9]+', '_', name).strip('_')}"] = dl.quality_text(r)
+    held = summary.set_index("set")
+    for name, key in GEN_KEYS.items():
+        if name in held.index:
+            f[f"held_{key}"] = dl.quality_text(held.loc[name])
+    if run is not None:
+        r = run.iloc[0]
+        f["seeds_run"] = (f"{r.cells} sets × seeds, {r.cpu_seconds / 60:.0f} CPU-minutes on {r.cpu} "
+                          f"({r.threads} thread{'s' * (int(r.threads) != 1)} a process)")
+    if gen is not None and "seed" in gen:
+        f["held_generation_table"] = to_markdown(dl.beside_held_out(
+            gen, gen.sampler.tolist(), summary, "generation", int(gen.seed.iloc[0])))
+    if guid is not None and "seed" in guid:
+        f["held_guidance_table"] = to_markdown(dl.beside_held_out(
+            guid, dl.guidance_names(guid), summary, "guidance", int(guid.seed.iloc[0])))
+        w = pick_w(guid)
+        h = held.loc[f"conditional model, w = {w:g}"]
+        f["guidance_held"] = (f"on seeds {h.seeds}, which the choice never saw: accuracy "
+                              f"{dl.pm(h.accuracy, h.accuracy_std)}, {dl.quality_text(h)}")
+        f["guidance_seed"] = str(int(guid.seed.iloc[0]))
     return f
 
 
@@ -1078,6 +1126,87 @@ def cmd_figure5(a) -> None:
           f"{run.seconds[0]} s → {save_fig(fig, '05_figure5_native', cfg)}")
 
 
+def weights_digest(modules) -> str:
+    """12 hex digits of a SHA-1 over the modules' parameters and buffers: which weights made a
+    cached result (generation_seeds' cache folder), whatever file they came from."""
+    h = hashlib.sha1()
+    for m in modules:
+        for v in m.state_dict().values():
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def seed_cell(cache: Path, table: str, name: str, seed: int) -> Path:
+    """The cache folder of one set of SEED_TABLES on one seed (cmd_seeds)."""
+    return cache / f"{table}-{re.sub(r'[^A-Za-z0-9]+', '_', name)}-seed{seed}"
+
+
+def cmd_seeds(a) -> None:
+    """Score the story's headline sets on HELD_OUT_SEEDS (SEED_TABLES: the cause table, the
+    generation table's DDIM rows, guidance at every w), run once (`make generation-seeds`),
+    resumable: each (set, seed) is a cell, cached in runs/<profile>/seeds/<weights digest>/
+    and skipped once done; a cell another process holds (run_lock) is left to it, so two
+    single-thread runs side by side share the cells. When every cell is there, writes dl.SEED_FILES
+    (floors at each n from seed 0's draws, as make figures) and 05_causes_samples.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cfg = get_config(a.profile)
+    models = dl.cause_models(cfg)
+    clf = load_classifier(cfg)[0]
+    digest = weights_digest([m for m, _ in models.values()]
+                            + [generation_model(cfg, conditional=True), clf])
+    cache = cfg.home / "runs" / cfg.profile / "seeds" / digest
+    cells = [(table, name, seed) for table, names in dl.SEED_TABLES.items() for name in names
+             for seed in a.seeds]                                    # the tables' order
+    slow_first = sorted(cells, key=lambda c: c[0] != "causes" or dl.CAUSES[c[1]][1] == "ddim")
+    print(f"{len(cells)} cells (set × seed) → {cache}", flush=True)
+    for table, name, seed in tqdm(slow_first, desc="cells"):
+        folder = seed_cell(cache, table, name, seed)
+        if (folder / "rows.csv").exists():
+            continue
+        try:
+            with ddpm_train.run_lock(folder):
+                if (folder / "rows.csv").exists():                   # finished meanwhile
+                    continue
+                t0 = time.time()
+                rows, x = dl.seed_set(cfg, models, table, name, seed)
+                df = pd.DataFrame(rows).assign(cell=folder.name, seconds=round(time.time() - t0, 1),
+                                               cpu=ddpm_train.cpu_name(),
+                                               threads=torch.get_num_threads())
+                if x is not None:
+                    save_checkpoint({"x": x}, folder / "samples.pt")
+                write_csv(df, folder / "rows.csv")
+                print(f"{table} · {name} · seed {seed}: {df.seconds.iloc[0]:.0f} s", flush=True)
+        except RunLocked:
+            continue
+    if missing := [c for c in cells if not (seed_cell(cache, *c) / "rows.csv").exists()]:
+        print(f"{len(missing)} cells are still being computed by another process: run this "
+              f"again when it has finished to write the tables", flush=True)
+        return
+    df = pd.concat([pd.read_csv(seed_cell(cache, *c) / "rows.csv") for c in cells],
+                   ignore_index=True)
+    _, train_ds, test_imgs, clf, _ = scoring_setup(cfg, False)
+    df = dl.add_floors(df, clf, train_ds.images, to_float(test_imgs), seed=0)
+    run = pd.DataFrame([dict(profile=cfg.profile, size=cfg.image_size, seeds=" ".join(
+        map(str, a.seeds)), cells=len(cells),
+        cpu_seconds=round(df.drop_duplicates("cell").seconds.sum()),
+        cpu=df.cpu.iloc[0], threads=int(df.threads.max()), weights=digest)])
+    save_table(df.drop(columns=["cpu", "threads"]), dl.SEED_FILES[0], cfg)
+    save_table(dl.seed_summary(df), dl.SEED_FILES[1], cfg)
+    path = save_table(run, dl.SEED_FILES[2], cfg)
+    xs = {name: load_checkpoint(seed_cell(cache, "causes", name, a.seeds[0]) / "samples.pt")["x"]
+          for name in dl.SEED_TABLES["causes"]}
+    fig, axes = plt.subplots(len(xs), 1, figsize=(dl.NOTEBOOK_WIDTH, 1.0 * len(xs) + 0.4),
+                             layout="constrained", squeeze=False)
+    for ax, (name, x) in zip(axes[:, 0], xs.items()):
+        dl.show_grid(x, nrow=8, ax=ax)
+        ax.set_title(name, fontsize=10)
+    fig.suptitle(f"the cause table's sets, seed {a.seeds[0]}: the first 8 samples each")
+    print(f"cause table and held-out seeds → {path.parent}/{dl.SEED_FILES[0]}.csv; "
+          f"{save_fig(fig, '05_causes_samples', cfg)}")
+
+
 SAMPLES = ROOT / "samples"              # `sample`'s pictures (ignored by git)
 
 
@@ -1183,7 +1312,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 COMMANDS = {"data": cmd_data, "train": cmd_train, "train-all": cmd_train_all,
             "classifier": cmd_classifier,
             "submit": cmd_submit, "evaluate": cmd_evaluate, "export": cmd_export,
-            "report": cmd_report, "sample": cmd_sample, "figure5": cmd_figure5}
+            "report": cmd_report, "sample": cmd_sample, "figure5": cmd_figure5,
+            "seeds": cmd_seeds}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1311,6 +1441,12 @@ def build_parser() -> argparse.ArgumentParser:
                "figure5-native), run once: its tables and picture, which notebook 05 reads")
     p.add_argument("--n", type=_whole(1, MAX_SAMPLES), default=8, help="samples per sampler")
     p.add_argument("--seed", type=_seed, default=0, help="the seed of x_T and of every z")
+
+    p = parser("seeds", "the cause table, the generation table's DDIM rows and guidance on the "
+               "held-out seeds (make generation-seeds), run once and resumable: the tables "
+               "notebook 05 and the report read")
+    p.add_argument("--seeds", type=_seed, nargs="+", default=list(dl.HELD_OUT_SEEDS),
+                   help="the sampling seeds (the choices were made on seed 0)")
     return ap
 
 

@@ -340,16 +340,18 @@ GENERATION_COND = {
 }
 
 
-# How much each profile evaluates: test images for Table 1; n_samples, the one n of every FFD (a
-# set of fewer samples gets KID and recognizability only, which stay comparable at any n); samples
-# of the 1000-step samplers (DDPM, the report's method: fewer, so no FFD); classifier epochs.
+# How much each profile evaluates: test images for Table 1; n_samples per DDIM set of the
+# generation table; n_report per 1000-step set (DDPM, the report's method); n_min, the fewest
+# samples a set gets an FFD from (always beside the floor at the set's own n: FFD is biased
+# upward at small n; fewer samples: KID and recognizability only); classifier epochs.
 EVAL = {
-    "smoke": dict(n_eval=32, n_samples=16, n_report=8, clf_epochs=1),
-    "cpu": dict(n_eval=500, n_samples=500, n_report=100, clf_epochs=20),
-    "full": dict(n_eval=1000, n_samples=1000, n_report=500, clf_epochs=20),     # untested (GPU)
+    "smoke": dict(n_eval=32, n_samples=16, n_report=8, n_min=8, clf_epochs=1),
+    "cpu": dict(n_eval=500, n_samples=500, n_report=100, n_min=64, clf_epochs=20),
+    "full": dict(n_eval=1000, n_samples=1000, n_report=500, n_min=64,
+                 clf_epochs=20),                                                # untested (GPU)
     # fine-tuned fold-0 models only: Table 1 (n_eval test images), Figures 4 and 5 (n_report)
-    "native": dict(n_eval=200, n_samples=0, n_report=8, clf_epochs=0),
-    "smoke-native": dict(n_eval=32, n_samples=0, n_report=4, clf_epochs=0),
+    "native": dict(n_eval=200, n_samples=0, n_report=8, n_min=0, clf_epochs=0),
+    "smoke-native": dict(n_eval=32, n_samples=0, n_report=4, n_min=0, clf_epochs=0),
 }
 
 
@@ -2073,8 +2075,9 @@ def check_model_classes(saved, classes: list, path: Path, index: Path) -> None:
 
 def story_models(cfg: Config) -> dict:
     """The two models of GEN_SAMPLERS, each as (model, its Diffusion) on the device:
-    'fold0', the corrected fold-0 run (the report's U-Net under the report's protocol; trained
-    first where missing), and 'generation', the preconditioned generation_model."""
+    'fold0', the corrected fold-0 run (the report's U-Net under the report's protocol; where it
+    is missing, trained names the command that trains it), and 'generation', the preconditioned
+    generation_model."""
     dev = get_device()
     c = dataclasses.replace(cfg, target="eps", split="grouped")
     trained(c, 0, progress=False)
@@ -2096,6 +2099,53 @@ GEN_SAMPLERS = {
     "DDIM-50 (η = 0), preconditioned": ("generation", "ddim", dict(steps=50, clip=False)),
     "DDIM-20 (η = 0), preconditioned": ("generation", "ddim", dict(steps=20, clip=False)),
 }
+
+
+# The report's generation failure taken apart: from its U-Net, target and sampler as it wrote
+# them, one change at a time. name → (model of cause_models, method, settings, the row it changes,
+# the change). The report's decoding clips (report_x0), so clipping stays on until the row that
+# takes it off; DDPM's Algorithm 2 as printed has no clipping, Ho et al.'s code clips x̂0.
+# Sampled by `make generation-seeds` (generation_seeds: 64 samples a row, seeds 1–3).
+CAUSES = {
+    "report as written": ("report", "report", dict(decode="report"), "",
+                          "trained on √(1−ᾱ_t)·ε; its iterative sampler (re-noise x̂0 to t−1), "
+                          "x̂0 by its Eq. 5 (clipped)"),
+    "ε target": ("fold0", "report", {}, "report as written",
+                 "trained on ε, x̂0 by Eq. 15 (clipped); the same sampler"),
+    "DDPM sampler": ("fold0", "ddpm", {}, "ε target",
+                     "Algorithm 2: x_{t−1} from the posterior mean μ̃_t(x_t, x̂0) + √β_t·z"),
+    "x̂0 not clipped": ("fold0", "ddpm", dict(clip=False), "DDPM sampler",
+                        "x̂0 not clipped (Algorithm 2 exactly as printed)"),
+    "preconditioning": ("generation", "ddpm", {}, "DDPM sampler",
+                        "the generation model: EDM preconditioning, with its own recipe (every "
+                        "training image, min-SNR-5, lr warm-up and cosine decay)"),
+    "DDIM-50": ("generation", "ddim", dict(steps=50), "preconditioning",
+                "deterministic DDIM-50 (η = 0), x̂0 clipped"),
+    "DDIM-50, x̂0 not clipped": ("generation", "ddim", dict(steps=50, clip=False), "DDIM-50",
+                                 "x̂0 not clipped: the committed sampler"),
+    "DDIM-50 without preconditioning": ("fold0", "ddim", dict(steps=50), "DDPM sampler",
+                                        "deterministic DDIM-50 (η = 0) with the report's U-Net, "
+                                        "x̂0 clipped"),
+    "DDIM-50 without preconditioning, not clipped": (
+        "fold0", "ddim", dict(steps=50, clip=False), "DDIM-50 without preconditioning",
+        "x̂0 not clipped: the drift"),
+}
+
+
+# CAUSES' main line, from the report as written to the committed sampler (each changes the one
+# before it); the other rows branch off it.
+CAUSE_CHAIN = ("report as written", "ε target", "DDPM sampler", "preconditioning", "DDIM-50",
+               "DDIM-50, x̂0 not clipped")
+
+
+def cause_models(cfg: Config) -> dict:
+    """CAUSES' models: story_models' two and 'report', the report-faithful fold-0 model (its
+    U-Net trained on √(1−ᾱ_t)·ε under its protocol; where it is missing, trained names the
+    command that trains it)."""
+    c = dataclasses.replace(cfg, target="scaled_eps", split="grouped")
+    trained(c, 0, progress=False)
+    return {**story_models(cfg), "report": (load_model(c, 0).to(get_device()),
+                                            Diffusion.from_config(c).to(get_device()))}
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2203,6 +2253,13 @@ def kid(f1: torch.Tensor, f2: torch.Tensor, subsets: int = 50, subset_size: int 
     return float(np.mean(vals)), float(np.std(vals))
 
 
+def ratio_spread(a, a_std, b, b_std):
+    """The std of a / b where a and b are independent estimates with stds a_std and b_std (first
+    order): (a/b)·√((a_std/a)² + (b_std/b)²). For FFD ÷ its floor: the set's own spread (its
+    bootstrap, or its spread over sampling seeds) and the floor's spread over its real draws."""
+    return a / b * np.sqrt((a_std / a) ** 2 + (b_std / b) ** 2)
+
+
 def ratio_of_positive(a, b):
     """a / b where both are > 0, else NaN: an unbiased KID can be ≤ 0 (at its noise level) and
     a ratio of it reads as nonsense (a "−3.12×")."""
@@ -2241,9 +2298,10 @@ def floor_draws(clf: FruitClassifier, train: torch.Tensor, n: int, repeats: int 
 def ffd_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor, n: int,
               repeats: int = 5, seed: int = 0) -> tuple[float, float]:
     """What a perfect generator scores with n samples: the FFD of n real training images (uint8)
-    against real_test, (mean, std) over floor_draws' `repeats` subsets. Like FID, FFD is biased
-    upward for small n: compare a set with the floor at its own n."""
-    fr = classify(clf, real_test)[0]
+    against real_test (images, or their classify features), (mean, std) over floor_draws'
+    `repeats` subsets. Like FID, FFD is biased upward for small n: compare a set with the floor at
+    its own n."""
+    fr = real_test if real_test.dim() == 2 else classify(clf, real_test)[0]
     d = [frechet_distance(f, fr) for f in floor_draws(clf, train, n, repeats, seed)]
     return float(np.mean(d)), float(np.std(d))
 
@@ -2268,9 +2326,10 @@ def ffd_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.Tensor
 MANIFOLD_K = 100
 # The fewest samples a set gets precision, density and coverage from (below: NaN, printed
 # "n/a (n = …)"): coverage falls with n (precision does not, 0.97 at any n), and real images
-# reach 0.9 from n = 100 (0.91 ± 0.03; 0.83 ± 0.05 at n = 50, 0.96 ± 0.02 at n = 200): below
-# it coverage says more about n than about the samples.
-MANIFOLD_MIN_N = 100
+# reach 0.87 ± 0.04 at n = 64 (20 draws; 0.91 ± 0.03 at n = 100, 0.83 ± 0.05 at n = 50, 0.96 ±
+# 0.02 at n = 200): below it coverage says more about n than about the samples. 64 is the cause
+# table's n (its 1000-step samplers are slow: `make generation-seeds`).
+MANIFOLD_MIN_N = 64
 MANIFOLD = ("precision", "density", "coverage")          # precision_coverage's measures
 
 
@@ -2306,24 +2365,37 @@ def manifold_floor(clf: FruitClassifier, train: torch.Tensor, real_test: torch.T
             for m in MANIFOLD}
 
 
-def add_manifold_floors(df: pd.DataFrame, clf: FruitClassifier, train: torch.Tensor,
-                        real_test: torch.Tensor, seed: int = 0) -> pd.DataFrame:
-    """Insert into df (quality's rows; in place, and return it) `<measure>_floor` after each of
-    MANIFOLD's columns: manifold_floor's mean at the row's own n on the rows that have the
-    measure, NaN on the others."""
-    scored = df.precision.notna()
-    floors = {n: manifold_floor(clf, train, real_test, int(n), seed=seed)
-              for n in df.n[scored].unique()}
+def add_floors(df: pd.DataFrame, clf: FruitClassifier, train: torch.Tensor,
+               real_test: torch.Tensor, seed: int = 0) -> pd.DataFrame:
+    """Insert into df (quality's rows; in place, and return it) each measure's floor at the row's
+    own n, on the rows that have the measure (NaN on the others): after ffd_std, ffd_floor and
+    ffd_floor_std (ffd_floor), ffd_ratio = ffd ÷ ffd_floor and its full spread ffd_ratio_std
+    (ratio_spread of the set's bootstrap std and the floor's std); after each of MANIFOLD's
+    columns `<measure>_floor` (manifold_floor's mean). real_test: images or classify features."""
+    fr = real_test if real_test.dim() == 2 else classify(clf, real_test)[0]
+    ns = {int(n) for n in df.n[df.ffd.notna() | df.precision.notna()]}
+    ffd0 = {n: ffd_floor(clf, train, fr, n, seed=seed) for n in ns}
+    man0 = {n: manifold_floor(clf, train, fr, n, seed=seed) for n in ns}
+    has = df.ffd.notna()
+    floor = pd.Series([ffd0[int(n)][0] if ok else np.nan for n, ok in zip(df.n, has)], df.index)
+    floor_std = pd.Series([ffd0[int(n)][1] if ok else np.nan for n, ok in zip(df.n, has)], df.index)
+    at = df.columns.get_loc("ffd_std") + 1
+    df.insert(at, "ffd_floor", floor)
+    df.insert(at + 1, "ffd_floor_std", floor_std)
+    df.insert(at + 2, "ffd_ratio", df.ffd / floor)
+    df.insert(at + 3, "ffd_ratio_std", ratio_spread(df.ffd, df.ffd_std, floor, floor_std))
     for m in MANIFOLD:
         df.insert(df.columns.get_loc(m) + 1, f"{m}_floor",
-                  [floors[n][m][0] if ok else np.nan for n, ok in zip(df.n, scored)])
+                  [man0[int(n)][m][0] if ok else np.nan
+                   for n, ok in zip(df.n, df[m].notna())])
     return df
 
 
 def quality(clf: FruitClassifier, x: torch.Tensor, real_test: torch.Tensor | None,
             train: torch.Tensor | None, n_classes: int, seed: int = 0, ffd: bool = True) -> dict:
     """The sample-quality numbers of one set x (in [-1, 1]): FFD (ffd=True; with its bootstrap
-    std), precision, density and coverage (precision_coverage; at least MANIFOLD_MIN_N images)
+    std; compare it with ffd_floor at the same n: add_floors), precision, density and coverage
+    (precision_coverage; at least MANIFOLD_MIN_N images)
     and KID against real_test, recognizability (share of images the classifier gives p ≥ 0.9 for
     some class), classes covered by those, and the SSIM to the nearest training image. real_test
     may be given as its classify features (N, d), computed once where many sets are scored
@@ -2361,15 +2433,15 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: 
                        progress: bool = True, seed: int | None = None
                        ) -> tuple[pd.DataFrame, dict]:
     """Every GEN_SAMPLERS row sampled with its model (story_models) and scored, after real
-    training and test images: n per DDIM row, n_slow per 1000-step row (defaults EVAL's). Only a
-    set of EVAL's n_samples gets an FFD (bootstrap std, ratio to ffd_floor's independent draws);
-    a set of at least MANIFOLD_MIN_N precision, density and coverage, each beside its floor at
-    the set's n (add_manifold_floors); all get KID and recognizability. seed: every draw (x_T
+    training and test images: n per DDIM row, n_slow per 1000-step row (defaults EVAL's). A set
+    of at least EVAL's n_min gets an FFD (bootstrap std), one of at least MANIFOLD_MIN_N
+    precision, density and coverage, each beside its floor at the set's own n (add_floors: the
+    FFD's ratio to it with the full spread); all get KID and recognizability. seed: every draw (x_T
     and z of each sampler, the real training subset, the floors' subsets); None: cfg.seed.
     Returns (a row per set, {name: samples}, also saved to runs/<profile>/samples.pt)."""
     seed = cfg.seed if seed is None else seed
     ev = EVAL[cfg.profile]
-    n, n_slow, n_ffd = n or ev["n_samples"], n_slow or ev["n_report"], ev["n_samples"]
+    n, n_slow, n_ffd = n or ev["n_samples"], n_slow or ev["n_report"], ev["n_min"]
     classes, train_ds, test_imgs, clf, acc = scoring_setup(cfg, progress)
     train_imgs = train_ds.images
     rows, samples = [], {}
@@ -2394,19 +2466,202 @@ def generation_metrics(cfg: Config, models: dict, n: int | None = None, n_slow: 
         samples[name] = x
         rows.append(dict(sampler=name, seconds_per_image=secs, **quality(
             clf, x, f_test, train_imgs, len(classes), seed, ffd=k >= n_ffd)))
-    df = pd.DataFrame(rows)
-    floor, floor_std = ffd_floor(clf, train_imgs, real_test, n_ffd, seed=seed)
-    at = df.columns.get_loc("ffd_std") + 1
-    df.insert(at, "ffd_floor", np.where(df.ffd.notna(), floor, np.nan))
-    df.insert(at + 1, "ffd_floor_std", np.where(df.ffd.notna(), floor_std, np.nan))
-    df.insert(at + 2, "ffd_ratio", df.ffd / df.ffd_floor)
-    add_manifold_floors(df, clf, train_imgs, f_test, seed)
+    df = add_floors(pd.DataFrame(rows), clf, train_imgs, f_test, seed)
     real_rec = df.set_index("sampler").recognizability["real: test images"]
     df.insert(df.columns.get_loc("recognizability") + 1, "recognizability_ratio",
               df.recognizability / real_rec)            # against real test images
     df["classifier_test_acc"] = acc          # the feature extractor's own accuracy on Test/
+    df["seed"] = seed
     save_checkpoint(samples, cfg.home / "runs" / cfg.profile / "samples.pt")
     return df, samples
+
+
+# The sampling seeds that score the story's headline sets a second time (`make generation-seeds`):
+# every choice (the recipe, pick_w) was made on seed 0, so these report what the choice never saw.
+HELD_OUT_SEEDS = (1, 2, 3)
+# generation_seeds' tables: name → the sets it scores (names of CAUSES, GEN_SAMPLERS, guidance)
+SEED_TABLES = {
+    "causes": list(CAUSES),                                        # EVAL's n_min samples a set
+    "generation": [k for k, (_, m, _) in GEN_SAMPLERS.items() if m == "ddim"],    # n_samples
+    "guidance": ["guidance"],                # guidance_metrics' sets, 10 per class (n_min: 8)
+}
+
+
+# `make generation-seeds`' tables in the figure folder (`seeds`, run once; notebook 05 and the
+# report read them, read_result): the rows (a set per seed, floors added), one row per set
+# (seed_summary), and the run (its cells, CPU seconds, CPU and threads, the weights' digest).
+SEED_FILES = ("generation_seeds", "generation_seeds_summary", "generation_seeds_run")
+
+
+def seed_set(cfg: Config, models: dict, table: str, name: str, seed: int,
+             progress: bool = False) -> tuple[list[dict], torch.Tensor | None]:
+    """One set of SEED_TABLES drawn with `seed` and scored (quality against every test image; no
+    floors: add_floors, once for all seeds, with seed 0's draws): rows with the table, set, seed,
+    seconds per image and mean brightness ([0, 1]). causes: CAUSES[name] with cause_models'
+    `models`, EVAL's n_min samples; generation: GEN_SAMPLERS[name] with n_samples; guidance:
+    every set of guidance_metrics (its accuracy columns too; no brightness), 10 samples a class
+    (smoke: 1). Returns (rows, the first 8 samples of a causes set, else None)."""
+    classes, train_ds, test_imgs, clf, _ = scoring_setup(cfg, progress)
+    f_test = classify(clf, to_float(test_imgs))[0]
+    ev, t0 = EVAL[cfg.profile], time.perf_counter()
+    if table == "guidance":
+        per_class = 1 if cfg.profile.startswith("smoke") else 10
+        df = guidance_metrics(cfg, per_class, progress=progress, seed=seed, real=False)[0]
+        df = df.drop(columns=[
+            c for c in df.columns if c.endswith(("_floor", "_floor_std", "_ratio", "_ratio_std"))])
+        secs = (time.perf_counter() - t0) / df.n.sum()
+        return [dict(table=table, set=nm, seed=seed, seconds_per_image=secs, brightness=np.nan,
+                     **{k: v for k, v in r.items() if k not in ("set", "seed")})
+                for nm, r in zip(guidance_names(df), df.to_dict("records"))], None
+    key, method, kw = (CAUSES[name][:3] if table == "causes" else GEN_SAMPLERS[name])
+    n = ev["n_min"] if table == "causes" else ev["n_samples"]
+    x, _ = sample(*models[key], method, n, cfg.image_size, seed, progress=progress, **kw)
+    secs = (time.perf_counter() - t0) / n
+    q = quality(clf, x, f_test, None, len(classes), seed, ffd=n >= ev["n_min"])
+    return [dict(table=table, set=name, seed=seed, seconds_per_image=secs,
+                 brightness=to_unit(x).mean().item(), **q)], (x[:8] if table == "causes" else None)
+
+
+def guidance_names(df: pd.DataFrame) -> list[str]:
+    """guidance_metrics' rows by one name each, as generation_seeds names them: the set, and
+    ', w = …' for the conditional model's."""
+    return [s if pd.isna(w) else f"{s}, w = {w:g}" for s, w in zip(df.set, df.w)]
+
+
+def seed_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """generation_seeds' rows (a set per seed, floors added by add_floors) as one row per set, in
+    their order: n, the seeds, and the mean over the seeds of FFD's ratio to its floor,
+    precision, coverage and brightness, each with its spread: the std over the seeds (ddof 1;
+    NaN for one seed); for the ratio that std combined with the floor's (ratio_spread of the
+    seeds' FFD std and the floor's std over its real draws). Floors beside precision and
+    coverage; guidance rows keep w and accuracy (mean)."""
+    rows = []
+    for (table, name), d in df.groupby(["table", "set"], sort=False):
+        ffd, floor, floor_std = d.ffd.mean(), d.ffd_floor.iloc[0], d.ffd_floor_std.iloc[0]
+        r = dict(table=table, set=name, n=int(d.n.iloc[0]),
+                 seeds=", ".join(str(int(v)) for v in d.seed), ffd=ffd, ffd_std=d.ffd.std(),
+                 ffd_floor=floor, ffd_ratio=ffd / floor,
+                 ffd_ratio_std=ratio_spread(ffd, d.ffd.std(), floor, floor_std))
+        for m in ("precision", "coverage"):
+            r.update({m: d[m].mean(), f"{m}_std": d[m].std(), f"{m}_floor": d[f"{m}_floor"].iloc[0]})
+        r.update(brightness=d.brightness.mean(), brightness_std=d.brightness.std())
+        if "w" in d and d.w.notna().any():
+            r.update(w=d.w.iloc[0], accuracy=d.accuracy.mean(), accuracy_std=d.accuracy.std())
+        rows.append(r)
+    return pd.DataFrame(rows)
+
+
+def pm(value, spread, spec: str = ".2f") -> str:
+    """value ± spread for a sentence (no ± where the spread is NaN: one seed, no floor draws)."""
+    return f"{value:{spec}}" + ("" if pd.isna(spread) else f" ± {spread:{spec}}")
+
+
+def quality_text(r) -> str:
+    """A set's quality for a sentence, from a row of generation_metrics, guidance_metrics or
+    seed_summary: FFD ÷ its floor ± the full spread (else KID), precision and coverage (± over
+    the seeds where given) beside real images' at the same n, and n (and the seeds)."""
+    parts = [f"FFD {pm(r.ffd_ratio, r.ffd_ratio_std, '.3g')}× the floor" if pd.notna(r.ffd) else
+             "KID " + n_text(r.kid, r.n) if "kid" in r else "no FFD"]
+    parts += [f"{m} {pm(r[m], r.get(m + '_std'))} (real images {r[m + '_floor']:.2f})"
+              for m in ("precision", "coverage") if pd.notna(r[m])]
+    seeds = f", seeds {r.seeds}" if "seeds" in r else ""
+    return ", ".join(parts) + f" (n = {int(r.n)}{seeds})"
+
+
+def beside_held_out(rows: pd.DataFrame, names: list, summary: pd.DataFrame, table: str,
+                    seed: int) -> pd.DataFrame:
+    """This run's rows (of generation_metrics or guidance_metrics; `names`: each row's set as
+    seed_summary names it) that seed_summary's `table` also scored, beside those: FFD ÷ floor,
+    precision and coverage on this run's seed, then mean ± std over the held-out seeds, each
+    with its n. A generation row that the cause table samples alike (cause_twin: its 1000-step
+    rows) is shown with that row's held-out scores."""
+    held = summary[summary.table == table].set_index("set")
+    causes = summary[summary.table == "causes"].set_index("set")
+    out = []
+    for name, (_, r) in zip(names, rows.iterrows()):
+        twin = cause_twin(name) if table == "generation" else None
+        if name not in held.index and twin is None:
+            continue
+        h = held.loc[name] if name in held.index else causes.loc[twin]
+        out.append({"set": name + (f" (cause table: {twin})" if name not in held.index else ""),
+                    f"n, seed {seed}": int(r.n),
+                    f"FFD ÷ floor, seed {seed}": pm(r.ffd_ratio, r.ffd_ratio_std, ".3g"),
+                    f"precision, seed {seed}": f"{r.precision:.2f}",
+                    f"coverage, seed {seed}": f"{r.coverage:.2f}",
+                    "n, held out": int(h.n),
+                    f"FFD ÷ floor, seeds {h.seeds}": pm(h.ffd_ratio, h.ffd_ratio_std, ".3g"),
+                    f"precision, seeds {h.seeds}": pm(h.precision, h.precision_std),
+                    f"coverage, seeds {h.seeds}": pm(h.coverage, h.coverage_std)})
+    return pd.DataFrame(out)
+
+
+def cause_twin(name: str) -> str | None:
+    """The CAUSES row that samples GEN_SAMPLERS[name] alike (the same model, sampler and
+    settings), or None."""
+    return next((k for k, v in CAUSES.items() if v[:3] == GEN_SAMPLERS.get(name)), None)
+
+
+def change_word(before, after, m: str) -> str:
+    """What a change did to measure m (seed_summary rows before and after it, with `<m>_std`):
+    'better' or 'worse' where the two differ by more than their spreads over the seeds added
+    (FFD ÷ floor: lower is better; precision, coverage: higher), else 'within the spread'. Both
+    rows are at one n, so they share the floor: FFD ÷ floor is compared through FFD and its
+    spread over the seeds, without the floor's spread (which moves both alike)."""
+    m_std = "ffd_std" if m == "ffd_ratio" else f"{m}_std"
+    scale = before.ffd_floor if m == "ffd_ratio" else 1.0
+    gap, spread = after[m] - before[m], (after[m_std] + before[m_std]) / scale
+    if pd.isna(spread):
+        return "no spread: one seed"
+    if abs(gap) <= spread:
+        return "within the spread"
+    return "better" if (gap < 0) == (m == "ffd_ratio") else "worse"
+
+
+def cause_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """seed_summary's causes rows as the cause table, in CAUSES' order: each row's change and the
+    row it changes, FFD ÷ its floor, precision, coverage and mean brightness (mean ± std over the
+    seeds; the ratio's ± includes the floor's spread), and what the change did: each measure
+    from the row it changes to this one, called better or worse where the two differ by more
+    than their spreads added, else "within the spread"."""
+    c = summary[summary.table == "causes"].set_index("set").loc[list(CAUSES)]
+    rows = []
+    for name, r in c.iterrows():
+        frm, change = CAUSES[name][3], CAUSES[name][4]
+        did = []
+        if frm:
+            b = c.loc[frm]
+            for m, spec in (("ffd_ratio", ".3g"), ("precision", ".2f"), ("coverage", ".2f")):
+                if pd.notna(r[m]) and pd.notna(b[m]):
+                    label = "FFD ÷ floor" if m == "ffd_ratio" else m
+                    did.append(f"{label} {b[m]:{spec}} → {r[m]:{spec}} ({change_word(b, r, m)})")
+            did.append(f"brightness {b.brightness:.2f} → {r.brightness:.2f}")
+        rows.append({"row": name, "from": frm or "—", "change": change,
+                     "FFD ÷ floor": pm(r.ffd_ratio, r.ffd_ratio_std, ".3g"),
+                     "precision": pm(r.precision, r.precision_std),
+                     "coverage": pm(r.coverage, r.coverage_std),
+                     "brightness": pm(r.brightness, r.brightness_std),
+                     "what it did": "; ".join(did) or "the report as it wrote it"})
+    return pd.DataFrame(rows)
+
+
+def cause_chain(summary: pd.DataFrame) -> str:
+    """The cause table's main line (CAUSE_CHAIN) as one sentence: FFD ÷ floor, precision and
+    coverage along it; the steps after which all three are better (change_word), those after
+    which FFD ÷ floor is, and the step that divided FFD ÷ floor the most."""
+    c, chain = summary[summary.table == "causes"].set_index("set"), CAUSE_CHAIN
+    steps = [f"{k} {c.loc[k].ffd_ratio:.3g}× ({c.loc[k].precision:.2f} / {c.loc[k].coverage:.2f})"
+             for k in chain]
+    words = {k: {m: change_word(c.loc[CAUSES[k][3]], c.loc[k], m)
+                 for m in ("ffd_ratio", "precision", "coverage")} for k in chain[1:]}
+    factor = {k: c.loc[CAUSES[k][3]].ffd_ratio / c.loc[k].ffd_ratio for k in chain[1:]}
+    big = max(factor, key=factor.get)
+    all3 = [k for k, w in words.items() if set(w.values()) == {"better"}]
+    ffd = [k for k, w in words.items() if w["ffd_ratio"] == "better" and k not in all3]
+    name = lambda ks: ", ".join(f"*{k}*" for k in ks)
+    return (f"FFD ÷ floor (precision / coverage) along the main line: {' → '.join(steps)}. "
+            f"Beyond their spreads, FFD ÷ floor, precision and coverage all improve at "
+            f"{name(all3) or 'no step'}" + (f"; FFD ÷ floor alone at {name(ffd)}" if ffd else "")
+            + f"; the largest step is *{big}* (FFD ÷ floor divided by {factor[big]:.3g})")
 
 
 def class_shares(clf: FruitClassifier, classes: list, sets: dict, p_min: float = 0.9
@@ -2427,14 +2682,15 @@ GUIDANCE_W = (0, 1, 2, 3, 5)
 
 
 def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: int = 50,
-                     progress: bool = True, seed: int | None = None
+                     progress: bool = True, seed: int | None = None, real: bool = True
                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """n_per_class images of every class at each guidance weight w from the class-conditional
     model (DDIM, η = 0, not clipped, one x_T for every w), scored: accuracy on the requested
     class, recognizability, KID (per class and over all), FFD where the k·n samples reach EVAL's
-    n_samples, precision, density and coverage beside their floors where they reach
-    MANIFOLD_MIN_N (add_manifold_floors), nearest-training SSIM; beside as many unconditional
-    samples (same seed) and the real test images. seed: x_T of every set (None: cfg.seed).
+    n_min, precision, density and coverage where they reach MANIFOLD_MIN_N, each beside its
+    floor at that n (add_floors), nearest-training SSIM; beside as many unconditional
+    samples (same seed) and (real=True) the real test images. seed: x_T of every set (None:
+    cfg.seed).
     Returns (a row per set, a row per (w, class), {w: samples, class-major})."""
     seed = cfg.seed if seed is None else seed
     dev = get_device()
@@ -2446,9 +2702,9 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
     test = split_data(cfg, "test", classes)
     real_test, train_imgs = to_float(test.images), train_ds.images
     y = torch.arange(k).repeat_interleave(n_per_class)                   # (k·n,) class-major
-    ffd = len(y) >= EVAL[cfg.profile]["n_samples"]                      # the one n of FFD
+    ffd = len(y) >= EVAL[cfg.profile]["n_min"]
     rows = [dict(set="real: test images", w=np.nan, accuracy=np.nan,
-                 **quality(clf, real_test, None, train_imgs, k, seed))]
+                 **quality(clf, real_test, None, train_imgs, k, seed))] if real else []
     unc, _ = sample(generation_model(cfg).to(dev), fp, "ddim", len(y), cfg.image_size,
                     seed, steps=steps, clip=False, progress=progress)
     f_all = classify(clf, real_test)[0]                      # the reference of every set
@@ -2469,15 +2725,18 @@ def guidance_metrics(cfg: Config, n_per_class: int = 50, ws=GUIDANCE_W, steps: i
                                  kid=kid(f[m], f_test[c], subset_size=min(100, int(m.sum())))[0]))
         rows.append(dict(set="conditional model", w=w, accuracy=hit.mean().item(),
                          **quality(clf, x, f_all, train_imgs, k, seed, ffd=ffd)))
-    df = add_manifold_floors(pd.DataFrame(rows), clf, train_imgs, f_all, seed)
+    df = add_floors(pd.DataFrame(rows), clf, train_imgs, f_all, seed)
     per = pd.DataFrame(by_class)
     worst = per.groupby("w").accuracy.min()
     df.insert(df.columns.get_loc("accuracy") + 1, "min_class_accuracy", df.w.map(worst))
     unc_row = df.set_index("set").loc["unconditional model"]
     df.insert(df.columns.get_loc("ffd") + 1, "ffd_vs_unconditional", df.ffd / unc_row.ffd)
+    df.insert(df.columns.get_loc("ffd_vs_unconditional") + 1, "ffd_vs_unconditional_std",
+              ratio_spread(df.ffd, df.ffd_std, unc_row.ffd, unc_row.ffd_std))
     df.insert(df.columns.get_loc("kid") + 1, "kid_vs_unconditional", ratio_of_positive(
         df.kid, unc_row.kid))                    # a KID ≤ 0 (at noise level) has no ratio
     df["steps"], df["n_per_class"], df["classifier_test_acc"] = steps, n_per_class, acc
+    df["seed"] = seed
     return df, per, samples
 
 
@@ -2698,6 +2957,35 @@ def plot_leakage(histories: dict, axes=None):
     axes[1].set(xlabel="epoch", ylabel="Test/ ÷ validation",
                 title="how optimistic validation is")
     axes[1].legend()
+    return axes
+
+
+def plot_causes(summary: pd.DataFrame, real_brightness: float, axes=None):
+    """The cause table (seed_summary's causes rows, CAUSES' order, top to bottom): FFD ÷ its
+    floor (log scale, ± the full spread), precision and coverage (± over the seeds; their floors
+    dotted) and mean brightness (real test images' dashed), one row per CAUSES entry."""
+    import matplotlib.pyplot as plt
+    c = summary[summary.table == "causes"].set_index("set").loc[list(CAUSES)]
+    if axes is None:
+        fig, axes = plt.subplots(1, 3, figsize=(NOTEBOOK_WIDTH * 1.5, 0.42 * len(c) + 1.4),
+                                 sharey=True, layout="constrained")
+    y = np.arange(len(c))
+    axes[0].errorbar(c.ffd_ratio, y, xerr=c.ffd_ratio_std, fmt="o", capsize=3)
+    axes[0].axvline(1, ls="--", color="0.6")
+    axes[0].set(xscale="log", xlabel="FFD ÷ floor (1: as real images)")
+    for m, mark in (("precision", "o"), ("coverage", "s")):
+        axes[1].errorbar(c[m], y, xerr=c[f"{m}_std"], fmt=mark, capsize=3, label=m)
+        axes[1].axvline(c[f"{m}_floor"].iloc[0], ls=":", color=axes[1].lines[-1].get_color())
+    axes[1].set(xlim=(0, 1.02), xlabel="share (dotted: real images)")
+    axes[1].legend(fontsize=8, loc="lower right")
+    axes[2].errorbar(c.brightness, y, xerr=c.brightness_std, fmt="o", capsize=3)
+    axes[2].axvline(real_brightness, ls="--", color="0.6", label="real test images")
+    axes[2].set(xlim=(0, 1), xlabel="mean brightness")
+    axes[2].legend(fontsize=8)
+    axes[0].set_yticks(y, list(c.index), fontsize=9)
+    axes[0].invert_yaxis()
+    axes[0].figure.suptitle(f"the report's generation failure, one change at a time (n = "
+                            f"{int(c.n.iloc[0])} a row, seeds {c.seeds.iloc[0]})")
     return axes
 
 

@@ -34,10 +34,10 @@ def smoke_data() -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def smoke_models():
-    """Every smoke and smoke-native run the notebooks use, the smoke classifier and smoke-native's
-    run-once Figure 5 tables, made through the command line where missing (train-all skips
-    finished runs), as `make test` does before pytest: the library's trained(),
-    load_classifier and read_result never train or compute."""
+    """Every smoke and smoke-native run the notebooks use, the smoke classifier, and the run-once
+    tables (smoke-native's Figure 5, smoke's held-out seeds), made through the command line where
+    missing (train-all skips finished runs), as `make test` does before pytest: the library's
+    trained(), load_classifier and read_result never train or compute."""
     import ddpm_cli
     import ddpm_lib as dl
     for profile in ("smoke", "smoke-native"):
@@ -49,6 +49,8 @@ def smoke_models():
     native = dl.get_config("smoke-native")
     if not (native.fig_dir() / f"{dl.FIG5_NATIVE_TABLES[-1]}.csv").exists():
         ddpm_cli.main(["figure5", "--profile", "smoke-native", "--n", "1"])
+    if not (dl.get_config("smoke").fig_dir() / f"{dl.SEED_FILES[-1]}.csv").exists():
+        ddpm_cli.main(["seeds", "--profile", "smoke", "--seeds", "1", "2"])
     yield
 
 

@@ -78,22 +78,31 @@ def test_quality_scores_the_manifold_from_its_minimum_n():
 
 
 def test_floors_sit_beside_their_measures_at_each_rows_n():
-    """add_manifold_floors: `<measure>_floor` right after each measure, manifold_floor's mean at
-    the row's own n, NaN on a row without the measure."""
+    """add_floors: ffd_floor, ffd_floor_std, ffd_ratio and ffd_ratio_std after ffd_std, and
+    `<measure>_floor` after each manifold measure, each at the row's own n (ffd_floor's and
+    manifold_floor's), NaN on a row without the measure; the ratio's spread combines the set's
+    bootstrap std and the floor's std (ratio_spread)."""
     torch.manual_seed(0)
     clf = dl.FruitClassifier(3, width=4).eval()
     g = torch.Generator().manual_seed(1)
     train = torch.randint(0, 256, (300, 3, 16, 16), dtype=torch.uint8, generator=g)
     ref = dl.classify(clf, dl.to_float(train[:dl.MANIFOLD_K + 20]))[0]
-    df = pd.DataFrame(dict(n=[100, 150, 40], precision=[0.5, 0.6, np.nan],
-                           density=[0.4, 0.5, np.nan], coverage=[0.3, 0.2, np.nan]))
-    df = dl.add_manifold_floors(df, clf, train, ref)
-    assert list(df.columns) == ["n", "precision", "precision_floor", "density", "density_floor",
-                                "coverage", "coverage_floor"]
+    df = pd.DataFrame(dict(n=[100, 150, 40], ffd=[3.0, 2.0, np.nan], ffd_std=[0.3, 0.1, np.nan],
+                           precision=[0.5, 0.6, np.nan], density=[0.4, 0.5, np.nan],
+                           coverage=[0.3, 0.2, np.nan]))
+    df = dl.add_floors(df, clf, train, ref)
+    assert list(df.columns) == ["n", "ffd", "ffd_std", "ffd_floor", "ffd_floor_std", "ffd_ratio",
+                                "ffd_ratio_std", "precision", "precision_floor", "density",
+                                "density_floor", "coverage", "coverage_floor"]
     for i, n in ((0, 100), (1, 150)):
-        floor = dl.manifold_floor(clf, train, ref, n)
-        assert all(df[f"{m}_floor"][i] == floor[m][0] for m in dl.MANIFOLD)
-    assert df.iloc[2].isna().sum() == 6
+        floor, man = dl.ffd_floor(clf, train, ref, n), dl.manifold_floor(clf, train, ref, n)
+        assert (df.ffd_floor[i], df.ffd_floor_std[i]) == floor
+        assert df.ffd_ratio[i] == df.ffd[i] / floor[0]
+        rel = np.hypot(df.ffd_std[i] / df.ffd[i], floor[1] / floor[0])
+        assert df.ffd_ratio_std[i] == pytest.approx(df.ffd_ratio[i] * rel)
+        assert df.ffd_ratio_std[i] > df.ffd_std[i] / floor[0]     # more than the bootstrap alone
+        assert all(df[f"{m}_floor"][i] == man[m][0] for m in dl.MANIFOLD)
+    assert df.iloc[2].drop("n").isna().all()
 
 
 # -----------------------------------------------------------------------------------------------

@@ -226,7 +226,8 @@ def test_guidance_metrics_tables_and_the_chosen_w(tmp_path):
     assert len(per) == 3 * k and set(per.w) == {0, 1, 3}
     assert all(x.shape == (4 * k, 3, 16, 16) for x in xs.values())
     assert df.kid_vs_unconditional.iloc[1] == 1.0 and per.kid.notna().all()
-    assert df.ffd.isna().all()                  # 4 × 3 samples: below the one n of FFD (16)
+    assert df.ffd.iloc[1:].notna().all()        # 4 × 3 samples: at least smoke's n_min (8)
+    assert (df.ffd_ratio_std.iloc[1:] > 0).all() and (df.ffd_vs_unconditional_std.iloc[2:] > 0).all()
     g = df[df.set == "conditional model"]
     assert ((g.accuracy >= 0) & (g.accuracy <= 1)).all()
     np.testing.assert_allclose(g.accuracy, per.groupby("w").accuracy.mean().to_numpy())

@@ -138,10 +138,11 @@ def test_report_refuses_smaller_n_than_the_committed_report(tmp_path):
     assert int(sizes["n_ffd"]) >= 100 and "guidance_n_per_class" in sizes
     old = tmp_path / "report.md"
     old.write_text(committed)
-    n = sizes["n_ffd"]
+    n, i = sizes["n_ffd"], template.find("${n_ffd}")
+    pre = template[max(0, i - 24):i].split("}")[-1]            # the words before it, as found
     for small in ("16", "n/a"):
         with pytest.raises(dl.DataError, match="n_ffd"):
-            ddpm_cli._keep_better(old, committed.replace(f"(n = {n}", f"(n = {small}"), tmp_path,
+            ddpm_cli._keep_better(old, committed.replace(f"{pre}{n}", f"{pre}{small}"), tmp_path,
                                   template)
     with pytest.raises(dl.DataError, match="n/a×"):
         ddpm_cli._keep_better(old, committed + "\n1.2× and n/a× the floor", tmp_path, template)
