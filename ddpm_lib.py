@@ -2483,7 +2483,7 @@ HELD_OUT_SEEDS = (1, 2, 3)
 SEED_TABLES = {
     "causes": list(CAUSES),                                        # EVAL's n_min samples a set
     "generation": [k for k, (_, m, _) in GEN_SAMPLERS.items() if m == "ddim"],    # n_samples
-    "guidance": ["guidance"],                # guidance_metrics' sets, 10 per class (n_min: 8)
+    "guidance": ["guidance"],                # every set of guidance_metrics, 10 a class (smoke: 1)
 }
 
 
@@ -2967,25 +2967,24 @@ def plot_causes(summary: pd.DataFrame, real_brightness: float, axes=None):
     import matplotlib.pyplot as plt
     c = summary[summary.table == "causes"].set_index("set").loc[list(CAUSES)]
     if axes is None:
-        fig, axes = plt.subplots(1, 3, figsize=(NOTEBOOK_WIDTH * 1.5, 0.42 * len(c) + 1.4),
-                                 sharey=True, layout="constrained")
+        fig, axes = plt.subplots(1, 3, figsize=(NOTEBOOK_WIDTH * 1.5, 0.42 * len(c) + 1.6),
+                                 sharey=True, layout="constrained", width_ratios=(1.2, 1, 0.8))
+        fig.get_layout_engine().set(wspace=0.06)
     y = np.arange(len(c))
     axes[0].errorbar(c.ffd_ratio, y, xerr=c.ffd_ratio_std, fmt="o", capsize=3)
     axes[0].axvline(1, ls="--", color="0.6")
-    axes[0].set(xscale="log", xlabel="FFD ÷ floor (1: as real images)")
+    axes[0].set(xscale="log", xlabel="FFD ÷ floor")
     for m, mark in (("precision", "o"), ("coverage", "s")):
-        axes[1].errorbar(c[m], y, xerr=c[f"{m}_std"], fmt=mark, capsize=3, label=m)
-        axes[1].axvline(c[f"{m}_floor"].iloc[0], ls=":", color=axes[1].lines[-1].get_color())
-    axes[1].set(xlim=(0, 1.02), xlabel="share (dotted: real images)")
-    axes[1].legend(fontsize=8, loc="lower right")
+        line = axes[1].errorbar(c[m], y, xerr=c[f"{m}_std"], fmt=mark, capsize=3)
+        axes[1].axvline(c[f"{m}_floor"].iloc[0], ls=":", color=line[0].get_color())
+    axes[1].set(xlim=(0, 1.02), xlabel="precision ●\ncoverage ■")
     axes[2].errorbar(c.brightness, y, xerr=c.brightness_std, fmt="o", capsize=3)
-    axes[2].axvline(real_brightness, ls="--", color="0.6", label="real test images")
-    axes[2].set(xlim=(0, 1), xlabel="mean brightness")
-    axes[2].legend(fontsize=8)
+    axes[2].axvline(real_brightness, ls="--", color="0.6")
+    axes[2].set(xlim=(0, 1), xlabel="brightness")
     axes[0].set_yticks(y, list(c.index), fontsize=9)
     axes[0].invert_yaxis()
-    axes[0].figure.suptitle(f"the report's generation failure, one change at a time (n = "
-                            f"{int(c.n.iloc[0])} a row, seeds {c.seeds.iloc[0]})")
+    axes[0].figure.suptitle(f"one change at a time ({int(c.n.iloc[0])} samples a row, seeds "
+                            f"{c.seeds.iloc[0]}); dashed and dotted: real images")
     return axes
 
 
