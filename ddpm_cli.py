@@ -629,9 +629,10 @@ def _seed_fields(summary: pd.DataFrame, run: pd.DataFrame | None, gen: pd.DataFr
     """The report's pieces from `make generation-seeds`' tables: the run, the cause table (its
     rows, what each change did, the chain), and the held-out seeds beside seed 0's sets of the
     generation and guidance tables (`held_<key>`: a set's quality in words)."""
-    f = {"causes_table": to_markdown(dl.cause_table(summary).drop(columns="what it did")),
+    causes = dl.cause_table(summary)
+    f = {"causes_table": to_markdown(causes.drop(columns="what it did")),
          "causes_did": "\n".join(f"- **{r.row}** ({r['from']}): {r['what it did']}."
-                                 for _, r in dl.cause_table(summary).iloc[1:].iterrows()),
+                                 for _, r in causes.iloc[1:].iterrows()),
          "cause_chain": dl.cause_chain(summary)}
     c = summary[summary.table == "causes"].set_index("set")
     f["causes_n"], f["held_seeds"] = str(int(c.n.iloc[0])), c.seeds.iloc[0]
